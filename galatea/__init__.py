@@ -1,0 +1,3 @@
+"""Galatea: self-hosted persona chat for LLaMA-architecture models."""
+
+__version__ = "0.1.0"

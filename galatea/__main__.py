@@ -1,0 +1,3 @@
+from galatea.cli import main
+
+raise SystemExit(main())

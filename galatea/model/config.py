@@ -1,0 +1,146 @@
+"""Model hyper-parameters, read from a checkpoint's own metadata (never from its file name)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from galatea.errors import GalateaError
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """A LLaMA-architecture decoder. Field names follow Hugging Face's `LlamaConfig`."""
+
+    vocab_size: int
+    hidden_size: int  # width of the residual stream (4096 for LLaMA-7B)
+    intermediate_size: int  # width of the SwiGLU MLP (11008 for LLaMA-7B)
+    num_hidden_layers: int
+    num_attention_heads: int
+    num_key_value_heads: int  # < num_attention_heads means grouped-query attention
+    max_position_embeddings: int  # the context the model was trained for
+    rms_norm_eps: float = 1e-6
+    rope_theta: float = 10000.0
+    rope_scaling_factor: float = 1.0  # linear position interpolation; 1.0 = none
+    tie_word_embeddings: bool = False
+    head_dim: int = 0  # 0 = hidden_size // num_attention_heads
+    bos_token_id: int | None = 1
+    eos_token_id: int | None = 2
+    # KoboldAI convention: token ids banned from sampling (config.json "badwordsids").
+    bad_words_ids: tuple[int, ...] = field(default_factory=tuple)
+
+    def __post_init__(self) -> None:
+        if self.head_dim == 0:
+            object.__setattr__(self, "head_dim", self.hidden_size // self.num_attention_heads)
+        if self.num_attention_heads % self.num_key_value_heads:
+            raise GalateaError(
+                f"config: {self.num_attention_heads} attention heads are not a multiple of "
+                f"{self.num_key_value_heads} key/value heads; the checkpoint's config is inconsistent"
+            )
+
+    @property
+    def n_rep(self) -> int:
+        """How many query heads share one key/value head."""
+        return self.num_attention_heads // self.num_key_value_heads
+
+    @classmethod
+    def from_hf(cls, cfg: dict[str, Any]) -> ModelConfig:
+        """Build from a Hugging Face `config.json` dictionary."""
+        archs = cfg.get("architectures") or []
+        model_type = cfg.get("model_type")
+        if model_type not in ("llama", None) or (archs and archs[0] not in _HF_ARCHS):
+            name = archs[0] if archs else model_type
+            raise GalateaError(
+                f"config.json: architecture {name!r} is not supported; Galatea runs "
+                "LLaMA-architecture models (LlamaForCausalLM)"
+            )
+        try:
+            n_heads = int(cfg["num_attention_heads"])
+            return cls(
+                vocab_size=int(cfg["vocab_size"]),
+                hidden_size=int(cfg["hidden_size"]),
+                intermediate_size=int(cfg["intermediate_size"]),
+                num_hidden_layers=int(cfg["num_hidden_layers"]),
+                num_attention_heads=n_heads,
+                num_key_value_heads=int(cfg.get("num_key_value_heads") or n_heads),
+                max_position_embeddings=int(cfg.get("max_position_embeddings", 2048)),
+                rms_norm_eps=float(cfg.get("rms_norm_eps", 1e-6)),
+                rope_theta=float(cfg.get("rope_theta", 10000.0)),
+                rope_scaling_factor=_hf_rope_scaling(cfg.get("rope_scaling")),
+                tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
+                head_dim=int(cfg.get("head_dim") or 0),
+                bos_token_id=_first_id(cfg.get("bos_token_id")),
+                eos_token_id=_first_id(cfg.get("eos_token_id")),
+                bad_words_ids=_bad_words(cfg.get("badwordsids")),
+            )
+        except KeyError as e:
+            raise GalateaError(f"config.json: missing field {e.args[0]!r}; the file is incomplete") from None
+        except (TypeError, ValueError) as e:
+            raise GalateaError(f"config.json: a field has the wrong type ({e})") from None
+
+    @classmethod
+    def from_gguf(cls, meta: dict[str, Any], vocab_size: int) -> ModelConfig:
+        """Build from GGUF key/values (`llama.*`). `vocab_size` comes from the token list."""
+        arch = meta.get("general.architecture")
+        if arch != "llama":
+            raise GalateaError(
+                f"GGUF architecture {arch!r} is not supported; Galatea runs 'llama' GGUF files"
+            )
+
+        def key(name: str, default: Any = None) -> Any:
+            value = meta.get(f"llama.{name}", default)
+            if value is None:
+                raise GalateaError(f"GGUF metadata is missing 'llama.{name}'; the file is incomplete")
+            return value
+
+        n_heads = int(key("attention.head_count"))
+        embed = int(key("embedding_length"))
+        scaling = meta.get("llama.rope.scaling.type")
+        factor = 1.0
+        if scaling == "linear":
+            factor = float(meta.get("llama.rope.scaling.factor", 1.0))
+        elif scaling not in (None, "none"):
+            raise GalateaError(f"GGUF rope scaling {scaling!r} is not supported (only linear)")
+        return cls(
+            vocab_size=vocab_size,
+            hidden_size=embed,
+            intermediate_size=int(key("feed_forward_length")),
+            num_hidden_layers=int(key("block_count")),
+            num_attention_heads=n_heads,
+            num_key_value_heads=int(meta.get("llama.attention.head_count_kv") or n_heads),
+            max_position_embeddings=int(key("context_length", 2048)),
+            rms_norm_eps=float(key("attention.layer_norm_rms_epsilon", 1e-5)),
+            rope_theta=float(key("rope.freq_base", 10000.0)),
+            rope_scaling_factor=factor,
+            head_dim=int(meta.get("llama.attention.key_length") or 0),
+            bos_token_id=meta.get("tokenizer.ggml.bos_token_id"),
+            eos_token_id=meta.get("tokenizer.ggml.eos_token_id"),
+        )
+
+
+_HF_ARCHS = ("LlamaForCausalLM", "LLaMAForCausalLM", "MistralForCausalLM")
+
+
+def _hf_rope_scaling(rs: dict[str, Any] | None) -> float:
+    if not rs:
+        return 1.0
+    kind = rs.get("rope_type") or rs.get("type")
+    if kind in ("linear",):
+        return float(rs.get("factor", 1.0))
+    if kind == "default":
+        return 1.0
+    raise GalateaError(f"config.json: rope_scaling type {kind!r} is not supported (only linear)")
+
+
+def _first_id(value: Any) -> int | None:
+    if isinstance(value, list):
+        return int(value[0]) if value else None
+    return None if value is None else int(value)
+
+
+def _bad_words(value: Any) -> tuple[int, ...]:
+    # KoboldAI writes [[0]] (a list of single-token sequences); accept flat lists too.
+    if not value:
+        return ()
+    flat = [v[0] if isinstance(v, list) and len(v) == 1 else v for v in value]
+    return tuple(int(v) for v in flat if isinstance(v, int))

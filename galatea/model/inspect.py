@@ -1,0 +1,65 @@
+"""`galatea inspect`: what a checkpoint is, read from its metadata alone (no weights loaded)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from galatea.model import hf_folder
+from galatea.model.config import ModelConfig
+from galatea.model.gguf_file import GGUFFile
+
+
+def parameter_count(cfg: ModelConfig) -> int:
+    c, d = cfg.hidden_size, cfg.head_dim
+    attn = c * cfg.num_attention_heads * d * 2 + c * cfg.num_key_value_heads * d * 2  # q, o, k, v
+    layer = attn + 3 * c * cfg.intermediate_size + 2 * c
+    head = 0 if cfg.tie_word_embeddings else cfg.vocab_size * c
+    return cfg.vocab_size * c + cfg.num_hidden_layers * layer + c + head
+
+
+def describe(path: Path) -> dict[str, Any]:
+    if path.is_dir():
+        raw = hf_folder.read_json(path / "config.json") if (path / "config.json").exists() else None
+        if raw is None:
+            from galatea.errors import GalateaError
+
+            raise GalateaError(f"{path}: config.json is missing; a Hugging Face model folder needs it")
+        cfg = ModelConfig.from_hf(raw)
+        files = hf_folder.weight_files(path)
+        tokenizer = "sentencepiece (tokenizer.model)" if (path / "tokenizer.model").exists() else \
+            "bpe (tokenizer.json)" if (path / "tokenizer.json").exists() else "none"
+        info = {"format": "hf", "weight_files": len(files), "stored_dtype": raw.get("torch_dtype", "unknown")}
+        size = sum(f.stat().st_size for f in files)
+    else:
+        g = GGUFFile(path)
+        tokens = g.metadata.get("tokenizer.ggml.tokens") or []
+        kind = g.metadata.get("tokenizer.ggml.model")
+        tokenizer = {"llama": "sentencepiece (GGUF vocab)", "gpt2": "bpe (GGUF vocab)"}.get(kind, str(kind))
+        info = {"format": "gguf", "tensor_types": g.tensor_types}
+        if not g.tensors:
+            info["note"] = "vocabulary only, no weights"
+        cfg = ModelConfig.from_gguf(g.metadata, vocab_size=len(tokens) or int(g.metadata.get("llama.vocab_size", 0)))
+        if g.tensors and not g.has_tensor("output.weight"):
+            from dataclasses import replace
+
+            cfg = replace(cfg, tie_word_embeddings=True)
+        size = path.stat().st_size
+    return {
+        "path": str(path),
+        **info,
+        "architecture": "llama",
+        "parameters": parameter_count(cfg),
+        "layers": cfg.num_hidden_layers,
+        "hidden_size": cfg.hidden_size,
+        "intermediate_size": cfg.intermediate_size,
+        "attention_heads": cfg.num_attention_heads,
+        "kv_heads": cfg.num_key_value_heads,
+        "head_dim": cfg.head_dim,
+        "vocab_size": cfg.vocab_size,
+        "context_length": cfg.max_position_embeddings,
+        "rope_theta": cfg.rope_theta,
+        "tied_embeddings": cfg.tie_word_embeddings,
+        "tokenizer": tokenizer,
+        "file_bytes": size,
+    }

@@ -1,0 +1,227 @@
+"""LLaMA in plain PyTorch, with Hugging Face parameter names.
+
+Shapes: B batch, T tokens in this call, L cached positions attended to, H query heads,
+K key/value heads (K < H is grouped-query attention), D head_dim, C hidden_size.
+
+The module tree mirrors `transformers.LlamaForCausalLM` (`model.layers.N.self_attn.q_proj`,
+`...mlp.gate_proj`, `lm_head`), so HF checkpoints, PEFT adapters and merged XOR weights load
+without renaming. Rotary embeddings use HF's rotate-half layout; GGUF files are un-permuted to it
+at load time (see `checkpoint.py`).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from galatea.model.cache import KVCache
+from galatea.model.config import ModelConfig
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: Tensor) -> Tensor:
+        # One fused kernel; it accumulates in float32 for bf16 inputs.
+        return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
+
+
+class Rotary(nn.Module):
+    """cos/sin tables for rotate-half RoPE, built once for `max_len` positions."""
+
+    def __init__(self, cfg: ModelConfig, max_len: int, device: torch.device | str | None = None) -> None:
+        super().__init__()
+        d = cfg.head_dim
+        inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, d, 2, dtype=torch.float64, device=device) / d))
+        pos = torch.arange(max_len, dtype=torch.float64, device=device) / cfg.rope_scaling_factor
+        freqs = torch.outer(pos, inv_freq)  # [max_len, D/2]
+        emb = torch.cat([freqs, freqs], dim=-1)  # [max_len, D]
+        self.register_buffer("cos", emb.cos().float(), persistent=False)
+        self.register_buffer("sin", emb.sin().float(), persistent=False)
+
+    def forward(self, start: int, length: int, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+        return self.cos[start : start + length].to(dtype), self.sin[start : start + length].to(dtype)
+
+
+def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """x: [B, heads, T, D]; cos/sin: [T, D]."""
+    half = x.shape[-1] // 2
+    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+    return x * cos + rotated * sin
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.n_heads, self.n_kv, self.head_dim = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+        c = cfg.hidden_size
+        self.q_proj = nn.Linear(c, self.n_heads * self.head_dim, bias=False)
+        self.k_proj = nn.Linear(c, self.n_kv * self.head_dim, bias=False)
+        self.v_proj = nn.Linear(c, self.n_kv * self.head_dim, bias=False)
+        self.o_proj = nn.Linear(self.n_heads * self.head_dim, c, bias=False)
+
+        self.qkv_proj: nn.Linear | None = None  # set by fuse(): q, k, v rows in one matrix
+
+    def fuse(self) -> None:
+        """Merge q/k/v into one matrix for inference: one mat-vec per token instead of three."""
+        w = torch.cat([self.q_proj.weight, self.k_proj.weight, self.v_proj.weight]).detach()
+        self.qkv_proj = _linear_from(w)
+        del self.q_proj, self.k_proj, self.v_proj
+
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, cache: KVCache, layer: int, start: int) -> Tensor:
+        b, t, _ = x.shape
+        h, kv, d = self.n_heads, self.n_kv, self.head_dim
+        if self.qkv_proj is not None:
+            qkv = self.qkv_proj(x).view(b, t, h + 2 * kv, d).transpose(1, 2)  # [B, H+2K, T, D]
+            # q and k are adjacent heads of the fused output: rotate them with one set of ops.
+            qk = apply_rope(qkv[:, : h + kv], cos, sin)
+            q, k, v = qk[:, :h], qk[:, h:], qkv[:, h + kv :]  # [B, H, T, D], [B, K, T, D], [B, K, T, D]
+        else:
+            q = apply_rope(self.q_proj(x).view(b, t, h, d).transpose(1, 2), cos, sin)
+            k = apply_rope(self.k_proj(x).view(b, t, kv, d).transpose(1, 2), cos, sin)
+            v = self.v_proj(x).view(b, t, kv, d).transpose(1, 2)
+        keys, values = cache.update(layer, start, k, v)  # [B, K, L, D], L = start + T
+        if t == 1:
+            out = _attend_one(q, keys, values)
+        else:
+            out = _attend_chunk(q, keys, values, start)
+        return self.o_proj(out.transpose(1, 2).reshape(b, t, -1).to(x.dtype))
+
+
+def _linear_from(weight: Tensor) -> nn.Linear:
+    layer = nn.Linear(weight.shape[1], weight.shape[0], bias=False, device="meta")
+    layer.weight = nn.Parameter(weight, requires_grad=False)
+    return layer
+
+
+def _attend_one(q: Tensor, keys: Tensor, values: Tensor) -> Tensor:
+    """One query per sequence (decoding), in float32: on CPU several times faster than bf16
+    SDPA for a single query, and exact. Grouped heads read the shared K/V without copies."""
+    return F.scaled_dot_product_attention(q.float(), keys.float(), values.float(),
+                                          enable_gqa=keys.shape[1] != q.shape[1])
+
+
+def _attend_chunk(q: Tensor, keys: Tensor, values: Tensor, start: int) -> Tensor:
+    """T queries at positions start..start+T-1 against L = start+T keys, causally masked."""
+    t, length = q.shape[2], keys.shape[2]
+    qpos = torch.arange(start, start + t, device=q.device)
+    mask = torch.arange(length, device=q.device)[None, :] <= qpos[:, None]  # [T, L]
+    keys, values = keys.to(q.dtype), values.to(q.dtype)
+    rep = q.shape[1] // keys.shape[1]
+    if rep > 1:
+        keys = keys.repeat_interleave(rep, dim=1)  # [B, H, L, D]
+        values = values.repeat_interleave(rep, dim=1)
+    return F.scaled_dot_product_attention(q, keys, values, attn_mask=mask)
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.gate_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
+        self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
+
+        self.gate_up_proj: nn.Linear | None = None  # set by fuse()
+
+    def fuse(self) -> None:
+        """Merge gate and up into one matrix for inference."""
+        self.gate_up_proj = _linear_from(torch.cat([self.gate_proj.weight, self.up_proj.weight]).detach())
+        del self.gate_proj, self.up_proj
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.gate_up_proj is not None:
+            gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
+        else:
+            gate, up = self.gate_proj(x), self.up_proj(x)
+        return self.down_proj(F.silu(gate) * up)
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.self_attn = Attention(cfg)
+        self.mlp = MLP(cfg)
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, cache: KVCache, layer: int, start: int) -> Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, cache, layer, start)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class LlamaModel(nn.Module):
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        # Weights always come from a checkpoint: `_weight` skips the random init, whose meta-device
+        # kernel costs a second of imports when the model is built on `meta`.
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size,
+                                         _weight=torch.empty(cfg.vocab_size, cfg.hidden_size))
+        self.layers = nn.ModuleList(DecoderLayer(cfg) for _ in range(cfg.num_hidden_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+
+
+class Llama(nn.Module):
+    """The causal LM. Call `init_rope()` once the weights are on their device."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.config = cfg
+        self.model = LlamaModel(cfg)
+        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        self.rotary: Rotary | None = None
+
+    @property
+    def device(self) -> torch.device:
+        return self.model.embed_tokens.weight.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.model.embed_tokens.weight.dtype
+
+    def fuse(self) -> None:
+        """Fuse q/k/v and gate/up matrices (inference only; training keeps HF's modules)."""
+        for layer in self.model.layers:
+            layer.self_attn.fuse()
+            layer.mlp.fuse()
+
+    def init_rope(self, max_len: int | None = None) -> None:
+        self.rotary = Rotary(self.config, max_len or self.config.max_position_embeddings, self.device)
+
+    def make_cache(self, batch_size: int = 1, max_len: int | None = None) -> KVCache:
+        """A pre-allocated KV cache for `max_len` positions (default: the model's context)."""
+        max_len = max_len or self.config.max_position_embeddings
+        if self.rotary is None or self.rotary.cos.shape[0] < max_len:
+            self.init_rope(max_len)
+        cfg = self.config
+        # float32 on CPU: decode attention runs in float32 there (see _attend_one).
+        dtype = torch.float32 if self.device.type == "cpu" else self.dtype
+        return KVCache(cfg.num_hidden_layers, batch_size, cfg.num_key_value_heads, max_len, cfg.head_dim,
+                       dtype=dtype, device=self.device)
+
+    @torch.inference_mode()
+    def forward(self, tokens: Tensor, start: int, cache: KVCache, all_logits: bool = False) -> Tensor:
+        """tokens: [B, T] at positions start..start+T-1. Returns float32 logits, [B, T, V] when
+        `all_logits`, else [B, V] for the last position only (all that sampling needs)."""
+        t = tokens.shape[1]
+        if start + t > cache.max_len:
+            raise ValueError(f"positions {start}..{start + t - 1} exceed the cache of {cache.max_len}")
+        assert self.rotary is not None
+        x = self.model.embed_tokens(tokens)  # [B, T, C]
+        cos, sin = self.rotary(start, t, x.dtype)
+        for i, layer in enumerate(self.model.layers):
+            x = layer(x, cos, sin, cache, i, start)
+        if not all_logits:
+            x = x[:, -1]
+        return self.lm_head(self.model.norm(x)).float()
+
+    def prefill(self, tokens: Tensor, start: int, cache: KVCache, chunk: int = 512) -> Tensor:
+        """Read a long prompt in chunks (bounded activation memory); returns last-position logits [B, V]."""
+        logits = None
+        for i in range(0, tokens.shape[1], chunk):
+            logits = self(tokens[:, i : i + chunk], start + i, cache)
+        assert logits is not None, "prefill needs at least one token"
+        return logits
