@@ -54,6 +54,10 @@ class ModelConfig:
                 f"config.json: architecture {name!r} is not supported; Galatea runs "
                 "LLaMA-architecture models (LlamaForCausalLM)"
             )
+        if cfg.get("attention_bias") or cfg.get("mlp_bias"):
+            raise GalateaError("config.json: attention_bias/mlp_bias are not supported; Galatea runs plain LLaMA")
+        # transformers >= 5 writes RoPE settings under "rope_parameters"; older files at the top level.
+        rope = cfg.get("rope_parameters") or {}
         try:
             n_heads = int(cfg["num_attention_heads"])
             return cls(
@@ -65,8 +69,8 @@ class ModelConfig:
                 num_key_value_heads=int(cfg.get("num_key_value_heads") or n_heads),
                 max_position_embeddings=int(cfg.get("max_position_embeddings", 2048)),
                 rms_norm_eps=float(cfg.get("rms_norm_eps", 1e-6)),
-                rope_theta=float(cfg.get("rope_theta", 10000.0)),
-                rope_scaling_factor=_hf_rope_scaling(cfg.get("rope_scaling")),
+                rope_theta=float(cfg.get("rope_theta") or rope.get("rope_theta") or 10000.0),
+                rope_scaling_factor=_hf_rope_scaling(cfg.get("rope_scaling") or rope),
                 tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
                 head_dim=int(cfg.get("head_dim") or 0),
                 bos_token_id=_first_id(cfg.get("bos_token_id")),
@@ -127,7 +131,7 @@ def _hf_rope_scaling(rs: dict[str, Any] | None) -> float:
     kind = rs.get("rope_type") or rs.get("type")
     if kind in ("linear",):
         return float(rs.get("factor", 1.0))
-    if kind == "default":
+    if kind in ("default", None):
         return 1.0
     raise GalateaError(f"config.json: rope_scaling type {kind!r} is not supported (only linear)")
 

@@ -1,0 +1,56 @@
+"""Weight-only int8/int4 layers against plain float arithmetic on the same quantization grid."""
+
+from __future__ import annotations
+
+import gguf
+import numpy as np
+import torch
+
+from galatea.model.quant import Int4Linear, Int8Linear, auto_mode
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a.float() - b.float()).norm() / b.float().norm()).item()
+
+
+def test_int8_matches_per_row_fake_quant():
+    torch.manual_seed(0)
+    w, x = torch.randn(192, 256), torch.randn(1, 256).bfloat16()
+    scale = w.abs().amax(1, keepdim=True) / 127
+    deq = torch.round(w / scale).clamp(-127, 127) * scale
+    assert _rel(Int8Linear(w)(x), x.float() @ deq.T) < 1e-2
+    many = torch.randn(40, 256).bfloat16()  # the dense (dequantize + GEMM) path for long prompts
+    assert _rel(Int8Linear(w)(many), many.float() @ deq.T) < 1e-2
+
+
+def test_int4_matches_group_fake_quant():
+    torch.manual_seed(0)
+    w, x = torch.randn(192, 256), torch.randn(3, 256).bfloat16()
+    g = w.view(192, 8, 32)
+    lo, hi = g.amin(-1, keepdim=True), g.amax(-1, keepdim=True)
+    scale = (hi - lo) / 15
+    deq = (torch.round((g - lo) / scale).clamp(0, 15) * scale + lo).view(192, 256)
+    assert _rel(Int4Linear(w)(x), x.float() @ deq.T) < 1e-2
+
+
+def test_gguf_q4_1_blocks_land_on_the_int4_grid():
+    """Q4_1 values (d*q + m per block of 32) re-quantize onto the same grid: the int4 layer
+    reproduces the dequantized GGUF weights, not a second rounding of them."""
+    rng = np.random.default_rng(0)
+    w = rng.standard_normal((128, 256)).astype(np.float32)
+    q41 = gguf.quants.quantize(w, gguf.GGMLQuantizationType.Q4_1)
+    deq = torch.from_numpy(gguf.quants.dequantize(q41, gguf.GGMLQuantizationType.Q4_1).reshape(w.shape).copy())
+    x = torch.randn(2, 256).bfloat16()
+    exact = x.float() @ deq.T
+    assert _rel(Int4Linear(deq)(x), exact) < 1e-2  # bf16 rounding of scale/zero only
+    assert _rel(x.float() @ torch.from_numpy(w).T, exact) > 5e-2  # while Q4 itself is far coarser
+
+
+def test_auto_mode_follows_the_file():
+    cpu = torch.device("cpu")
+    assert auto_mode({"Q4_1": 210, "Q8_0": 1, "F32": 61}, cpu) == "int4"
+    assert auto_mode({"Q4_K": 100, "Q6_K": 20, "F32": 40}, cpu) == "int4"
+    assert auto_mode({"Q8_0": 200, "F32": 61}, cpu) == "int8"
+    assert auto_mode({"F16": 200, "F32": 61}, cpu) == "none"
+    assert auto_mode({"bfloat16": 1}, cpu) == "none"
+    assert auto_mode({"Q4_0": 200}, torch.device("cuda")) == "none"
