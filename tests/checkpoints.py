@@ -118,7 +118,7 @@ GGUF_NAMES = {
 
 Q = gguf.GGMLQuantizationType
 # Byte offsets of each K-quant block's fp16 scale fields, to give random blocks sane scales.
-_KQUANT_SCALES = {Q.Q4_K: (0, 2), Q.Q5_K: (0, 2), Q.Q6_K: (208,)}
+_KQUANT_SCALES = {Q.Q4_K: (0, 2), Q.Q5_K: (0, 2), Q.Q6_K: (208,), Q.IQ2_XXS: (0,)}
 
 
 def _rope_theta(cfg) -> float:

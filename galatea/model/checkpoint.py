@@ -96,7 +96,7 @@ QUANT_CHOICES = ("auto", "none", "int8", "int4")
 
 
 def load(path: str | Path | None, dtype: torch.dtype | None = None, device: torch.device | str | None = None,
-         quant: str = "none", fuse: bool = True) -> LoadedModel:
+         quant: str = "auto", fuse: bool = True) -> LoadedModel:
     """Load a checkpoint for inference.
 
     quant: "none" keeps the dequantized weights in `dtype` (exact); "int8"/"int4" store linear

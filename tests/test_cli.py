@@ -1,0 +1,75 @@
+"""The `galatea` command, run as a user runs it."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+from galatea.cli import main
+from tests.checkpoints import ROOT, shared_vocab
+
+PROMPT = "Aria's Persona: A cheerful bard.\n<START>\nYou: Hello! Who are you?\nAria:"
+
+
+def run_json(capsys, *argv: str) -> dict:
+    assert main(list(argv)) == 0
+    return json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+
+
+def test_tokenize_vocab_only_gguf(capsys):
+    # ids as llama.cpp / SentencePiece give them for LLaMA, BOS first
+    assert run_json(capsys, "tokenize", "--model", str(shared_vocab()), "Hello world") == {"ids": [1, 15043, 3186]}
+    assert run_json(capsys, "tokenize", "--no-bos", "--model", str(shared_vocab()), " Hello") == \
+        {"ids": [29871, 15043]}
+
+
+def test_generate_json_greedy_is_reproducible(capsys):
+    args = ["generate", "--json", "--temperature", "0", "-n", "12", "--ban-eos", PROMPT]
+    assert main(args) == 0
+    captured = capsys.readouterr()
+    first = json.loads(captured.out)
+    assert captured.err.count("using the embedded default") == 1  # the fallback is announced once
+    second = run_json(capsys, *args)
+    assert first["text"] == second["text"] and first["text"].strip()
+    assert first["tokens"] == 12 and first["finish_reason"] == "length"
+    assert first["prompt_tokens"] > 10 and first["prefill_tok_s"] > 0 and first["decode_tok_s"] > 0
+    assert set(first) >= {"text", "tokens", "finish_reason", "prompt_tokens", "prefill_tok_s", "decode_tok_s"}
+
+
+def test_generate_seed_reproduces_sampling(capsys):
+    args = ["generate", "--json", "--seed", "42", "--temperature", "1.0", "-n", "10", "--ban-eos", PROMPT]
+    assert run_json(capsys, *args)["text"] == run_json(capsys, *args)["text"]
+
+
+def test_generate_streams_to_stdout_and_stops(capsys):
+    assert main(["generate", "--temperature", "0", "-n", "40", "--stop", "\\n", PROMPT]) == 0
+    out = capsys.readouterr().out
+    assert out.endswith("\n") and "\n" not in out[:-1]  # stopped at the first newline, which is cut
+
+
+def test_inspect_embedded(capsys):
+    assert main(["inspect", "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["format"] == "gguf" and info["layers"] == 30 and info["kv_heads"] == 3
+    assert info["attention_heads"] == 9 and info["vocab_size"] == 49152 and info["tied_embeddings"]
+    assert info["tensor_types"]["Q4_1"] == 210 and 130e6 < info["parameters"] < 140e6
+    assert info["tokenizer"].startswith("bpe")
+
+
+def test_inspect_vocab_only(capsys):
+    assert main(["inspect", str(shared_vocab())]) == 0
+    out = capsys.readouterr().out
+    assert "vocabulary only" in out and "sentencepiece" in out
+
+
+def test_bench_small(capsys):
+    result = run_json(capsys, "bench", "--prompt-tokens", "32", "--gen-tokens", "4")
+    assert result["prefill_tok_s"] > 0 and result["decode_tok_s"] > 0 and result["quant"] == "int4"
+
+
+def test_python_dash_m():
+    proc = subprocess.run([sys.executable, "-m", "galatea", "tokenize", "--model", str(shared_vocab()), "<START>"],
+                          capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout)["ids"][0] == 1

@@ -1,0 +1,74 @@
+"""The embedded SmolLM2-135M-Instruct GGUF against transformers reading the same file."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from galatea.engine.generate import generate
+from galatea.engine.sampling import SamplingParams
+from galatea.model.checkpoint import embedded_model_path, load
+
+PROMPT = (
+    "Aria's Persona: Aria is a cheerful travelling bard who loves stories and songs.\n"
+    "<START>\n"
+    "You: Hello! Who are you?\n"
+    "Aria: I'm Aria, a bard. Would you like to hear a song?\n"
+    "You: Yes, please sing about the sea.\n"
+    "Aria:"
+)
+
+
+@pytest.fixture(scope="module")
+def reference():
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path = embedded_model_path()
+    tok = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+    model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32).eval()
+    return tok, model
+
+
+@pytest.fixture(scope="module")
+def ours():
+    return load(None, dtype=torch.float32, quant="none")
+
+
+def test_same_prompt_ids_as_transformers(reference, ours):
+    tok, _ = reference
+    assert ours.tokenizer.encode(PROMPT) == tok(PROMPT, add_special_tokens=False).input_ids
+
+
+def test_last_position_logits_match(reference, ours):
+    _, model = reference
+    ids = ours.tokenizer.encode(PROMPT)
+    with torch.no_grad():
+        expected = model(torch.tensor([ids])).logits[0, -1].float()
+    got = ours.model(torch.tensor([ids]), 0, ours.model.make_cache(1, len(ids)))[0]
+    assert got.topk(10).indices.tolist() == expected.topk(10).indices.tolist()
+    rel = ((got - expected).abs() / expected.abs().clamp(min=1.0)).max()
+    assert rel < 1e-3, f"max relative logit difference {rel}"
+
+
+def test_greedy_tokens_match_transformers_generate(reference, ours):
+    _, model = reference
+    ids = ours.tokenizer.encode(PROMPT)
+    with torch.no_grad():
+        out = model.generate(torch.tensor([ids]), max_new_tokens=24, do_sample=False, min_new_tokens=24)
+    expected = out[0, len(ids):].tolist()
+    params = SamplingParams(max_new_tokens=24, temperature=0, repetition_penalty=1.0, ban_eos=True)
+    text, last, tokens = generate(ours.model, ours.tokenizer, ids, params)
+    assert tokens == expected
+    assert text == ours.tokenizer.decode(expected)
+    assert last.finish_reason == "length"
+
+
+def test_default_int4_load_predicts_like_float(ours):
+    """The default (--quant auto -> int4 for this Q4_1 file) keeps the model's predictions."""
+    fast = load(None)
+    assert fast.quant == "int4"
+    ids = ours.tokenizer.encode(PROMPT)
+    exact = ours.model(torch.tensor([ids]), 0, ours.model.make_cache(1, len(ids)))[0]
+    quick = fast.model(torch.tensor([ids]), 0, fast.model.make_cache(1, len(ids)))[0]
+    assert int(quick.argmax()) == int(exact.argmax())
+    assert torch.nn.functional.cosine_similarity(quick, exact, dim=0) > 0.99
