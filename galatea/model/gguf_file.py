@@ -117,40 +117,59 @@ class GGUFFile:
     def has_tensor(self, name: str) -> bool:
         return any(t.name == name for t in self.tensors)
 
-    def iter_tensors(self, n_heads: int, n_kv_heads: int) -> Iterator[tuple[str, Tensor]]:
-        """(HF name, float tensor in HF layout), one tensor at a time."""
+    def iter_tensors(self, n_heads: int, n_kv_heads: int,
+                     dtype: torch.dtype = torch.float32) -> Iterator[tuple[str, Tensor]]:
+        """(HF name, tensor of `dtype` in HF layout), one tensor at a time."""
         for t in self.tensors:
             if IGNORED.match(t.name):
                 continue
             name = hf_name(t.name)
             if name is None:
                 raise GalateaError(f"{self.path}: unexpected tensor {t.name!r}; this is not a plain LLaMA GGUF")
-            w = torch.from_numpy(self.read_float(t))
+            w = self.read_float(t, dtype)
             if t.name.endswith("attn_q.weight"):
                 w = unpermute(w, n_heads)
             elif t.name.endswith("attn_k.weight"):
                 w = unpermute(w, n_kv_heads)
             yield name, w
+            self.release(t)
+
+    def release(self, t: TensorInfo) -> None:
+        """Drop the tensor's file pages from this process (they were copied out; a later read
+        faults them in again), so loading does not hold the file and the model at once."""
+        lo = t.offset // mmap.PAGESIZE * mmap.PAGESIZE
+        if t.nbytes:
+            self._mm.madvise(mmap.MADV_DONTNEED, lo, t.offset + t.nbytes - lo)
 
     def raw(self, t: TensorInfo) -> np.ndarray:
         """The tensor's bytes, as a read-only uint8 view of the map."""
         return np.frombuffer(self._mm, dtype=np.uint8, count=t.nbytes, offset=t.offset)
 
-    def read_float(self, t: TensorInfo) -> np.ndarray:
-        """The tensor as a writable float array of shape `t.shape` (float16 stays float16)."""
+    def read_float(self, t: TensorInfo, dtype: torch.dtype = torch.float32) -> Tensor:
+        """The tensor, dequantized into a new `dtype` tensor of shape `t.shape`. Rows are
+        converted in blocks, so no float32 copy of a whole large tensor is ever made."""
         if t.type_id not in SUPPORTED_TYPES:
             raise GalateaError(
                 f"{self.path}: tensor {t.name} has type {t.type_name}, which Galatea cannot load; "
                 "use a Q4_0/Q4_K/Q5_K/Q6_K/Q8_0/F16 file"
             )
-        data = self.raw(t)
-        if t.type_id == Q.F32:
-            return data.view(np.float32).reshape(t.shape).copy()
-        if t.type_id == Q.F16:
-            return data.view(np.float16).reshape(t.shape).copy()
-        block, size = GGML_QUANT_SIZES[Q(t.type_id)]
-        rows = data.reshape(-1, t.shape[-1] // block * size)
-        return dequantize(rows, Q(t.type_id)).reshape(t.shape)
+        qtype = Q(t.type_id)
+        block, size = GGML_QUANT_SIZES[qtype]
+        cols = t.shape[-1] if t.shape else 1
+        raw = self.raw(t).reshape(-1, cols // block * size)  # [rows, bytes per row]
+        out = torch.empty(t.shape, dtype=dtype)
+        rows_out = out.view(-1, cols)
+        step = max(1, (1 << 22) // cols)
+        for i in range(0, raw.shape[0], step):
+            part = raw[i : i + step]
+            if qtype == Q.F32:
+                values = part.view(np.float32)
+            elif qtype == Q.F16:
+                values = part.view(np.float16)
+            else:
+                values = dequantize(part, qtype)
+            rows_out[i : i + step] = torch.from_numpy(np.ascontiguousarray(values).copy()).to(dtype)
+        return out
 
 
 def unpermute(w: Tensor, n_heads: int) -> Tensor:

@@ -1,20 +1,24 @@
 """Reading a Hugging Face model folder: config.json and the weight files, tensor by tensor.
 
-Safetensors are memory-mapped; pytorch `.bin` pickles are read with `weights_only=True` (no code
-from the file is ever executed) and `mmap=True`, so a tensor costs memory only once it is
-converted into the model.
+Safetensors are memory-mapped by our own small reader (the format is an 8-byte length, a JSON
+header and raw data): a tensor already in the compute dtype is used in place, and after each
+tensor its pages are released from this process (`madvise(DONTNEED)`; they are file-backed, so a
+later read simply faults them in again). That keeps peak memory near the final model size even
+when converting dtypes. Pytorch `.bin` pickles are read with `weights_only=True` (no code from
+the file is ever executed) and `mmap=True`.
 """
 
 from __future__ import annotations
 
 import json
+import mmap
 import pickle
+import struct
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import SafetensorError, safe_open
 from torch import Tensor
 
 from galatea.errors import GalateaError
@@ -65,13 +69,58 @@ def iter_tensors(files: list[Path]) -> Iterator[tuple[str, Tensor]]:
                 yield name, state.pop(name)
 
 
+_ST_DTYPES = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+    "BOOL": torch.bool,
+}
+
+
 def _safetensors(path: Path) -> Iterator[tuple[str, Tensor]]:
-    try:
-        with safe_open(str(path), framework="pt") as sf:
-            for name in sf.keys():
-                yield name, sf.get_tensor(name)
-    except SafetensorError as e:
-        raise GalateaError(f"{path}: corrupt or truncated safetensors file ({e}); download it again") from None
+    header, data_start, mm = _open_safetensors(path)
+    page = mmap.PAGESIZE
+    for name, info in header.items():
+        begin, end = (data_start + int(o) for o in info["data_offsets"])
+        dtype = _ST_DTYPES.get(info["dtype"])
+        if dtype is None:
+            raise GalateaError(f"{path}: tensor {name} has dtype {info['dtype']}, which Galatea cannot load")
+        shape = [int(d) for d in info["shape"]]
+        count = end - begin
+        tensor = torch.frombuffer(mm, dtype=dtype, count=count // dtype.itemsize, offset=begin) if count \
+            else torch.empty(0, dtype=dtype)
+        yield name, tensor.view(shape)
+        lo = begin // page * page
+        if end > lo:
+            mm.madvise(mmap.MADV_DONTNEED, lo, end - lo)
+
+
+def _open_safetensors(path: Path) -> tuple[dict[str, Any], int, mmap.mmap]:
+    bad = f"{path}: corrupt or truncated safetensors file"
+    with open(path, "rb") as f:
+        size = f.seek(0, 2)
+        f.seek(0)
+        if size < 8:
+            raise GalateaError(f"{bad} ({size} bytes); download it again")
+        (n,) = struct.unpack("<Q", f.read(8))
+        if n > size - 8:
+            raise GalateaError(f"{bad} (header of {n} bytes in a {size}-byte file); download it again")
+        try:
+            header = json.loads(f.read(n))
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise GalateaError(f"{bad} (header is not JSON: {e}); download it again") from None
+        # Copy-on-write map: torch wants a writable buffer; weights are never written during loading.
+        mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
+    header.pop("__metadata__", None)
+    data_start = 8 + n
+    for name, info in header.items():
+        try:
+            begin, end = (int(o) for o in info["data_offsets"])
+        except (KeyError, TypeError, ValueError):
+            raise GalateaError(f"{bad} (tensor {name} has no valid data_offsets); download it again") from None
+        if not 0 <= begin <= end or data_start + end > size:
+            raise GalateaError(f"{bad} (tensor {name} ends at byte {data_start + end}, the file has {size}); "
+                               "download it again")
+    return header, data_start, mm
 
 
 def _torch_load(path: Path) -> dict[str, Tensor]:

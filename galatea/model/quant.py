@@ -24,11 +24,17 @@ class Int8Linear(nn.Module):
     def __init__(self, weight: Tensor) -> None:
         """weight: [out, in] float; quantized symmetrically per output row."""
         super().__init__()
-        w = weight.detach().float()
-        scale = w.abs().amax(dim=1).clamp(min=1e-10) / 127.0  # [out]
-        self.register_buffer("weight", torch.round(w / scale[:, None]).clamp(-127, 127).to(torch.int8))
-        self.register_buffer("scales", scale.to(torch.bfloat16))
-        self.in_features, self.out_features = w.shape[1], w.shape[0]
+        out_f, in_f = weight.shape
+        q = torch.empty(out_f, in_f, dtype=torch.int8, device=weight.device)
+        scales = torch.empty(out_f, dtype=torch.bfloat16, device=weight.device)
+        for rows in _row_blocks(weight):  # bounded float temporaries, even for a 32000-row lm_head
+            w = weight[rows].detach().float()
+            scale = w.abs().amax(dim=1).clamp(min=1e-10) / 127.0  # [rows]
+            q[rows] = torch.round(w / scale[:, None]).clamp(-127, 127).to(torch.int8)
+            scales[rows] = scale.to(torch.bfloat16)
+        self.register_buffer("weight", q)
+        self.register_buffer("scales", scales)
+        self.in_features, self.out_features = in_f, out_f
 
     def forward(self, x: Tensor) -> Tensor:
         lead = x.shape[:-1]
@@ -49,16 +55,17 @@ class Int4Linear(nn.Module):
 
     def __init__(self, weight: Tensor, group: int = 32) -> None:
         super().__init__()
-        w = weight.detach().float()
-        out_f, in_f = w.shape
-        g = w.view(out_f, in_f // group, group)
-        lo, hi = g.amin(-1), g.amax(-1)  # [out, in/group]
-        scale = ((hi - lo) / 15).clamp(min=1e-10)
-        q = torch.round((g - lo[..., None]) / scale[..., None]).clamp(0, 15).to(torch.int32).view(out_f, in_f)
-        zero = lo + 8 * scale
+        out_f, in_f = weight.shape
+        q = torch.empty(out_f, in_f, dtype=torch.int32, device=weight.device)
+        sz = torch.empty(in_f // group, out_f, 2, dtype=torch.bfloat16, device=weight.device)
+        for rows in _row_blocks(weight):
+            g = weight[rows].detach().float().view(-1, in_f // group, group)
+            lo, hi = g.amin(-1), g.amax(-1)  # [rows, in/group]
+            scale = ((hi - lo) / 15).clamp(min=1e-10)
+            q[rows] = torch.round((g - lo[..., None]) / scale[..., None]).clamp(0, 15).to(torch.int32).view(-1, in_f)
+            sz[:, rows] = torch.stack([scale, lo + 8 * scale], dim=-1).transpose(0, 1).to(torch.bfloat16)
         self.register_buffer("weight", torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 1))
-        sz = torch.stack([scale, zero], dim=-1).transpose(0, 1).contiguous()  # [in/group, out, 2]
-        self.register_buffer("scales_and_zeros", sz.to(torch.bfloat16))
+        self.register_buffer("scales_and_zeros", sz)  # [in/group, out, 2]: w = (q - 8) * scale + zero
         self.group, self.in_features, self.out_features = group, in_f, out_f
 
     def forward(self, x: Tensor) -> Tensor:
@@ -69,22 +76,34 @@ class Int4Linear(nn.Module):
 
 
 QUANT_MODES = ("none", "int8", "int4")
+
+
+def _row_blocks(weight: Tensor, elements: int = 1 << 22) -> list[slice]:
+    """Row ranges of about `elements` values each (16 MB in float32)."""
+    step = max(1, elements // max(1, weight.shape[1]))
+    return [slice(i, min(i + step, weight.shape[0])) for i in range(0, weight.shape[0], step)]
 FOUR_BIT_GGUF = {"Q4_0", "Q4_1", "Q4_K", "Q3_K", "Q2_K"}
 
 
+def quantize_linear(layer: nn.Module, mode: str, output: bool = False) -> nn.Module:
+    """The quantized replacement of one bias-free nn.Linear (or the layer itself). int4 keeps
+    the output projection (`output=True`) at int8: it is the most sensitive matrix, and GGUF
+    files keep it at 6-8 bits too."""
+    if mode == "none" or not isinstance(layer, nn.Linear) or layer.bias is not None:
+        return layer
+    if mode == "int4" and not output and layer.in_features % 32 == 0:
+        return Int4Linear(layer.weight)
+    return Int8Linear(layer.weight)
+
+
 def quantize_model(model: nn.Module, mode: str) -> nn.Module:
-    """Swap the model's linear layers in place. int4 keeps `lm_head` at int8: the output
-    projection is the most sensitive matrix, and GGUF files keep it at 6-8 bits too."""
+    """Swap every linear layer inside `model` in place (an `lm_head` child counts as output)."""
     if mode == "none":
         return model
     for _, module in list(model.named_modules()):
         for name, child in list(module.named_children()):
-            if not isinstance(child, nn.Linear) or child.bias is not None:
-                continue
-            if mode == "int4" and name != "lm_head" and child.in_features % 32 == 0:
-                setattr(module, name, Int4Linear(child.weight))
-            else:
-                setattr(module, name, Int8Linear(child.weight))
+            if isinstance(child, nn.Linear):
+                setattr(module, name, quantize_linear(child, mode, output=name == "lm_head"))
     return model
 
 
