@@ -18,9 +18,9 @@ def test_int8_matches_per_row_fake_quant():
     w, x = torch.randn(192, 256), torch.randn(1, 256).bfloat16()
     scale = w.abs().amax(1, keepdim=True) / 127
     deq = torch.round(w / scale).clamp(-127, 127) * scale
-    assert _rel(Int8Linear(w)(x), x.float() @ deq.T) < 1e-2
+    assert _rel(Int8Linear.from_float(w)(x), x.float() @ deq.T) < 1e-2
     many = torch.randn(40, 256).bfloat16()  # the dense (dequantize + GEMM) path for long prompts
-    assert _rel(Int8Linear(w)(many), many.float() @ deq.T) < 1e-2
+    assert _rel(Int8Linear.from_float(w)(many), many.float() @ deq.T) < 1e-2
 
 
 def test_int4_matches_group_fake_quant():
@@ -30,7 +30,7 @@ def test_int4_matches_group_fake_quant():
     lo, hi = g.amin(-1, keepdim=True), g.amax(-1, keepdim=True)
     scale = (hi - lo) / 15
     deq = (torch.round((g - lo) / scale).clamp(0, 15) * scale + lo).view(192, 256)
-    assert _rel(Int4Linear(w)(x), x.float() @ deq.T) < 1e-2
+    assert _rel(Int4Linear.from_float(w)(x), x.float() @ deq.T) < 1e-2
 
 
 def test_gguf_q4_1_blocks_land_on_the_int4_grid():
@@ -42,7 +42,7 @@ def test_gguf_q4_1_blocks_land_on_the_int4_grid():
     deq = torch.from_numpy(gguf.quants.dequantize(q41, gguf.GGMLQuantizationType.Q4_1).reshape(w.shape).copy())
     x = torch.randn(2, 256).bfloat16()
     exact = x.float() @ deq.T
-    assert _rel(Int4Linear(deq)(x), exact) < 1e-2  # bf16 rounding of scale/zero only
+    assert _rel(Int4Linear.from_float(deq)(x), exact) < 1e-2  # bf16 rounding of scale/zero only
     assert _rel(x.float() @ torch.from_numpy(w).T, exact) > 5e-2  # while Q4 itself is far coarser
 
 
@@ -54,3 +54,36 @@ def test_auto_mode_follows_the_file():
     assert auto_mode({"F16": 200, "F32": 61}, cpu) == "none"
     assert auto_mode({"bfloat16": 1}, cpu) == "none"
     assert auto_mode({"Q4_0": 200}, torch.device("cuda")) == "none"
+
+
+def test_gguf_q4_loads_straight_into_int4_groups_bit_for_bit(tmp_path):
+    """Q4_0/Q4_1 blocks parsed into int4 groups dequantize to exactly gguf-py's values, q/k rows
+    un-permuted like the float path."""
+    from galatea.model.gguf_file import GGUFFile
+    from galatea.model.quant import Int4Groups
+    from tests.checkpoints import hf_model, write_gguf
+
+    for qtype in (gguf.GGMLQuantizationType.Q4_0, gguf.GGMLQuantizationType.Q4_1):
+        path = write_gguf(hf_model("gqa"), tmp_path / f"{qtype.name}.gguf", qtype=qtype)
+        f = GGUFFile(path)
+        floats = dict(f.iter_tensors(4, 2, torch.float32))
+        direct = dict(f.iter_tensors(4, 2, torch.float32, int4=True))
+        grouped = [n for n, v in direct.items() if isinstance(v, Int4Groups)]
+        assert len(grouped) == 2 * 7  # every linear weight of both decoder layers
+        for name in grouped:
+            assert torch.equal(direct[name].dequantize(), floats[name]), name
+
+
+def test_int4_and_int8_layers_concatenate_by_rows():
+    from galatea.model.quant import Int4Groups, concat_linears
+
+    torch.manual_seed(0)
+    ws = [torch.randn(64, 128), torch.randn(32, 128)]
+    x = torch.randn(1, 128).bfloat16()
+    int8 = [Int8Linear.from_float(w) for w in ws]
+    assert torch.equal(concat_linears(int8)(x), torch.cat([p(x) for p in int8], dim=-1))
+    int4 = [Int4Linear(Int4Groups.from_float(w)) for w in ws]  # joined before packing
+    fused = concat_linears(int4)
+    assert torch.equal(fused(x), torch.cat([p(x) for p in int4], dim=-1))
+    assert concat_linears(int4) is None  # packed by the calls above: no longer joinable
+    assert concat_linears([Int4Linear.from_float(ws[0]), Int8Linear.from_float(ws[1])]) is None

