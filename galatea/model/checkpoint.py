@@ -134,8 +134,7 @@ def load(path: str | Path | None, dtype: torch.dtype | None = None, device: torc
 
     def finish_layer(layer: nn.Module) -> None:
         if fuse:
-            layer.self_attn.fuse()
-            layer.mlp.fuse()
+            layer.fuse()
         quantize_model(layer, mode)
         pack_int4(layer)
 

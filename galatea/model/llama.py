@@ -6,7 +6,9 @@ K key/value heads (K < H is grouped-query attention), D head_dim, C hidden_size.
 The module tree mirrors `transformers.LlamaForCausalLM` (`model.layers.N.self_attn.q_proj`,
 `...mlp.gate_proj`, `lm_head`), so HF checkpoints, PEFT adapters and merged XOR weights load
 without renaming. Rotary embeddings use HF's rotate-half layout; GGUF files are un-permuted to it
-at load time (see `checkpoint.py`).
+at load time (see `gguf_file.py`).
+
+`fuse()` joins q/k/v and gate/up into one matrix each for inference; training keeps HF's modules.
 """
 
 from __future__ import annotations
@@ -64,8 +66,7 @@ class Attention(nn.Module):
         self.k_proj = nn.Linear(c, self.n_kv * self.head_dim, bias=False)
         self.v_proj = nn.Linear(c, self.n_kv * self.head_dim, bias=False)
         self.o_proj = nn.Linear(self.n_heads * self.head_dim, c, bias=False)
-
-        self.qkv_proj: nn.Linear | None = None  # set by fuse(): q, k, v rows in one matrix
+        self.qkv_proj: nn.Module | None = None  # set by fuse(): q, k, v rows in one matrix
 
     def fuse(self) -> None:
         """Merge q/k/v into one matrix for inference: one mat-vec per token instead of three."""
@@ -106,12 +107,8 @@ def _attend_chunk(q: Tensor, keys: Tensor, values: Tensor, start: int) -> Tensor
     t, length = q.shape[2], keys.shape[2]
     qpos = torch.arange(start, start + t, device=q.device)
     mask = torch.arange(length, device=q.device)[None, :] <= qpos[:, None]  # [T, L]
-    keys, values = keys.to(q.dtype), values.to(q.dtype)
-    rep = q.shape[1] // keys.shape[1]
-    if rep > 1:
-        keys = keys.repeat_interleave(rep, dim=1)  # [B, H, L, D]
-        values = values.repeat_interleave(rep, dim=1)
-    return F.scaled_dot_product_attention(q, keys, values, attn_mask=mask)
+    return F.scaled_dot_product_attention(q, keys.to(q.dtype), values.to(q.dtype), attn_mask=mask,
+                                          enable_gqa=keys.shape[1] != q.shape[1])
 
 
 class MLP(nn.Module):
@@ -120,8 +117,7 @@ class MLP(nn.Module):
         self.gate_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
         self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
         self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
-
-        self.gate_up_proj: nn.Linear | None = None  # set by fuse()
+        self.gate_up_proj: nn.Module | None = None  # set by fuse()
 
     def fuse(self) -> None:
         """Merge gate and up into one matrix for inference."""
@@ -145,6 +141,10 @@ class DecoderLayer(nn.Module):
         self.mlp = MLP(cfg)
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+
+    def fuse(self) -> None:
+        self.self_attn.fuse()
+        self.mlp.fuse()
 
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor, cache: KVCache, layer: int, start: int) -> Tensor:
         x = x + self.self_attn(self.input_layernorm(x), cos, sin, cache, layer, start)
@@ -183,8 +183,7 @@ class Llama(nn.Module):
     def fuse(self) -> None:
         """Fuse q/k/v and gate/up matrices (inference only; training keeps HF's modules)."""
         for layer in self.model.layers:
-            layer.self_attn.fuse()
-            layer.mlp.fuse()
+            layer.fuse()
 
     def init_rope(self, max_len: int | None = None) -> None:
         self.rotary = Rotary(self.config, max_len or self.config.max_position_embeddings, self.device)
