@@ -56,6 +56,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_inspect)
 
+    p = sub.add_parser("prompt", help="print the exact Pygmalion prompt a message would send")
+    p.add_argument("--model", help="GGUF file or HF folder: its tokenizer and context size are used")
+    p.add_argument("--character", help="card file (JSON, PNG, YAML) or bundled name (default: aria)")
+    p.add_argument("--message", help="the user's new message (default: none, the reply to the greeting)")
+    p.add_argument("--user", default="You", help="the user's display name (Pygmalion was trained on 'You')")
+    p.add_argument("--max-new-tokens", "-n", type=int, default=128, help="reply budget kept free in the context")
+    p.add_argument("--max-context", type=int, help="context size (default: the model's)")
+    p.add_argument("--json", action="store_true", help="also print token counts and what was dropped")
+    p.set_defaults(func=cmd_prompt)
+
     p = sub.add_parser("bench", help="measure prefill and decode speed, as JSON")
     _model_args(p)
     p.add_argument("--prompt-tokens", type=int, default=512)
@@ -192,6 +202,28 @@ def cmd_inspect(args: argparse.Namespace) -> int:
             if isinstance(value, dict):
                 value = ", ".join(f"{k} x{v}" for k, v in value.items())
             print(f"{key:<{width}}  {value}")
+    return 0
+
+
+def cmd_prompt(args: argparse.Namespace) -> int:
+    from dataclasses import asdict
+
+    from galatea.chat.cards import load_character
+    from galatea.chat.prompt import Turn, build_prompt
+    from galatea.model.checkpoint import load_tokenizer, resolve_model_path
+    from galatea.model.inspect import describe
+
+    char = load_character(args.character)
+    path = resolve_model_path(args.model)
+    tok = load_tokenizer(path)
+    context = args.max_context or int(describe(path)["context_length"])
+    history = [Turn(False, char.first_mes)] if char.first_mes.strip() else []
+    result = build_prompt(char, history, args.message, tok, context, args.max_new_tokens, user=args.user)
+    if args.json:
+        print(json.dumps({"prompt": result.text, **{k: v for k, v in asdict(result).items() if k != "text"},
+                          "context": context, "max_new_tokens": args.max_new_tokens}, ensure_ascii=False))
+    else:
+        print(result.text)
     return 0
 
 

@@ -73,3 +73,20 @@ def test_python_dash_m():
                           capture_output=True, text=True, cwd=ROOT, timeout=120)
     assert proc.returncode == 0, proc.stderr
     assert json.loads(proc.stdout)["ids"][0] == 1
+
+
+def test_prompt_for_the_bundled_character(capsys):
+    assert main(["prompt", "--model", str(shared_vocab()), "--message", "Hi there!"]) == 0
+    text = capsys.readouterr().out
+    assert text.startswith("Aria's Persona: Aria is a cheerful travelling bard")
+    assert text.endswith("<START>\nAria: *Aria looks up from tuning her lute and gives you a bright smile.* "
+                         "Well met, traveller! Come, sit by the fire. Pip and I were just wondering who would "
+                         "walk in out of the rain tonight.\nYou: Hi there!\nAria:\n")
+
+
+def test_prompt_json_reports_the_window(capsys):
+    out = run_json(capsys, "prompt", "--json", "--model", str(shared_vocab()), "--max-context", "420",
+                   "-n", "100", "--message", "Tell me about the inn")
+    assert out["context"] == 420 and out["tokens"] <= 320
+    assert out["examples_dropped"] >= 1 and out["messages_dropped"] == 0
+    assert "inn" in out["lore_used"] and out["prompt"].endswith("You: Tell me about the inn\nAria:")

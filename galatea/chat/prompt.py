@@ -1,0 +1,184 @@
+"""The Pygmalion prompt, byte for byte, inside a token-accurate sliding window.
+
+    {char}'s Persona: {description}
+    Personality: {personality}          (only when non-empty)
+    Scenario: {scenario}                (only when non-empty)
+    {lorebook entries}                  (activated ones, within their budget)
+    <START>
+    {example block}                     (one <START> per block of mes_example)
+    <START>
+    {speaker}: {message}                (history, oldest first)
+    {user}: {new message}
+    {char}:
+
+With only a persona this is exactly the model card's format. When it does not fit in the
+context minus the reply budget, example blocks go first (whole blocks, the last first), then
+the oldest messages (whole messages); persona, scenario and the newest exchange always stay.
+Token counts come from the model's own tokenizer on the whole prompt, so they are exact.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from galatea.chat.cards import Character
+from galatea.errors import GalateaError
+
+START = "<START>"
+DEFAULT_USER = "You"
+
+
+class _Counter(Protocol):
+    def encode(self, text: str, add_bos: bool | None = None) -> list[int]: ...
+
+
+@dataclass
+class Turn:
+    """One message of the history."""
+
+    is_user: bool
+    text: str
+
+
+@dataclass
+class Prompt:
+    text: str
+    tokens: int  # with BOS when the tokenizer adds it: what the model will read
+    examples_used: int
+    examples_dropped: int
+    messages_used: int
+    messages_dropped: int
+    lore_used: list[str] = field(default_factory=list)  # entry names (or first keys) inserted
+
+
+def substitute(text: str, char: str, user: str) -> str:
+    """Replace {{char}}/<BOT> and {{user}}/<USER>, case-insensitively (the card spec's macros)."""
+    text = re.sub(r"\{\{char\}\}|<bot>", lambda _: char, text, flags=re.IGNORECASE)
+    return re.sub(r"\{\{user\}\}|<user>", lambda _: user, text, flags=re.IGNORECASE)
+
+
+def example_blocks(mes_example: str) -> list[str]:
+    """`mes_example` split on <START> (any case), each block trimmed, empty ones dropped."""
+    return [b.strip() for b in re.split(re.escape(START), mes_example, flags=re.IGNORECASE) if b.strip()]
+
+
+def build_prompt(char: Character, history: Sequence[Turn], new_message: str | None, tokenizer: _Counter,
+                 context: int, max_new_tokens: int, user: str = DEFAULT_USER) -> Prompt:
+    """The prompt for the character's next reply. `new_message` is the user's new line (None to
+    reply to the history as it stands)."""
+    budget = context - max_new_tokens
+    if budget <= 0:
+        raise GalateaError(f"max_new_tokens {max_new_tokens} leaves no room in a context of {context}; lower it")
+    name = char.name
+    header = _header(char, user)
+    examples = [substitute(b, name, user) for b in example_blocks(char.mes_example)]
+    turns = [(user if t.is_user else name, substitute(t.text, name, user).strip()) for t in history]
+    if new_message is not None:
+        turns.append((user, substitute(new_message, name, user).strip()))
+    lore = activate_lore(char, turns, user)
+
+    def render(n_examples: int, first_turn: int, lore_text: str) -> str:
+        parts = [header + lore_text]
+        parts += [f"{START}\n{block}\n" for block in examples[:n_examples]]
+        parts.append(f"{START}\n")
+        parts += [f"{speaker}: {text}\n" for speaker, text in turns[first_turn:]]
+        return "".join(parts) + f"{name}:"
+
+    def size(text: str) -> int:
+        return len(tokenizer.encode(text))
+
+    lore_text, lore_names = _fit_lore(lore, char, context, tokenizer)
+    n_ex = len(examples)
+    while n_ex > 0 and size(render(n_ex, 0, lore_text)) > budget:
+        n_ex -= 1
+    first = 0
+    if size(render(n_ex, 0, lore_text)) > budget:
+        # Oldest messages go next; keep at least the newest exchange (the last two turns).
+        keep_from = max(0, len(turns) - 2)
+        lo, hi = 1, keep_from  # smallest `first` that fits, by bisection (size falls as first grows)
+        if size(render(0, keep_from, lore_text)) > budget:
+            need = size(render(0, keep_from, lore_text))
+            raise GalateaError(
+                f"the persona and the newest exchange need {need} tokens but only {budget} fit "
+                f"(context {context} minus {max_new_tokens} for the reply); shorten the persona or the "
+                "message, or lower max_new_tokens"
+            )
+        while lo < hi:
+            mid = (lo + hi) // 2
+            if size(render(0, mid, lore_text)) <= budget:
+                hi = mid
+            else:
+                lo = mid + 1
+        first = lo
+    text = render(n_ex, first, lore_text)
+    return Prompt(text, size(text), n_ex, len(examples) - n_ex, len(turns) - first, first, lore_names)
+
+
+def _header(char: Character, user: str) -> str:
+    name = char.name
+    lines = [f"{name}'s Persona: {substitute(char.description, name, user).strip()}".rstrip()]
+    if char.personality.strip():
+        lines.append(f"Personality: {substitute(char.personality, name, user).strip()}")
+    if char.scenario.strip():
+        lines.append(f"Scenario: {substitute(char.scenario, name, user).strip()}")
+    return "\n".join(lines) + "\n"
+
+
+# ---- lorebook ----------------------------------------------------------------------------------
+
+@dataclass
+class LoreEntry:
+    label: str
+    content: str
+    order: int  # insertion_order: lower is inserted higher
+    priority: int  # lower is dropped first when over budget
+
+
+def activate_lore(char: Character, turns: Sequence[tuple[str, str]], user: str) -> list[LoreEntry]:
+    """Entries of the character's book that apply: constant ones, and those whose keys occur in
+    the last `scan_depth` messages (default 2, as SillyTavern). Selective entries also need one
+    of their secondary keys."""
+    book = char.character_book or {}
+    depth = int(book.get("scan_depth") or 2)
+    scan = "\n".join(f"{s}: {t}" for s, t in turns[-depth:])
+    out = []
+    for i, e in enumerate(book.get("entries") or []):
+        if not e.get("enabled", True) or not str(e.get("content", "")).strip():
+            continue
+        hit = bool(e.get("constant")) or _matches(e.get("keys") or [], scan, bool(e.get("case_sensitive")))
+        if hit and e.get("selective") and e.get("secondary_keys"):
+            hit = _matches(e["secondary_keys"], scan, bool(e.get("case_sensitive")))
+        if hit:
+            label = str(e.get("name") or e.get("comment") or (e.get("keys") or [f"entry {i}"])[0])
+            out.append(LoreEntry(label, substitute(str(e["content"]).strip(), char.name, user),
+                                 int(e.get("insertion_order") or 0), int(e.get("priority") or 0)))
+    return out
+
+
+def _matches(keys: Sequence[Any], text: str, case_sensitive: bool) -> bool:
+    hay = text if case_sensitive else text.lower()
+    for key in keys:
+        k = str(key).strip()
+        if k and (k if case_sensitive else k.lower()) in hay:
+            return True
+    return False
+
+
+def _fit_lore(entries: list[LoreEntry], char: Character, context: int, tokenizer: _Counter) -> tuple[str, list[str]]:
+    """The entries that fit the book's token budget (default a quarter of the context), higher
+    priority first, rendered in insertion order."""
+    if not entries:
+        return "", []
+    budget = int((char.character_book or {}).get("token_budget") or context // 4)
+    chosen: list[LoreEntry] = []
+    used = 0
+    for e in sorted(entries, key=lambda e: (-e.priority, e.order)):
+        cost = len(tokenizer.encode(e.content + "\n", add_bos=False))
+        if used + cost <= budget:
+            chosen.append(e)
+            used += cost
+    chosen.sort(key=lambda e: e.order)
+    return "".join(e.content + "\n" for e in chosen), [e.label for e in chosen]
