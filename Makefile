@@ -7,8 +7,7 @@ BIN := $(VENV)/bin
 .PHONY: chat test setup setup-test lint bench
 
 chat: setup
-	$(BIN)/galatea generate --max-new-tokens 80 --stop '\nYou:' \
-	  "$$(printf "Aria's Persona: Aria is a cheerful travelling bard who loves stories and songs.\n<START>\nYou: Hello! Who are you?\nAria:")"
+	$(BIN)/galatea chat
 
 test: setup-test
 	$(BIN)/ruff check galatea tests bench

@@ -56,6 +56,51 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_inspect)
 
+    p = sub.add_parser("chat", help="chat with a character in the terminal")
+    _model_args(p)
+    p.add_argument("--character", help="library name, card file or bundled name (default: aria)")
+    p.add_argument("--chat", type=int, help="open this chat (default: the character's last chat)")
+    p.add_argument("--new", action="store_true", help="start a new chat")
+    p.add_argument("--user", help="your name in the chat (default: You, as Pygmalion was trained)")
+    p.add_argument("--max-context", type=int, help="context size (default: the model's)")
+    p.add_argument("--max-new-tokens", "-n", type=int, help="reply length limit (default 160)")
+    p.add_argument("--temperature", type=float)
+    p.add_argument("--seed", type=int)
+    _data_dir_arg(p)
+    p.set_defaults(func=cmd_chat)
+
+    p = sub.add_parser("characters", help="the character library: import, list, show, export, delete")
+    csub = p.add_subparsers(dest="action", required=True)
+    c = csub.add_parser("import", help="add cards (JSON, PNG, YAML; any supported format)")
+    c.add_argument("files", nargs="+")
+    c = csub.add_parser("list")
+    c = csub.add_parser("show")
+    c.add_argument("character", help="name or id")
+    c = csub.add_parser("export", help="write a card as V2 JSON or PNG (by the file's extension)")
+    c.add_argument("character", help="name or id")
+    c.add_argument("out", help="file.json or file.png")
+    c = csub.add_parser("delete", help="remove a character and its chats")
+    c.add_argument("character", help="name or id")
+    for c in csub.choices.values():
+        _data_dir_arg(c)
+    p.set_defaults(func=cmd_characters)
+
+    p = sub.add_parser("chats", help="saved chats: list, show, export, import")
+    csub = p.add_subparsers(dest="action", required=True)
+    c = csub.add_parser("list")
+    c.add_argument("--character", help="only this character's chats")
+    c = csub.add_parser("show")
+    c.add_argument("chat", type=int)
+    c = csub.add_parser("export", help="SillyTavern JSONL (.jsonl) or text-generation-webui history (.json)")
+    c.add_argument("chat", type=int)
+    c.add_argument("out")
+    c = csub.add_parser("import", help="a SillyTavern .jsonl or text-generation-webui .json history")
+    c.add_argument("file")
+    c.add_argument("--character", required=True, help="the library character the chat is with")
+    for c in csub.choices.values():
+        _data_dir_arg(c)
+    p.set_defaults(func=cmd_chats)
+
     p = sub.add_parser("prompt", help="print the exact Pygmalion prompt a message would send")
     p.add_argument("--model", help="GGUF file or HF folder: its tokenizer and context size are used")
     p.add_argument("--character", help="card file (JSON, PNG, YAML) or bundled name (default: aria)")
@@ -63,7 +108,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--user", default="You", help="the user's display name (Pygmalion was trained on 'You')")
     p.add_argument("--max-new-tokens", "-n", type=int, default=128, help="reply budget kept free in the context")
     p.add_argument("--max-context", type=int, help="context size (default: the model's)")
+    p.add_argument("--chat", type=int, help="the prompt for this saved chat (its character and history)")
     p.add_argument("--json", action="store_true", help="also print token counts and what was dropped")
+    _data_dir_arg(p)
     p.set_defaults(func=cmd_prompt)
 
     p = sub.add_parser("bench", help="measure prefill and decode speed, as JSON")
@@ -82,6 +129,17 @@ def _model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--threads", type=int, help="CPU threads (default: PyTorch's choice, the physical cores)")
     p.add_argument("--quant", choices=("auto", "none", "int8", "int4"), default="auto",
                    help="weights in memory; auto keeps the file's precision (GGUF Q4 -> int4, Q5-Q8 -> int8)")
+
+
+def _data_dir_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--data-dir", help="where chats are kept (default: $GALATEA_DATA_DIR or the platform's "
+                                      "user data folder)")
+
+
+def _store(args: argparse.Namespace) -> Any:
+    from galatea.chat.store import Store
+
+    return Store.open_default(args.data_dir)
 
 
 def _sampling_args(p: argparse.ArgumentParser) -> None:
@@ -213,17 +271,111 @@ def cmd_prompt(args: argparse.Namespace) -> int:
     from galatea.model.checkpoint import load_tokenizer, resolve_model_path
     from galatea.model.inspect import describe
 
-    char = load_character(args.character)
+    user = args.user
+    if args.chat is not None:
+        store = _store(args)
+        info = store.chat(args.chat)
+        char = store.character(info.character_id)[1]
+        history = [Turn(m.is_user, m.text) for m in store.messages(args.chat)]
+        user = info.user_name if args.user == "You" else args.user
+    else:
+        char = load_character(args.character)
+        history = [Turn(False, char.first_mes)] if char.first_mes.strip() else []
     path = resolve_model_path(args.model)
     tok = load_tokenizer(path)
     context = args.max_context or int(describe(path)["context_length"])
-    history = [Turn(False, char.first_mes)] if char.first_mes.strip() else []
-    result = build_prompt(char, history, args.message, tok, context, args.max_new_tokens, user=args.user)
+    result = build_prompt(char, history, args.message, tok, context, args.max_new_tokens, user=user)
     if args.json:
         print(json.dumps({"prompt": result.text, **{k: v for k, v in asdict(result).items() if k != "text"},
                           "context": context, "max_new_tokens": args.max_new_tokens}, ensure_ascii=False))
     else:
         print(result.text)
+    return 0
+
+
+def cmd_chat(args: argparse.Namespace) -> int:
+    from galatea.chat.session import ChatSession
+    from galatea.chat.tui import TerminalChat, open_chat
+
+    try:
+        import readline  # noqa: F401 - line editing and history for input()
+    except ImportError:
+        pass
+    store = _store(args)
+    chat_id = open_chat(store, args.character, args.chat, args.new, args.user)
+    lm = _load(args)
+    overrides = {k: v for k, v in (("max_new_tokens", args.max_new_tokens), ("temperature", args.temperature),
+                                   ("seed", args.seed)) if v is not None}
+    session = ChatSession(store, lm, chat_id, overrides, max_context=args.max_context)
+    TerminalChat(session).loop()
+    return 0
+
+
+def cmd_characters(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from galatea.chat.cards import read_card
+
+    store = _store(args)
+    if args.action == "import":
+        for f in args.files:
+            path = Path(f)
+            if not path.is_file():
+                raise GalateaError(f"{path}: no such file")
+            char = read_card(path.read_bytes(), where=str(path))
+            print(f"{store.add_character(char)}\t{char.name}\t({char.source_format} from {path.name})")
+    elif args.action == "list":
+        for cid, name in store.characters():
+            print(f"{cid}\t{name}")
+    elif args.action == "show":
+        cid, char = store.character(args.character)
+        print(json.dumps({"id": cid, **char.to_v2()["data"]}, indent=2, ensure_ascii=False))
+    elif args.action == "export":
+        _, char = store.character(args.character)
+        out = Path(args.out)
+        data = char.to_png() if out.suffix.lower() == ".png" else \
+            json.dumps(char.to_v2(), indent=2, ensure_ascii=False).encode("utf-8")
+        out.write_bytes(data)
+        print(f"wrote {out}")
+    elif args.action == "delete":
+        cid, char = store.character(args.character)
+        store.delete_character(cid)
+        print(f"deleted {char.name} and its chats")
+    return 0
+
+
+def cmd_chats(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from galatea.chat import chatfiles
+
+    store = _store(args)
+    if args.action == "list":
+        cid = store.character(args.character)[0] if args.character else None
+        names = dict(store.characters())
+        for info in store.chats(cid):
+            print(f"{info.id}\t{names.get(info.character_id, '?')}\t{info.messages} messages\t{info.title}")
+    elif args.action == "show":
+        for i, m in enumerate(store.messages(store.chat(args.chat).id), 1):
+            swipe = f" [{m.active + 1}/{len(m.swipes)}]" if len(m.swipes) > 1 else ""
+            print(f"#{i} {m.name}: {m.text}{swipe}")
+    elif args.action == "export":
+        out = Path(args.out)
+        text = chatfiles.export_textgen(store, args.chat) if out.suffix.lower() == ".json" else \
+            chatfiles.export_sillytavern(store, args.chat)
+        out.write_text(text + "\n", encoding="utf-8")
+        print(f"wrote {out}")
+    elif args.action == "import":
+        path = Path(args.file)
+        if not path.is_file():
+            raise GalateaError(f"{path}: no such file")
+        cid, _ = store.character(args.character)
+        text = path.read_text(encoding="utf-8-sig")
+        is_textgen = text.lstrip().startswith("{") and ("\"internal\"" in text or "\"visible\"" in text) \
+            and "\"mes\"" not in text
+        chat_id = chatfiles.import_textgen(store, text, cid, where=str(path)) if is_textgen else \
+            chatfiles.import_sillytavern(store, text, cid, where=str(path))
+        print(f"imported as chat {chat_id}")
     return 0
 
 

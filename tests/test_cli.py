@@ -90,3 +90,45 @@ def test_prompt_json_reports_the_window(capsys):
     assert out["context"] == 420 and out["tokens"] <= 320
     assert out["examples_dropped"] >= 1 and out["messages_dropped"] == 0
     assert "inn" in out["lore_used"] and out["prompt"].endswith("You: Tell me about the inn\nAria:")
+
+
+def test_characters_and_chats_commands(capsys, tmp_path):
+    from galatea.chat.store import Store
+
+    data = ["--data-dir", str(tmp_path / "data")]
+    card = tmp_path / "mira.json"
+    card.write_text(json.dumps({"char_name": "Mira", "char_persona": "A witch.", "char_greeting": "Welcome."}))
+    assert main(["characters", "import", str(card), *data]) == 0
+    out = capsys.readouterr().out
+    assert "Mira" in out and "(gradio from mira.json)" in out
+    assert main(["characters", "list", *data]) == 0
+    assert capsys.readouterr().out.split() == ["1", "Mira"]
+    assert main(["characters", "show", "mira", *data]) == 0
+    assert json.loads(capsys.readouterr().out)["description"] == "A witch."
+    png = tmp_path / "mira.png"
+    assert main(["characters", "export", "Mira", str(png), *data]) == 0
+    assert png.read_bytes().startswith(b"\x89PNG")
+
+    store = Store(tmp_path / "data" / "galatea.db")
+    chat = store.new_chat(1)
+    store.add_message(chat, True, "You", "Hi!")
+    store.add_message(chat, False, "Mira", "Hello.")
+    capsys.readouterr()
+    assert main(["chats", "list", *data]) == 0
+    assert "Mira\t3 messages" in capsys.readouterr().out
+    assert main(["chats", "show", str(chat), *data]) == 0
+    assert capsys.readouterr().out.splitlines() == ["#1 Mira: Welcome.", "#2 You: Hi!", "#3 Mira: Hello."]
+    st = tmp_path / "chat.jsonl"
+    tg = tmp_path / "history.json"
+    assert main(["chats", "export", str(chat), str(st), *data]) == 0
+    assert main(["chats", "export", str(chat), str(tg), *data]) == 0
+    assert main(["chats", "import", str(st), "--character", "Mira", *data]) == 0
+    assert main(["chats", "import", str(tg), "--character", "Mira", *data]) == 0
+    capsys.readouterr()
+    for imported in (chat + 1, chat + 2):
+        assert [m.text for m in store.messages(imported)] == ["Welcome.", "Hi!", "Hello."]
+    assert main(["prompt", "--chat", str(chat), "--message", "Bye", "--model", str(shared_vocab()), *data]) == 0
+    assert capsys.readouterr().out.endswith("Mira: Hello.\nYou: Bye\nMira:\n")
+    assert main(["characters", "delete", "Mira", *data]) == 0
+    assert main(["chats", "show", str(chat), *data]) == 2
+    assert "no chat" in capsys.readouterr().err

@@ -66,9 +66,11 @@ def example_blocks(mes_example: str) -> list[str]:
 
 
 def build_prompt(char: Character, history: Sequence[Turn], new_message: str | None, tokenizer: _Counter,
-                 context: int, max_new_tokens: int, user: str = DEFAULT_USER) -> Prompt:
+                 context: int, max_new_tokens: int, user: str = DEFAULT_USER, end: str = "char") -> Prompt:
     """The prompt for the character's next reply. `new_message` is the user's new line (None to
-    reply to the history as it stands)."""
+    reply to the history as it stands). `end`: "char" ends with `{char}:` (a reply), "user" with
+    `{user}:` (impersonate: the model writes the user's line), "continue" with the last message
+    itself, unterminated, so the model carries on writing it."""
     budget = context - max_new_tokens
     if budget <= 0:
         raise GalateaError(f"max_new_tokens {max_new_tokens} leaves no room in a context of {context}; lower it")
@@ -85,7 +87,10 @@ def build_prompt(char: Character, history: Sequence[Turn], new_message: str | No
         parts += [f"{START}\n{block}\n" for block in examples[:n_examples]]
         parts.append(f"{START}\n")
         parts += [f"{speaker}: {text}\n" for speaker, text in turns[first_turn:]]
-        return "".join(parts) + f"{name}:"
+        text = "".join(parts)
+        if end == "continue":
+            return text[:-1]
+        return text + (f"{user}:" if end == "user" else f"{name}:")
 
     def size(text: str) -> int:
         return len(tokenizer.encode(text))

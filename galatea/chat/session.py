@@ -1,0 +1,161 @@
+"""A chat in progress: the store, the model and the prompt builder working together.
+
+Replies stream as text deltas; the stored text is cleaned (stop text, surrounding whitespace,
+a repeated `{char}:` and leaked `<USER>`/`<BOT>` removed). The user's message is saved before the
+model starts, and the reply when it ends, so a crash loses at most the reply in progress.
+"""
+
+from __future__ import annotations
+
+import re
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+from galatea.chat.prompt import Prompt, Turn, build_prompt, substitute
+from galatea.chat.store import Message, Store
+from galatea.engine.generate import Chunk, stream_generate
+from galatea.engine.sampling import SamplingParams
+from galatea.errors import GalateaError
+from galatea.model.checkpoint import LoadedModel
+
+# PygmalionAI's recommended settings (temperature 0.5-0.9, top_p 0.9, repetition penalty 1.1-1.2).
+DEFAULT_SETTINGS: dict[str, Any] = {
+    "max_new_tokens": 160, "temperature": 0.7, "top_p": 0.9, "top_k": 0, "min_p": 0.0,
+    "repetition_penalty": 1.1, "repetition_penalty_range": 1024,
+}
+
+
+def reply_stops(char: str, user: str) -> list[str]:
+    """Where a reply ends: the user's next line, a new persona block, or EOS written as text."""
+    stops = ["\nYou:", f"\n{user}:", "<START>", f"\n{char}'s Persona:", "</s>"]
+    return list(dict.fromkeys(stops))
+
+
+def impersonate_stops(char: str, user: str) -> list[str]:
+    return list(dict.fromkeys([f"\n{char}:", f"\n{user}:", "\nYou:", "<START>", "</s>"]))
+
+
+def clean_reply(text: str, speaker: str, char: str, user: str) -> str:
+    """The reply as stored: no leading `{speaker}:` echo, placeholders filled, trimmed."""
+    text = text.strip()
+    text = re.sub(rf"^{re.escape(speaker)}:\s*", "", text)
+    return substitute(text, char, user).strip()
+
+
+@dataclass
+class Turnout:
+    """What a finished generation produced, for the status line."""
+
+    text: str
+    prompt_tokens: int
+    reply_tokens: int
+    decode_tok_s: float
+    prefill_tok_s: float
+    finish_reason: str | None
+    seed: int | None = None
+    message_id: int | None = None
+
+
+class ChatSession:
+    def __init__(self, store: Store, lm: LoadedModel, chat_id: int, settings: dict[str, Any] | None = None,
+                 max_context: int | None = None) -> None:
+        self.store, self.lm, self.chat_id = store, lm, chat_id
+        self.info = store.chat(chat_id)
+        self.character_id, self.char = store.character(self.info.character_id)
+        self.settings = {**DEFAULT_SETTINGS, **self.info.settings, **(settings or {})}
+        self.context = max_context or lm.config.max_position_embeddings
+        self.last_prompt: Prompt | None = None
+        self.last: Turnout | None = None
+
+    @property
+    def user(self) -> str:
+        return self.store.chat(self.chat_id).user_name
+
+    def messages(self) -> list[Message]:
+        return self.store.messages(self.chat_id)
+
+    def prompt(self, new_message: str | None = None, end: str = "char", upto: int | None = None) -> Prompt:
+        msgs = self.messages()[:upto]
+        history = [Turn(m.is_user, m.text) for m in msgs]
+        return build_prompt(self.char, history, new_message, self.lm.tokenizer, self.context,
+                            int(self.settings["max_new_tokens"]), user=self.user, end=end)
+
+    # ---- operations ----------------------------------------------------------------------------
+
+    def send(self, text: str, cancel: threading.Event | None = None) -> Iterator[str]:
+        """Save the user's message, then stream the character's reply (saved when it ends)."""
+        if not text.strip():
+            raise GalateaError("the message is empty")
+        self.store.add_message(self.chat_id, True, self.user, text.strip())
+        yield from self._reply(cancel)
+
+    def reply(self, cancel: threading.Event | None = None) -> Iterator[str]:
+        """A new character message answering the history as it stands."""
+        yield from self._reply(cancel)
+
+    def regenerate(self, cancel: threading.Event | None = None) -> Iterator[str]:
+        """A new alternative (swipe) for the last character message, with a fresh seed."""
+        msgs = self.messages()
+        if not msgs or msgs[-1].is_user:
+            yield from self._reply(cancel)
+            return
+        target = msgs[-1]
+        prompt = self.prompt(upto=len(msgs) - 1)
+        started = time.time()
+        # A fresh seed per swipe: a fixed chat seed would give the same reply again.
+        seed = None if self.settings.get("seed") is None else int(self.settings["seed"]) + len(target.swipes)
+        out = yield from self._generate(prompt, reply_stops(self.char.name, self.user), cancel, seed)
+        text = clean_reply(out.text, self.char.name, self.char.name, self.user)
+        self.store.add_swipe(target.id, text, out.seed, started, time.time())
+        out.message_id = target.id
+
+    def continue_last(self, cancel: threading.Event | None = None) -> Iterator[str]:
+        """Carry on writing the last character message."""
+        msgs = self.messages()
+        if not msgs or msgs[-1].is_user:
+            raise GalateaError("there is no character message to continue; send a message first")
+        prompt = self.prompt(end="continue")
+        out = yield from self._generate(prompt, reply_stops(self.char.name, self.user), cancel)
+        addition = substitute(out.text.rstrip(), self.char.name, self.user)
+        self.store.append_to_message(msgs[-1].id, addition)
+        out.message_id = msgs[-1].id
+
+    def impersonate(self, cancel: threading.Event | None = None) -> Iterator[str]:
+        """The model writes the user's next line (not saved: the user may send or edit it)."""
+        prompt = self.prompt(end="user")
+        out = yield from self._generate(prompt, impersonate_stops(self.char.name, self.user), cancel)
+        out.text = clean_reply(out.text, self.user, self.char.name, self.user)
+
+    def _reply(self, cancel: threading.Event | None) -> Iterator[str]:
+        prompt = self.prompt()
+        started = time.time()
+        out = yield from self._generate(prompt, reply_stops(self.char.name, self.user), cancel)
+        text = clean_reply(out.text, self.char.name, self.char.name, self.user)
+        out.message_id = self.store.add_message(self.chat_id, False, self.char.name, text, out.seed,
+                                                started, time.time())
+
+    def _generate(self, prompt: Prompt, stops: list[str], cancel: threading.Event | None,
+                  seed: int | None = None) -> Iterator[str]:
+        self.last_prompt = prompt
+        s = self.settings
+        params = SamplingParams(
+            max_new_tokens=int(s["max_new_tokens"]), temperature=float(s["temperature"]), top_p=float(s["top_p"]),
+            top_k=int(s["top_k"]), min_p=float(s["min_p"]), repetition_penalty=float(s["repetition_penalty"]),
+            repetition_penalty_range=int(s["repetition_penalty_range"]), stop=stops,
+            seed=seed if seed is not None else s.get("seed"),
+        )
+        ids = self.lm.tokenizer.encode(prompt.text)
+        parts: list[str] = []
+        last: Chunk | None = None
+        for chunk in stream_generate(self.lm.model, self.lm.tokenizer, ids, params, cancel, self.context):
+            if chunk.text:
+                parts.append(chunk.text)
+                yield chunk.text
+            last = chunk
+        assert last is not None
+        self.last = Turnout("".join(parts), last.prompt_tokens, last.generated_tokens, last.decode_tok_s,
+                            last.prefill_tok_s, last.finish_reason, last.seed)
+        return self.last

@@ -1,0 +1,340 @@
+"""Characters, chats, messages and their alternatives (swipes), in SQLite.
+
+Every change is one transaction in WAL mode, so a crash or a kill at any moment leaves the
+database as it was before or after that change: at most the reply being generated is lost
+(it is written when it is complete). Several processes may use one database; writers wait
+for each other (busy timeout) instead of failing.
+
+A message has one or more swipes; its text is the active swipe's. User messages have one.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sqlite3
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from galatea.chat.cards import Character, from_object
+from galatea.errors import GalateaError
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS characters (
+    id INTEGER PRIMARY KEY,
+    name TEXT NOT NULL,
+    card TEXT NOT NULL,            -- Character Card V2 JSON
+    image BLOB,                    -- the PNG it came in, if any
+    created_at REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS chats (
+    id INTEGER PRIMARY KEY,
+    character_id INTEGER NOT NULL REFERENCES characters(id) ON DELETE CASCADE,
+    title TEXT NOT NULL,
+    user_name TEXT NOT NULL DEFAULT 'You',
+    settings TEXT NOT NULL DEFAULT '{}',   -- per-chat sampling overrides, JSON
+    created_at REAL NOT NULL,
+    updated_at REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS messages (
+    id INTEGER PRIMARY KEY,
+    chat_id INTEGER NOT NULL REFERENCES chats(id) ON DELETE CASCADE,
+    position INTEGER NOT NULL,
+    is_user INTEGER NOT NULL,
+    name TEXT NOT NULL,
+    active_swipe INTEGER NOT NULL DEFAULT 0,
+    created_at REAL NOT NULL,
+    UNIQUE (chat_id, position)
+);
+CREATE TABLE IF NOT EXISTS swipes (
+    id INTEGER PRIMARY KEY,
+    message_id INTEGER NOT NULL REFERENCES messages(id) ON DELETE CASCADE,
+    idx INTEGER NOT NULL,
+    text TEXT NOT NULL,
+    seed INTEGER,
+    gen_started REAL,
+    gen_finished REAL,
+    extra TEXT NOT NULL DEFAULT '{}',
+    UNIQUE (message_id, idx)
+);
+CREATE INDEX IF NOT EXISTS chats_by_character ON chats (character_id, updated_at);
+"""
+
+
+@dataclass
+class Swipe:
+    text: str
+    seed: int | None = None
+    gen_started: float | None = None
+    gen_finished: float | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class Message:
+    id: int
+    position: int
+    is_user: bool
+    name: str
+    swipes: list[Swipe]
+    active: int
+    created_at: float
+
+    @property
+    def text(self) -> str:
+        return self.swipes[self.active].text
+
+
+@dataclass
+class ChatInfo:
+    id: int
+    character_id: int
+    title: str
+    user_name: str
+    settings: dict[str, Any]
+    created_at: float
+    updated_at: float
+    messages: int = 0
+
+
+def default_data_dir() -> Path:
+    """$GALATEA_DATA_DIR, else the platform's per-user data folder."""
+    if os.environ.get("GALATEA_DATA_DIR"):
+        return Path(os.environ["GALATEA_DATA_DIR"]).expanduser()
+    if sys.platform == "win32":
+        return Path(os.environ.get("APPDATA", Path.home() / "AppData" / "Roaming")) / "galatea"
+    if sys.platform == "darwin":
+        return Path.home() / "Library" / "Application Support" / "galatea"
+    return Path(os.environ.get("XDG_DATA_HOME") or Path.home() / ".local" / "share") / "galatea"
+
+
+class Store:
+    def __init__(self, path: Path | str) -> None:
+        self.path = Path(path)
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self.db = sqlite3.connect(self.path, timeout=30.0, isolation_level=None, check_same_thread=False)
+            self.db.execute("PRAGMA journal_mode=WAL")
+            self.db.execute("PRAGMA synchronous=NORMAL")  # WAL + NORMAL: durable across app crashes
+            self.db.execute("PRAGMA foreign_keys=ON")
+            self.db.executescript(SCHEMA)  # idempotent: CREATE ... IF NOT EXISTS
+        except sqlite3.DatabaseError as e:
+            raise GalateaError(f"{self.path}: cannot open the chat database ({e}); move it aside or pass "
+                               "another --data-dir") from None
+        except OSError as e:
+            raise GalateaError(f"{self.path.parent}: cannot create the data folder ({e.strerror}); "
+                               "pass --data-dir") from None
+
+    @classmethod
+    def open_default(cls, data_dir: Path | str | None = None) -> Store:
+        return cls(Path(data_dir or default_data_dir()).expanduser() / "galatea.db")
+
+    def close(self) -> None:
+        self.db.close()
+
+    @contextmanager
+    def _write(self) -> Iterator[sqlite3.Connection]:
+        """One write transaction; BEGIN IMMEDIATE takes the write lock up front so concurrent
+        writers queue (busy timeout) instead of failing half-way."""
+        self.db.execute("BEGIN IMMEDIATE")
+        try:
+            yield self.db
+        except BaseException:
+            self.db.execute("ROLLBACK")
+            raise
+        else:
+            self.db.execute("COMMIT")
+
+    # ---- characters ----------------------------------------------------------------------------
+
+    def add_character(self, char: Character) -> int:
+        with self._write() as db:
+            cur = db.execute("INSERT INTO characters (name, card, image, created_at) VALUES (?, ?, ?, ?)",
+                             (char.name, json.dumps(char.to_v2(), ensure_ascii=False), char.image, time.time()))
+            return int(cur.lastrowid)
+
+    def characters(self) -> list[tuple[int, str]]:
+        return [(r[0], r[1]) for r in self.db.execute("SELECT id, name FROM characters ORDER BY name, id")]
+
+    def character(self, key: int | str) -> tuple[int, Character]:
+        """By id, or by name (case-insensitive; the newest of that name)."""
+        if isinstance(key, int) or str(key).isdigit():
+            row = self.db.execute("SELECT id, card, image FROM characters WHERE id = ?", (int(key),)).fetchone()
+        else:
+            row = self.db.execute("SELECT id, card, image FROM characters WHERE lower(name) = lower(?) "
+                                  "ORDER BY id DESC", (key,)).fetchone()
+        if row is None:
+            raise GalateaError(f"no character {key!r} in the library; see `galatea characters list`")
+        char = from_object(json.loads(row[1]), where=f"character {row[0]}")
+        char.image = row[2]
+        return row[0], char
+
+    def delete_character(self, character_id: int) -> None:
+        with self._write() as db:
+            db.execute("DELETE FROM characters WHERE id = ?", (character_id,))
+
+    # ---- chats ---------------------------------------------------------------------------------
+
+    def new_chat(self, character_id: int, user_name: str = "You", title: str | None = None,
+                 greeting: bool = True) -> int:
+        """A new chat; the character's greeting is its first message, alternate greetings its swipes."""
+        _, char = self.character(character_id)
+        now = time.time()
+        with self._write() as db:
+            cur = db.execute("INSERT INTO chats (character_id, title, user_name, created_at, updated_at) "
+                             "VALUES (?, ?, ?, ?, ?)",
+                             (character_id, title or f"{char.name} - {time.strftime('%Y-%m-%d %H:%M')}",
+                              user_name, now, now))
+            chat_id = int(cur.lastrowid)
+            greetings = [g for g in [char.first_mes, *char.alternate_greetings] if g.strip()]
+            if greeting and greetings:
+                self._insert_message(db, chat_id, False, char.name, [Swipe(g) for g in greetings])
+            return chat_id
+
+    def chat(self, chat_id: int) -> ChatInfo:
+        row = self.db.execute("SELECT id, character_id, title, user_name, settings, created_at, updated_at, "
+                              "(SELECT count(*) FROM messages m WHERE m.chat_id = chats.id) "
+                              "FROM chats WHERE id = ?", (chat_id,)).fetchone()
+        if row is None:
+            raise GalateaError(f"no chat {chat_id}; see `galatea chats list`")
+        return ChatInfo(row[0], row[1], row[2], row[3], json.loads(row[4]), row[5], row[6], row[7])
+
+    def chats(self, character_id: int | None = None) -> list[ChatInfo]:
+        where, args = ("WHERE character_id = ?", (character_id,)) if character_id is not None else ("", ())
+        ids = [r[0] for r in self.db.execute(f"SELECT id FROM chats {where} ORDER BY updated_at DESC, id DESC",
+                                             args)]
+        return [self.chat(i) for i in ids]
+
+    def last_chat(self, character_id: int) -> int | None:
+        row = self.db.execute("SELECT id FROM chats WHERE character_id = ? ORDER BY updated_at DESC, id DESC",
+                              (character_id,)).fetchone()
+        return None if row is None else int(row[0])
+
+    def delete_chat(self, chat_id: int) -> None:
+        with self._write() as db:
+            db.execute("DELETE FROM chats WHERE id = ?", (chat_id,))
+
+    def rename_user(self, chat_id: int, user_name: str) -> None:
+        """The user's display name in this chat; their past messages take the new name too."""
+        with self._write() as db:
+            db.execute("UPDATE chats SET user_name = ?, updated_at = ? WHERE id = ?", (user_name, time.time(), chat_id))
+            db.execute("UPDATE messages SET name = ? WHERE chat_id = ? AND is_user = 1", (user_name, chat_id))
+
+    def set_settings(self, chat_id: int, settings: dict[str, Any]) -> None:
+        with self._write() as db:
+            db.execute("UPDATE chats SET settings = ? WHERE id = ?", (json.dumps(settings), chat_id))
+
+    # ---- messages ------------------------------------------------------------------------------
+
+    def messages(self, chat_id: int) -> list[Message]:
+        rows = self.db.execute("SELECT id, position, is_user, name, active_swipe, created_at FROM messages "
+                               "WHERE chat_id = ? ORDER BY position", (chat_id,)).fetchall()
+        swipes: dict[int, list[Swipe]] = {r[0]: [] for r in rows}
+        for mid, text, seed, gs, gf, extra in self.db.execute(
+                "SELECT s.message_id, s.text, s.seed, s.gen_started, s.gen_finished, s.extra FROM swipes s "
+                "JOIN messages m ON m.id = s.message_id WHERE m.chat_id = ? ORDER BY s.message_id, s.idx",
+                (chat_id,)):
+            swipes[mid].append(Swipe(text, seed, gs, gf, json.loads(extra)))
+        return [Message(r[0], r[1], bool(r[2]), r[3], swipes[r[0]], min(r[4], len(swipes[r[0]]) - 1), r[5])
+                for r in rows]
+
+    def add_message(self, chat_id: int, is_user: bool, name: str, text: str, seed: int | None = None,
+                    gen_started: float | None = None, gen_finished: float | None = None,
+                    extra: dict[str, Any] | None = None) -> int:
+        with self._write() as db:
+            return self._insert_message(db, chat_id, is_user, name,
+                                        [Swipe(text, seed, gen_started, gen_finished, extra or {})])
+
+    def _insert_message(self, db: sqlite3.Connection, chat_id: int, is_user: bool, name: str,
+                        swipes: list[Swipe], active: int = 0) -> int:
+        (pos,) = db.execute("SELECT coalesce(max(position), -1) + 1 FROM messages WHERE chat_id = ?",
+                            (chat_id,)).fetchone()
+        now = time.time()
+        cur = db.execute("INSERT INTO messages (chat_id, position, is_user, name, active_swipe, created_at) "
+                         "VALUES (?, ?, ?, ?, ?, ?)", (chat_id, pos, int(is_user), name, active, now))
+        mid = int(cur.lastrowid)
+        for i, s in enumerate(swipes):
+            db.execute("INSERT INTO swipes (message_id, idx, text, seed, gen_started, gen_finished, extra) "
+                       "VALUES (?, ?, ?, ?, ?, ?, ?)",
+                       (mid, i, s.text, s.seed, s.gen_started, s.gen_finished, json.dumps(s.extra)))
+        db.execute("UPDATE chats SET updated_at = ? WHERE id = ?", (now, chat_id))
+        return mid
+
+    def add_swipe(self, message_id: int, text: str, seed: int | None = None, gen_started: float | None = None,
+                  gen_finished: float | None = None) -> int:
+        """A new alternative for a message (regenerate); it becomes the active one."""
+        with self._write() as db:
+            (n,) = db.execute("SELECT count(*) FROM swipes WHERE message_id = ?", (message_id,)).fetchone()
+            db.execute("INSERT INTO swipes (message_id, idx, text, seed, gen_started, gen_finished) "
+                       "VALUES (?, ?, ?, ?, ?, ?)", (message_id, n, text, seed, gen_started, gen_finished))
+            db.execute("UPDATE messages SET active_swipe = ? WHERE id = ?", (n, message_id))
+            self._touch(db, message_id)
+            return int(n)
+
+    def swipe(self, message_id: int, step: int) -> int:
+        """Move the active alternative by `step` (clamped); returns the new index."""
+        with self._write() as db:
+            row = db.execute("SELECT active_swipe, (SELECT count(*) FROM swipes WHERE message_id = ?) "
+                             "FROM messages WHERE id = ?", (message_id, message_id)).fetchone()
+            if row is None:
+                raise GalateaError(f"no message {message_id}")
+            new = max(0, min(row[1] - 1, row[0] + step))
+            db.execute("UPDATE messages SET active_swipe = ? WHERE id = ?", (new, message_id))
+            return new
+
+    def edit_message(self, message_id: int, text: str) -> None:
+        """Replace the text of the message's active alternative."""
+        with self._write() as db:
+            cur = db.execute("UPDATE swipes SET text = ? WHERE message_id = ? AND idx = "
+                             "(SELECT active_swipe FROM messages WHERE id = ?)", (text, message_id, message_id))
+            if cur.rowcount == 0:
+                raise GalateaError(f"no message {message_id}")
+            self._touch(db, message_id)
+
+    def append_to_message(self, message_id: int, text: str) -> None:
+        """Continue: add text to the active alternative."""
+        with self._write() as db:
+            db.execute("UPDATE swipes SET text = text || ? WHERE message_id = ? AND idx = "
+                       "(SELECT active_swipe FROM messages WHERE id = ?)", (text, message_id, message_id))
+            self._touch(db, message_id)
+
+    def delete_message(self, message_id: int) -> None:
+        with self._write() as db:
+            db.execute("DELETE FROM messages WHERE id = ?", (message_id,))
+
+    def undo_last_exchange(self, chat_id: int) -> int:
+        """Delete the last user message and everything after it (the last exchange); returns
+        how many messages went. A chat holding only the greeting is left alone."""
+        with self._write() as db:
+            row = db.execute("SELECT max(position) FROM messages WHERE chat_id = ? AND is_user = 1",
+                             (chat_id,)).fetchone()
+            if row[0] is None:
+                return 0
+            cur = db.execute("DELETE FROM messages WHERE chat_id = ? AND position >= ?", (chat_id, row[0]))
+            return cur.rowcount
+
+    def branch(self, chat_id: int, message_id: int) -> int:
+        """A new chat holding copies of this chat's messages up to and including `message_id`."""
+        info = self.chat(chat_id)
+        msgs = self.messages(chat_id)
+        upto = next((i for i, m in enumerate(msgs) if m.id == message_id), None)
+        if upto is None:
+            raise GalateaError(f"message {message_id} is not in chat {chat_id}")
+        now = time.time()
+        with self._write() as db:
+            cur = db.execute("INSERT INTO chats (character_id, title, user_name, settings, created_at, updated_at) "
+                             "VALUES (?, ?, ?, ?, ?, ?)", (info.character_id, f"{info.title} (branch)",
+                                                          info.user_name, json.dumps(info.settings), now, now))
+            new_id = int(cur.lastrowid)
+            for m in msgs[: upto + 1]:
+                self._insert_message(db, new_id, m.is_user, m.name, m.swipes, m.active)
+            return new_id
+
+    def _touch(self, db: sqlite3.Connection, message_id: int) -> None:
+        db.execute("UPDATE chats SET updated_at = ? WHERE id = (SELECT chat_id FROM messages WHERE id = ?)",
+                   (time.time(), message_id))

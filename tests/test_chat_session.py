@@ -1,0 +1,75 @@
+"""A chat with the embedded model: replies saved cleanly, swipes with new seeds, continue,
+impersonate, a stopped reply keeps what was written."""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+
+from galatea.chat.cards import load_character
+from galatea.chat.session import ChatSession, clean_reply, reply_stops
+from galatea.chat.store import Store
+from galatea.model.checkpoint import load
+
+
+@pytest.fixture(scope="module")
+def lm():
+    return load(None)
+
+
+@pytest.fixture
+def session(lm, tmp_path):
+    store = Store(tmp_path / "g.db")
+    cid = store.add_character(load_character(None))
+    chat = store.new_chat(cid)
+    return ChatSession(store, lm, chat, {"max_new_tokens": 12, "seed": 5})
+
+
+def test_clean_reply_and_stops():
+    assert clean_reply("  Aria: Hello <USER>, I am <BOT>.  ", "Aria", "Aria", "Ann") == "Hello Ann, I am Aria."
+    assert reply_stops("Aria", "Ann") == ["\nYou:", "\nAnn:", "<START>", "\nAria's Persona:", "</s>"]
+    assert reply_stops("Aria", "You").count("\nYou:") == 1
+
+
+def test_send_saves_message_and_reply(session):
+    streamed = "".join(session.send("Hello! What is your lute called?"))
+    msgs = session.messages()
+    assert [m.is_user for m in msgs] == [False, True, False]
+    assert msgs[1].text == "Hello! What is your lute called?"
+    assert msgs[2].text == clean_reply(streamed, "Aria", "Aria", "You") and msgs[2].text
+    assert msgs[2].swipes[0].seed == 5 and msgs[2].swipes[0].gen_finished >= msgs[2].swipes[0].gen_started
+    assert session.last.prompt_tokens == session.last_prompt.tokens
+    assert session.last_prompt.text.endswith("You: Hello! What is your lute called?\nAria:")
+
+
+def test_regenerate_adds_a_swipe_with_a_new_seed(session):
+    list(session.send("Sing me a song."))
+    list(session.regenerate())
+    last = session.messages()[-1]
+    assert len(last.swipes) == 2 and last.active == 1
+    assert last.swipes[0].seed != last.swipes[1].seed
+
+
+def test_continue_and_impersonate(session):
+    list(session.send("Tell me a story."))
+    before = session.messages()[-1].text
+    list(session.continue_last())
+    after = session.messages()[-1].text
+    assert after.startswith(before) and len(session.messages()) == 3
+    assert session.last_prompt.text.endswith("Aria: " + before)  # continued, not restarted
+    n = len(session.messages())
+    "".join(session.impersonate())
+    assert session.last_prompt.text.endswith("\nYou:") and len(session.messages()) == n  # not saved
+
+
+def test_stopped_reply_keeps_what_was_written(session):
+    cancel = threading.Event()
+    session.settings["max_new_tokens"] = 200
+    parts = []
+    for text in session.send("Tell me everything about the inn.", cancel):
+        parts.append(text)
+        if len(parts) == 3:
+            cancel.set()
+    assert session.last.finish_reason == "cancelled"
+    assert session.messages()[-1].text == clean_reply("".join(parts), "Aria", "Aria", "You")

@@ -1,0 +1,120 @@
+"""The real `galatea chat` program driven through a pseudo-terminal, with the embedded model:
+send, regenerate, swipe, edit, stop a reply with Ctrl-C, quit, and resume."""
+
+from __future__ import annotations
+
+import os
+import pty
+import re
+import select
+import sys
+import time
+
+from tests.checkpoints import ROOT
+
+ANSI = re.compile(r"\x1b\[[0-9;?]*[a-zA-Z]")
+
+
+class Terminal:
+    def __init__(self, *args: str, env: dict[str, str]) -> None:
+        # pty.fork makes the pty the child's controlling terminal, so Ctrl-C becomes SIGINT
+        pid, self.master = pty.fork()
+        if pid == 0:  # the child: become the real program
+            os.chdir(ROOT)
+            os.execve(sys.executable, [sys.executable, "-m", "galatea", "chat", *args], env)
+        self.pid = pid
+        self.raw = b""
+
+    @property
+    def screen(self) -> str:
+        text = self.raw.decode("utf-8", "replace")
+        return ANSI.sub("", text).replace("\r", "").replace("\x01", "").replace("\x02", "")
+
+    def read_until(self, pattern: str, timeout: float = 120) -> str:
+        """Read until `pattern` (a regex) appears in the new output; returns that output."""
+        start = len(self.raw)
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            ready, _, _ = select.select([self.master], [], [], 0.2)
+            if ready:
+                try:
+                    self.raw += os.read(self.master, 65536)
+                except OSError:
+                    break
+            new = ANSI.sub("", self.raw[start:].decode("utf-8", "replace")).replace("\r", "")
+            new = new.replace("\x01", "").replace("\x02", "")
+            if re.search(pattern, new):
+                return new
+        raise AssertionError(f"timed out waiting for {pattern!r}; screen so far:\n{self.screen[-3000:]}")
+
+    def type(self, text: str) -> None:
+        os.write(self.master, text.encode())
+
+    def close(self) -> int:
+        deadline = time.time() + 30
+        try:
+            while time.time() < deadline:
+                try:
+                    os.read(self.master, 65536)  # drain, so the child never blocks on output
+                except OSError:
+                    pass
+                pid, status = os.waitpid(self.pid, os.WNOHANG)
+                if pid:
+                    return os.waitstatus_to_exitcode(status)
+                time.sleep(0.05)
+            os.kill(self.pid, 9)
+            raise AssertionError("the chat did not exit")
+        finally:
+            os.close(self.master)
+
+
+def test_terminal_chat(tmp_path):
+    env = {**os.environ, "GALATEA_DATA_DIR": str(tmp_path), "TERM": "xterm"}
+    t = Terminal("-n", "10", "--seed", "3", env=env)
+    screen = t.read_until(r"You> ")
+    assert "#1 Aria: *Aria looks up from tuning her lute" in screen and "[1/2]" in screen
+
+    t.type("Hello Aria!\n")
+    out = t.read_until(r"tok/s\]\s*\nYou> ")
+    assert "Aria:" in out and "[prompt" in out
+
+    t.type("/regen\n")
+    t.read_until(r"tok/s\]\s*\nYou> ")
+    t.type("/prev\n")
+    assert "[1/2]" in t.read_until(r"You> ")
+    t.type("/next\n")
+    assert "[2/2]" in t.read_until(r"You> ")
+
+    t.type("/edit 2 Hello there, bard!\n")
+    assert "(edited #2)" in t.read_until(r"You> ")
+
+    # Ctrl-C during a reply stops the reply, not the program
+    t.type("/name Ann\n")
+    t.read_until(r"Ann> ")
+    t.type("/set max_new_tokens 2000\n")
+    assert "(max_new_tokens = 2000 for this chat)" in t.read_until(r"Ann> ")
+    t.type("/set ban_eos 1\n")
+    assert "unknown setting" in t.read_until(r"Ann> ")
+    # greedy without a repetition penalty: this small model goes on for ~70 tokens here
+    t.type("/set temperature 0\n")
+    t.read_until(r"Ann> ")
+    t.type("/set repetition_penalty 1.0\n")
+    t.read_until(r"Ann> ")
+    t.type("Tell me a very long story about the sea.\n")
+    t.read_until(r"Aria: \S+ \S+")
+    t.type("\x03")
+    out = t.read_until(r"Ann> ")
+    assert "stopped]" in out
+    t.type("/prompt\n")
+    assert "Ann: Tell me a very long story about the sea.\nAria:" in t.read_until(r"--- end ---")
+
+    t.type("/quit\n")
+    assert t.close() == 0
+
+    # resume: the same chat comes back, with the edit, the swipes and the new name
+    t = Terminal(env=env)
+    screen = t.read_until(r"Ann> ")
+    assert "#2 Ann: Hello there, bard!" in screen
+    assert "[2/2]" in screen and "#4 Ann: Tell me a very long story about the sea." in screen
+    t.type("\x04")  # Ctrl-D leaves too
+    assert t.close() == 0
