@@ -69,6 +69,15 @@ def build_parser() -> argparse.ArgumentParser:
     _data_dir_arg(p)
     p.set_defaults(func=cmd_chat)
 
+    p = sub.add_parser("serve", help="KoboldAI / KoboldCpp and OpenAI-compatible APIs on one port")
+    _model_args(p)
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default: loopback only)")
+    p.add_argument("--port", type=int, default=5001, help="port (default 5001, KoboldCpp's)")
+    p.add_argument("--api-key", help="require 'Authorization: Bearer KEY' on every route but /health")
+    p.add_argument("--max-context", type=int, help="context size (default: the model's)")
+    _data_dir_arg(p)
+    p.set_defaults(func=cmd_serve)
+
     p = sub.add_parser("characters", help="the character library: import, list, show, export, delete")
     csub = p.add_subparsers(dest="action", required=True)
     c = csub.add_parser("import", help="add cards (JSON, PNG, YAML; any supported format)")
@@ -308,6 +317,28 @@ def cmd_chat(args: argparse.Namespace) -> int:
                                    ("seed", args.seed)) if v is not None}
     session = ChatSession(store, lm, chat_id, overrides, max_context=args.max_context)
     TerminalChat(session).loop()
+    return 0
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from galatea.server.app import create_app
+    from galatea.server.engine import Engine
+
+    if not 0 < args.port < 65536:
+        raise GalateaError(f"--port {args.port}: must be between 1 and 65535")
+    lm = _load(args)
+    engine = Engine(lm, args.max_context)
+    app = create_app(engine, _store(args), api_key=args.api_key)
+    print(f"galatea: serving {engine.name} (context {engine.context}) on http://{args.host}:{args.port} "
+          f"- KoboldAI at /api, OpenAI at /v1", file=sys.stderr, flush=True)
+    try:
+        uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
+    except OSError as e:  # e.g. the port is taken
+        raise GalateaError(f"cannot serve on {args.host}:{args.port} ({e.strerror}); pick another --port") from None
+    finally:
+        engine.close()
     return 0
 
 

@@ -149,5 +149,5 @@ def _torch_load(path: Path) -> dict[str, Tensor]:
 def _torch_load_unmapped(path: Path) -> dict[str, Tensor]:
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
+    except Exception as e:  # any failure here means an unreadable file
         raise GalateaError(f"{path}: corrupt or truncated pytorch file ({e}); download it again") from None

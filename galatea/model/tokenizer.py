@@ -91,7 +91,7 @@ def from_hf_folder(folder: Path, config: dict[str, Any]) -> Tokenizer:
 
         try:
             tk = HFTok.from_file(str(folder / "tokenizer.json"))
-        except Exception as e:
+        except Exception as e:  # tokenizers raises plain Exception on bad files
             raise GalateaError(f"{folder / 'tokenizer.json'}: cannot be read ({e}); the file is corrupt") from None
         bos = _special_id(tk, tok_cfg.get("bos_token"), config.get("bos_token_id"))
         eos = _special_id(tk, tok_cfg.get("eos_token"), config.get("eos_token_id"))

@@ -1,0 +1,103 @@
+"""The server: `create_app(engine, store)` builds one FastAPI app serving every dialect.
+
+- Kobold routes answer errors as KoboldAI does (`{"detail": {"msg", "type"}}`), OpenAI routes as
+  OpenAI does (`{"error": {"message", "type", "code"}}`); no traceback ever reaches a client.
+- `api_key` protects every route but `/health` (Bearer token, constant-time compare).
+- CORS is open, as browser front ends (SillyTavern, KoboldAI Lite) need.
+"""
+
+from __future__ import annotations
+
+import hmac
+import logging
+from collections.abc import Awaitable, Callable
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.middleware.cors import CORSMiddleware
+from fastapi.responses import JSONResponse, Response
+from starlette.types import ASGIApp, Receive, Scope, Send
+
+from galatea import __version__
+from galatea.chat.store import Store
+from galatea.server import kobold, openai_api
+from galatea.server.engine import Engine
+from galatea.server.serving import BadRequest
+
+MAX_BODY = 32 << 20  # KoboldCpp's payload limit
+log = logging.getLogger("galatea.server")
+
+
+def _error(request: Request, status: int, message: str, kind: str, code: str | None = None) -> JSONResponse:
+    if request.url.path.startswith("/api"):
+        return JSONResponse({"detail": {"msg": message, "type": kind}}, status_code=status)
+    return JSONResponse({"error": {"message": message, "type": kind, "code": code or kind}}, status_code=status)
+
+
+def _describe(errors: list[dict]) -> str:
+    if any(e.get("type") == "json_invalid" for e in errors):
+        return "the body is not valid JSON"
+    parts = []
+    for e in errors[:3]:
+        where = ".".join(str(x) for x in e.get("loc", ()) if x != "body")
+        parts.append(f"{where or 'body'}: {e.get('msg', 'invalid')}")
+    return "; ".join(parts)
+
+
+class JSONBodies:
+    """Read every POST body as JSON, whatever content type it claims: KoboldCpp does, and
+    clients (curl -d, some front ends) send JSON as text/plain or form data."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and scope["method"] == "POST":
+            headers = [(k, v) for k, v in scope["headers"] if k != b"content-type"]
+            scope = {**scope, "headers": [*headers, (b"content-type", b"application/json")]}
+        await self.app(scope, receive, send)
+
+
+def create_app(engine: Engine, store: Store | None = None, api_key: str | None = None) -> FastAPI:
+    app = FastAPI(title="Galatea", version=__version__,
+                  description="KoboldAI, KoboldCpp and OpenAI-compatible APIs for persona chat models.")
+    app.state.engine, app.state.store = engine, store
+    app.add_middleware(JSONBodies)
+    app.add_middleware(CORSMiddleware, allow_origins=["*"], allow_methods=["*"], allow_headers=["*"])
+
+    @app.middleware("http")
+    async def guard(request: Request, call_next: Callable[[Request], Awaitable[Response]]) -> Response:
+        length = request.headers.get("content-length")
+        if length and length.isdigit() and int(length) > MAX_BODY:
+            return _error(request, 413, f"the request body is over {MAX_BODY >> 20} MB", "payload_too_large")
+        if api_key and request.method != "OPTIONS" and request.url.path != "/health":
+            given = request.headers.get("authorization", "")
+            token = given[7:] if given.lower().startswith("bearer ") else request.headers.get("apikey", "")
+            if not hmac.compare_digest(token.encode(), api_key.encode()):
+                return _error(request, 401, "missing or wrong API key; send 'Authorization: Bearer <key>'",
+                              "unauthorized", "invalid_api_key")
+        return await call_next(request)
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
+        status = 400 if not request.url.path.startswith("/api") else 422
+        return _error(request, status, f"invalid request: {_describe(exc.errors())}", "invalid_request_error",
+                      "invalid_request")
+
+    @app.exception_handler(BadRequest)
+    async def bad(request: Request, exc: BadRequest) -> JSONResponse:
+        return _error(request, exc.status, str(exc), "invalid_request_error", exc.code)
+
+    @app.exception_handler(Exception)
+    async def crash(request: Request, exc: Exception) -> JSONResponse:
+        log.exception("request failed: %s %s", request.method, request.url.path)
+        return _error(request, 500, f"internal error ({type(exc).__name__}); the server keeps running",
+                      "server_error")
+
+    @app.get("/health", tags=["Galatea"])
+    def health() -> dict:
+        return {"status": "ok", "model": engine.name, "queue": engine.queued}
+
+    app.include_router(kobold.build_router(engine))
+    app.include_router(openai_api.build_router(engine))
+    return app

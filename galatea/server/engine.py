@@ -1,0 +1,130 @@
+"""The model behind the server: one generation at a time, in arrival order, off the event loop.
+
+Requests become jobs on a FIFO queue that one worker thread runs; each job streams its chunks
+back to the request's event loop. A job can be cancelled (abort, client disconnect) and is
+skipped if it was cancelled while waiting. Batching several users comes later (issue 6); this
+keeps the server responsive and never lets two generations race on the model.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import queue
+import threading
+import time
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from galatea.engine.generate import Chunk, stream_generate
+from galatea.engine.sampling import SamplingParams
+from galatea.model.checkpoint import LoadedModel
+
+
+@dataclass
+class Job:
+    prompt_ids: list[int]
+    params: SamplingParams
+    loop: asyncio.AbstractEventLoop
+    out: asyncio.Queue
+    genkey: str = ""
+    cancel: threading.Event = field(default_factory=threading.Event)
+    text: str = ""  # what has been generated so far (for /api/extra/generate/check)
+
+
+@dataclass
+class Perf:
+    last_process: float = 0.0  # seconds spent reading the last prompt
+    last_eval: float = 0.0  # seconds per generated token, last generation
+    last_token_count: int = 0
+    last_input_count: int = 0
+    last_seed: int = -1
+    total_gens: int = 0
+    stop_reason: int = -1  # KoboldCpp: 0 length, 1 EOS/stop string, 2 custom stopper (abort)
+    started: float = field(default_factory=time.time)
+
+
+class Engine:
+    def __init__(self, lm: LoadedModel, max_context: int | None = None, name: str | None = None) -> None:
+        self.lm = lm
+        trained = lm.config.max_position_embeddings
+        self.context = min(max_context or trained, trained)
+        self.name = name or lm.path.stem
+        self.perf = Perf()
+        self.current: Job | None = None
+        self._jobs: queue.Queue[Job | None] = queue.Queue()
+        self._worker = threading.Thread(target=self._run, name="galatea-engine", daemon=True)
+        self._worker.start()
+
+    # ---- called from request handlers ----------------------------------------------------------
+
+    @property
+    def tokenizer(self) -> Any:
+        return self.lm.tokenizer
+
+    @property
+    def queued(self) -> int:
+        return self._jobs.qsize()
+
+    def tokenize(self, text: str, add_bos: bool | None = None) -> list[int]:
+        return self.lm.tokenizer.encode(text, add_bos=add_bos)
+
+    async def generate(self, prompt_ids: Sequence[int], params: SamplingParams, genkey: str = "",
+                       cancel: threading.Event | None = None) -> AsyncIterator[Chunk]:
+        """Chunks as the worker produces them; stopping iteration early cancels the job."""
+        loop = asyncio.get_running_loop()
+        job = Job(list(prompt_ids), params, loop, asyncio.Queue(), genkey, cancel or threading.Event())
+        self._jobs.put(job)
+        try:
+            while True:
+                item = await job.out.get()
+                if isinstance(item, BaseException):
+                    raise item
+                yield item
+                if item.finish_reason is not None:
+                    return
+        finally:
+            job.cancel.set()  # no-op when finished; stops the work when the client went away
+
+    def abort(self, genkey: str | None = None) -> bool:
+        job = self.current
+        if job is None or (genkey and job.genkey and genkey != job.genkey):
+            return False
+        job.cancel.set()
+        return True
+
+    def close(self) -> None:
+        self._jobs.put(None)
+
+    # ---- the worker thread ---------------------------------------------------------------------
+
+    def _run(self) -> None:
+        while True:
+            job = self._jobs.get()
+            if job is None:
+                return
+            if job.cancel.is_set():
+                continue  # cancelled while queued
+            self.current = job
+            try:
+                self._generate(job)
+            except BaseException as e:  # handed to the request; never kills the worker
+                job.loop.call_soon_threadsafe(job.out.put_nowait, e)
+            finally:
+                self.current = None
+
+    def _generate(self, job: Job) -> None:
+        last = None
+        for chunk in stream_generate(self.lm.model, self.lm.tokenizer, job.prompt_ids, job.params, job.cancel,
+                                     self.context):
+            job.text += chunk.text
+            job.loop.call_soon_threadsafe(job.out.put_nowait, chunk)
+            last = chunk
+        if last is not None:
+            p = self.perf
+            p.last_input_count, p.last_token_count = last.prompt_tokens, last.generated_tokens
+            p.last_process = last.prompt_tokens / last.prefill_tok_s if last.prefill_tok_s else 0.0
+            p.last_eval = 1.0 / last.decode_tok_s if last.decode_tok_s else 0.0
+            p.last_seed = last.seed if last.seed is not None else -1
+            p.total_gens += 1
+            p.stop_reason = {"length": 0, "stop": 1}.get(last.finish_reason or "", 2)

@@ -1,0 +1,125 @@
+"""KoboldAI United + KoboldCpp routes (`/api/v1/...`, `/api/latest/...`, `/api/extra/...`).
+
+We advertise KoboldCpp 1.60: SSE streaming (>= 1.40), genkey polling (>= 1.30), `memory` and
+`trim_stop` (>= 1.49) and min_p (>= 1.48) are honoured. Mirostat and grammar, which those
+versions also gate on, are refused with a clear message rather than silently ignored.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+from fastapi import APIRouter, Request
+from fastapi.responses import StreamingResponse
+
+from galatea.server import serving
+from galatea.server.engine import Engine
+from galatea.server.schemas import KoboldGenerate, KoboldGenkey, KoboldTokenCount
+
+KOBOLDCPP_VERSION = "1.60"
+UNITED_VERSION = "1.2.5"
+
+
+def sse_event(token: str, finish_reason: str | None) -> str:
+    """Exactly `event: message\\ndata: <one-line JSON>\\n\\n` (KoboldAI Lite parses it with a regex)."""
+    data = json.dumps({"token": token, "finish_reason": finish_reason or "null"}, ensure_ascii=False)
+    return f"event: message\ndata: {data}\n\n"
+
+
+def build_router(engine: Engine) -> APIRouter:
+    r = APIRouter(tags=["KoboldAI"])
+
+    def both(path: str, endpoint: Callable[..., Any], method: str = "GET") -> None:
+        """The route under /api/v1 and its /api/latest alias, each with its own operation id."""
+        for prefix in ("/api/v1", "/api/latest"):
+            op = (prefix + path).strip("/").replace("/", "_")
+            r.add_api_route(prefix + path, endpoint, methods=[method], operation_id=f"{method.lower()}_{op}")
+
+    both("/model", lambda: {"result": f"galatea/{engine.name}"})
+    both("/info/version", lambda: {"result": UNITED_VERSION})
+    both("/config/max_length", lambda: {"value": min(512, engine.context // 2)})
+    both("/config/max_context_length", lambda: {"value": engine.context})
+
+    @r.get("/api/extra/version")
+    def version() -> dict:
+        return {"result": "KoboldCpp", "version": KOBOLDCPP_VERSION, "protected": False, "txt2img": False,
+                "vision": False, "transcribe": False, "multiplayer": False, "websearch": False}
+
+    @r.get("/api/extra/true_max_context_length")
+    def true_max() -> dict:
+        return {"value": engine.context}
+
+    @r.get("/api/extra/perf")
+    def perf() -> dict:
+        p = engine.perf
+        return {"last_process": round(p.last_process, 3), "last_eval": round(p.last_eval, 4),
+                "last_token_count": p.last_token_count, "last_input_count": p.last_input_count,
+                "last_seed": p.last_seed, "total_gens": p.total_gens, "stop_reason": p.stop_reason,
+                "queue": engine.queued, "idle": int(engine.current is None),
+                "uptime": round(time.time() - p.started, 1)}
+
+    async def run(req: KoboldGenerate, request: Request) -> dict:
+        results = []
+        for _ in range(req.n):
+            ids = serving.kobold_prompt(req, engine)
+            params = serving.kobold_params(req, engine, len(ids))
+            text, finish = "", "stop"
+            async for chunk in engine.generate(ids, params, req.genkey):
+                text += chunk.text
+                if chunk.finish_reason is not None:
+                    finish = "length" if chunk.finish_reason == "length" else "stop"
+                elif await request.is_disconnected():
+                    break  # leaving the loop cancels the job
+            results.append({"text": text, "finish_reason": finish})
+        return {"results": results}
+
+    both("/generate", run, "POST")
+
+    @r.post("/api/extra/generate/stream")
+    async def stream(req: KoboldGenerate) -> StreamingResponse:
+        ids = serving.kobold_prompt(req, engine)
+        params = serving.kobold_params(req, engine, len(ids))
+
+        async def events() -> AsyncIterator[str]:
+            async for chunk in engine.generate(ids, params, req.genkey):
+                if chunk.finish_reason is None:
+                    if chunk.text:
+                        yield sse_event(chunk.text, None)
+                else:
+                    yield sse_event(chunk.text, "length" if chunk.finish_reason == "length" else "stop")
+
+        return StreamingResponse(events(), media_type="text/event-stream",
+                                 headers={"Cache-Control": "no-cache", "Connection": "keep-alive"})
+
+    @r.get("/api/extra/generate/check", operation_id="get_api_extra_generate_check")
+    @r.post("/api/extra/generate/check", operation_id="post_api_extra_generate_check")
+    async def check(request: Request) -> dict:
+        genkey = ""
+        if request.method == "POST":
+            try:
+                genkey = KoboldGenkey.model_validate(await request.json()).genkey
+            except ValueError:
+                genkey = ""
+        job = engine.current
+        text = job.text if job is not None and (not job.genkey or job.genkey == genkey) else ""
+        return {"results": [{"text": text}]}
+
+    @r.post("/api/extra/abort")
+    async def abort(request: Request) -> dict:
+        genkey = None
+        try:
+            genkey = KoboldGenkey.model_validate(await request.json()).genkey or None
+        except ValueError:
+            pass
+        done = engine.abort(genkey)
+        return {"success": "true" if done else "false", "done": "true" if done else "false"}
+
+    @r.post("/api/extra/tokencount")
+    def tokencount(req: KoboldTokenCount) -> dict:
+        ids = engine.tokenize(req.prompt)  # as the prompt will be read: BOS per the model
+        return {"value": len(ids), "ids": ids}
+
+    return r

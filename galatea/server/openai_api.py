@@ -1,0 +1,140 @@
+"""OpenAI-compatible routes, with the extra sampler fields text-generation-webui and aphrodite
+accept, and the token endpoints SillyTavern calls for those back ends."""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from collections.abc import AsyncIterator
+from typing import Any
+
+from fastapi import APIRouter, Request
+from fastapi.responses import StreamingResponse
+
+from galatea.server import serving
+from galatea.server.engine import Engine
+from galatea.server.schemas import ChatCompletionRequest, CompletionRequest, EncodeRequest
+
+
+def _sse(obj: Any) -> str:
+    return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
+
+
+def build_router(engine: Engine) -> APIRouter:
+    r = APIRouter(tags=["OpenAI"])
+
+    def model_card() -> dict:
+        return {"id": engine.name, "object": "model", "created": int(engine.perf.started), "owned_by": "galatea"}
+
+    @r.get("/v1/models")
+    def models() -> dict:
+        return {"object": "list", "data": [model_card()]}
+
+    @r.get("/v1/models/{model_id}")
+    def model(model_id: str) -> dict:
+        return model_card()
+
+    async def generations(ids: list[int], req: CompletionRequest, request: Request, stops: list[str] | None = None,
+                          default_max: int = 512) -> AsyncIterator[tuple[int, str, str | None, int]]:
+        """(choice index, text delta, finish reason or None, completion tokens) for each of `n`."""
+        for index in range(req.n):
+            params = serving.completion_params(req, engine, len(ids), default_max, stops)
+            async for chunk in engine.generate(ids, params):
+                yield index, chunk.text, chunk.finish_reason, chunk.generated_tokens
+                if chunk.finish_reason is None and await request.is_disconnected():
+                    return
+
+    def finish(reason: str | None) -> str:
+        return "length" if reason == "length" else "stop"
+
+    @r.post("/v1/completions")
+    async def completions(req: CompletionRequest, request: Request) -> Any:
+        ids = serving.completion_prompt(req, engine)
+        serving.completion_params(req, engine, len(ids))  # refuse an over-long prompt before streaming
+        rid, created = f"cmpl-{uuid.uuid4().hex[:24]}", int(time.time())
+        if req.stream:
+            async def events() -> AsyncIterator[str]:
+                async for index, text, reason, _ in generations(ids, req, request):
+                    if text or reason is not None:
+                        yield _sse({"id": rid, "object": "text_completion", "created": created, "model": engine.name,
+                                    "choices": [{"index": index, "text": text, "logprobs": None,
+                                                 "finish_reason": None if reason is None else finish(reason)}]})
+                yield "data: [DONE]\n\n"
+
+            return StreamingResponse(events(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+        texts = [""] * req.n
+        reasons: list[str] = ["stop"] * req.n
+        used = 0
+        async for index, text, reason, n_tokens in generations(ids, req, request):
+            texts[index] += text
+            if reason is not None:
+                reasons[index], used = finish(reason), used + n_tokens
+        return {"id": rid, "object": "text_completion", "created": created, "model": engine.name,
+                "choices": [{"index": i, "text": t, "logprobs": None, "finish_reason": reasons[i]}
+                            for i, t in enumerate(texts)],
+                "usage": {"prompt_tokens": len(ids), "completion_tokens": used, "total_tokens": len(ids) + used}}
+
+    @r.post("/v1/chat/completions")
+    async def chat(req: ChatCompletionRequest, request: Request) -> Any:
+        ids, char, user = serving.chat_prompt(req, engine)
+        stops = serving.chat_stops(char, user)
+        serving.completion_params(req, engine, len(ids), 512, stops)
+        rid, created = f"chatcmpl-{uuid.uuid4().hex[:24]}", int(time.time())
+        if req.stream:
+            async def events() -> AsyncIterator[str]:
+                started: set[int] = set()
+                async for index, text, reason, _ in generations(ids, req, request, stops):
+                    delta: dict[str, Any] = {}
+                    if index not in started:
+                        started.add(index)
+                        delta["role"] = "assistant"
+                        text = text.lstrip()  # the Pygmalion reply starts with a space
+                    if text:
+                        delta["content"] = text
+                    if delta or reason is not None:
+                        yield _sse({"id": rid, "object": "chat.completion.chunk", "created": created,
+                                    "model": engine.name,
+                                    "choices": [{"index": index, "delta": delta,
+                                                 "finish_reason": None if reason is None else finish(reason)}]})
+                yield "data: [DONE]\n\n"
+
+            return StreamingResponse(events(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+        texts = [""] * req.n
+        reasons: list[str] = ["stop"] * req.n
+        used = 0
+        async for index, text, reason, n_tokens in generations(ids, req, request, stops):
+            texts[index] += text
+            if reason is not None:
+                reasons[index], used = finish(reason), used + n_tokens
+        return {"id": rid, "object": "chat.completion", "created": created, "model": engine.name,
+                "choices": [{"index": i, "message": {"role": "assistant", "content": serving.chat_text(t, char, user)},
+                             "finish_reason": reasons[i]} for i, t in enumerate(texts)],
+                "usage": {"prompt_tokens": len(ids), "completion_tokens": used, "total_tokens": len(ids) + used}}
+
+    # ---- token endpoints SillyTavern uses (text-generation-webui, llama.cpp, vLLM, aphrodite) ----
+
+    @r.post("/v1/internal/encode")
+    def encode(req: EncodeRequest) -> dict:
+        ids = engine.tokenize(req.value())
+        return {"tokens": ids, "length": len(ids)}
+
+    @r.post("/v1/internal/token-count")
+    def token_count(req: EncodeRequest) -> dict:
+        return {"length": len(engine.tokenize(req.value()))}
+
+    @r.get("/v1/internal/model/info")
+    def model_info() -> dict:
+        return {"model_name": engine.name, "lora_names": [], "loader": "galatea"}
+
+    @r.post("/tokenize")
+    def tokenize_llamacpp(req: EncodeRequest) -> dict:
+        ids = engine.tokenize(req.value())
+        return {"tokens": ids, "count": len(ids), "max_model_len": engine.context}
+
+    @r.post("/v1/tokenize")
+    def tokenize_aphrodite(req: EncodeRequest) -> dict:
+        ids = engine.tokenize(req.value())
+        return {"tokens": ids, "count": len(ids), "value": len(ids), "ids": ids, "max_model_len": engine.context}
+
+    return r

@@ -1,0 +1,136 @@
+"""Request bodies of the KoboldAI and OpenAI-style APIs, as the front ends really send them.
+
+Unknown fields are ignored, never rejected (KoboldAI's own schema drops them; SillyTavern sends
+many). Defaults are KoboldCpp's for Kobold routes and text-generation-webui's for OpenAI routes.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+
+def _as_list(value: Any) -> list[str]:
+    if value is None:
+        return []
+    if isinstance(value, str):
+        return [value] if value else []
+    return [str(v) for v in value if v]
+
+
+class KoboldGenerate(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    prompt: str = ""
+    memory: str = ""
+    max_context_length: int | None = Field(default=None, ge=1)
+    max_length: int = Field(default=180, ge=1)
+    n: int = Field(default=1, ge=1, le=5)
+    temperature: float = Field(default=0.7, ge=0)
+    top_k: int = Field(default=100, ge=0)
+    top_a: float = Field(default=0.0, ge=0)
+    top_p: float = Field(default=0.92, ge=0, le=1)
+    min_p: float = Field(default=0.0, ge=0, le=1)
+    typical: float = Field(default=1.0, ge=0, le=1)
+    tfs: float = Field(default=1.0, ge=0, le=1)
+    rep_pen: float = Field(default=1.0, gt=0)
+    repetition_penalty: float | None = None  # aliases some clients send; the largest wins (KoboldCpp)
+    repeat_penalty: float | None = None
+    rep_pen_range: int = Field(default=320, ge=0)
+    rep_pen_slope: float = Field(default=1.0, ge=0)
+    presence_penalty: float = 0.0
+    sampler_order: list[int] = Field(default_factory=lambda: [6, 0, 1, 3, 4, 2, 5])
+    sampler_seed: int = -1
+    stop_sequence: list[str] = Field(default_factory=list)
+    trim_stop: bool = False
+    singleline: bool = False
+    ban_eos_token: bool | None = None
+    use_default_badwordsids: bool = False
+    bypass_eos: bool = False
+    logit_bias: dict[str, float] = Field(default_factory=dict)
+    genkey: str = ""
+    mirostat: int = 0
+    grammar: str = ""
+
+    @field_validator("stop_sequence", mode="before")
+    @classmethod
+    def _stops(cls, v: Any) -> list[str]:
+        return _as_list(v)
+
+
+class KoboldTokenCount(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    prompt: str = ""
+    special: bool = True
+
+
+class KoboldGenkey(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    genkey: str = ""
+
+
+class CompletionRequest(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    prompt: str | list[str] = ""
+    model: str | None = None
+    max_tokens: int | None = Field(default=None, ge=1)
+    max_new_tokens: int | None = Field(default=None, ge=1)
+    n: int = Field(default=1, ge=1, le=8)
+    stream: bool = False
+    temperature: float = Field(default=1.0, ge=0)
+    top_p: float = Field(default=1.0, ge=0, le=1)
+    top_k: int = Field(default=0, ge=0)
+    min_p: float = Field(default=0.0, ge=0, le=1)
+    typical_p: float | None = Field(default=None, ge=0, le=1)
+    typical: float | None = Field(default=None, ge=0, le=1)
+    tfs: float = Field(default=1.0, ge=0, le=1)
+    top_a: float = Field(default=0.0, ge=0)
+    repetition_penalty: float | None = Field(default=None, gt=0)
+    rep_pen: float | None = Field(default=None, gt=0)
+    repetition_penalty_range: int | None = Field(default=None, ge=0)
+    rep_pen_range: int | None = Field(default=None, ge=0)
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    stop: list[str] = Field(default_factory=list)
+    stopping_strings: list[str] = Field(default_factory=list)
+    ban_eos_token: bool = False
+    ignore_eos: bool = False
+    seed: int | None = None
+    sampler_seed: int | None = None
+    logit_bias: dict[str, float] = Field(default_factory=dict)
+
+    @field_validator("stop", "stopping_strings", mode="before")
+    @classmethod
+    def _stops(cls, v: Any) -> list[str]:
+        return _as_list(v)
+
+
+class ChatMessage(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    role: str
+    content: str | list[dict[str, Any]] | None = ""
+    name: str | None = None
+
+    def text(self) -> str:
+        if isinstance(self.content, list):  # content parts: keep the text ones
+            return "".join(str(p.get("text", "")) for p in self.content if isinstance(p, dict))
+        return self.content or ""
+
+
+class ChatCompletionRequest(CompletionRequest):
+    messages: list[ChatMessage] = Field(min_length=1)
+    character: str | None = None  # text-generation-webui's field for the character's name
+    user_name: str | None = None
+    max_completion_tokens: int | None = Field(default=None, ge=1)
+
+
+class EncodeRequest(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    text: str | None = None
+    prompt: str | None = None
+    content: str | None = None
+
+    def value(self) -> str:
+        return next((v for v in (self.text, self.prompt, self.content) if v is not None), "")

@@ -1,0 +1,136 @@
+"""Serving logic shared by the API dialects: request -> sampling parameters and prompt ids.
+
+Long prompts: Kobold clients (KoboldCpp's behaviour) get the prompt trimmed from the left,
+keeping BOS and the `memory`; OpenAI-style clients get HTTP 400 `context_length_exceeded`, as
+llama.cpp's server answers, since they count tokens themselves and expect to be told.
+"""
+
+from __future__ import annotations
+
+from galatea.chat.cards import Character
+from galatea.chat.prompt import Turn, build_prompt
+from galatea.chat.session import clean_reply, reply_stops
+from galatea.engine.sampling import SamplingParams
+from galatea.errors import GalateaError
+from galatea.server.engine import Engine
+from galatea.server.schemas import ChatCompletionRequest, CompletionRequest, KoboldGenerate
+
+
+class BadRequest(Exception):
+    """A request that cannot be served as sent; `code` is the OpenAI error code."""
+
+    def __init__(self, message: str, code: str = "invalid_request", status: int = 400) -> None:
+        super().__init__(message)
+        self.code, self.status = code, status
+
+
+def _bias(raw: dict[str, float]) -> dict[int, float]:
+    out = {}
+    for key, value in raw.items():
+        try:
+            out[int(key)] = float(value)
+        except (TypeError, ValueError):
+            raise BadRequest(f"logit_bias key {key!r} is not a token id") from None
+    return out
+
+
+# ---- KoboldAI ----------------------------------------------------------------------------------
+
+def kobold_params(req: KoboldGenerate, engine: Engine, prompt_len: int) -> SamplingParams:
+    if req.mirostat:
+        raise BadRequest("mirostat is not supported by Galatea; set it to 0 (Mirostat off)")
+    if req.grammar.strip():
+        raise BadRequest("grammar-constrained sampling is not supported by Galatea; clear the grammar field")
+    rep_pen = max(v for v in (req.rep_pen, req.repetition_penalty, req.repeat_penalty) if v is not None)
+    ban_eos = req.ban_eos_token if req.ban_eos_token is not None else req.use_default_badwordsids
+    stops = list(req.stop_sequence) + (["\n"] if req.singleline else [])
+    order = [i for i in req.sampler_order if 0 <= i <= 6] or [6, 0, 1, 3, 4, 2, 5]
+    room = max(1, kobold_context(req, engine) - prompt_len)
+    return SamplingParams(
+        max_new_tokens=min(req.max_length, room), temperature=req.temperature, top_k=req.top_k,
+        top_p=req.top_p, min_p=req.min_p, typical_p=req.typical, tfs=req.tfs, top_a=req.top_a,
+        repetition_penalty=rep_pen, repetition_penalty_range=req.rep_pen_range,
+        repetition_penalty_slope=req.rep_pen_slope, presence_penalty=req.presence_penalty,
+        logit_bias=_bias(req.logit_bias), ban_eos=bool(ban_eos or req.bypass_eos), sampler_order=order,
+        seed=None if req.sampler_seed < 0 else req.sampler_seed, stop=stops, include_stop=not req.trim_stop,
+    )
+
+
+def kobold_context(req: KoboldGenerate, engine: Engine) -> int:
+    """The client's max_context_length, never more than the server's context."""
+    return min(req.max_context_length or engine.context, engine.context)
+
+
+def kobold_prompt(req: KoboldGenerate, engine: Engine) -> list[int]:
+    """memory + prompt, the prompt trimmed from the left so that prompt + max_length fits."""
+    if not req.prompt and not req.memory:
+        raise BadRequest("the prompt is empty; send some text to continue")
+    context = kobold_context(req, engine)
+    reply = min(req.max_length, max(1, context - 16))  # KoboldCpp clamps max_length the same way
+    memory = engine.tokenize(req.memory) if req.memory else []
+    prompt = engine.tokenize(req.prompt, add_bos=not memory) if req.prompt else []
+    room = context - reply - len(memory)
+    if room <= 0:
+        raise BadRequest(f"memory is {len(memory)} tokens and leaves no room in a context of {context}")
+    if len(prompt) > room:
+        bos = prompt[:1] if not memory and engine.tokenizer.add_bos else []
+        prompt = bos + prompt[len(prompt) - room + len(bos) :]
+    return memory + prompt
+
+
+# ---- OpenAI-style ------------------------------------------------------------------------------
+
+def completion_params(req: CompletionRequest, engine: Engine, prompt_len: int, default_max: int = 512,
+                      extra_stops: list[str] | None = None) -> SamplingParams:
+    max_tokens = req.max_tokens or req.max_new_tokens or getattr(req, "max_completion_tokens", None) or default_max
+    room = engine.context - prompt_len
+    if room < 1:
+        raise BadRequest(f"the prompt has {prompt_len} tokens and the context holds {engine.context}; "
+                         "shorten it or start the server with a larger --max-context", "context_length_exceeded")
+    rep = req.repetition_penalty or req.rep_pen or 1.0
+    rep_range = req.repetition_penalty_range if req.repetition_penalty_range is not None else req.rep_pen_range
+    seed = req.seed if req.seed is not None else req.sampler_seed
+    return SamplingParams(
+        max_new_tokens=min(max_tokens, room), temperature=req.temperature, top_p=req.top_p, top_k=req.top_k,
+        min_p=req.min_p, typical_p=req.typical_p if req.typical_p is not None else (req.typical or 1.0),
+        tfs=req.tfs, top_a=req.top_a, repetition_penalty=rep, repetition_penalty_range=rep_range or 0,
+        presence_penalty=req.presence_penalty, frequency_penalty=req.frequency_penalty,
+        logit_bias=_bias(req.logit_bias), ban_eos=req.ban_eos_token or req.ignore_eos,
+        seed=None if seed is None or seed < 0 else seed,
+        stop=list(dict.fromkeys([*req.stop, *req.stopping_strings, *(extra_stops or [])])),
+    )
+
+
+def completion_prompt(req: CompletionRequest, engine: Engine) -> list[int]:
+    prompt = req.prompt if isinstance(req.prompt, str) else "".join(req.prompt[:1])
+    if not prompt:
+        raise BadRequest("the prompt is empty; send some text to continue")
+    return engine.tokenize(prompt)
+
+
+def chat_prompt(req: ChatCompletionRequest, engine: Engine) -> tuple[list[int], str, str]:
+    """The Pygmalion prompt for a chat request: system messages make the persona, the
+    assistant's `name` (or `character`) is the character, users speak as `You` (or `user_name`).
+    Returns (ids, character name, user name)."""
+    char_name = req.character or next((m.name for m in req.messages if m.role == "assistant" and m.name), None) \
+        or "Assistant"
+    user = req.user_name or "You"
+    persona = "\n".join(m.text().strip() for m in req.messages if m.role in ("system", "developer")).strip()
+    history = [Turn(m.role == "user", m.text()) for m in req.messages if m.role in ("user", "assistant")]
+    new = history.pop().text if history and history[-1].is_user else None
+    reply = req.max_tokens or req.max_completion_tokens or req.max_new_tokens or 512
+    char = Character(name=char_name, description=persona)
+    try:
+        prompt = build_prompt(char, history, new, engine.tokenizer, engine.context, min(reply, engine.context // 2),
+                              user=user)
+    except GalateaError as e:
+        raise BadRequest(str(e), "context_length_exceeded") from None
+    return engine.tokenize(prompt.text), char_name, user
+
+
+def chat_stops(char: str, user: str) -> list[str]:
+    return reply_stops(char, user)
+
+
+def chat_text(text: str, char: str, user: str) -> str:
+    return clean_reply(text, char, char, user)
