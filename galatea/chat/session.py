@@ -10,7 +10,7 @@ from __future__ import annotations
 import re
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -59,10 +59,18 @@ class Turnout:
     message_id: int | None = None
 
 
+Generate = Callable[[list[int], SamplingParams, threading.Event | None], Iterator[Chunk]]
+
+
 class ChatSession:
+    """`generate` runs the model (default: directly, in this thread); the server passes its
+    engine queue instead, so chat sessions and API requests never race on the model."""
+
     def __init__(self, store: Store, lm: LoadedModel, chat_id: int, settings: dict[str, Any] | None = None,
-                 max_context: int | None = None) -> None:
+                 max_context: int | None = None, generate: Generate | None = None) -> None:
         self.store, self.lm, self.chat_id = store, lm, chat_id
+        self._run = generate or (lambda ids, params, cancel: stream_generate(
+            lm.model, lm.tokenizer, ids, params, cancel, self.context))
         self.info = store.chat(chat_id)
         self.character_id, self.char = store.character(self.info.character_id)
         self.settings = {**DEFAULT_SETTINGS, **self.info.settings, **(settings or {})}
@@ -150,7 +158,7 @@ class ChatSession:
         ids = self.lm.tokenizer.encode(prompt.text)
         parts: list[str] = []
         last: Chunk | None = None
-        for chunk in stream_generate(self.lm.model, self.lm.tokenizer, ids, params, cancel, self.context):
+        for chunk in self._run(ids, params, cancel):
             if chunk.text:
                 parts.append(chunk.text)
                 yield chunk.text

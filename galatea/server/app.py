@@ -11,20 +11,23 @@ from __future__ import annotations
 import hmac
 import logging
 from collections.abc import Awaitable, Callable
+from pathlib import Path
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.middleware.cors import CORSMiddleware
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import FileResponse, JSONResponse, Response
+from fastapi.staticfiles import StaticFiles
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from galatea import __version__
 from galatea.chat.store import Store
-from galatea.server import kobold, openai_api
+from galatea.server import galatea_api, kobold, openai_api
 from galatea.server.engine import Engine
 from galatea.server.serving import BadRequest
 
 MAX_BODY = 32 << 20  # KoboldCpp's payload limit
+STATIC = Path(__file__).parent / "static"
 log = logging.getLogger("galatea.server")
 
 
@@ -100,4 +103,12 @@ def create_app(engine: Engine, store: Store | None = None, api_key: str | None =
 
     app.include_router(kobold.build_router(engine))
     app.include_router(openai_api.build_router(engine))
+    if store is not None:  # the chat page and its API work on the chat store
+        app.include_router(galatea_api.build_router(engine, store))
+        app.mount("/static", StaticFiles(directory=STATIC), name="static")
+
+        @app.get("/", include_in_schema=False)
+        def page() -> FileResponse:
+            return FileResponse(STATIC / "index.html")
+
     return app

@@ -12,7 +12,7 @@ import asyncio
 import queue
 import threading
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -25,8 +25,7 @@ from galatea.model.checkpoint import LoadedModel
 class Job:
     prompt_ids: list[int]
     params: SamplingParams
-    loop: asyncio.AbstractEventLoop
-    out: asyncio.Queue
+    emit: Callable[[Chunk | BaseException], None]  # hands a chunk (or the failure) to the requester
     genkey: str = ""
     cancel: threading.Event = field(default_factory=threading.Event)
     text: str = ""  # what has been generated so far (for /api/extra/generate/check)
@@ -73,11 +72,13 @@ class Engine:
                        cancel: threading.Event | None = None) -> AsyncIterator[Chunk]:
         """Chunks as the worker produces them; stopping iteration early cancels the job."""
         loop = asyncio.get_running_loop()
-        job = Job(list(prompt_ids), params, loop, asyncio.Queue(), genkey, cancel or threading.Event())
+        out: asyncio.Queue = asyncio.Queue()
+        job = Job(list(prompt_ids), params, lambda item: loop.call_soon_threadsafe(out.put_nowait, item), genkey,
+                  cancel or threading.Event())
         self._jobs.put(job)
         try:
             while True:
-                item = await job.out.get()
+                item = await out.get()
                 if isinstance(item, BaseException):
                     raise item
                 yield item
@@ -85,6 +86,23 @@ class Engine:
                     return
         finally:
             job.cancel.set()  # no-op when finished; stops the work when the client went away
+
+    def generate_sync(self, prompt_ids: Sequence[int], params: SamplingParams,
+                      cancel: threading.Event | None = None) -> Iterator[Chunk]:
+        """The same, for code running in a thread (the chat sessions of the web page)."""
+        out: queue.Queue = queue.Queue()
+        job = Job(list(prompt_ids), params, out.put, "", cancel or threading.Event())
+        self._jobs.put(job)
+        try:
+            while True:
+                item = out.get()
+                if isinstance(item, BaseException):
+                    raise item
+                yield item
+                if item.finish_reason is not None:
+                    return
+        finally:
+            job.cancel.set()
 
     def abort(self, genkey: str | None = None) -> bool:
         job = self.current
@@ -109,7 +127,7 @@ class Engine:
             try:
                 self._generate(job)
             except BaseException as e:  # handed to the request; never kills the worker
-                job.loop.call_soon_threadsafe(job.out.put_nowait, e)
+                job.emit(e)
             finally:
                 self.current = None
 
@@ -118,7 +136,7 @@ class Engine:
         for chunk in stream_generate(self.lm.model, self.lm.tokenizer, job.prompt_ids, job.params, job.cancel,
                                      self.context):
             job.text += chunk.text
-            job.loop.call_soon_threadsafe(job.out.put_nowait, chunk)
+            job.emit(chunk)
             last = chunk
         if last is not None:
             p = self.perf

@@ -1,0 +1,165 @@
+"""Galatea's own API, behind the web chat page: characters, chats and every chat operation, all
+through the same chat store as the terminal (so both see the same chats). Generation goes
+through the engine's queue; replies stream as SSE `data: {"text": ...}` events and end with a
+`{"done": true, ...}` event carrying the status line."""
+
+from __future__ import annotations
+
+import json
+import threading
+from collections.abc import Callable, Iterator
+from typing import Any
+
+from fastapi import APIRouter, Request
+from fastapi.responses import Response, StreamingResponse
+from pydantic import BaseModel, ConfigDict
+
+from galatea.chat.cards import load_character, placeholder_png, read_card
+from galatea.chat.session import ChatSession
+from galatea.chat.store import Store
+from galatea.errors import GalateaError
+from galatea.server.engine import Engine
+from galatea.server.serving import BadRequest
+
+
+class Text(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    text: str
+
+
+class Step(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    step: int
+
+
+def build_router(engine: Engine, store: Store) -> APIRouter:
+    r = APIRouter(prefix="/galatea", tags=["Galatea"])
+    lock = threading.Lock()  # one chat write sequence at a time from this server
+
+    if not store.characters():  # a first start: the bundled character, so the page has someone
+        store.add_character(load_character(None))
+
+    def session(chat_id: int) -> ChatSession:
+        try:
+            return ChatSession(store, engine.lm, chat_id, max_context=engine.context, generate=engine.generate_sync)
+        except GalateaError as e:
+            raise BadRequest(str(e), "not_found", 404) from None
+
+    def messages(chat_id: int) -> list[dict[str, Any]]:
+        return [{"id": m.id, "number": i, "is_user": m.is_user, "name": m.name, "text": m.text,
+                 "swipe": m.active, "swipes": len(m.swipes)} for i, m in enumerate(store.messages(chat_id), 1)]
+
+    def sse(make: Callable[[threading.Event], Iterator[str]], s: ChatSession) -> StreamingResponse:
+        cancel = threading.Event()
+
+        def events() -> Iterator[str]:
+            try:
+                with lock:
+                    for text in make(cancel):
+                        yield f"data: {json.dumps({'text': text}, ensure_ascii=False)}\n\n"
+                last = s.last
+                status = {} if last is None else {
+                    "prompt_tokens": last.prompt_tokens, "reply_tokens": last.reply_tokens,
+                    "tok_s": round(last.decode_tok_s, 1), "finish_reason": last.finish_reason}
+                yield f"data: {json.dumps({'done': True, 'status': status})}\n\n"
+            except GalateaError as e:
+                yield f"data: {json.dumps({'done': True, 'error': str(e)})}\n\n"
+            finally:
+                cancel.set()
+
+        return StreamingResponse(events(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+
+    @r.get("/characters")
+    def characters() -> list[dict]:
+        out = []
+        for cid, name in store.characters():
+            char = store.character(cid)[1]
+            out.append({"id": cid, "name": name, "description": char.description[:200],
+                        "last_chat": store.last_chat(cid)})
+        return out
+
+    @r.post("/characters")
+    async def import_character(request: Request) -> dict:
+        data = await request.body()
+        if not data:
+            raise BadRequest("send the card file (JSON, PNG or YAML) as the request body")
+        try:
+            char = read_card(data, where="uploaded card")
+        except GalateaError as e:
+            raise BadRequest(str(e), "bad_card") from None
+        return {"id": store.add_character(char), "name": char.name}
+
+    @r.get("/characters/{character_id}/image")
+    def image(character_id: int) -> Response:
+        try:
+            _, char = store.character(character_id)
+        except GalateaError as e:
+            raise BadRequest(str(e), "not_found", 404) from None
+        return Response(char.image or placeholder_png(char.name), media_type="image/png")
+
+    @r.get("/characters/{character_id}/chats")
+    def chats(character_id: int) -> list[dict]:
+        return [{"id": c.id, "title": c.title, "messages": c.messages, "updated_at": c.updated_at}
+                for c in store.chats(character_id)]
+
+    @r.post("/characters/{character_id}/chats")
+    def new_chat(character_id: int) -> dict:
+        try:
+            return {"id": store.new_chat(character_id)}
+        except GalateaError as e:
+            raise BadRequest(str(e), "not_found", 404) from None
+
+    @r.get("/chats/{chat_id}")
+    def chat(chat_id: int) -> dict:
+        s = session(chat_id)
+        return {"id": chat_id, "title": s.info.title, "user": s.user, "character": {"id": s.character_id,
+                "name": s.char.name}, "messages": messages(chat_id)}
+
+    @r.post("/chats/{chat_id}/send")
+    def send(chat_id: int, body: Text) -> StreamingResponse:
+        if not body.text.strip():
+            raise BadRequest("the message is empty")
+        s = session(chat_id)
+        return sse(lambda c: s.send(body.text, c), s)
+
+    @r.post("/chats/{chat_id}/regenerate")
+    def regenerate(chat_id: int) -> StreamingResponse:
+        s = session(chat_id)
+        return sse(s.regenerate, s)
+
+    @r.post("/chats/{chat_id}/continue")
+    def continue_(chat_id: int) -> StreamingResponse:
+        s = session(chat_id)
+        return sse(s.continue_last, s)
+
+    @r.get("/chats/{chat_id}/prompt")
+    def prompt(chat_id: int) -> dict:
+        p = session(chat_id).prompt()
+        return {"prompt": p.text, "tokens": p.tokens, "messages_dropped": p.messages_dropped,
+                "examples_dropped": p.examples_dropped}
+
+    @r.post("/messages/{message_id}/swipe")
+    def swipe(message_id: int, body: Step) -> dict:
+        try:
+            return {"swipe": store.swipe(message_id, body.step)}
+        except GalateaError as e:
+            raise BadRequest(str(e), "not_found", 404) from None
+
+    @r.put("/messages/{message_id}")
+    def edit(message_id: int, body: Text) -> dict:
+        try:
+            store.edit_message(message_id, body.text)
+        except GalateaError as e:
+            raise BadRequest(str(e), "not_found", 404) from None
+        return {"ok": True}
+
+    @r.delete("/messages/{message_id}")
+    def delete(message_id: int) -> dict:
+        store.delete_message(message_id)
+        return {"ok": True}
+
+    @r.post("/abort")
+    def abort() -> dict:
+        return {"stopped": engine.abort()}
+
+    return r

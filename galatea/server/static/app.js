@@ -1,0 +1,193 @@
+// Galatea's chat page: plain JavaScript, no build step, nothing fetched from outside this server.
+"use strict";
+const $ = (id) => document.getElementById(id);
+const state = { character: null, chat: null, busy: false };
+
+async function api(path, options = {}) {
+  const r = await fetch("/galatea" + path, options);
+  if (!r.ok) {
+    let msg = r.statusText;
+    try { const e = await r.json(); msg = (e.error && e.error.message) || (e.detail && e.detail.msg) || msg; } catch (_) {}
+    throw new Error(msg);
+  }
+  return r.json();
+}
+
+function status(text) { $("status").textContent = text || ""; }
+
+function setBusy(busy) {
+  state.busy = busy;
+  for (const id of ["send", "regen", "continue", "new-chat"]) $(id).disabled = busy;
+  $("stop").disabled = !busy;
+}
+
+async function loadCharacters(select) {
+  const chars = await api("/characters");
+  $("character").innerHTML = "";
+  for (const c of chars) $("character").add(new Option(c.name, c.id));
+  const pick = select || (state.character && chars.find((c) => c.id === state.character)?.id) || chars[0]?.id;
+  if (pick) { $("character").value = pick; await openCharacter(Number(pick)); }
+}
+
+async function openCharacter(id) {
+  state.character = id;
+  $("avatar").src = `/galatea/characters/${id}/image`;
+  let chats = await api(`/characters/${id}/chats`);
+  if (!chats.length) { await api(`/characters/${id}/chats`, { method: "POST" }); chats = await api(`/characters/${id}/chats`); }
+  $("chat").innerHTML = "";
+  for (const c of chats) $("chat").add(new Option(`${c.title} (${c.messages})`, c.id));
+  await openChat(chats[0].id);
+}
+
+async function openChat(id) {
+  state.chat = id;
+  $("chat").value = id;
+  localStorage.setItem("galatea.chat", id);
+  render((await api(`/chats/${id}`)).messages);
+}
+
+function render(messages) {
+  const box = $("messages");
+  box.innerHTML = "";
+  messages.forEach((m, i) => box.appendChild(messageView(m, i === messages.length - 1)));
+  box.scrollTop = box.scrollHeight;
+}
+
+function messageView(m, isLast) {
+  const div = document.createElement("div");
+  div.className = "msg " + (m.is_user ? "user" : "char");
+  div.dataset.id = m.id;
+  const name = document.createElement("span");
+  name.className = "name"; name.textContent = m.name + ":";
+  const text = document.createElement("span");
+  text.className = "text"; text.textContent = m.text;
+  div.append(name, text);
+  const tools = document.createElement("div");
+  tools.className = "tools";
+  if (!m.is_user && m.swipes > 1 || (!m.is_user && isLast)) {
+    const prev = button("◀", "Previous swipe", () => swipe(m.id, -1));
+    const count = document.createElement("span");
+    count.className = "swipe-count"; count.textContent = `${m.swipe + 1}/${m.swipes}`;
+    const next = button("▶", "Next swipe (past the last: regenerate)", () =>
+      isLast && m.swipe + 1 === m.swipes && m.number > 1 ? generate("regenerate") : swipe(m.id, 1));
+    tools.append(prev, count, next);
+  }
+  tools.append(button("✎", "Edit", () => edit(m)), button("✕", "Delete", () => del(m)));
+  div.appendChild(tools);
+  return div;
+}
+
+function button(label, title, onclick) {
+  const b = document.createElement("button");
+  b.type = "button"; b.textContent = label; b.title = title; b.onclick = onclick;
+  return b;
+}
+
+async function swipe(id, step) { await api(`/messages/${id}/swipe`, post({ step })); await openChat(state.chat); }
+async function edit(m) {
+  const text = prompt("Edit message", m.text);
+  if (text !== null) { await api(`/messages/${m.id}`, { ...post({ text }), method: "PUT" }); await openChat(state.chat); }
+}
+async function del(m) {
+  if (confirm("Delete this message?")) { await api(`/messages/${m.id}`, { method: "DELETE" }); await openChat(state.chat); }
+}
+function post(body) { return { method: "POST", headers: { "Content-Type": "application/json" }, body: JSON.stringify(body) }; }
+
+// Stream a reply: the server sends `data: {"text": ...}` events and a final `{"done": true}`.
+async function generate(kind, body) {
+  if (state.busy) return;
+  setBusy(true);
+  status("…");
+  const chatId = state.chat;
+  try {
+    if (kind === "send") {
+      const box = $("messages");
+      box.appendChild(messageView({ id: 0, is_user: true, name: "You", text: body.text, swipes: 1, swipe: 0 }, false));
+    }
+    const live = messageView({ id: 0, is_user: false, name: $("character").selectedOptions[0].text, text: "", swipes: 1, swipe: 0 }, false);
+    live.classList.add("streaming");
+    if (kind !== "continue") $("messages").appendChild(live);
+    const r = await fetch(`/galatea/chats/${chatId}/${kind}`, post(body || {}));
+    if (!r.ok) { const e = await r.json(); throw new Error((e.error && e.error.message) || r.statusText); }
+    const reader = r.body.getReader();
+    const decoder = new TextDecoder();
+    let buffer = "", done = null;
+    const target = kind === "continue" ? $("messages").lastElementChild.querySelector(".text") : live.querySelector(".text");
+    while (true) {
+      const { value, done: end } = await reader.read();
+      if (end) break;
+      buffer += decoder.decode(value, { stream: true });
+      let cut;
+      while ((cut = buffer.indexOf("\n\n")) >= 0) {
+        const line = buffer.slice(0, cut); buffer = buffer.slice(cut + 2);
+        if (!line.startsWith("data: ")) continue;
+        const event = JSON.parse(line.slice(6));
+        if (event.text) { target.textContent += event.text; $("messages").scrollTop = $("messages").scrollHeight; }
+        if (event.done) done = event;
+      }
+    }
+    if (done && done.error) throw new Error(done.error);
+    const s = done && done.status;
+    status(s ? `prompt ${s.prompt_tokens} tok · reply ${s.reply_tokens} tok · ${s.tok_s} tok/s` +
+               (s.finish_reason === "cancelled" ? " · stopped" : "") : "");
+  } catch (e) {
+    status("error: " + e.message);
+  } finally {
+    setBusy(false);
+    await openChat(chatId);
+  }
+}
+
+async function importCard(file) {
+  try {
+    const c = await api("/characters", { method: "POST", body: await file.arrayBuffer() });
+    status(`imported ${c.name}`);
+    await loadCharacters(c.id);
+  } catch (e) { status("import failed: " + e.message); }
+}
+
+$("composer").addEventListener("submit", (ev) => {
+  ev.preventDefault();
+  const text = $("input").value.trim();
+  if (!text || state.busy) return;
+  $("input").value = "";
+  generate("send", { text });
+});
+$("input").addEventListener("keydown", (ev) => {
+  if (ev.key === "Enter" && !ev.shiftKey) { ev.preventDefault(); $("composer").requestSubmit(); }
+});
+$("regen").onclick = () => generate("regenerate");
+$("continue").onclick = () => generate("continue");
+$("stop").onclick = () => api("/abort", { method: "POST" });
+$("show-prompt").onclick = async () => {
+  const p = await api(`/chats/${state.chat}/prompt`);
+  $("prompt-text").textContent = `(${p.tokens} tokens)\n\n` + p.prompt;
+  $("prompt-dialog").showModal();
+};
+$("character").onchange = () => openCharacter(Number($("character").value));
+$("chat").onchange = () => openChat(Number($("chat").value));
+$("new-chat").onclick = async () => {
+  const c = await api(`/characters/${state.character}/chats`, { method: "POST" });
+  await openCharacter(state.character); await openChat(c.id);
+};
+$("import").onchange = (ev) => { if (ev.target.files[0]) importCard(ev.target.files[0]); };
+document.addEventListener("dragover", (ev) => { ev.preventDefault(); document.body.classList.add("dragging"); });
+document.addEventListener("dragleave", (ev) => { if (!ev.relatedTarget) document.body.classList.remove("dragging"); });
+document.addEventListener("drop", (ev) => {
+  ev.preventDefault(); document.body.classList.remove("dragging");
+  if (ev.dataTransfer.files[0]) importCard(ev.dataTransfer.files[0]);
+});
+
+setBusy(false);
+(async () => {
+  const saved = Number(localStorage.getItem("galatea.chat"));
+  await loadCharacters();
+  if (saved) {
+    try {
+      const c = await api(`/chats/${saved}`);
+      $("character").value = c.character.id;
+      await openCharacter(c.character.id);
+      await openChat(saved);
+    } catch (_) { /* that chat is gone: keep the default */ }
+  }
+})();

@@ -1,0 +1,80 @@
+"""The chat page in a real headless browser (Debian chromium driven by Playwright) against a real
+server: pick the bundled character, send, see the streamed reply, regenerate, swipe, reload."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+
+from galatea.chat.cards import Character
+from tests.checkpoints import ROOT
+from tests.test_server import Server
+
+ARTIFACTS = ROOT / "test-artifacts"
+CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                 "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+
+
+@pytest.fixture(scope="module")
+def browser():
+    from playwright.sync_api import sync_playwright
+
+    exe = shutil.which("chromium") or "/usr/bin/chromium"
+    if not Path(exe).exists():
+        raise AssertionError("Debian chromium is needed: apt-get install chromium (.ci/run installs it)")
+    with sync_playwright() as p:
+        b = p.chromium.launch(executable_path=exe, args=CHROMIUM_ARGS)
+        yield b
+        b.close()
+
+
+def test_chat_page(browser, tmp_path):
+    server = Server(tmp_path)
+    errors: list[str] = []
+    try:
+        page = browser.new_page(viewport={"width": 390, "height": 844})  # a phone-sized screen
+        page.on("pageerror", lambda e: errors.append(str(e)))
+        page.goto(server.url + "/")
+        page.wait_for_selector("#character option:text('Aria')", state="attached")
+        page.wait_for_selector(".msg.char .text:has-text('Well met, traveller')")
+
+        page.fill("#input", "Hello Aria! Tell me about Pip.")
+        page.keyboard.press("Enter")
+        page.wait_for_selector(".msg.streaming .text:not(:empty)", timeout=60_000)  # text arrives while streaming
+        page.wait_for_function("document.querySelector('#status').textContent.includes('tok/s')", timeout=120_000)
+        msgs = page.locator(".msg")
+        assert msgs.count() == 3
+        assert "Hello Aria! Tell me about Pip." in msgs.nth(1).inner_text()
+        first_reply = msgs.nth(2).locator(".text").inner_text()
+        assert first_reply.strip()
+
+        page.evaluate("document.querySelector('#status').textContent = ''")
+        page.click("#regen")
+        page.wait_for_function("document.querySelector('#status').textContent.includes('tok/s')", timeout=120_000)
+        page.wait_for_selector(".msg:last-child .swipe-count:text('2/2')")
+        page.locator(".msg:last-child button[title='Previous swipe']").click()
+        page.wait_for_selector(".msg:last-child .swipe-count:text('1/2')")
+        assert page.locator(".msg:last-child .text").inner_text() == first_reply
+
+        ARTIFACTS.mkdir(exist_ok=True)
+        page.screenshot(path=str(ARTIFACTS / "web-chat-phone.png"), full_page=True)
+
+        page.reload()  # the chat is in the store: it comes back
+        page.wait_for_selector(".msg.user .text:has-text('Hello Aria! Tell me about Pip.')")
+        page.wait_for_selector(".msg:last-child .swipe-count:text('1/2')")
+        page.set_viewport_size({"width": 1280, "height": 800})
+        page.screenshot(path=str(ARTIFACTS / "web-chat-desktop.png"))
+
+        # importing a PNG card (what a drop on the page does) selects the new character
+        card = tmp_path / "mira.png"
+        card.write_bytes(Character(name="Mira", description="A witch.", first_mes="Who goes there?").to_png())
+        page.set_input_files("#import", str(card))
+        page.wait_for_selector("#status:has-text('imported Mira')")
+        page.wait_for_selector(".msg.char .text:has-text('Who goes there?')")
+        assert page.locator("#character").evaluate("s => s.selectedOptions[0].text") == "Mira"
+        assert not errors, errors
+    finally:
+        log = server.stop()
+    assert "Traceback" not in log, log
