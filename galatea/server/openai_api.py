@@ -48,6 +48,16 @@ def build_router(engine: Engine) -> APIRouter:
     def finish(reason: str | None) -> str:
         return "length" if reason == "length" else "stop"
 
+    async def collect(ids: list[int], req: CompletionRequest, request: Request,
+                      stops: list[str] | None = None) -> tuple[list[str], list[str], int]:
+        """All `n` generations whole: (texts, finish reasons, completion tokens in all)."""
+        texts, reasons, used = [""] * req.n, ["stop"] * req.n, 0
+        async for index, text, reason, n_tokens in generations(ids, req, request, stops):
+            texts[index] += text
+            if reason is not None:
+                reasons[index], used = finish(reason), used + n_tokens
+        return texts, reasons, used
+
     @r.post("/v1/completions")
     async def completions(req: CompletionRequest, request: Request) -> Any:
         ids = serving.completion_prompt(req, engine)
@@ -63,13 +73,7 @@ def build_router(engine: Engine) -> APIRouter:
                 yield "data: [DONE]\n\n"
 
             return StreamingResponse(events(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
-        texts = [""] * req.n
-        reasons: list[str] = ["stop"] * req.n
-        used = 0
-        async for index, text, reason, n_tokens in generations(ids, req, request):
-            texts[index] += text
-            if reason is not None:
-                reasons[index], used = finish(reason), used + n_tokens
+        texts, reasons, used = await collect(ids, req, request)
         return {"id": rid, "object": "text_completion", "created": created, "model": engine.name,
                 "choices": [{"index": i, "text": t, "logprobs": None, "finish_reason": reasons[i]}
                             for i, t in enumerate(texts)],
@@ -100,13 +104,7 @@ def build_router(engine: Engine) -> APIRouter:
                 yield "data: [DONE]\n\n"
 
             return StreamingResponse(events(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
-        texts = [""] * req.n
-        reasons: list[str] = ["stop"] * req.n
-        used = 0
-        async for index, text, reason, n_tokens in generations(ids, req, request, stops):
-            texts[index] += text
-            if reason is not None:
-                reasons[index], used = finish(reason), used + n_tokens
+        texts, reasons, used = await collect(ids, req, request, stops)
         return {"id": rid, "object": "chat.completion", "created": created, "model": engine.name,
                 "choices": [{"index": i, "message": {"role": "assistant", "content": serving.chat_text(t, char, user)},
                              "finish_reason": reasons[i]} for i, t in enumerate(texts)],
