@@ -86,8 +86,7 @@ def import_sillytavern(store: Store, text: str, character_id: int, where: str = 
         active = r.get("swipe_id") if isinstance(r.get("swipe_id"), int) else 0
         active = max(0, min(active, len(built) - 1))
         name = str(r.get("name") or (user if r.get("is_user") else "?"))
-        with store._write() as db:
-            store._insert_message(db, chat_id, bool(r.get("is_user")), name, built, active)
+        store.add_message_swipes(chat_id, bool(r.get("is_user")), name, built, active)
     return chat_id
 
 
@@ -128,13 +127,12 @@ def import_textgen(store: Store, text: str, character_id: int, user_name: str = 
     _, char = store.character(character_id)
     chat_id = store.new_chat(character_id, user_name=user_name, greeting=False, title=f"{char.name} (imported)")
     now = time.time()
-    with store._write() as db:
-        for pair in pairs:
-            if not isinstance(pair, list) or len(pair) != 2:
-                continue
-            u, b = (unescape(str(x)) for x in pair)
-            if u and u != TGW_START:
-                store._insert_message(db, chat_id, True, user_name, [Swipe(u)])
-            if b:
-                store._insert_message(db, chat_id, False, char.name, [Swipe(b, gen_finished=now)])
+    for pair in pairs:
+        if not isinstance(pair, list) or len(pair) != 2:
+            continue
+        u, b = (unescape(str(x)) for x in pair)
+        if u and u != TGW_START:
+            store.add_message_swipes(chat_id, True, user_name, [Swipe(u)])
+        if b:
+            store.add_message_swipes(chat_id, False, char.name, [Swipe(b, gen_finished=now)])
     return chat_id

@@ -250,6 +250,12 @@ class Store:
             return self._insert_message(db, chat_id, is_user, name,
                                         [Swipe(text, seed, gen_started, gen_finished, extra or {})])
 
+    def add_message_swipes(self, chat_id: int, is_user: bool, name: str, swipes: list[Swipe],
+                           active: int = 0) -> int:
+        """A message with all its alternatives at once (imports)."""
+        with self._write() as db:
+            return self._insert_message(db, chat_id, is_user, name, swipes, active)
+
     def _insert_message(self, db: sqlite3.Connection, chat_id: int, is_user: bool, name: str,
                         swipes: list[Swipe], active: int = 0) -> int:
         (pos,) = db.execute("SELECT coalesce(max(position), -1) + 1 FROM messages WHERE chat_id = ?",
