@@ -32,11 +32,18 @@ async function loadCharacters(select) {
 async function openCharacter(id) {
   state.character = id;
   $("avatar").src = `/galatea/characters/${id}/image`;
-  let chats = await api(`/characters/${id}/chats`);
-  if (!chats.length) { await api(`/characters/${id}/chats`, { method: "POST" }); chats = await api(`/characters/${id}/chats`); }
+  let chats = await listChats(id);
+  if (!chats.length) { await api(`/characters/${id}/chats`, { method: "POST" }); chats = await listChats(id); }
+  await openChat(chats[0].id);
+}
+
+// Fill the chat picker (titles with message counts) for a character; returns its chats, newest first.
+async function listChats(characterId) {
+  const chats = await api(`/characters/${characterId}/chats`);
   $("chat").innerHTML = "";
   for (const c of chats) $("chat").add(new Option(`${c.title} (${c.messages})`, c.id));
-  await openChat(chats[0].id);
+  if (state.chat) $("chat").value = state.chat;
+  return chats;
 }
 
 async function openChat(id) {
@@ -135,6 +142,7 @@ async function generate(kind, body) {
   } finally {
     setBusy(false);
     await openChat(chatId);
+    await listChats(state.character);  // message counts changed
   }
 }
 
@@ -168,7 +176,9 @@ $("character").onchange = () => openCharacter(Number($("character").value));
 $("chat").onchange = () => openChat(Number($("chat").value));
 $("new-chat").onclick = async () => {
   const c = await api(`/characters/${state.character}/chats`, { method: "POST" });
-  await openCharacter(state.character); await openChat(c.id);
+  state.chat = c.id;
+  await listChats(state.character);
+  await openChat(c.id);
 };
 $("import").onchange = (ev) => { if (ev.target.files[0]) importCard(ev.target.files[0]); };
 document.addEventListener("dragover", (ev) => { ev.preventDefault(); document.body.classList.add("dragging"); });
