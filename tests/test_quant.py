@@ -58,20 +58,25 @@ def test_auto_mode_follows_the_file():
 
 def test_gguf_q4_loads_straight_into_int4_groups_bit_for_bit(tmp_path):
     """Q4_0/Q4_1 blocks parsed into int4 groups dequantize to exactly gguf-py's values, q/k rows
-    un-permuted like the float path."""
+    un-permuted like the float path; Q4_K (random super-blocks) to the same values up to float
+    rounding (d*sc*q - dmin*m is regrouped as (q - 8)*scale + zero)."""
     from galatea.model.gguf_file import GGUFFile
     from galatea.model.quant import Int4Groups
     from tests.checkpoints import hf_model, write_gguf
 
-    for qtype in (gguf.GGMLQuantizationType.Q4_0, gguf.GGMLQuantizationType.Q4_1):
-        path = write_gguf(hf_model("gqa"), tmp_path / f"{qtype.name}.gguf", qtype=qtype)
+    for qtype in (gguf.GGMLQuantizationType.Q4_0, gguf.GGMLQuantizationType.Q4_1, gguf.GGMLQuantizationType.Q4_K):
+        variant = "kquant" if qtype == gguf.GGMLQuantizationType.Q4_K else "gqa"
+        path = write_gguf(hf_model(variant), tmp_path / f"{qtype.name}.gguf", qtype=qtype)
         f = GGUFFile(path)
         floats = dict(f.iter_tensors(4, 2, torch.float32))
         direct = dict(f.iter_tensors(4, 2, torch.float32, int4=True))
         grouped = [n for n, v in direct.items() if isinstance(v, Int4Groups)]
         assert len(grouped) == 2 * 7  # every linear weight of both decoder layers
         for name in grouped:
-            assert torch.equal(direct[name].dequantize(), floats[name]), name
+            if qtype == gguf.GGMLQuantizationType.Q4_K:
+                torch.testing.assert_close(direct[name].dequantize(), floats[name], rtol=1e-5, atol=1e-6)
+            else:
+                assert torch.equal(direct[name].dequantize(), floats[name]), name
 
 
 def test_int4_and_int8_layers_concatenate_by_rows():
@@ -87,3 +92,21 @@ def test_int4_and_int8_layers_concatenate_by_rows():
     assert torch.equal(fused(x), torch.cat([p(x) for p in int4], dim=-1))
     assert concat_linears(int4) is None  # packed by the calls above: no longer joinable
     assert concat_linears([Int4Linear.from_float(ws[0]), Int8Linear.from_float(ws[1])]) is None
+
+
+def test_q4_gguf_int4_model_tracks_the_dequantized_model(tmp_path):
+    """Loaded straight into int4 (the default for these files), a Q4_K/Q4_0 model computes what
+    the exactly dequantized model computes, up to bf16 rounding of scales and activations."""
+    from galatea.model.checkpoint import load
+    from tests.checkpoints import hf_model, write_gguf
+
+    tokens = torch.tensor([[1, 15043, 3186, 29892, 920, 526, 366, 29973, 13, 3492, 29901]])
+    for qtype, variant in ((gguf.GGMLQuantizationType.Q4_K, "kquant"), (gguf.GGMLQuantizationType.Q4_0, "gqa")):
+        path = write_gguf(hf_model(variant), tmp_path / f"{qtype.name}.gguf", qtype=qtype)
+        exact = load(path, dtype=torch.float32, quant="none")
+        fast = load(path, dtype=torch.bfloat16)
+        assert fast.quant == "int4"
+        a = exact.model(tokens, 0, exact.model.make_cache(1, 16), all_logits=True)[0]
+        b = fast.model(tokens, 0, fast.model.make_cache(1, 16), all_logits=True)[0]
+        cos = torch.nn.functional.cosine_similarity(a, b, dim=-1).min()
+        assert cos > 0.99, f"{qtype.name}: cosine {cos}"

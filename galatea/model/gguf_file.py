@@ -128,7 +128,7 @@ class GGUFFile:
             name = hf_name(t.name)
             if name is None:
                 raise GalateaError(f"{self.path}: unexpected tensor {t.name!r}; this is not a plain LLaMA GGUF")
-            direct = int4 and t.type_id in (Q.Q4_0, Q.Q4_1) and t.name.startswith("blk.")
+            direct = int4 and t.type_id in (Q.Q4_0, Q.Q4_1, Q.Q4_K) and t.name.startswith("blk.")
             w = self.read_int4_groups(t) if direct else self.read_float(t, dtype)
             heads = n_heads if t.name.endswith("attn_q.weight") else \
                 n_kv_heads if t.name.endswith("attn_k.weight") else 0
@@ -140,11 +140,17 @@ class GGUFFile:
             self.release(t)
 
     def read_int4_groups(self, t: TensorInfo) -> Int4Groups:
-        """A Q4_0 or Q4_1 tensor as int4 groups, bit for bit. Per block of 32 weights: Q4_0 holds
-        an fp16 d and 16 bytes of nibbles, w = d * (q - 8); Q4_1 holds d, an fp16 m and the
-        nibbles, w = d * q + m. Byte j carries weight j (low nibble) and weight j + 16 (high)."""
+        """A Q4_0, Q4_1 or Q4_K tensor as int4 groups of 32, without a float copy.
+
+        Q4_0/Q4_1, per block of 32: an fp16 d (and for Q4_1 an fp16 m), then 16 bytes whose low
+        nibbles are weights 0-15 and high nibbles weights 16-31; w = d * (q - 8), or d * q + m.
+        Q4_K, per super-block of 256: fp16 d and dmin, 12 bytes packing eight 6-bit scales and
+        eight 6-bit mins, then 128 bytes of nibbles in four runs of 32 bytes (low nibbles: one
+        sub-block of 32, high nibbles: the next); sub-block j has w = d*sc[j] * q - dmin*m[j]."""
         n, k = t.shape
         block_bytes = GGML_QUANT_SIZES[Q(t.type_id)][1]
+        if t.type_id == Q.Q4_K:
+            return self._q4_k_groups(t, n, k, block_bytes)
         raw = torch.from_numpy(self.raw(t).reshape(n, k // 32, block_bytes).copy())
         d = raw[..., 0:2].contiguous().view(torch.float16)[..., 0].float()  # [N, K/32]
         if t.type_id == Q.Q4_0:
@@ -154,6 +160,22 @@ class GGUFFile:
             nibbles, zero = raw[..., 4:], m + 8 * d
         q = torch.cat([nibbles & 0x0F, nibbles >> 4], dim=-1).reshape(n, k)
         return Int4Groups(q, d, zero)
+
+    def _q4_k_groups(self, t: TensorInfo, n: int, k: int, block_bytes: int) -> Int4Groups:
+        raw = torch.from_numpy(self.raw(t).reshape(n, k // 256, block_bytes).copy())  # [N, B, 144]
+        d = raw[..., 0:2].contiguous().view(torch.float16)[..., 0].float()[..., None]  # [N, B, 1]
+        dmin = raw[..., 2:4].contiguous().view(torch.float16)[..., 0].float()[..., None]
+        packed = raw[..., 4:16].to(torch.int32)  # [N, B, 12]
+        lo, mid, hi = packed[..., 0:4], packed[..., 4:8], packed[..., 8:12]
+        # scales/mins 0-3: the low 6 bits of bytes 0-3 / 4-7; 4-7: a nibble of bytes 8-11 plus
+        # the top 2 bits of bytes 0-3 / 4-7.
+        sc = torch.cat([lo & 63, (hi & 0x0F) | ((lo >> 6) << 4)], dim=-1).float()  # [N, B, 8]
+        mn = torch.cat([mid & 63, (hi >> 4) | ((mid >> 6) << 4)], dim=-1).float()
+        scale = (d * sc).reshape(n, k // 32)
+        zero = (8 * d * sc - dmin * mn).reshape(n, k // 32)
+        qs = raw[..., 16:].reshape(n, k // 256, 4, 1, 32)  # four runs of 32 bytes
+        q = torch.cat([qs & 0x0F, qs >> 4], dim=3).reshape(n, k)  # low nibbles, then high
+        return Int4Groups(q, scale, zero)
 
     def release(self, t: TensorInfo) -> None:
         """Drop the tensor's file pages from this process (they were copied out; a later read

@@ -3,8 +3,9 @@
 Decoding on a CPU is bound by memory bandwidth: every token reads every weight once. int8 with
 one scale per output row halves the bytes of bf16 (`aten._weight_int8pack_mm`); int4 in groups of
 32 with a scale and a zero per group quarters them (`aten._weight_int4pack_mm_for_cpu`). A GGUF
-Q4_0/Q4_1 block is exactly such a group (w = d*(q-8) or d*q + m), so those files load straight
-into int4 (`Int4Groups`, see gguf_file.py) with no float copy and no second rounding.
+Q4_0/Q4_1 block, or a Q4_K sub-block, is exactly such a group (w = d*(q-8), d*q + m, or
+d*sc*q - dmin*m), so those files load straight into int4 (`Int4Groups`, see gguf_file.py) with no
+float copy and no second rounding.
 
 Reading a long prompt is compute bound instead: for many rows at once the int8 layer dequantizes
 to the activation dtype and uses the dense GEMM, which is faster than the int8 kernel there.
