@@ -82,6 +82,13 @@ def post(server, path, body, **kw):
     return httpx.post(f"{server.url}{path}", json=body, timeout=120, **kw)
 
 
+def fresh_cache(server) -> None:
+    """Fill the server's prompt cache with an unrelated prompt, so the next request reads its
+    whole prompt: two requests compared token for token must be computed the same way (reusing
+    a cached prefix changes bf16/int4 rounding, as in llama.cpp)."""
+    post(server, "/api/v1/generate", {"prompt": "Unrelated words to reset the cache.", "max_length": 1})
+
+
 def test_status_calls_of_sillytavern_and_lite(server):
     get = lambda p: httpx.get(f"{server.url}{p}", timeout=10).json()  # noqa: E731
     assert get("/api/v1/info/version")["result"] == "1.2.5"
@@ -98,17 +105,20 @@ def test_status_calls_of_sillytavern_and_lite(server):
 
 
 def test_kobold_generate_with_sillytavern_payload(server):
+    fresh_cache(server)
     r = post(server, "/api/v1/generate", ST_KOBOLD)
     assert r.status_code == 200, r.text
     result = r.json()["results"][0]
     assert isinstance(result["text"], str) and result["text"]
     assert result["finish_reason"] in ("stop", "length")
+    fresh_cache(server)
     again = post(server, "/api/latest/generate", ST_KOBOLD).json()["results"][0]
     assert again["text"] == result["text"]  # sampler_seed makes it reproducible
 
 
 def test_kobold_stream_parsed_like_lite(server):
     body = {**ST_KOBOLD, **LITE_EXTRA, "temperature": 0, "max_length": 16}
+    fresh_cache(server)
     with httpx.stream("POST", f"{server.url}/api/extra/generate/stream", json=body, timeout=120) as r:
         assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
         raw = "".join(r.iter_text())
@@ -118,13 +128,16 @@ def test_kobold_stream_parsed_like_lite(server):
     data = [json.loads(d) for _, d in events]
     assert all(d["finish_reason"] == "null" for d in data[:-1]) and data[-1]["finish_reason"] in ("stop", "length")
     streamed = "".join(d["token"] for d in data)
+    fresh_cache(server)
     whole = post(server, "/api/v1/generate", body).json()["results"][0]["text"]
     assert streamed == whole
 
 
 def test_trim_stop_and_stop_kept_by_default(server):
     base = {"prompt": "Count: one, two, three,", "max_length": 40, "temperature": 0, "stop_sequence": [","]}
+    fresh_cache(server)
     kept = post(server, "/api/v1/generate", base).json()["results"][0]["text"]
+    fresh_cache(server)
     trimmed = post(server, "/api/v1/generate", {**base, "trim_stop": True}).json()["results"][0]["text"]
     assert kept.endswith(",") and kept[:-1] == trimmed and "," not in trimmed
 
@@ -177,11 +190,13 @@ def test_openai_client_completions(server, capsys):
 
     client = OpenAI(base_url=f"{server.url}/v1", api_key="none")
     prompt = "You: What is your name?\nAria:"
+    fresh_cache(server)
     r = client.completions.create(model="x", prompt=prompt, max_tokens=12, temperature=0, stop=["\nYou:"])
     assert r.choices[0].text and r.choices[0].finish_reason in ("stop", "length")
     assert main(["tokenize", prompt]) == 0
     n_prompt = len(json.loads(capsys.readouterr().out)["ids"])
     assert r.usage.prompt_tokens == n_prompt and 0 < r.usage.completion_tokens <= 12
+    fresh_cache(server)
     stream = client.completions.create(model="x", prompt=prompt, max_tokens=12, temperature=0, stop=["\nYou:"],
                                        stream=True)
     assert "".join(c.choices[0].text for c in stream) == r.choices[0].text
@@ -200,10 +215,12 @@ def test_openai_client_chat(server):
     messages = [{"role": "system", "content": "Aria is a cheerful bard."},
                 {"role": "assistant", "name": "Aria", "content": "Hello, traveller!"},
                 {"role": "user", "content": "Hi! Sing me a song."}]
+    fresh_cache(server)
     r = client.chat.completions.create(model="x", messages=messages, max_tokens=16, temperature=0)
     text = r.choices[0].message.content
     assert r.choices[0].message.role == "assistant" and text and text == text.strip()
     assert not text.startswith("Aria:")
+    fresh_cache(server)
     stream = client.chat.completions.create(model="x", messages=messages, max_tokens=16, temperature=0, stream=True)
     streamed = "".join(c.choices[0].delta.content or "" for c in stream)
     assert streamed.strip().removeprefix("Aria:").strip() == text
@@ -288,3 +305,13 @@ def test_port_in_use_is_a_clear_error(tmp_path):
                                str(tmp_path)], cwd=ROOT, capture_output=True, text=True, timeout=120,
                               env={**os.environ})
     assert proc.returncode != 0 and "Traceback" not in proc.stderr
+
+
+def test_a_growing_prompt_reuses_the_servers_cache(server):
+    fresh_cache(server)
+    story = "Once upon a time, in a small village by the sea, there lived an old fisherman."
+    post(server, "/api/v1/generate", {"prompt": story, "max_length": 4})
+    first = httpx.get(f"{server.url}/api/extra/perf", timeout=10).json()
+    post(server, "/api/v1/generate", {"prompt": story + " Every morning he", "max_length": 4})
+    second = httpx.get(f"{server.url}/api/extra/perf", timeout=10).json()
+    assert second["last_cached_count"] >= first["last_input_count"] - 1 > 0

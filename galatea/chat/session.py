@@ -17,6 +17,7 @@ from typing import Any
 from galatea.chat.prompt import Prompt, Turn, build_prompt, substitute
 from galatea.chat.store import Message, Store
 from galatea.engine.generate import Chunk, stream_generate
+from galatea.engine.prompt_cache import PromptCache
 from galatea.engine.sampling import SamplingParams
 from galatea.errors import GalateaError
 from galatea.model.checkpoint import LoadedModel
@@ -57,6 +58,7 @@ class Turnout:
     finish_reason: str | None
     seed: int | None = None
     message_id: int | None = None
+    cached_tokens: int = 0
 
 
 Generate = Callable[[list[int], SamplingParams, threading.Event | None], Iterator[Chunk]]
@@ -69,8 +71,9 @@ class ChatSession:
     def __init__(self, store: Store, lm: LoadedModel, chat_id: int, settings: dict[str, Any] | None = None,
                  max_context: int | None = None, generate: Generate | None = None) -> None:
         self.store, self.lm, self.chat_id = store, lm, chat_id
+        self.prompt_cache = PromptCache()  # each turn re-reads only what changed since the last
         self._run = generate or (lambda ids, params, cancel: stream_generate(
-            lm.model, lm.tokenizer, ids, params, cancel, self.context))
+            lm.model, lm.tokenizer, ids, params, cancel, self.context, self.prompt_cache))
         self.info = store.chat(chat_id)
         self.character_id, self.char = store.character(self.info.character_id)
         self.settings = {**DEFAULT_SETTINGS, **self.info.settings, **(settings or {})}
@@ -165,5 +168,5 @@ class ChatSession:
             last = chunk
         assert last is not None
         self.last = Turnout("".join(parts), last.prompt_tokens, last.generated_tokens, last.decode_tok_s,
-                            last.prefill_tok_s, last.finish_reason, last.seed)
+                            last.prefill_tok_s, last.finish_reason, last.seed, cached_tokens=last.cached_tokens)
         return self.last

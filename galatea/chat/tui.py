@@ -92,7 +92,8 @@ class TerminalChat:
         last = self.s.last
         if last is not None:
             stopped = " · stopped" if last.finish_reason == "cancelled" else ""
-            self.say(f"{self.c.dim}[prompt {last.prompt_tokens} tok · reply {last.reply_tokens} tok · "
+            cached = f" ({last.cached_tokens} reused)" if last.cached_tokens else ""
+            self.say(f"{self.c.dim}[prompt {last.prompt_tokens} tok{cached} · reply {last.reply_tokens} tok · "
                      f"{last.decode_tok_s:.1f} tok/s{stopped}]{self.c.reset}")
 
     def run_generation(self, name: str, is_user: bool, make: Callable[[threading.Event], Iterator[str]]) -> None:

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 
 import torch
 
+from galatea.engine.prompt_cache import PromptCache
 from galatea.engine.sampling import Sampler, SamplingParams
 from galatea.engine.text_stream import IncrementalDetokenizer, StopMatcher
 from galatea.errors import GalateaError
@@ -33,10 +34,13 @@ class Chunk:
     decode_tok_s: float = 0.0
     stop_string: str | None = None  # which stop string ended it, if one did
     seed: int | None = None
+    cached_tokens: int = 0  # prompt tokens whose keys/values were reused, not recomputed
 
 
 def stream_generate(model: Llama, tokenizer: Tokenizer, prompt_ids: Sequence[int], params: SamplingParams,
-                    cancel: threading.Event | None = None, max_context: int | None = None) -> Iterator[Chunk]:
+                    cancel: threading.Event | None = None, max_context: int | None = None,
+                    prompt_cache: PromptCache | None = None) -> Iterator[Chunk]:
+    """With a `prompt_cache`, the longest prefix it already holds is not read again."""
     context = max_context or model.config.max_position_embeddings
     n_prompt = len(prompt_ids)
     if n_prompt == 0:
@@ -47,14 +51,19 @@ def stream_generate(model: Llama, tokenizer: Tokenizer, prompt_ids: Sequence[int
     eos_ids = sorted({i for i in (tokenizer.eos_id, model.config.eos_token_id) if i is not None})
     sampler = Sampler(params, model.config.vocab_size, eos_ids)
     budget = min(params.max_new_tokens, context - n_prompt)
-    cache = model.make_cache(1, n_prompt + budget)
+    if prompt_cache is not None:
+        cache, reused = prompt_cache.reuse(model, prompt_ids, context)
+        prompt_cache.clear()  # until this generation ends cleanly, the cache holds nothing certain
+    else:
+        cache, reused = model.make_cache(1, n_prompt + budget), 0
     detok = IncrementalDetokenizer(tokenizer, prompt_ids)
     stops = StopMatcher(params.stop, params.include_stop)
     tokens = list(prompt_ids)
 
     t0 = time.perf_counter()
-    logits = model.prefill(torch.tensor([tokens], device=model.device), 0, cache)[0]
+    logits = model.prefill(torch.tensor([tokens[reused:]], device=model.device), reused, cache)[0]
     t1 = time.perf_counter()
+    fed = n_prompt  # positions whose keys/values are in the cache
     finish, n_new = None, 0
     while finish is None:
         if cancel is not None and cancel.is_set():
@@ -75,16 +84,19 @@ def stream_generate(model: Llama, tokenizer: Tokenizer, prompt_ids: Sequence[int
         yield Chunk(text, token)
         if finish is None and n_new < budget:
             logits = model(torch.tensor([[token]], device=model.device), len(tokens) - 1, cache)[0]
+            fed += 1
     t2 = time.perf_counter()
+    if prompt_cache is not None:
+        prompt_cache.holds(tokens[:fed])
     tail = ""
     if stops.matched is None:  # nothing after a stop is shown; otherwise release what was held
         tail, _ = stops.feed(detok.flush())
         tail += stops.flush()
     yield Chunk(
         tail, None, finish, n_prompt, n_new,
-        prefill_tok_s=n_prompt / max(t1 - t0, 1e-9),
+        prefill_tok_s=(n_prompt - reused) / max(t1 - t0, 1e-9),
         decode_tok_s=(n_new - 1) / max(t2 - t1, 1e-9) if n_new > 1 else 0.0,
-        stop_string=stops.matched, seed=sampler.seed,
+        stop_string=stops.matched, seed=sampler.seed, cached_tokens=reused,
     )
 
 

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from galatea.engine.generate import Chunk, stream_generate
+from galatea.engine.prompt_cache import PromptCache
 from galatea.engine.sampling import SamplingParams
 from galatea.model.checkpoint import LoadedModel
 
@@ -37,6 +38,7 @@ class Perf:
     last_eval: float = 0.0  # seconds per generated token, last generation
     last_token_count: int = 0
     last_input_count: int = 0
+    last_cached_count: int = 0  # prompt tokens reused from the prompt cache
     last_seed: int = -1
     total_gens: int = 0
     stop_reason: int = -1  # KoboldCpp: 0 length, 1 EOS/stop string, 2 custom stopper (abort)
@@ -50,6 +52,7 @@ class Engine:
         self.context = min(max_context or trained, trained)
         self.name = name or lm.path.stem
         self.perf = Perf()
+        self.prompt_cache = PromptCache()  # one slot: a client re-sending a growing prompt reuses it
         self.current: Job | None = None
         self._jobs: queue.Queue[Job | None] = queue.Queue()
         self._worker = threading.Thread(target=self._run, name="galatea-engine", daemon=True)
@@ -134,14 +137,16 @@ class Engine:
     def _generate(self, job: Job) -> None:
         last = None
         for chunk in stream_generate(self.lm.model, self.lm.tokenizer, job.prompt_ids, job.params, job.cancel,
-                                     self.context):
+                                     self.context, self.prompt_cache):
             job.text += chunk.text
             job.emit(chunk)
             last = chunk
         if last is not None:
             p = self.perf
             p.last_input_count, p.last_token_count = last.prompt_tokens, last.generated_tokens
-            p.last_process = last.prompt_tokens / last.prefill_tok_s if last.prefill_tok_s else 0.0
+            p.last_cached_count = last.cached_tokens
+            read = last.prompt_tokens - last.cached_tokens
+            p.last_process = read / last.prefill_tok_s if last.prefill_tok_s else 0.0
             p.last_eval = 1.0 / last.decode_tok_s if last.decode_tok_s else 0.0
             p.last_seed = last.seed if last.seed is not None else -1
             p.total_gens += 1
