@@ -18,10 +18,11 @@ def hf_logits(model, ids=TOKENS) -> torch.Tensor:
         return model(torch.tensor([ids])).logits[0].float()  # [T, V]
 
 
-def our_logits(path, ids=TOKENS, chunk: int | None = None) -> torch.Tensor:
+def our_logits(path, ids=TOKENS, chunk: int | None = None, dtype: torch.dtype = torch.float32,
+               quant: str = "none") -> torch.Tensor:
     """All positions' logits, read through the KV cache: in chunks of `chunk` tokens
     (prefill path), or one token per step (decode path) when chunk == 1."""
-    lm = load(path, dtype=torch.float32, quant="none")
+    lm = load(path, dtype=dtype, quant=quant)
     cache = lm.model.make_cache(1, 64)
     chunk = chunk or len(ids)
     out = []
@@ -91,9 +92,7 @@ def test_quantized_gguf_matches_transformers_reading_it(qtype, tmp_path):
 def test_bfloat16_compute_tracks_float32(tmp_path):
     model = hf_model("gqa")
     folder = write_safetensors(model, tmp_path / "m")
-    lm = load(folder, dtype=torch.bfloat16, quant="none")
-    cache = lm.model.make_cache(1, 64)
-    got = lm.model(torch.tensor([TOKENS]), 0, cache, all_logits=True)[0]
+    got = our_logits(folder, dtype=torch.bfloat16)
     expected = hf_logits(model)
     cos = torch.nn.functional.cosine_similarity(got, expected, dim=-1)
     assert cos.min() > 0.995
@@ -103,8 +102,6 @@ def test_bfloat16_compute_tracks_float32(tmp_path):
 def test_int8_linears_stay_close(tmp_path):
     model = hf_model("kquant")
     folder = write_safetensors(model, tmp_path / "m")
-    lm = load(folder, dtype=torch.bfloat16, quant="int8")
-    cache = lm.model.make_cache(1, 64)
-    got = lm.model(torch.tensor([TOKENS]), 0, cache, all_logits=True)[0]
+    got = our_logits(folder, dtype=torch.bfloat16, quant="int8")
     cos = torch.nn.functional.cosine_similarity(got, hf_logits(model), dim=-1)
     assert cos.min() > 0.99, f"int8: cosine {cos.min()}"

@@ -172,7 +172,6 @@ def concat_linears(layers: list[nn.Module]) -> nn.Module | None:
     return None
 
 
-QUANT_MODES = ("none", "int8", "int4")
 
 
 def _row_blocks(weight: Tensor, elements: int = 1 << 22) -> list[slice]:

@@ -76,16 +76,13 @@ class Engine:
         """Chunks as the worker produces them; stopping iteration early cancels the job."""
         loop = asyncio.get_running_loop()
         out: asyncio.Queue = asyncio.Queue()
-        job = Job(list(prompt_ids), params, lambda item: loop.call_soon_threadsafe(out.put_nowait, item), genkey,
-                  cancel or threading.Event())
-        self._jobs.put(job)
+        job = self._submit(prompt_ids, params, lambda item: loop.call_soon_threadsafe(out.put_nowait, item),
+                           genkey, cancel)
         try:
             while True:
-                item = await out.get()
-                if isinstance(item, BaseException):
-                    raise item
-                yield item
-                if item.finish_reason is not None:
+                chunk = _chunk_or_raise(await out.get())
+                yield chunk
+                if chunk.finish_reason is not None:
                     return
         finally:
             job.cancel.set()  # no-op when finished; stops the work when the client went away
@@ -94,18 +91,21 @@ class Engine:
                       cancel: threading.Event | None = None) -> Iterator[Chunk]:
         """The same, for code running in a thread (the chat sessions of the web page)."""
         out: queue.Queue = queue.Queue()
-        job = Job(list(prompt_ids), params, out.put, "", cancel or threading.Event())
-        self._jobs.put(job)
+        job = self._submit(prompt_ids, params, out.put, "", cancel)
         try:
             while True:
-                item = out.get()
-                if isinstance(item, BaseException):
-                    raise item
-                yield item
-                if item.finish_reason is not None:
+                chunk = _chunk_or_raise(out.get())
+                yield chunk
+                if chunk.finish_reason is not None:
                     return
         finally:
             job.cancel.set()
+
+    def _submit(self, prompt_ids: Sequence[int], params: SamplingParams,
+                emit: Callable[[Chunk | BaseException], None], genkey: str, cancel: threading.Event | None) -> Job:
+        job = Job(list(prompt_ids), params, emit, genkey, cancel or threading.Event())
+        self._jobs.put(job)
+        return job
 
     def abort(self, genkey: str | None = None) -> bool:
         job = self.current
@@ -151,3 +151,10 @@ class Engine:
             p.last_seed = last.seed if last.seed is not None else -1
             p.total_gens += 1
             p.stop_reason = {"length": 0, "stop": 1}.get(last.finish_reason or "", 2)
+
+
+def _chunk_or_raise(item: Chunk | BaseException) -> Chunk:
+    """The worker hands over either a chunk or the exception that ended the job."""
+    if isinstance(item, BaseException):
+        raise item
+    return item
