@@ -106,6 +106,7 @@ async function generate(kind, body) {
   setBusy(true);
   status("…");
   const chatId = state.chat;
+  let summary = "";
   try {
     if (kind === "send") {
       const box = $("messages");
@@ -135,14 +136,17 @@ async function generate(kind, body) {
     }
     if (done && done.error) throw new Error(done.error);
     const s = done && done.status;
-    status(s ? `prompt ${s.prompt_tokens} tok · reply ${s.reply_tokens} tok · ${s.tok_s} tok/s` +
-               (s.finish_reason === "cancelled" ? " · stopped" : "") : "");
+    summary = s ? `prompt ${s.prompt_tokens} tok · reply ${s.reply_tokens} tok · ${s.tok_s} tok/s` +
+               (s.finish_reason === "cancelled" ? " · stopped" : "") : "";
   } catch (e) {
-    status("error: " + e.message);
+    summary = "error: " + e.message;
   } finally {
     setBusy(false);
+    // Re-render from the store first: the streamed text is replaced by the saved (cleaned) reply,
+    // and only then does the summary appear, so "tok/s" on screen means the view is final.
     await openChat(chatId);
     await listChats(state.character);  // message counts changed
+    status(summary);
   }
 }
 
