@@ -126,7 +126,15 @@ def build_parser() -> argparse.ArgumentParser:
     _model_args(p)
     p.add_argument("--prompt-tokens", type=int, default=512)
     p.add_argument("--gen-tokens", type=int, default=128)
+    p.add_argument("--xor", action="store_true",
+                   help="instead: XOR apply throughput vs the original codec's algorithm, on random files")
+    p.add_argument("--size-mb", type=int, default=1024, help="with --xor: size of the file pair in MiB")
+    p.add_argument("--dir", help="with --xor: where to write the temporary files (default: the system's temp)")
     p.set_defaults(func=cmd_bench)
+
+    from galatea.weights.commands import add_parsers as add_weights_parsers
+
+    add_weights_parsers(sub)
     return parser
 
 
@@ -413,6 +421,13 @@ def cmd_chats(args: argparse.Namespace) -> int:
 def cmd_bench(args: argparse.Namespace) -> int:
     from galatea.engine.bench import bench
 
+    if args.xor:
+        from galatea.weights.bench import bench_xor
+
+        if args.size_mb < 1:
+            raise GalateaError("bench: --size-mb must be >= 1")
+        print(json.dumps(bench_xor(args.size_mb, args.dir)))
+        return 0
     if args.prompt_tokens < 16 or args.gen_tokens < 1:
         raise GalateaError("bench: --prompt-tokens must be >= 16 and --gen-tokens >= 1")
     lm = _load(args)
