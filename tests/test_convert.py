@@ -4,6 +4,7 @@ the `safetensors` package and the `gguf` package's own reader."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import gguf
 import numpy as np
@@ -211,3 +212,26 @@ def test_interrupted_conversion_leaves_no_model_looking_folder(tiny, tmp_path, m
     with pytest.raises(GalateaError, match=r"interrupted while writing model\.safetensors"):
         cv.hf_to_safetensors(src, tmp_path / "st", progress_factory=bar)
     assert list((tmp_path / "st").iterdir()) == []  # no partial shard, no config.json
+
+
+RECORDED = json.loads((Path(__file__).parent / "data" / "llama_cpp_convert.json").read_text())
+
+
+@pytest.mark.parametrize("kind", ["f16", "q8_0"])
+def test_llama_cpp_reads_our_gguf_as_we_do(tmp_path, kind):
+    """llama.cpp's greedy continuation on the GGUF files `galatea convert` writes (recorded by
+    tests/data/record_llama_cpp_convert.py) is what Galatea computes from the same files."""
+    convert(str(embedded_model_path()), str(tmp_path / "hf"), "--to", "safetensors")
+    convert(str(tmp_path / "hf"), str(tmp_path / "m.gguf"), "--to", "gguf", "--type", kind)
+    want = RECORDED["results"][kind]
+    lm = load(tmp_path / "m.gguf", dtype=torch.float32, quant="none")
+    ids = lm.tokenizer.encode(RECORDED["prompt"])
+    assert ids == want["prompt_ids"]
+    cache = lm.model.make_cache(1, 256)
+    logits = lm.model(torch.tensor([ids]), 0, cache)[0]  # [V]: the last position
+    got = []
+    for _ in range(len(want["greedy_ids"])):
+        tok = int(logits.argmax())
+        got.append(tok)
+        logits = lm.model(torch.tensor([[tok]]), len(ids) + len(got) - 1, cache)[0]
+    assert got == want["greedy_ids"], (lm.tokenizer.decode(got), want["text"])

@@ -141,7 +141,8 @@ def write_safetensors(dst: Path, plan: list[TensorPlan], tensors: Iterator[tuple
                 if name != p.name:
                     raise GalateaError(f"internal: expected tensor {p.name}, got {name}")
                 data = t.to(p.dtype).contiguous()
-                f.write(data.view(torch.uint8).numpy().tobytes() if data.numel() else b"")
+                if data.numel():  # written straight from the tensor's memory, no bytes copy
+                    f.write(memoryview(data.reshape(-1).view(torch.uint8).numpy()))
                 if progress:
                     progress(_nbytes(p))
 
