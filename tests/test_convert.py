@@ -191,7 +191,11 @@ def test_clear_errors(tiny, tmp_path, capsys, case, message):
         assert not any(p.name.endswith(".partial") for p in dst.iterdir())
 
 
-def test_interrupted_conversion_leaves_no_model_looking_folder(tiny, tmp_path, monkeypatch):
+@pytest.mark.parametrize("failure, message", [("interrupt", r"interrupted while writing model\.safetensors"),
+                                              ("disk-full", r"disk full while writing model\.safetensors")])
+def test_failed_conversion_leaves_no_model_looking_folder(tiny, tmp_path, failure, message):
+    import errno
+
     from galatea.errors import GalateaError
     from galatea.weights import convert as cv
 
@@ -203,13 +207,15 @@ def test_interrupted_conversion_leaves_no_model_looking_folder(tiny, tmp_path, m
             def update(self, n):
                 calls.append(n)
                 if len(calls) == 5:
-                    raise KeyboardInterrupt
+                    if failure == "interrupt":
+                        raise KeyboardInterrupt
+                    raise OSError(errno.ENOSPC, "No space left on device")
 
             def close(self):
                 pass
         return Bar()
 
-    with pytest.raises(GalateaError, match=r"interrupted while writing model\.safetensors"):
+    with pytest.raises(GalateaError, match=message):
         cv.hf_to_safetensors(src, tmp_path / "st", progress_factory=bar)
     assert list((tmp_path / "st").iterdir()) == []  # no partial shard, no config.json
 

@@ -133,11 +133,10 @@ def matches(expected: dict[str, Any], got: dict[str, Any]) -> bool:
 
 
 def needed_algorithms(expected: dict[str, Any] | None) -> tuple[str, ...]:
-    """The one digest worth computing to check `expected`: sha256 where known (the stronger, and
-    with SHA CPU instructions the faster), else md5."""
-    if expected and expected.get("md5") and not expected.get("sha256"):
-        return ("md5",)
-    return ("sha256",)
+    """The digests to compute to check `expected`: every one it lists (each runs on its own
+    thread during XOR), or sha256 alone when nothing is expected."""
+    listed = tuple(a for a in ALGORITHMS if expected and expected.get(a))
+    return listed or ("sha256",)
 
 
 def check_file(path: Path, expected: dict[str, Any], hint: str = "",
