@@ -66,6 +66,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-new-tokens", "-n", type=int, help="reply length limit (default 160)")
     p.add_argument("--temperature", type=float)
     p.add_argument("--seed", type=int)
+    _shift_arg(p)
     _data_dir_arg(p)
     p.set_defaults(func=cmd_chat)
 
@@ -75,6 +76,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--port", type=int, default=5001, help="port (default 5001, KoboldCpp's)")
     p.add_argument("--api-key", help="require 'Authorization: Bearer KEY' on every route but /health")
     p.add_argument("--max-context", type=int, help="context size (default: the model's)")
+    p.add_argument("--cache-slots", type=int, default=4,
+                   help="prompt caches kept for different chats/clients, least recently used evicted (default 4)")
+    p.add_argument("--cache-memory", type=float,
+                   help="GiB the prompt cache slots may use (default: a quarter of the machine's memory)")
+    _shift_arg(p)
     _data_dir_arg(p)
     p.set_defaults(func=cmd_serve)
 
@@ -146,6 +152,12 @@ def _model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--threads", type=int, help="CPU threads (default: PyTorch's choice, the physical cores)")
     p.add_argument("--quant", choices=("auto", "none", "int8", "int4"), default="auto",
                    help="weights in memory; auto keeps the file's precision (GGUF Q4 -> int4, Q5-Q8 -> int8)")
+
+
+def _shift_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--no-context-shift", action="store_true",
+                   help="when old turns drop out of the window, recompute the prompt exactly instead of "
+                        "moving the cached turns (slower, no drift)")
 
 
 def _data_dir_arg(p: argparse.ArgumentParser) -> None:
@@ -323,7 +335,8 @@ def cmd_chat(args: argparse.Namespace) -> int:
     lm = _load(args)
     overrides = {k: v for k, v in (("max_new_tokens", args.max_new_tokens), ("temperature", args.temperature),
                                    ("seed", args.seed)) if v is not None}
-    session = ChatSession(store, lm, chat_id, overrides, max_context=args.max_context)
+    session = ChatSession(store, lm, chat_id, overrides, max_context=args.max_context,
+                          context_shift=not args.no_context_shift)
     TerminalChat(session).loop()
     return 0
 
@@ -337,10 +350,16 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if not 0 < args.port < 65536:
         raise GalateaError(f"--port {args.port}: must be between 1 and 65535")
     lm = _load(args)
-    engine = Engine(lm, args.max_context)
+    if args.cache_slots < 1:
+        raise GalateaError(f"--cache-slots {args.cache_slots}: must be at least 1")
+    engine = Engine(lm, args.max_context, cache_slots=args.cache_slots,
+                    cache_memory=int(args.cache_memory * 2**30) if args.cache_memory else None,
+                    context_shift=not args.no_context_shift)
     app = create_app(engine, _store(args), api_key=args.api_key)
     print(f"galatea: serving {engine.name} (context {engine.context}) on http://{args.host}:{args.port} "
-          f"- KoboldAI at /api, OpenAI at /v1", file=sys.stderr, flush=True)
+          f"- KoboldAI at /api, OpenAI at /v1; prompt cache: {engine.cache_slots} slot(s) of "
+          f"{engine.slot_bytes / 2**20:.0f} MiB, context shift {'off' if args.no_context_shift else 'on'}",
+          file=sys.stderr, flush=True)
     try:
         uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
     except OSError as e:  # e.g. the port is taken

@@ -59,6 +59,7 @@ class Turnout:
     seed: int | None = None
     message_id: int | None = None
     cached_tokens: int = 0
+    shifted_tokens: int = 0
 
 
 Generate = Callable[[list[int], SamplingParams, threading.Event | None], Iterator[Chunk]]
@@ -69,9 +70,11 @@ class ChatSession:
     engine queue instead, so chat sessions and API requests never race on the model."""
 
     def __init__(self, store: Store, lm: LoadedModel, chat_id: int, settings: dict[str, Any] | None = None,
-                 max_context: int | None = None, generate: Generate | None = None) -> None:
+                 max_context: int | None = None, generate: Generate | None = None,
+                 context_shift: bool = True) -> None:
         self.store, self.lm, self.chat_id = store, lm, chat_id
-        self.prompt_cache = PromptCache()  # each turn re-reads only what changed since the last
+        # each turn re-reads only what changed since the last, even once old turns drop out
+        self.prompt_cache = PromptCache(context_shift)
         self._run = generate or (lambda ids, params, cancel: stream_generate(
             lm.model, lm.tokenizer, ids, params, cancel, self.context, self.prompt_cache))
         self.info = store.chat(chat_id)
@@ -168,5 +171,6 @@ class ChatSession:
             last = chunk
         assert last is not None
         self.last = Turnout("".join(parts), last.prompt_tokens, last.generated_tokens, last.decode_tok_s,
-                            last.prefill_tok_s, last.finish_reason, last.seed, cached_tokens=last.cached_tokens)
+                            last.prefill_tok_s, last.finish_reason, last.seed, cached_tokens=last.cached_tokens,
+                            shifted_tokens=last.shifted_tokens)
         return self.last

@@ -35,12 +35,14 @@ class Chunk:
     stop_string: str | None = None  # which stop string ended it, if one did
     seed: int | None = None
     cached_tokens: int = 0  # prompt tokens whose keys/values were reused, not recomputed
+    shifted_tokens: int = 0  # of those, how many were moved by a context shift
 
 
 def stream_generate(model: Llama, tokenizer: Tokenizer, prompt_ids: Sequence[int], params: SamplingParams,
                     cancel: threading.Event | None = None, max_context: int | None = None,
                     prompt_cache: PromptCache | None = None) -> Iterator[Chunk]:
-    """With a `prompt_cache`, the longest prefix it already holds is not read again."""
+    """With a `prompt_cache`, what it already holds (a common prefix, and after a context shift
+    the surviving turns) is not read again."""
     context = max_context or model.config.max_position_embeddings
     n_prompt = len(prompt_ids)
     if n_prompt == 0:
@@ -53,9 +55,10 @@ def stream_generate(model: Llama, tokenizer: Tokenizer, prompt_ids: Sequence[int
     budget = min(params.max_new_tokens, context - n_prompt)
     if prompt_cache is not None:
         cache, reused = prompt_cache.reuse(model, prompt_ids, context)
+        shifted = prompt_cache.last_shift
         prompt_cache.clear()  # until this generation ends cleanly, the cache holds nothing certain
     else:
-        cache, reused = model.make_cache(1, n_prompt + budget), 0
+        cache, reused, shifted = model.make_cache(1, n_prompt + budget), 0, 0
     detok = IncrementalDetokenizer(tokenizer, prompt_ids)
     stops = StopMatcher(params.stop, params.include_stop)
     tokens = list(prompt_ids)
@@ -96,7 +99,7 @@ def stream_generate(model: Llama, tokenizer: Tokenizer, prompt_ids: Sequence[int
         tail, None, finish, n_prompt, n_new,
         prefill_tok_s=(n_prompt - reused) / max(t1 - t0, 1e-9),
         decode_tok_s=(n_new - 1) / max(t2 - t1, 1e-9) if n_new > 1 else 0.0,
-        stop_string=stops.matched, seed=sampler.seed, cached_tokens=reused,
+        stop_string=stops.matched, seed=sampler.seed, cached_tokens=reused, shifted_tokens=shifted,
     )
 
 

@@ -7,8 +7,13 @@ no re-allocation while a chat grows, and the position index makes prefix reuse (
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 from torch import Tensor
+
+if TYPE_CHECKING:
+    from galatea.model.llama import Rotary
 
 
 class KVCache:
@@ -26,6 +31,25 @@ class KVCache:
         self.keys[layer, :, :, start:end] = k
         self.values[layer, :, :, start:end] = v
         return self.keys[layer, :, :, :end], self.values[layer, :, :, :end]
+
+    def shift(self, src: int, dst: int, length: int, rotary: Rotary) -> None:
+        """Move positions src..src+length-1 down to dst..dst+length-1 (dst < src), in every
+        layer and batch row, re-rotating the keys to their new positions.
+
+        Keys hold R(p) k, RoPE's rotation by angle p x frequency; R(-d) R(p) = R(p - d), so a
+        rotation by -d (d = src - dst) is exactly the key computed at position p - d. In
+        rotate-half form that is k cos(d) - rotate_half(k) sin(d). Values carry no position."""
+        d = src - dst
+        if d <= 0 or length <= 0:
+            return
+        cos, sin = rotary.cos[d].float(), rotary.sin[d].float()  # [D]: angle d x frequency
+        for layer in range(self.keys.shape[0]):  # a layer at a time bounds the temporary copy
+            k = self.keys[layer, :, :, src : src + length].float()  # [B, K, T, D], a copy
+            half = k.shape[-1] // 2
+            rotated = torch.cat((-k[..., half:], k[..., :half]), dim=-1)
+            self.keys[layer, :, :, dst : dst + length] = (k * cos - rotated * sin).to(self.keys.dtype)
+            # the source overlaps the destination when length > d: copy it out first
+            self.values[layer, :, :, dst : dst + length] = self.values[layer, :, :, src : src + length].clone()
 
     @property
     def nbytes(self) -> int:

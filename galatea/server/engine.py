@@ -2,13 +2,15 @@
 
 Requests become jobs on a FIFO queue that one worker thread runs; each job streams its chunks
 back to the request's event loop. A job can be cancelled (abort, client disconnect) and is
-skipped if it was cancelled while waiting. Batching several users comes later (issue 6); this
-keeps the server responsive and never lets two generations race on the model.
+skipped if it was cancelled while waiting. This keeps the server responsive and never lets two
+generations race on the model. Each job runs in the prompt cache slot that already holds most
+of its prompt (prefix reuse, context shift), so alternating clients keep their caches.
 """
 
 from __future__ import annotations
 
 import asyncio
+import os
 import queue
 import threading
 import time
@@ -17,7 +19,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from galatea.engine.generate import Chunk, stream_generate
-from galatea.engine.prompt_cache import PromptCache
+from galatea.engine.prompt_cache import PromptCachePool
 from galatea.engine.sampling import SamplingParams
 from galatea.model.checkpoint import LoadedModel
 
@@ -39,6 +41,7 @@ class Perf:
     last_token_count: int = 0
     last_input_count: int = 0
     last_cached_count: int = 0  # prompt tokens reused from the prompt cache
+    last_shifted_count: int = 0  # of those, moved by a context shift
     last_seed: int = -1
     total_gens: int = 0
     stop_reason: int = -1  # KoboldCpp: 0 length, 1 EOS/stop string, 2 custom stopper (abort)
@@ -46,13 +49,20 @@ class Perf:
 
 
 class Engine:
-    def __init__(self, lm: LoadedModel, max_context: int | None = None, name: str | None = None) -> None:
+    def __init__(self, lm: LoadedModel, max_context: int | None = None, name: str | None = None,
+                 cache_slots: int = 4, cache_memory: int | None = None, context_shift: bool = True) -> None:
         self.lm = lm
         trained = lm.config.max_position_embeddings
         self.context = min(max_context or trained, trained)
         self.name = name or lm.path.stem
         self.perf = Perf()
-        self.prompt_cache = PromptCache()  # one slot: a client re-sending a growing prompt reuses it
+        # Every client re-sending a growing prompt reuses its slot; slots are allocated on first
+        # use, each a full-context KV cache, as many as `cache_memory` bytes allow.
+        cfg = lm.config
+        self.slot_bytes = 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * self.context * cfg.head_dim * 4
+        budget = cache_memory if cache_memory is not None else default_cache_memory()
+        self.cache_slots = max(1, min(cache_slots, budget // self.slot_bytes))
+        self.prompt_cache = PromptCachePool(self.cache_slots, context_shift)
         self.current: Job | None = None
         self._jobs: queue.Queue[Job | None] = queue.Queue()
         self._worker = threading.Thread(target=self._run, name="galatea-engine", daemon=True)
@@ -136,21 +146,30 @@ class Engine:
 
     def _generate(self, job: Job) -> None:
         last = None
+        slot = self.prompt_cache.acquire(job.prompt_ids)
         for chunk in stream_generate(self.lm.model, self.lm.tokenizer, job.prompt_ids, job.params, job.cancel,
-                                     self.context, self.prompt_cache):
+                                     self.context, slot):
             job.text += chunk.text
             job.emit(chunk)
             last = chunk
         if last is not None:
             p = self.perf
             p.last_input_count, p.last_token_count = last.prompt_tokens, last.generated_tokens
-            p.last_cached_count = last.cached_tokens
+            p.last_cached_count, p.last_shifted_count = last.cached_tokens, last.shifted_tokens
             read = last.prompt_tokens - last.cached_tokens
             p.last_process = read / last.prefill_tok_s if last.prefill_tok_s else 0.0
             p.last_eval = 1.0 / last.decode_tok_s if last.decode_tok_s else 0.0
             p.last_seed = last.seed if last.seed is not None else -1
             p.total_gens += 1
             p.stop_reason = {"length": 0, "stop": 1}.get(last.finish_reason or "", 2)
+
+
+def default_cache_memory() -> int:
+    """A quarter of the machine's memory for prompt cache slots."""
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // 4
+    except (ValueError, OSError, AttributeError):
+        return 4 << 30
 
 
 def _chunk_or_raise(item: Chunk | BaseException) -> Chunk:

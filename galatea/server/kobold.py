@@ -58,6 +58,7 @@ def build_router(engine: Engine) -> APIRouter:
         return {"last_process": round(p.last_process, 3), "last_eval": round(p.last_eval, 4),
                 "last_token_count": p.last_token_count, "last_input_count": p.last_input_count,
                 "last_cached_count": p.last_cached_count,
+                "last_shifted_count": p.last_shifted_count,
                 "last_seed": p.last_seed, "total_gens": p.total_gens, "stop_reason": p.stop_reason,
                 "queue": engine.queued, "idle": int(engine.current is None),
                 "uptime": round(time.time() - p.started, 1)}
