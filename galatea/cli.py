@@ -136,6 +136,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="instead: XOR apply throughput vs the original codec's algorithm, on random files")
     p.add_argument("--size-mb", type=int, default=1024, help="with --xor: size of the file pair in MiB")
     p.add_argument("--dir", help="with --xor: where to write the temporary files (default: the system's temp)")
+    p.add_argument("--chat-turn", action="store_true",
+                   help="instead: time to first token of a new chat turn at full context, recompute vs "
+                        "prefix reuse vs context shift")
+    p.add_argument("--context", type=int, default=2048, help="with --chat-turn: the context size (default 2048)")
     p.set_defaults(func=cmd_bench)
 
     from galatea.weights.commands import add_parsers as add_weights_parsers
@@ -450,5 +454,13 @@ def cmd_bench(args: argparse.Namespace) -> int:
     if args.prompt_tokens < 16 or args.gen_tokens < 1:
         raise GalateaError("bench: --prompt-tokens must be >= 16 and --gen-tokens >= 1")
     lm = _load(args)
+    if args.chat_turn:
+        from galatea.engine.bench import bench_chat_turn
+
+        if not 256 <= args.context <= lm.config.max_position_embeddings:
+            raise GalateaError(f"bench: --context must be between 256 and the model's "
+                               f"{lm.config.max_position_embeddings}")
+        print(json.dumps(bench_chat_turn(lm, args.context)))
+        return 0
     print(json.dumps(bench(lm, args.prompt_tokens, args.gen_tokens)))
     return 0

@@ -52,3 +52,81 @@ def _timed(fn: Any) -> float:
     if torch.cuda.is_available():
         torch.cuda.synchronize()
     return time.perf_counter() - t
+
+
+# ---- a new chat turn at full context -----------------------------------------------------------
+
+# Lines that name none of Aria's lorebook keys: an entry switching on or off changes the text
+# right after the persona, and then no shift is possible (in KoboldCpp neither).
+_LINES = [
+    "Tell me about the {n}th town you visited, the one with the crooked bell tower.",
+    "Ah, town number {n}! The bell rang every hour except noon, and a goat stole a pie from the baker.",
+    "What did the baker do about the goat and pie number {n}?",
+    "She chased it past {n} market stalls, then laughed and asked me to play at her daughter's wedding.",
+]
+
+
+def bench_chat_turn(lm: LoadedModel, context: int = 2048, max_new_tokens: int = 128) -> dict[str, Any]:
+    """Time to first token of a new turn in a chat whose window is full (the oldest turns drop
+    out as it slides): recomputing the whole prompt, prefix reuse only (what llama.cpp's
+    cache_prompt gives), and context shift; next to the time to read only the new tokens.
+    Drift: top-1 agreement of next-token predictions over the new turn, shifted vs fresh."""
+    from galatea.chat.cards import load_character
+    from galatea.chat.prompt import Turn, build_prompt
+    from galatea.engine.prompt_cache import PromptCache
+
+    model, tok, char = lm.model, lm.tokenizer, load_character("aria")
+    history = [Turn(i % 2 == 0, _LINES[i % 4].format(n=i // 4 + 1)) for i in range(4 * context // 40)]
+
+    def prompt_at(n_msgs: int) -> list[int]:
+        p = build_prompt(char, history[:n_msgs], history[n_msgs].text, tok, context, max_new_tokens)
+        return tok.encode(p.text)
+
+    # the first turn at which the window is full and slides
+    n = next(k for k in range(2, len(history) - 2, 2)
+             if build_prompt(char, history[:k], history[k].text, tok, context, max_new_tokens).messages_dropped)
+    prev = tok.encode(build_prompt(char, history[:n], history[n].text, tok, context, max_new_tokens).text
+                      + " " + history[n + 1].text)  # what the cache holds: last prompt and the reply
+    new = prompt_at(n + 2)
+
+    def primed(shift: bool) -> PromptCache:
+        slot = PromptCache(context_shift=shift)
+        cache, _ = slot.reuse(model, [*prev, 0], context)
+        model.prefill(torch.tensor([prev], device=model.device), 0, cache)
+        slot.holds(prev)
+        return slot
+
+    def turn(slot: PromptCache | None) -> tuple[float, int, torch.Tensor]:
+        t = time.perf_counter()
+        if slot is None:
+            cache, reused = model.make_cache(1, context), 0
+        else:
+            cache, reused = slot.reuse(model, new, context)
+        logits = model(torch.tensor([new[reused:]], device=model.device), reused, cache, all_logits=True)[0]
+        return time.perf_counter() - t, reused, logits
+
+    model.prefill(torch.tensor([new[:16]], device=model.device), 0, model.make_cache(1, 64))  # warm-up
+    fresh_s, _, fresh_logits = turn(None)
+    prefix_slot = primed(False)
+    prefix_s, prefix_reused, _ = turn(prefix_slot)
+    shift_slot = primed(True)
+    shift_s, shift_reused, shift_logits = turn(shift_slot)
+    shifted = shift_slot.last_shift
+    # the ideal: reading only the new tokens, at their positions, into an already-filled cache
+    cache = model.make_cache(1, context)
+    model.prefill(torch.tensor([new[:shift_reused]], device=model.device), 0, cache)
+    t = time.perf_counter()
+    model.prefill(torch.tensor([new[shift_reused:]], device=model.device), shift_reused, cache)
+    only_new_s = time.perf_counter() - t
+    agree = (shift_logits.argmax(-1) == fresh_logits[shift_reused:].argmax(-1)).float().mean().item()
+    return {
+        "bench": "chat turn at full context", "model": str(lm.path), "quant": lm.quant, "context": context,
+        "prompt_tokens": len(new), "new_tokens": len(new) - shift_reused, "shifted_tokens": shifted,
+        "ttft_recompute_s": round(fresh_s, 3),
+        "ttft_prefix_reuse_s": round(prefix_s, 3), "prefix_reused_tokens": prefix_reused,
+        "ttft_shift_s": round(shift_s, 3),
+        "prefill_only_new_s": round(only_new_s, 3),
+        "shift_vs_only_new": round(shift_s / only_new_s, 2),
+        "speedup_vs_recompute": round(fresh_s / shift_s, 1),
+        "top1_agreement_vs_fresh": round(agree, 3),
+    }
