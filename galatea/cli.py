@@ -76,6 +76,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--port", type=int, default=5001, help="port (default 5001, KoboldCpp's)")
     p.add_argument("--api-key", help="require 'Authorization: Bearer KEY' on every route but /health")
     p.add_argument("--max-context", type=int, help="context size (default: the model's)")
+    p.add_argument("--max-batch", type=int, default=8,
+                   help="requests decoded together in one batched step (default 8); more wait in line")
     p.add_argument("--cache-slots", type=int, default=4,
                    help="prompt caches kept for different chats/clients, least recently used evicted (default 4)")
     p.add_argument("--cache-memory", type=float,
@@ -140,6 +142,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="instead: time to first token of a new chat turn at full context, recompute vs "
                         "prefix reuse vs context shift")
     p.add_argument("--context", type=int, default=2048, help="with --chat-turn: the context size (default 2048)")
+    p.add_argument("--concurrent", action="store_true",
+                   help="instead: aggregate tokens/s of 1, 4 and 8 simultaneous requests (batched)")
     p.set_defaults(func=cmd_bench)
 
     from galatea.weights.commands import add_parsers as add_weights_parsers
@@ -354,11 +358,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if not 0 < args.port < 65536:
         raise GalateaError(f"--port {args.port}: must be between 1 and 65535")
     lm = _load(args)
-    if args.cache_slots < 1:
-        raise GalateaError(f"--cache-slots {args.cache_slots}: must be at least 1")
+    if args.cache_slots < 1 or args.max_batch < 1:
+        raise GalateaError("--cache-slots and --max-batch must be at least 1")
     engine = Engine(lm, args.max_context, cache_slots=args.cache_slots,
                     cache_memory=int(args.cache_memory * 2**30) if args.cache_memory else None,
-                    context_shift=not args.no_context_shift)
+                    context_shift=not args.no_context_shift, max_batch=args.max_batch)
     app = create_app(engine, _store(args), api_key=args.api_key)
     print(f"galatea: serving {engine.name} (context {engine.context}) on http://{args.host}:{args.port} "
           f"- KoboldAI at /api, OpenAI at /v1; prompt cache: {engine.cache_slots} slot(s) of "
@@ -454,6 +458,11 @@ def cmd_bench(args: argparse.Namespace) -> int:
     if args.prompt_tokens < 16 or args.gen_tokens < 1:
         raise GalateaError("bench: --prompt-tokens must be >= 16 and --gen-tokens >= 1")
     lm = _load(args)
+    if args.concurrent:
+        from galatea.engine.bench import bench_concurrent
+
+        print(json.dumps(bench_concurrent(lm, gen_tokens=args.gen_tokens if args.gen_tokens != 128 else 64)))
+        return 0
     if args.chat_turn:
         from galatea.engine.bench import bench_chat_turn
 

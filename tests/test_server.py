@@ -72,7 +72,9 @@ class Server:
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    s = Server(tmp_path_factory.mktemp("data"))
+    # One prompt cache slot, so fresh_cache() below really empties it (test_batching.py runs the
+    # default slots and batches).
+    s = Server(tmp_path_factory.mktemp("data"), "--cache-slots", "1")
     yield s
     log = s.stop()
     assert "Traceback" not in log, log

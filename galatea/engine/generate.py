@@ -38,69 +38,141 @@ class Chunk:
     shifted_tokens: int = 0  # of those, how many were moved by a context shift
 
 
+class Generation:
+    """One request's generation as a stepwise state machine, so a scheduler can interleave
+    several: `prefill_step()` until the prompt is read, then alternately `sample()` (choose a
+    token from `logits`, give the text to show) and a forward pass that sets `logits` again
+    (alone, or batched with other generations: `input_token`, `position`, `cache`), until
+    `done`; `close()` gives the closing chunk. `stream_generate` is the one-request loop."""
+
+    def __init__(self, model: Llama, tokenizer: Tokenizer, prompt_ids: Sequence[int], params: SamplingParams,
+                 cancel: threading.Event | None = None, max_context: int | None = None,
+                 prompt_cache: PromptCache | None = None) -> None:
+        context = max_context or model.config.max_position_embeddings
+        n_prompt = len(prompt_ids)
+        if n_prompt == 0:
+            raise GalateaError("the prompt is empty; give some text to continue")
+        if n_prompt >= context:
+            raise GalateaError(f"the prompt has {n_prompt} tokens but the context holds {context}; "
+                               "shorten the prompt or raise --max-context")
+        self.model, self.params, self.cancel = model, params, cancel
+        self.eos_ids = sorted({i for i in (tokenizer.eos_id, model.config.eos_token_id) if i is not None})
+        self.sampler = Sampler(params, model.config.vocab_size, self.eos_ids)
+        self.budget = min(params.max_new_tokens, context - n_prompt)
+        self.prompt_cache = prompt_cache
+        if prompt_cache is not None:
+            self.cache, self.reused = prompt_cache.reuse(model, prompt_ids, context)
+            self.shifted = prompt_cache.last_shift
+            prompt_cache.clear()  # until this generation ends cleanly, the cache holds nothing certain
+        else:
+            self.cache, self.reused, self.shifted = model.make_cache(1, n_prompt + self.budget), 0, 0
+        self.detok = IncrementalDetokenizer(tokenizer, prompt_ids)
+        self.stops = StopMatcher(params.stop, params.include_stop)
+        self.tokens = list(prompt_ids)
+        self.n_prompt = n_prompt
+        self.read = self.reused  # prompt positions whose keys/values are in the cache
+        self.fed = 0  # all positions in the cache, once the prompt is read
+        self.logits: torch.Tensor | None = None
+        self.n_new = 0
+        self.finish: str | None = None
+        self.t_start = time.perf_counter()
+        self.t_prefilled = self.t_start
+
+    @property
+    def prefilled(self) -> bool:
+        return self.logits is not None or self.finish is not None
+
+    @property
+    def done(self) -> bool:
+        return self.finish is not None
+
+    def prefill_step(self, chunk: int | None = None) -> bool:
+        """Read up to `chunk` more prompt tokens (all by default); True once the prompt is read."""
+        if self.prefilled:
+            return True
+        end = self.n_prompt if chunk is None else min(self.n_prompt, self.read + chunk)
+        part = torch.tensor([self.tokens[self.read : end]], device=self.model.device)
+        logits = self.model.prefill(part, self.read, self.cache)[0]
+        self.read = end
+        if end == self.n_prompt:
+            self.logits, self.fed = logits, self.n_prompt
+            self.t_prefilled = time.perf_counter()
+        return self.prefilled
+
+    def sample(self) -> Chunk | None:
+        """Choose the next token; the chunk to show, or None when generation ended instead."""
+        assert self.logits is not None and not self.done
+        if self.cancel is not None and self.cancel.is_set():
+            self.finish = "cancelled"
+            return None
+        if self.n_new >= self.budget:
+            self.finish = "length"
+            return None
+        token = self.sampler(self.logits, self.tokens)
+        self.tokens.append(token)
+        self.n_new += 1
+        if token in self.eos_ids and not self.params.ban_eos:
+            self.finish = "stop"
+            return None
+        text, stopped = self.stops.feed(self.detok.add(token))
+        if stopped:
+            self.finish = "stop"
+        elif self.n_new >= self.budget:
+            self.finish = "length"  # no forward pass for a token nobody will read
+        return Chunk(text, token)
+
+    @property
+    def input_token(self) -> int:
+        return self.tokens[-1]
+
+    @property
+    def position(self) -> int:
+        return len(self.tokens) - 1
+
+    def advance(self, logits: torch.Tensor) -> None:
+        """The forward pass for `input_token` at `position` ran; `logits` [V] are the next."""
+        self.logits = logits
+        self.fed += 1
+
+    def forward(self) -> None:
+        """The forward pass on its own (not batched)."""
+        self.advance(self.model(torch.tensor([[self.input_token]], device=self.model.device),
+                                self.position, self.cache)[0])
+
+    def close(self) -> Chunk:
+        """The closing chunk: held-back text, finish reason and speeds. Records in the prompt
+        cache what its KV cache now holds."""
+        t_end = time.perf_counter()
+        if self.prompt_cache is not None:  # a prefill cut short still leaves its part usable
+            self.prompt_cache.holds(self.tokens[: self.fed if self.logits is not None else self.read])
+        tail = ""
+        if self.stops.matched is None:  # nothing after a stop is shown; otherwise release what was held
+            tail, _ = self.stops.feed(self.detok.flush())
+            tail += self.stops.flush()
+        decode_s = t_end - self.t_prefilled
+        return Chunk(
+            tail, None, self.finish or "cancelled", self.n_prompt, self.n_new,
+            prefill_tok_s=(self.n_prompt - self.reused) / max(self.t_prefilled - self.t_start, 1e-9),
+            decode_tok_s=(self.n_new - 1) / max(decode_s, 1e-9) if self.n_new > 1 else 0.0,
+            stop_string=self.stops.matched, seed=self.sampler.seed, cached_tokens=self.reused,
+            shifted_tokens=self.shifted,
+        )
+
+
 def stream_generate(model: Llama, tokenizer: Tokenizer, prompt_ids: Sequence[int], params: SamplingParams,
                     cancel: threading.Event | None = None, max_context: int | None = None,
                     prompt_cache: PromptCache | None = None) -> Iterator[Chunk]:
     """With a `prompt_cache`, what it already holds (a common prefix, and after a context shift
     the surviving turns) is not read again."""
-    context = max_context or model.config.max_position_embeddings
-    n_prompt = len(prompt_ids)
-    if n_prompt == 0:
-        raise GalateaError("the prompt is empty; give some text to continue")
-    if n_prompt >= context:
-        raise GalateaError(f"the prompt has {n_prompt} tokens but the context holds {context}; "
-                           "shorten the prompt or raise --max-context")
-    eos_ids = sorted({i for i in (tokenizer.eos_id, model.config.eos_token_id) if i is not None})
-    sampler = Sampler(params, model.config.vocab_size, eos_ids)
-    budget = min(params.max_new_tokens, context - n_prompt)
-    if prompt_cache is not None:
-        cache, reused = prompt_cache.reuse(model, prompt_ids, context)
-        shifted = prompt_cache.last_shift
-        prompt_cache.clear()  # until this generation ends cleanly, the cache holds nothing certain
-    else:
-        cache, reused, shifted = model.make_cache(1, n_prompt + budget), 0, 0
-    detok = IncrementalDetokenizer(tokenizer, prompt_ids)
-    stops = StopMatcher(params.stop, params.include_stop)
-    tokens = list(prompt_ids)
-
-    t0 = time.perf_counter()
-    logits = model.prefill(torch.tensor([tokens[reused:]], device=model.device), reused, cache)[0]
-    t1 = time.perf_counter()
-    fed = n_prompt  # positions whose keys/values are in the cache
-    finish, n_new = None, 0
-    while finish is None:
-        if cancel is not None and cancel.is_set():
-            finish = "cancelled"
-            break
-        if n_new >= budget:
-            finish = "length"
-            break
-        token = sampler(logits, tokens)
-        tokens.append(token)
-        n_new += 1
-        if token in eos_ids and not params.ban_eos:
-            finish = "stop"
-            break
-        text, stopped = stops.feed(detok.add(token))
-        if stopped:
-            finish = "stop"
-        yield Chunk(text, token)
-        if finish is None and n_new < budget:
-            logits = model(torch.tensor([[token]], device=model.device), len(tokens) - 1, cache)[0]
-            fed += 1
-    t2 = time.perf_counter()
-    if prompt_cache is not None:
-        prompt_cache.holds(tokens[:fed])
-    tail = ""
-    if stops.matched is None:  # nothing after a stop is shown; otherwise release what was held
-        tail, _ = stops.feed(detok.flush())
-        tail += stops.flush()
-    yield Chunk(
-        tail, None, finish, n_prompt, n_new,
-        prefill_tok_s=(n_prompt - reused) / max(t1 - t0, 1e-9),
-        decode_tok_s=(n_new - 1) / max(t2 - t1, 1e-9) if n_new > 1 else 0.0,
-        stop_string=stops.matched, seed=sampler.seed, cached_tokens=reused, shifted_tokens=shifted,
-    )
+    gen = Generation(model, tokenizer, prompt_ids, params, cancel, max_context, prompt_cache)
+    gen.prefill_step()
+    while not gen.done:
+        chunk = gen.sample()
+        if chunk is not None:
+            yield chunk
+        if not gen.done:
+            gen.forward()
+    yield gen.close()
 
 
 def generate(model: Llama, tokenizer: Tokenizer, prompt_ids: Sequence[int], params: SamplingParams,

@@ -19,7 +19,7 @@ A chat re-sends the whole conversation every turn. Two ways to avoid reading it 
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Container, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -119,15 +119,20 @@ class PromptCachePool:
         self._clock = 0
         self._used = [0] * slots
 
-    def acquire(self, prompt_ids: Sequence[int]) -> PromptCache:
-        """A slot counts as this prompt's when it can reuse at least half of what it holds (a
-        shared BOS or a common first word must not hand one client's cache to another)."""
-        reuse = [s.plan(prompt_ids).reused for s in self.slots]
-        mine = [i for i, s in enumerate(self.slots) if reuse[i] and 2 * reuse[i] >= len(s.tokens)]
+    def acquire(self, prompt_ids: Sequence[int], busy: Container[int] = ()) -> PromptCache | None:
+        """The slot for this prompt, skipping those whose id() is in `busy` (in use by running
+        generations); None when all are busy. A slot counts as this prompt's when it can reuse at
+        least half of what it holds (a shared BOS or first word must not hand one client's cache
+        to another); otherwise an unused slot, else the least recently used."""
+        free = [i for i, s in enumerate(self.slots) if id(s) not in busy]
+        if not free:
+            return None
+        reuse = {i: self.slots[i].plan(prompt_ids).reused for i in free}
+        mine = [i for i in free if reuse[i] and 2 * reuse[i] >= len(self.slots[i].tokens)]
         if mine:
             best = max(mine, key=lambda i: (reuse[i], self._used[i]))
-        else:  # an unused slot, else the least recently used
-            best = min(range(len(self.slots)), key=lambda i: (self.slots[i].cache is not None, self._used[i]))
+        else:
+            best = min(free, key=lambda i: (self.slots[i].cache is not None, self._used[i]))
         self._clock += 1
         self._used[best] = self._clock
         return self.slots[best]

@@ -13,6 +13,9 @@ at load time (see `gguf_file.py`).
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -75,7 +78,8 @@ class Attention(nn.Module):
             self.qkv_proj = fused
             del self.q_proj, self.k_proj, self.v_proj
 
-    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, cache: KVCache, layer: int, start: int) -> Tensor:
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, cache: KVCache | CacheRows, layer: int,
+                start: int) -> Tensor:
         b, t, _ = x.shape
         h, kv, d = self.n_heads, self.n_kv, self.head_dim
         if self.qkv_proj is not None:
@@ -87,6 +91,9 @@ class Attention(nn.Module):
             q = apply_rope(self.q_proj(x).view(b, t, h, d).transpose(1, 2), cos, sin)
             k = apply_rope(self.k_proj(x).view(b, t, kv, d).transpose(1, 2), cos, sin)
             v = self.v_proj(x).view(b, t, kv, d).transpose(1, 2)
+        if isinstance(cache, CacheRows):  # batched decoding: each row has its own cache and position
+            out = _attend_rows(q, k, v, cache, layer)
+            return self.o_proj(out.transpose(1, 2).reshape(b, t, -1).to(x.dtype))
         keys, values = cache.update(layer, start, k, v)  # [B, K, L, D], L = start + T
         if t == 1:
             out = _attend_one(q, keys, values)
@@ -100,6 +107,25 @@ def _attend_one(q: Tensor, keys: Tensor, values: Tensor) -> Tensor:
     SDPA for a single query, and exact. Grouped heads read the shared K/V without copies."""
     return F.scaled_dot_product_attention(q.float(), keys.float(), values.float(),
                                           enable_gqa=keys.shape[1] != q.shape[1])
+
+
+@dataclass
+class CacheRows:
+    """The caches of a decoding batch: row i is one sequence, its token at `positions[i]` of
+    `caches[i]` (each a batch-1 KVCache, so every sequence keeps its own prompt cache slot)."""
+
+    caches: list[KVCache]
+    positions: list[int]
+
+
+def _attend_rows(q: Tensor, k: Tensor, v: Tensor, rows: CacheRows, layer: int) -> Tensor:
+    """q: [B, H, 1, D], k/v: [B, K, 1, D]; each row attends to its own cache. The projections
+    around it run batched, which is where decoding spends its time (reading the weights)."""
+    out = []
+    for i, (cache, pos) in enumerate(zip(rows.caches, rows.positions, strict=True)):
+        keys, values = cache.update(layer, pos, k[i : i + 1], v[i : i + 1])
+        out.append(_attend_one(q[i : i + 1], keys, values))
+    return torch.cat(out)
 
 
 def _attend_chunk(q: Tensor, keys: Tensor, values: Tensor, start: int) -> Tensor:
@@ -146,7 +172,8 @@ class DecoderLayer(nn.Module):
         self.self_attn.fuse()
         self.mlp.fuse()
 
-    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, cache: KVCache, layer: int, start: int) -> Tensor:
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, cache: KVCache | CacheRows, layer: int,
+                start: int) -> Tensor:
         x = x + self.self_attn(self.input_layernorm(x), cos, sin, cache, layer, start)
         return x + self.mlp(self.post_attention_layernorm(x))
 
@@ -214,6 +241,23 @@ class Llama(nn.Module):
         if not all_logits:
             x = x[:, -1]
         return self.lm_head(self.model.norm(x)).float()
+
+    @torch.inference_mode()
+    def decode_batch(self, tokens: Sequence[int], caches: Sequence[KVCache], positions: Sequence[int]) -> Tensor:
+        """One decoding step for several sequences at once: token i at positions[i] of caches[i].
+        Returns float32 logits [B, V]. Weight-bound layers run once for the whole batch."""
+        assert self.rotary is not None
+        for cache, pos in zip(caches, positions, strict=True):
+            if pos >= cache.max_len:
+                raise ValueError(f"position {pos} exceeds the cache of {cache.max_len}")
+        x = self.model.embed_tokens(torch.tensor(tokens, device=self.device)[:, None])  # [B, 1, C]
+        pos = torch.tensor(positions, device=self.device)
+        cos = self.rotary.cos[pos][:, None, None, :].to(x.dtype)  # [B, 1, 1, D]: per row
+        sin = self.rotary.sin[pos][:, None, None, :].to(x.dtype)
+        rows = CacheRows(list(caches), list(positions))
+        for i, layer in enumerate(self.model.layers):
+            x = layer(x, cos, sin, rows, i, 0)
+        return self.lm_head(self.model.norm(x[:, -1])).float()
 
     def prefill(self, tokens: Tensor, start: int, cache: KVCache, chunk: int = 512) -> Tensor:
         """Read a long prompt in chunks (bounded activation memory); returns last-position logits [B, V]."""

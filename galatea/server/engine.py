@@ -1,10 +1,14 @@
-"""The model behind the server: one generation at a time, in arrival order, off the event loop.
+"""The model behind the server: many requests at once, batched, off the event loop.
 
-Requests become jobs on a FIFO queue that one worker thread runs; each job streams its chunks
-back to the request's event loop. A job can be cancelled (abort, client disconnect) and is
-skipped if it was cancelled while waiting. This keeps the server responsive and never lets two
-generations race on the model. Each job runs in the prompt cache slot that already holds most
-of its prompt (prefix reuse, context shift), so alternating clients keep their caches.
+Requests become jobs on a queue. One worker thread runs continuous batching: it admits up to
+`max_batch` jobs, reads each new prompt in chunks between decoding steps (so streams already
+running keep going), and advances every running generation by one token per step with a single
+batched forward pass (`Llama.decode_batch`: the weight-bound projections run once for all rows,
+each row attends to its own cache). Sampling, stop strings and streaming stay per request; a
+job can be cancelled (abort, client disconnect) without disturbing the others.
+
+Each job runs in the prompt cache slot that already holds most of its prompt (prefix reuse,
+context shift), so alternating clients keep their caches.
 """
 
 from __future__ import annotations
@@ -18,7 +22,7 @@ from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from galatea.engine.generate import Chunk, stream_generate
+from galatea.engine.generate import Chunk, Generation
 from galatea.engine.prompt_cache import PromptCachePool
 from galatea.engine.sampling import SamplingParams
 from galatea.model.checkpoint import LoadedModel
@@ -50,7 +54,8 @@ class Perf:
 
 class Engine:
     def __init__(self, lm: LoadedModel, max_context: int | None = None, name: str | None = None,
-                 cache_slots: int = 4, cache_memory: int | None = None, context_shift: bool = True) -> None:
+                 cache_slots: int = 4, cache_memory: int | None = None, context_shift: bool = True,
+                 max_batch: int = 8, prefill_chunk: int = 256) -> None:
         self.lm = lm
         trained = lm.config.max_position_embeddings
         self.context = min(max_context or trained, trained)
@@ -63,7 +68,9 @@ class Engine:
         budget = cache_memory if cache_memory is not None else default_cache_memory()
         self.cache_slots = max(1, min(cache_slots, budget // self.slot_bytes))
         self.prompt_cache = PromptCachePool(self.cache_slots, context_shift)
-        self.current: Job | None = None
+        self.max_batch, self.prefill_chunk = max(1, max_batch), prefill_chunk
+        self.running: list[Job] = []
+        self._closing = threading.Event()
         self._jobs: queue.Queue[Job | None] = queue.Queue()
         self._worker = threading.Thread(target=self._run, name="galatea-engine", daemon=True)
         self._worker.start()
@@ -117,51 +124,138 @@ class Engine:
         self._jobs.put(job)
         return job
 
+    @property
+    def current(self) -> Job | None:
+        """The oldest running job (KoboldCpp's single-user view of the server)."""
+        running = list(self.running)
+        return running[0] if running else None
+
+    def find(self, genkey: str = "") -> Job | None:
+        """The running job with this genkey; without one, the oldest running job."""
+        running = list(self.running)
+        if not genkey:
+            return running[0] if running else None
+        return next((j for j in running if j.genkey == genkey), None)
+
     def abort(self, genkey: str | None = None) -> bool:
-        job = self.current
-        if job is None or (genkey and job.genkey and genkey != job.genkey):
-            return False
-        job.cancel.set()
-        return True
+        """Cancel the job with `genkey` (running or queued); without a genkey, every running job."""
+        if genkey:
+            jobs = [j for j in [*self.running, *list(self._jobs.queue)] if j is not None and j.genkey == genkey]
+        else:
+            jobs = list(self.running)
+        for job in jobs:
+            job.cancel.set()
+        return bool(jobs)
 
     def close(self) -> None:
+        """Stop the worker (running jobs are cancelled) and wait for it: a thread still inside
+        a torch kernel at interpreter exit aborts the process."""
+        self._closing.set()
         self._jobs.put(None)
+        if self._worker is not threading.current_thread():
+            self._worker.join(timeout=30)
 
     # ---- the worker thread ---------------------------------------------------------------------
 
     def _run(self) -> None:
+        active: list[tuple[Job, Generation]] = []
         while True:
-            job = self._jobs.get()
-            if job is None:
+            if not self._admit(active):
                 return
+            self._step(active)
+
+    def _admit(self, active: list[tuple[Job, Generation]]) -> bool:
+        """Take queued jobs while there is room (waiting only when idle); False on close()."""
+        if self._closing.is_set():  # running jobs end as cancelled, with their closing chunk
+            for j, g in list(active):
+                j.cancel.set()
+                g.finish = g.finish or "cancelled"
+                self._finish(active, j, g)
+            return False
+        while len(active) < self.max_batch:
+            try:
+                job = self._jobs.get(block=not active)
+            except queue.Empty:
+                return True
+            if job is None:
+                return self._admit(active)  # close(): handled above
             if job.cancel.is_set():
                 continue  # cancelled while queued
-            self.current = job
+            busy = {id(g.prompt_cache) for _, g in active if g.prompt_cache is not None}
             try:
-                self._generate(job)
+                slot = self.prompt_cache.acquire(job.prompt_ids, busy)
+                gen = Generation(self.lm.model, self.lm.tokenizer, job.prompt_ids, job.params, job.cancel,
+                                 self.context, slot)
             except BaseException as e:  # handed to the request; never kills the worker
                 job.emit(e)
-            finally:
-                self.current = None
+                continue
+            active.append((job, gen))
+            self.running.append(job)
+        return True
 
-    def _generate(self, job: Job) -> None:
-        last = None
-        slot = self.prompt_cache.acquire(job.prompt_ids)
-        for chunk in stream_generate(self.lm.model, self.lm.tokenizer, job.prompt_ids, job.params, job.cancel,
-                                     self.context, slot):
-            job.text += chunk.text
-            job.emit(chunk)
-            last = chunk
-        if last is not None:
-            p = self.perf
-            p.last_input_count, p.last_token_count = last.prompt_tokens, last.generated_tokens
-            p.last_cached_count, p.last_shifted_count = last.cached_tokens, last.shifted_tokens
-            read = last.prompt_tokens - last.cached_tokens
-            p.last_process = read / last.prefill_tok_s if last.prefill_tok_s else 0.0
-            p.last_eval = 1.0 / last.decode_tok_s if last.decode_tok_s else 0.0
-            p.last_seed = last.seed if last.seed is not None else -1
-            p.total_gens += 1
-            p.stop_reason = {"length": 0, "stop": 1}.get(last.finish_reason or "", 2)
+    def _step(self, active: list[tuple[Job, Generation]]) -> None:
+        """One scheduling step: a chunk of one new prompt, then a token for every running stream."""
+        reading = [(j, g) for j, g in active if not g.prefilled]
+        if reading:
+            job, gen = reading[0]
+            if job.cancel.is_set():
+                gen.finish = "cancelled"
+            else:
+                self._guard(active, [(job, gen)], lambda: gen.prefill_step(self.prefill_chunk))
+        ready = [(j, g) for j, g in active if g.prefilled and not g.done]
+        for job, gen in ready:
+            chunk = self._guard(active, [(job, gen)], gen.sample)
+            if chunk is not None:
+                job.text += chunk.text
+                job.emit(chunk)
+        for job, gen in [(j, g) for j, g in active if g.done]:
+            self._finish(active, job, gen)
+        going = [(j, g) for j, g in ready if not g.done]
+        if len(going) == 1:
+            self._guard(active, going, going[0][1].forward)
+        elif going:
+            def batched() -> None:
+                gens = [g for _, g in going]
+                logits = self.lm.model.decode_batch([g.input_token for g in gens], [g.cache for g in gens],
+                                                    [g.position for g in gens])
+                for g, row in zip(gens, logits, strict=True):
+                    g.advance(row)
+            self._guard(active, going, batched)
+
+    def _guard(self, active: list[tuple[Job, Generation]], rows: list[tuple[Job, Generation]],
+               fn: Callable[[], Any]) -> Any:
+        """Run fn; if it fails, the failure goes to the jobs it concerned, which end."""
+        try:
+            return fn()
+        except BaseException as e:
+            for job, gen in rows:
+                job.emit(e)
+                self._drop(active, job, gen)
+            return None
+
+    def _drop(self, active: list[tuple[Job, Generation]], job: Job, gen: Generation) -> None:
+        if (job, gen) in active:
+            active.remove((job, gen))
+        if job in self.running:
+            self.running.remove(job)
+        if gen.prompt_cache is not None:
+            gen.prompt_cache.clear()
+
+    def _finish(self, active: list[tuple[Job, Generation]], job: Job, gen: Generation) -> None:
+        last = gen.close()
+        job.text += last.text
+        active.remove((job, gen))
+        self.running.remove(job)
+        job.emit(last)
+        p = self.perf
+        p.last_input_count, p.last_token_count = last.prompt_tokens, last.generated_tokens
+        p.last_cached_count, p.last_shifted_count = last.cached_tokens, last.shifted_tokens
+        read = last.prompt_tokens - last.cached_tokens
+        p.last_process = read / last.prefill_tok_s if last.prefill_tok_s else 0.0
+        p.last_eval = 1.0 / last.decode_tok_s if last.decode_tok_s else 0.0
+        p.last_seed = last.seed if last.seed is not None else -1
+        p.total_gens += 1
+        p.stop_reason = {"length": 0, "stop": 1}.get(last.finish_reason or "", 2)
 
 
 def default_cache_memory() -> int:

@@ -105,8 +105,8 @@ def build_router(engine: Engine) -> APIRouter:
                 genkey = KoboldGenkey.model_validate(await request.json()).genkey
             except ValueError:
                 genkey = ""
-        job = engine.current
-        text = job.text if job is not None and (not job.genkey or job.genkey == genkey) else ""
+        job = engine.find(genkey)
+        text = job.text if job is not None else ""
         return {"results": [{"text": text}]}
 
     @r.post("/api/extra/abort")
