@@ -31,6 +31,10 @@ def test_int4_matches_group_fake_quant():
     scale = (hi - lo) / 15
     deq = (torch.round((g - lo) / scale).clamp(0, 15) * scale + lo).view(192, 256)
     assert _rel(Int4Linear.from_float(w)(x), x.float() @ deq.T) < 1e-2
+    many = torch.randn(100, 256).bfloat16()  # a prompt: weights unpacked from the kernel's layout + GEMM
+    layer = Int4Linear.from_float(w)
+    assert _rel(layer(many), many.float() @ deq.T) < 1e-2
+    assert _rel(layer.dequantize_t().T, deq) < 1e-2
 
 
 def test_gguf_q4_1_blocks_land_on_the_int4_grid():

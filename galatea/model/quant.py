@@ -7,20 +7,23 @@ Q4_0/Q4_1 block, or a Q4_K sub-block, is exactly such a group (w = d*(q-8), d*q 
 d*sc*q - dmin*m), so those files load straight into int4 (`Int4Groups`, see gguf_file.py) with no
 float copy and no second rounding.
 
-Reading a long prompt is compute bound instead: for many rows at once the int8 layer dequantizes
-to the activation dtype and uses the dense GEMM, which is faster than the int8 kernel there.
+Reading a long prompt is compute bound instead: for many rows at once both layers dequantize
+their weights to bf16 (one layer at a time) and use the dense GEMM, which is faster than the
+int8/int4 kernels there even counting the dequantization.
 """
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-# Rows at which dequantize-then-GEMM beats the int8 mat-mul kernel (measured on AVX-512).
+# Rows at which dequantize-then-GEMM beats the int8 / int4 mat-mul kernels (measured on AVX-512).
 DENSE_ROWS = 16
+DENSE_ROWS_INT4 = 64
 
 
 class Int8Linear(nn.Module):
@@ -142,11 +145,50 @@ class Int4Linear(nn.Module):
             self.pack()
         lead = x.shape[:-1]
         x2 = x.reshape(-1, self.in_features).to(torch.bfloat16)
-        out = torch.ops.aten._weight_int4pack_mm_for_cpu(x2, self.weight, GROUP, self.scales_and_zeros)
+        if x2.shape[0] >= DENSE_ROWS_INT4 and int4_block_n() is not None:
+            out = torch.matmul(x2, self.dequantize_t())  # many rows (a prompt): the bf16 GEMM
+        else:
+            out = torch.ops.aten._weight_int4pack_mm_for_cpu(x2, self.weight, GROUP, self.scales_and_zeros)
         return out.to(x.dtype).view(*lead, self.out_features)
+
+    def dequantize_t(self) -> Tensor:
+        """The weight, transposed, in bf16: [in, out], straight from the packed layout.
+
+        The CPU kernel's layout is [out/BN, in, BN/2] bytes: byte j of a row block holds output
+        row j in its low nibble and row j + BN/2 in its high nibble (BN = `int4_block_n()`).
+        Working in [in, out] order keeps the scales [in/32, out] broadcastable without copies."""
+        bn = int4_block_n()
+        assert bn is not None
+        n, k = self.out_features, self.in_features
+        packed = self.weight.view(n // bn, k, bn // 2).permute(1, 0, 2)  # [K, N/BN, BN/2]
+        wt = torch.empty(k, n // bn, 2, bn // 2, dtype=torch.bfloat16, device=self.weight.device)
+        wt[:, :, 0].copy_(packed & 0x0F)
+        wt[:, :, 1].copy_(packed >> 4)
+        sz = self.scales_and_zeros  # [K/32, N, 2]: w = (q - 8) * scale + zero
+        scale = sz[..., 0][:, None, :]
+        wt = wt.view(k // GROUP, GROUP, n).mul_(scale).add_((sz[..., 1] - 8 * sz[..., 0])[:, None, :])
+        return wt.view(k, n)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, int4 g{GROUP}"
+
+
+@functools.cache
+def int4_block_n() -> int | None:
+    """How many output rows the CPU int4 pack interleaves per block (64 with AVX-512, 32 with
+    AVX2, found by packing a probe), or None when the layout is not one we can read back."""
+    probe = torch.randint(0, 16, (128, 64), dtype=torch.int32, generator=torch.Generator().manual_seed(0))
+    packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(probe, 1)
+    if packed.dtype != torch.uint8 or packed.numel() != 128 * 32:
+        return None
+    for bn in (64, 32, 16, 128):
+        if 128 % bn:
+            continue
+        pv = packed.view(128 // bn, 64, bn // 2)
+        back = torch.cat([pv & 0x0F, pv >> 4], dim=2).permute(0, 2, 1).reshape(128, 64)
+        if torch.equal(back.to(torch.int32), probe):
+            return bn
+    return None
 
 
 def pack_int4(module: nn.Module) -> None:

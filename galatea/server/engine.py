@@ -201,7 +201,10 @@ class Engine:
             if job.cancel.is_set():
                 gen.finish = "cancelled"
             else:
-                self._guard(active, [(job, gen)], lambda: gen.prefill_step(self.prefill_chunk))
+                # alone, the prompt is read in the model's large chunks; with streams running, in
+                # small ones between their decoding steps
+                chunk = self.prefill_chunk if len(active) > 1 else None
+                self._guard(active, [(job, gen)], lambda: gen.prefill_step(chunk))
         ready = [(j, g) for j, g in active if g.prefilled and not g.done]
         for job, gen in ready:
             chunk = self._guard(active, [(job, gen)], gen.sample)
