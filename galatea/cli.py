@@ -7,6 +7,7 @@ import argparse
 import json
 import sys
 import threading
+import time
 from collections.abc import Sequence
 from typing import Any
 
@@ -142,6 +143,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="instead: time to first token of a new chat turn at full context, recompute vs "
                         "prefix reuse vs context shift")
     p.add_argument("--context", type=int, default=2048, help="with --chat-turn: the context size (default 2048)")
+    p.add_argument("--suite", action="store_true",
+                   help="every scenario (load, prefill/decode, new chat turn, 1/4/8 streams) as JSON and a "
+                        "table, next to llama.cpp when llama-cpp-python is available")
+    p.add_argument("--llama-cpp-python", metavar="PYTHON",
+                   help="with --suite: an interpreter that has llama_cpp (default: this one, if it does)")
+    p.add_argument("--out", help="with --suite: also write the JSON to this file")
     p.add_argument("--concurrent", action="store_true",
                    help="instead: aggregate tokens/s of 1, 4 and 8 simultaneous requests (batched)")
     p.set_defaults(func=cmd_bench)
@@ -457,7 +464,20 @@ def cmd_bench(args: argparse.Namespace) -> int:
         return 0
     if args.prompt_tokens < 16 or args.gen_tokens < 1:
         raise GalateaError("bench: --prompt-tokens must be >= 16 and --gen-tokens >= 1")
+    t = time.perf_counter()
     lm = _load(args)
+    load_s = time.perf_counter() - t
+    if args.suite:
+        from galatea.engine.bench_suite import format_table, run_suite
+
+        result = run_suite(lm, load_s, args.context, args.prompt_tokens, args.gen_tokens, args.llama_cpp_python)
+        print(format_table(result), file=sys.stderr)
+        print(json.dumps(result))
+        if args.out:
+            from pathlib import Path
+
+            Path(args.out).write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
+        return 0
     if args.concurrent:
         from galatea.engine.bench import bench_concurrent
 

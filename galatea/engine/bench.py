@@ -10,13 +10,14 @@ import torch
 
 from galatea.model.checkpoint import LoadedModel
 
+# A real text, repeated to length: token ids as a user's prompt would have them.
+TEXT = ("Aria's Persona: Aria is a cheerful travelling bard who tells stories about distant lands.\n"
+        "<START>\nYou: Hello! Who are you?\nAria: I'm Aria, a bard. Shall I sing you a song?\n")
+
 
 def bench(lm: LoadedModel, prompt_tokens: int = 512, gen_tokens: int = 128, repeats: int = 3) -> dict[str, Any]:
     model = lm.model
-    # A real text, repeated to length: token ids as a user's prompt would have them.
-    text = ("Aria's Persona: Aria is a cheerful travelling bard who tells stories about distant lands.\n"
-            "<START>\nYou: Hello! Who are you?\nAria: I'm Aria, a bard. Shall I sing you a song?\n")
-    ids = lm.tokenizer.encode(text * (prompt_tokens // 8 + 1))[:prompt_tokens]
+    ids = lm.tokenizer.encode(TEXT * (prompt_tokens // 8 + 1))[:prompt_tokens]
     prompt = torch.tensor([ids], device=model.device)
     cache = model.make_cache(1, prompt_tokens + gen_tokens)
 
@@ -66,28 +67,32 @@ _LINES = [
 ]
 
 
+def chat_turn_prompts(tok: Any, context: int, max_new_tokens: int) -> tuple[str, str]:
+    """(what the cache holds after the last turn: its prompt and the reply, the next turn's
+    prompt), at the first turn where the window is full and the oldest messages drop out."""
+    from galatea.chat.cards import load_character
+    from galatea.chat.prompt import Turn, build_prompt
+
+    char = load_character("aria")
+    history = [Turn(i % 2 == 0, _LINES[i % 4].format(n=i // 4 + 1)) for i in range(4 * context // 40)]
+
+    def prompt(n: int) -> Any:
+        return build_prompt(char, history[:n], history[n].text, tok, context, max_new_tokens)
+
+    n = next(k for k in range(2, len(history) - 2, 2) if prompt(k).messages_dropped)
+    return prompt(n).text + " " + history[n + 1].text, prompt(n + 2).text
+
+
 def bench_chat_turn(lm: LoadedModel, context: int = 2048, max_new_tokens: int = 128) -> dict[str, Any]:
     """Time to first token of a new turn in a chat whose window is full (the oldest turns drop
     out as it slides): recomputing the whole prompt, prefix reuse only (what llama.cpp's
     cache_prompt gives), and context shift; next to the time to read only the new tokens.
     Drift: top-1 agreement of next-token predictions over the new turn, shifted vs fresh."""
-    from galatea.chat.cards import load_character
-    from galatea.chat.prompt import Turn, build_prompt
     from galatea.engine.prompt_cache import PromptCache
 
-    model, tok, char = lm.model, lm.tokenizer, load_character("aria")
-    history = [Turn(i % 2 == 0, _LINES[i % 4].format(n=i // 4 + 1)) for i in range(4 * context // 40)]
-
-    def prompt_at(n_msgs: int) -> list[int]:
-        p = build_prompt(char, history[:n_msgs], history[n_msgs].text, tok, context, max_new_tokens)
-        return tok.encode(p.text)
-
-    # the first turn at which the window is full and slides
-    n = next(k for k in range(2, len(history) - 2, 2)
-             if build_prompt(char, history[:k], history[k].text, tok, context, max_new_tokens).messages_dropped)
-    prev = tok.encode(build_prompt(char, history[:n], history[n].text, tok, context, max_new_tokens).text
-                      + " " + history[n + 1].text)  # what the cache holds: last prompt and the reply
-    new = prompt_at(n + 2)
+    model, tok = lm.model, lm.tokenizer
+    prev_text, new_text = chat_turn_prompts(tok, context, max_new_tokens)
+    prev, new = tok.encode(prev_text), tok.encode(new_text)
 
     def primed(shift: bool) -> PromptCache:
         slot = PromptCache(context_shift=shift)
