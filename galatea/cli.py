@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import signal
+import socket
 import sys
 import threading
 import time
@@ -369,18 +371,32 @@ def cmd_serve(args: argparse.Namespace) -> int:
         raise GalateaError("--cache-slots and --max-batch must be at least 1")
     engine = Engine(lm, args.max_context, cache_slots=args.cache_slots,
                     cache_memory=int(args.cache_memory * 2**30) if args.cache_memory else None,
-                    context_shift=not args.no_context_shift, max_batch=args.max_batch)
+                    context_shift=not args.no_context_shift, max_batch=args.max_batch, start=False)
     app = create_app(engine, _store(args), api_key=args.api_key)
-    print(f"galatea: serving {engine.name} (context {engine.context}) on http://{args.host}:{args.port} "
-          f"- KoboldAI at /api, OpenAI at /v1; prompt cache: {engine.cache_slots} slot(s) of "
-          f"{engine.slot_bytes / 2**20:.0f} MiB, context shift {'off' if args.no_context_shift else 'on'}",
-          file=sys.stderr, flush=True)
     try:
-        uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
+        sock = socket.create_server((args.host, args.port))
     except OSError as e:  # e.g. the port is taken
         raise GalateaError(f"cannot serve on {args.host}:{args.port} ({e.strerror}); pick another --port") from None
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
+    # The HTTP server on a thread, the model on this one (see Engine: kernels are fastest on the
+    # thread that loaded the model).
+    http = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, name="galatea-http", daemon=True)
+    http.start()
+    print(f"galatea: serving {engine.name} (context {engine.context}) on http://{args.host}:{args.port} "
+          f"- KoboldAI at /api, OpenAI at /v1; prompt cache: {engine.cache_slots} slot(s) of "
+          f"{engine.slot_bytes / 2**20:.0f} MiB, context shift {'off' if args.no_context_shift else 'on'}, "
+          f"batches of up to {engine.max_batch}", file=sys.stderr, flush=True)
+    stop = threading.Thread(target=lambda: (http.join(), engine.close()), daemon=True)
+    stop.start()  # the HTTP server ending (it failed) stops the engine too
+    signal.signal(signal.SIGTERM, lambda *_: engine.close())
+    try:
+        engine.run()
+    except KeyboardInterrupt:
+        pass
     finally:
-        engine.close()
+        server.should_exit = True
+        http.join(timeout=10)
+        sock.close()
     return 0
 
 

@@ -141,37 +141,40 @@ def bench_chat_turn(lm: LoadedModel, context: int = 2048, max_new_tokens: int = 
 
 def bench_concurrent(lm: LoadedModel, streams: tuple[int, ...] = (1, 4, 8), gen_tokens: int = 64) -> dict[str, Any]:
     """Aggregate decoding speed of N simultaneous requests through the server's engine
-    (continuous batching): N different short prompts, `gen_tokens` greedy tokens each."""
+    (continuous batching): N different short prompts, `gen_tokens` greedy tokens each. The
+    engine runs on this thread (the one that loaded the model), as in `galatea serve`."""
     import threading
 
     from galatea.engine.sampling import SamplingParams
     from galatea.server.engine import Engine
 
-    engine = Engine(lm, max_context=512, max_batch=max(streams), cache_slots=max(streams))
     params = SamplingParams(max_new_tokens=gen_tokens, temperature=0, repetition_penalty=1.0, ban_eos=True)
     out: dict[str, Any] = {"bench": "concurrent streams", "model": str(lm.path), "quant": lm.quant,
                            "gen_tokens": gen_tokens}
-    try:
-        list(engine.generate_sync(lm.tokenizer.encode("Warm-up."), params))
-        for n in streams:
-            prompts = [lm.tokenizer.encode(f"You: Tell me story number {i} about a dragon.\nAria:") for i in range(n)]
-            counts = [0] * n
 
-            def client(i: int, prompts: list[list[int]] = prompts, counts: list[int] = counts) -> None:
-                for chunk in engine.generate_sync(prompts[i], params):
-                    counts[i] += chunk.token is not None
+    def run(n: int) -> float:
+        engine = Engine(lm, max_context=512, max_batch=max(n, 1), cache_slots=max(n, 1), start=False)
+        prompts = [lm.tokenizer.encode(f"You: Tell me story number {i} about a dragon.\nAria:") for i in range(n)]
+        counts = [0] * n
 
-            threads = [threading.Thread(target=client, args=(i,)) for i in range(n)]
-            t = time.perf_counter()
-            for th in threads:
-                th.start()
-            for th in threads:
-                th.join()
-            wall = time.perf_counter() - t
-            out[f"streams_{n}_tok_s"] = round(sum(counts) / wall, 1)
-        base = out[f"streams_{streams[0]}_tok_s"]
-        for n in streams[1:]:
-            out[f"streams_{n}_vs_1"] = round(out[f"streams_{n}_tok_s"] / base, 2)
-    finally:
-        engine.close()
+        def client(i: int) -> None:
+            for chunk in engine.generate_sync(prompts[i], params):
+                counts[i] += chunk.token is not None
+
+        threads = [threading.Thread(target=client, args=(i,)) for i in range(n)]
+        closer = threading.Thread(target=lambda: ([th.join() for th in threads], engine.close()))
+        t = time.perf_counter()
+        for th in threads:
+            th.start()
+        closer.start()
+        engine.run()
+        wall = time.perf_counter() - t
+        return sum(counts) / wall
+
+    run(1)  # warm-up
+    for n in streams:
+        out[f"streams_{n}_tok_s"] = round(run(n), 1)
+    base = out[f"streams_{streams[0]}_tok_s"]
+    for n in streams[1:]:
+        out[f"streams_{n}_vs_1"] = round(out[f"streams_{n}_tok_s"] / base, 2)
     return out
