@@ -16,7 +16,7 @@ import torch
 from torch import Tensor, nn
 
 from galatea.errors import GalateaError
-from galatea.model import hf_folder, tokenizer
+from galatea.model import hf_folder, prequantized, tokenizer
 from galatea.model.config import ModelConfig
 from galatea.model.gguf_file import GGUFFile
 from galatea.model.llama import Llama
@@ -116,6 +116,14 @@ def load(path: str | Path | None, dtype: torch.dtype | None = None, device: torc
         raw = _hf_config_dict(p, required=True)
         cfg = ModelConfig.from_hf(raw)
         tok = tokenizer.from_hf_folder(p, raw)
+        qc = prequantized.quantization_config(raw)
+        if qc is not None:  # written by `galatea quantize`: kernels' layout, loaded by mmap
+            stored = str(qc.get("mode"))
+            if quant not in ("auto", stored):
+                raise GalateaError(f"{p}: this folder is stored as {stored}; --quant {quant} needs the original "
+                                   "weights (use --quant auto, or the model it was quantized from)")
+            model = prequantized.load(p, raw, cfg, dt, dev)
+            return LoadedModel(model, tok, cfg, p, "hf", {f"galatea-{stored}": 1}, quant=stored)
         types = {str(raw.get("torch_dtype") or raw.get("dtype") or "unknown"): 1}
         mode = _quant_mode(quant, types, dev)
         tensors = hf_folder.iter_tensors(hf_folder.weight_files(p))

@@ -125,6 +125,17 @@ class Int4Linear(nn.Module):
         return layer
 
     @classmethod
+    def packed(cls, weight: Tensor, scales_and_zeros: Tensor) -> Int4Linear:
+        """A layer from weights already in the kernel's layout (a pre-quantized folder):
+        weight [out, in/2] uint8, scales_and_zeros [in/32, out, 2] bf16."""
+        k, n = scales_and_zeros.shape[0] * GROUP, scales_and_zeros.shape[1]
+        layer = cls(Int4Groups(torch.empty(n, k, dtype=torch.uint8, device="meta"),
+                               torch.empty(0, device="meta"), torch.empty(0, device="meta")))
+        layer.groups = None
+        layer.weight, layer.scales_and_zeros = weight, scales_and_zeros
+        return layer
+
+    @classmethod
     def cat(cls, layers: list[Int4Linear]) -> Int4Linear | None:
         if any(m.groups is None for m in layers):
             return None  # already packed: cannot be joined

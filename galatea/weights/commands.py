@@ -55,6 +55,15 @@ def add_parsers(sub: Any) -> None:
     p.add_argument("--quiet", "-q", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_convert)
 
+    p = sub.add_parser("quantize", help="write a pre-quantized int4/int8 folder that loads in seconds by mmap")
+    p.add_argument("src", type=Path, help="a Hugging Face model folder or a .gguf file")
+    p.add_argument("dst", type=Path, help="the folder to write")
+    p.add_argument("--quant", choices=("int4", "int8"), default="int4",
+                   help="int4 (groups of 32; GGUF Q4 blocks are kept as they are) or int8 (default int4)")
+    p.add_argument("--force", action="store_true", help="overwrite the destination")
+    p.add_argument("--quiet", "-q", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_quantize)
+
 
 def progress_bars(quiet: bool) -> Any:
     if quiet:
@@ -160,4 +169,13 @@ def cmd_convert(args: argparse.Namespace) -> int:
         raise GalateaError("--dtype is for safetensors output; GGUF output takes --type")
     counts = cv.hf_to_gguf(args.src, args.dst, args.type, args.force, bars)
     print(f"wrote {args.dst}: " + ", ".join(f"{n} {k} tensors" for k, n in sorted(counts.items())))
+    return 0
+
+
+def cmd_quantize(args: argparse.Namespace) -> int:
+    from galatea.weights.quantize import quantize
+
+    info = quantize(args.src, args.dst, args.quant, args.force, progress_bars(args.quiet))
+    print(f"wrote {args.dst}: {info['modules']} {info['mode']} layers, {info['bytes'] / 1e6:.0f} MB; "
+          f"load it with --model {args.dst}")
     return 0

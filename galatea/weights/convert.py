@@ -39,7 +39,8 @@ from galatea.model.gguf_file import NAME_TABLE, GGUFFile
 Q = GGMLQuantizationType
 GGUF_TYPES = {"f32": Q.F32, "f16": Q.F16, "q8_0": Q.Q8_0, "q4_0": Q.Q4_0, "q4_1": Q.Q4_1}
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-_ST_NAMES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16"}
+_ST_NAMES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", torch.uint8: "U8",
+             torch.int8: "I8"}
 # Files of an HF folder that travel with the weights.
 SIDE_FILES = ("tokenizer.model", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
               "generation_config.json", "added_tokens.json", "chat_template.jinja")
@@ -131,7 +132,9 @@ def write_safetensors(dst: Path, plan: list[TensorPlan], tensors: Iterator[tuple
             header[p.name] = {"dtype": _ST_NAMES[p.dtype], "shape": list(p.shape), "data_offsets": [offset, offset + n]}
             offset += n
         blob = json.dumps(header, separators=(",", ":")).encode()
-        blob += b" " * (-len(blob) % 8)  # keep tensor data 8-byte aligned
+        # Tensor data starts 64-byte aligned in the file (and so in a memory map of it): SIMD
+        # kernels reading mapped weights in place (pre-quantized folders) need aligned rows.
+        blob += b" " * (-(8 + len(blob)) % 64)
 
         def body(f: IO[bytes], shard: list[TensorPlan] = shard, blob: bytes = blob) -> None:
             f.write(struct.pack("<Q", len(blob)))
@@ -231,8 +234,6 @@ def hf_to_safetensors(src: Path, dst: Path, dtype: torch.dtype | None = None, ma
 
 def gguf_to_hf(src: Path, dst: Path, dtype: torch.dtype | None = None, max_shard: int = DEFAULT_SHARD,
                force: bool = False, progress_factory: Any = None) -> list[str]:
-    from galatea.model.tokenizer import bpe_from_gguf, spm_proto_from_gguf
-
     g = GGUFFile(src)
     meta = g.metadata
     tokens = meta.get("tokenizer.ggml.tokens")
@@ -259,6 +260,18 @@ def gguf_to_hf(src: Path, dst: Path, dtype: torch.dtype | None = None, max_shard
         names = write_safetensors(dst, plan, g.iter_tensors(cfg.num_attention_heads, cfg.num_key_value_heads),
                                   max_shard, bar)
 
+    config = write_gguf_side_files(src, meta, cfg, tied, dst, dtype)
+    atomic_write(dst / "config.json", lambda f: f.write(json.dumps(config, indent=2).encode()))
+    return names
+
+
+def write_gguf_side_files(src: Path, meta: dict[str, Any], cfg: ModelConfig, tied: bool, dst: Path,
+                          dtype: torch.dtype) -> dict[str, Any]:
+    """The tokenizer and generation config of an HF folder, from a GGUF's metadata; returns the
+    `config.json` dictionary for the caller to write last."""
+    from galatea.model.tokenizer import bpe_from_gguf, spm_proto_from_gguf
+
+    tokens = meta["tokenizer.ggml.tokens"]
     model = meta.get("tokenizer.ggml.model")
     bos, eos = cfg.bos_token_id, cfg.eos_token_id
     tok_cfg: dict[str, Any] = {"model_max_length": cfg.max_position_embeddings, "clean_up_tokenization_spaces": False}
@@ -297,8 +310,7 @@ def gguf_to_hf(src: Path, dst: Path, dtype: torch.dtype | None = None, max_shard
     }
     if cfg.rope_scaling_factor != 1.0:
         config["rope_scaling"] = {"rope_type": "linear", "factor": cfg.rope_scaling_factor}
-    atomic_write(dst / "config.json", lambda f: f.write(json.dumps(config, indent=2).encode()))
-    return names
+    return config
 
 
 # ---- HF -> GGUF --------------------------------------------------------------------------------
