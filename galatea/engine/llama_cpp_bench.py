@@ -64,8 +64,20 @@ def main() -> None:
         out["ttft_prefix_reuse_s"] = round(first_token(new), 3)
         llm.reset()
         out["ttft_recompute_s"] = round(first_token(new), 3)
-    out["peak_rss_mb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
+    out["peak_rss_mb"] = peak_rss_mb()
     print(json.dumps(out))
+
+
+def peak_rss_mb() -> float:
+    """VmHWM: this process's own peak (ru_maxrss would include the parent's, inherited at fork)."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return round(int(line.split()[1]) / 1024, 1)
+    except OSError:
+        pass
+    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
 
 
 if __name__ == "__main__":
