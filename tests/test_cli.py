@@ -132,3 +132,24 @@ def test_characters_and_chats_commands(capsys, tmp_path):
     assert main(["characters", "delete", "Mira", *data]) == 0
     assert main(["chats", "show", str(chat), *data]) == 2
     assert "no chat" in capsys.readouterr().err
+
+
+def test_bench_suite_reports_every_scenario(capsys):
+    assert main(["bench", "--suite", "--context", "512", "--prompt-tokens", "64", "--gen-tokens", "8"]) == 0
+    captured = capsys.readouterr()
+    result = json.loads(captured.out.strip().splitlines()[-1])
+    g = result["galatea"]
+    for key in ("load_s", "peak_rss_mb", "prefill_tok_s", "decode_tok_s", "ttft_recompute_s", "ttft_shift_s",
+                "streams_1_tok_s", "streams_4_tok_s", "streams_8_tok_s"):
+        assert g[key] > 0, key
+    assert g["shifted_tokens"] > 100 and g["new_tokens"] < 60  # the window slid: the survivors were moved
+    assert g["ttft_shift_s"] < g["ttft_recompute_s"]
+    assert "8 streams, aggregate (tok/s)" in captured.err  # the table
+    llama = result["llama.cpp"]
+    assert isinstance(llama, dict) or "not measured" in llama
+
+
+def test_bench_xor(capsys):
+    assert main(["bench", "--xor", "--size-mb", "8"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["size_mb"] == 8.4 and result["galatea_mb_s"] > 0 and result["original_mb_s"] > 0

@@ -35,6 +35,7 @@ def run_suite(lm: LoadedModel, load_s: float, context: int = 2048, prompt_tokens
                                "peak_rss_after_load_mb": rss_after_load}
     galatea.update({k: v for k, v in bench(lm, prompt_tokens, gen_tokens).items()
                     if k in ("prefill_tok_s", "decode_tok_s", "quant", "dtype", "threads")})
+    galatea["peak_rss_single_stream_mb"] = peak_rss_mb()  # one chat: the model and one cache
     turn = bench_chat_turn(lm, context)
     galatea.update({k: turn[k] for k in ("ttft_recompute_s", "ttft_prefix_reuse_s", "ttft_shift_s",
                                          "prefill_only_new_s", "new_tokens", "shifted_tokens",
@@ -86,7 +87,8 @@ def _ratios(g: dict[str, Any], ll: dict[str, Any]) -> dict[str, Any]:
 
 ROWS = [
     ("load (s)", "load_s"),
-    ("peak RSS (MB)", "peak_rss_mb"),
+    ("peak RSS, one stream (MB)", "peak_rss_single_stream_mb"),
+    ("peak RSS, whole suite (MB)", "peak_rss_mb"),
     ("prefill (tok/s)", "prefill_tok_s"),
     ("decode (tok/s)", "decode_tok_s"),
     ("new turn, recompute: TTFT (s)", "ttft_recompute_s"),

@@ -46,6 +46,7 @@ def main() -> None:
         best_decode = min(best_decode, time.perf_counter() - t)
     out["prefill_tok_s"] = round(n_prompt / best_prefill, 1)
     out["decode_tok_s"] = round(n_gen / best_decode, 1)
+    out["peak_rss_single_stream_mb"] = peak_rss_mb()  # its context is allocated at load: n_ctx
 
     turn = spec.get("chat_turn")
     if turn:
