@@ -16,7 +16,6 @@ conversion never leaves a folder that looks like a model.
 
 from __future__ import annotations
 
-import errno
 import json
 import shutil
 import struct
@@ -35,6 +34,7 @@ from galatea.errors import GalateaError
 from galatea.model import hf_folder
 from galatea.model.config import ModelConfig
 from galatea.model.gguf_file import NAME_TABLE, GGUFFile
+from galatea.weights.files import atomic_write, write_then_rename
 
 Q = GGMLQuantizationType
 GGUF_TYPES = {"f32": Q.F32, "f16": Q.F16, "q8_0": Q.Q8_0, "q4_0": Q.Q4_0, "q4_1": Q.Q4_1}
@@ -155,38 +155,6 @@ def write_safetensors(dst: Path, plan: list[TensorPlan], tensors: Iterator[tuple
         index = {"metadata": {"total_size": sum(_nbytes(p) for p in plan)}, "weight_map": weight_map}
         atomic_write(dst / "model.safetensors.index.json", lambda f: f.write(json.dumps(index, indent=2).encode()))
     return names
-
-
-# ---- writing files safely ----------------------------------------------------------------------
-
-def atomic_write(final: Path, body: Callable[[IO[bytes]], Any]) -> None:
-    """Write `final` through `body(file)`, under a hidden temporary name renamed when complete."""
-    def run(tmp: Path) -> None:
-        with open(tmp, "wb") as f:
-            body(f)
-    write_then_rename(final, run)
-
-
-def write_then_rename(final: Path, write: Callable[[Path], Any]) -> None:
-    """`write(tmp)` creates the file at a hidden temporary path; it is renamed to `final` when
-    complete and removed on any failure, with a one-line error for a full disk or an interrupt."""
-    tmp = final.with_name(f".{final.name}.partial")
-    try:
-        write(tmp)
-        tmp.replace(final)
-    except KeyboardInterrupt:
-        tmp.unlink(missing_ok=True)
-        raise GalateaError(f"interrupted while writing {final.name}; its partial file was removed; "
-                           "run the command again with --force") from None
-    except OSError as e:
-        tmp.unlink(missing_ok=True)
-        if e.errno == errno.ENOSPC:
-            raise GalateaError(f"{final.parent}: disk full while writing {final.name}; its partial file was "
-                               "removed; free some space or choose another destination") from None
-        raise GalateaError(f"{final}: cannot write ({e.strerror or e})") from None
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
 
 
 def _prepare_dst(dst: Path, folder: bool, needed: int, force: bool) -> None:

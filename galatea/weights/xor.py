@@ -13,11 +13,9 @@ and renamed only when complete, so an interrupted run never leaves a plausible b
 
 from __future__ import annotations
 
-import errno
 import gzip
 import hashlib
 import json
-import os
 import shutil
 import zlib
 from collections.abc import Callable
@@ -29,6 +27,7 @@ from typing import IO, Any
 import numpy as np
 
 from galatea.errors import GalateaError
+from galatea.weights.files import atomic_write
 from galatea.weights.manifest import (
     ALGORITHMS,
     MANIFEST_NAME,
@@ -184,46 +183,6 @@ def xor_stream(src: IO[bytes], base: IO[bytes] | None, dst: IO[bytes], pool: Thr
     return out_hash.result()
 
 
-class _AtomicWriter:
-    """Write `final` through a hidden temporary file in the same folder, renamed when complete;
-    on any failure the temporary file is removed."""
-
-    def __init__(self, final: Path, durable: bool = True) -> None:
-        self.final = final
-        self.durable = durable
-        self.tmp = final.with_name(f".{final.name}.partial")
-
-    def __enter__(self) -> IO[bytes]:
-        self.f = open(self.tmp, "wb")
-        return self.f
-
-    def __exit__(self, kind: Any, exc: Any, tb: Any) -> None:
-        try:
-            if kind is None and self.durable:  # on disk before the name says "complete"
-                self.f.flush()
-                os.fsync(self.f.fileno())
-        finally:
-            self.f.close()
-            if kind is None:
-                os.replace(self.tmp, self.final)
-            else:
-                self.tmp.unlink(missing_ok=True)
-
-
-def _write_guarded(final: Path, body: Callable[[IO[bytes]], dict[str, Any]], durable: bool = True) -> dict[str, Any]:
-    try:
-        with _AtomicWriter(final, durable) as f:
-            return body(f)
-    except KeyboardInterrupt:
-        raise GalateaError(f"interrupted while writing {final.name}; its partial file was removed and the "
-                           "files finished before it are complete; run the command again with --force") from None
-    except OSError as e:
-        if e.errno == errno.ENOSPC:
-            raise GalateaError(f"{final.parent}: disk full while writing {final.name}; its partial file was "
-                               "removed; free some space or choose another output folder") from None
-        raise GalateaError(f"{final}: cannot write ({e.strerror or e})") from None
-
-
 def _prepare_out(out_dir: Path, names: list[str], needed: int, force: bool) -> None:
     if out_dir.exists() and not out_dir.is_dir():
         raise GalateaError(f"{out_dir}: is a file; the output must be a folder")
@@ -290,7 +249,7 @@ def apply(payload_dir: Path, base_dir: Path, out_dir: Path, *, force: bool = Fal
                         return xor_stream(src, base, dst, pool, bar, algos)
 
             try:
-                result.written[pf.name] = _write_guarded(out_dir / pf.name, body, durable)
+                result.written[pf.name] = atomic_write(out_dir / pf.name, body, durable)
             except (EOFError, gzip.BadGzipFile, zlib.error) as e:
                 raise GalateaError(f"{pf.path}: corrupt or truncated gzip payload ({e}); download it again") from None
 
@@ -357,7 +316,7 @@ def create(finetune_dir: Path, base_dir: Path, out_dir: Path, *, compress: bool 
                     sink.close()  # writes the gzip trailer; `dst` stays open
                 return got
 
-            written = _write_guarded(out_dir / src_path.name, body)
+            written = atomic_write(out_dir / src_path.name, body, durable=True)
             payload[src_path.name] = digests(out_dir / src_path.name) if gz else written
             manifest.output[src_path.name] = digests(src_path)
             if src_path.name not in copies:
