@@ -158,6 +158,9 @@ def build_parser() -> argparse.ArgumentParser:
     from galatea.weights.commands import add_parsers as add_weights_parsers
 
     add_weights_parsers(sub)
+    from galatea.train.commands import add_parsers as add_train_parsers
+
+    add_train_parsers(sub, _model_args)
     return parser
 
 
@@ -169,6 +172,8 @@ def _model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--threads", type=int, help="CPU threads (default: PyTorch's choice, the physical cores)")
     p.add_argument("--quant", choices=("auto", "none", "int8", "int4"), default="auto",
                    help="weights in memory; auto keeps the file's precision (GGUF Q4 -> int4, Q5-Q8 -> int8)")
+    p.add_argument("--lora", metavar="DIR", help="a LoRA adapter folder (PEFT layout, e.g. from `galatea train`), "
+                                                 "merged into the weights at load")
 
 
 def _shift_arg(p: argparse.ArgumentParser) -> None:
@@ -249,7 +254,7 @@ def _load(args: argparse.Namespace) -> Any:
     dtype = None if args.dtype == "auto" else getattr(torch, args.dtype)
     if args.device == "cuda" and not torch.cuda.is_available():
         raise GalateaError("--device cuda: no CUDA device is available; use --device cpu")
-    return load(args.model, dtype=dtype, device=args.device, quant=args.quant)
+    return load(args.model, dtype=dtype, device=args.device, quant=args.quant, lora=getattr(args, "lora", None))
 
 
 def cmd_generate(args: argparse.Namespace) -> int:

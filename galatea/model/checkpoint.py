@@ -96,13 +96,14 @@ QUANT_CHOICES = ("auto", "none", "int8", "int4")
 
 
 def load(path: str | Path | None, dtype: torch.dtype | None = None, device: torch.device | str | None = None,
-         quant: str = "auto", fuse: bool = True) -> LoadedModel:
+         quant: str = "auto", fuse: bool = True, lora: str | Path | None = None) -> LoadedModel:
     """Load a checkpoint for inference.
 
     quant: "none" keeps the dequantized weights in `dtype` (exact); "int8"/"int4" store linear
     layers quantized (half/quarter the bytes of bf16: faster decoding on CPU); "auto" keeps the
     precision the file already has (see quant.auto_mode).
     fuse: merge q/k/v and gate/up matrices (inference only; training wants HF's modules).
+    lora: a LoRA adapter folder (PEFT layout), merged into the weights as they load.
 
     Fusing and quantizing happen layer by layer as each layer's tensors arrive, so a quantized
     load never holds the whole model in float."""
@@ -112,12 +113,20 @@ def load(path: str | Path | None, dtype: torch.dtype | None = None, device: torc
     p = resolve_model_path(path)
     dev = torch.device(device) if device is not None else default_device()
     dt = dtype or default_dtype(dev)
+    adapter = None
+    if lora is not None:
+        from galatea.train.lora import Adapter
+
+        adapter = Adapter(lora)
     if p.is_dir():
         raw = _hf_config_dict(p, required=True)
         cfg = ModelConfig.from_hf(raw)
         tok = tokenizer.from_hf_folder(p, raw)
         qc = prequantized.quantization_config(raw)
         if qc is not None:  # written by `galatea quantize`: kernels' layout, loaded by mmap
+            if adapter is not None:
+                raise GalateaError(f"{p}: a quantized folder cannot take --lora (its weights are packed); use the "
+                                   "model it was quantized from, or merge first with `galatea train merge`")
             stored = str(qc.get("mode"))
             if quant not in ("auto", stored):
                 raise GalateaError(f"{p}: this folder is stored as {stored}; --quant {quant} needs the original "
@@ -138,7 +147,13 @@ def load(path: str | Path | None, dtype: torch.dtype | None = None, device: torc
         types = gguf.tensor_types
         mode = _quant_mode(quant, types, dev)
         # Q4_0/Q4_1 weights go straight into int4 groups when int4 is the mode: no float copy.
-        tensors = gguf.iter_tensors(cfg.num_attention_heads, cfg.num_key_value_heads, dt, int4=mode == "int4")
+        # With an adapter they arrive as float: it is merged first, then quantized like any weight.
+        tensors = gguf.iter_tensors(cfg.num_attention_heads, cfg.num_key_value_heads, dt,
+                                    int4=mode == "int4" and adapter is None)
+    if adapter is not None:
+        with torch.device("meta"):
+            adapter.check_names({n for n, _ in Llama(cfg).named_parameters()})
+        tensors = ((name, adapter.merge(name, t)) for name, t in tensors)
 
     def finish_layer(layer: nn.Module) -> None:
         if fuse:

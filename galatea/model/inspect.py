@@ -18,32 +18,44 @@ def parameter_count(cfg: ModelConfig) -> int:
     return cfg.vocab_size * c + cfg.num_hidden_layers * layer + c + head
 
 
-def describe(path: Path) -> dict[str, Any]:
+def read_config(path: Path) -> ModelConfig:
+    """The model's hyper-parameters from its metadata alone (no weights read)."""
+    return _read(path)[0]
+
+
+def _read(path: Path) -> tuple[ModelConfig, dict[str, Any] | None, GGUFFile | None]:
     if path.is_dir():
         raw = hf_folder.read_json(path / "config.json") if (path / "config.json").exists() else None
         if raw is None:
             from galatea.errors import GalateaError
 
             raise GalateaError(f"{path}: config.json is missing; a Hugging Face model folder needs it")
-        cfg = ModelConfig.from_hf(raw)
+        return ModelConfig.from_hf(raw), raw, None
+    g = GGUFFile(path)
+    tokens = g.metadata.get("tokenizer.ggml.tokens") or []
+    cfg = ModelConfig.from_gguf(g.metadata, vocab_size=len(tokens) or int(g.metadata.get("llama.vocab_size", 0)))
+    if g.tensors and not g.has_tensor("output.weight"):
+        from dataclasses import replace
+
+        cfg = replace(cfg, tie_word_embeddings=True)
+    return cfg, None, g
+
+
+def describe(path: Path) -> dict[str, Any]:
+    cfg, raw, g = _read(path)
+    if raw is not None:
         files = hf_folder.weight_files(path)
         tokenizer = "sentencepiece (tokenizer.model)" if (path / "tokenizer.model").exists() else \
             "bpe (tokenizer.json)" if (path / "tokenizer.json").exists() else "none"
         info = {"format": "hf", "weight_files": len(files), "stored_dtype": raw.get("torch_dtype", "unknown")}
         size = sum(f.stat().st_size for f in files)
     else:
-        g = GGUFFile(path)
-        tokens = g.metadata.get("tokenizer.ggml.tokens") or []
+        assert g is not None
         kind = g.metadata.get("tokenizer.ggml.model")
         tokenizer = {"llama": "sentencepiece (GGUF vocab)", "gpt2": "bpe (GGUF vocab)"}.get(kind, str(kind))
         info = {"format": "gguf", "tensor_types": g.tensor_types}
         if not g.tensors:
             info["note"] = "vocabulary only, no weights"
-        cfg = ModelConfig.from_gguf(g.metadata, vocab_size=len(tokens) or int(g.metadata.get("llama.vocab_size", 0)))
-        if g.tensors and not g.has_tensor("output.weight"):
-            from dataclasses import replace
-
-            cfg = replace(cfg, tie_word_embeddings=True)
         size = path.stat().st_size
     return {
         "path": str(path),

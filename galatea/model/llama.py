@@ -18,6 +18,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+import torch.utils.checkpoint
 from torch import Tensor, nn
 
 from galatea.model.cache import KVCache
@@ -78,7 +79,7 @@ class Attention(nn.Module):
             self.qkv_proj = fused
             del self.q_proj, self.k_proj, self.v_proj
 
-    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, cache: KVCache | CacheRows, layer: int,
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, cache: KVCache | CacheRows | None, layer: int,
                 start: int) -> Tensor:
         b, t, _ = x.shape
         h, kv, d = self.n_heads, self.n_kv, self.head_dim
@@ -91,6 +92,9 @@ class Attention(nn.Module):
             q = apply_rope(self.q_proj(x).view(b, t, h, d).transpose(1, 2), cos, sin)
             k = apply_rope(self.k_proj(x).view(b, t, kv, d).transpose(1, 2), cos, sin)
             v = self.v_proj(x).view(b, t, kv, d).transpose(1, 2)
+        if cache is None:  # training / scoring: whole sequences from position 0, no cache
+            out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=kv != h)
+            return self.o_proj(out.transpose(1, 2).reshape(b, t, -1))
         if isinstance(cache, CacheRows):  # batched decoding: each row has its own cache and position
             out = _attend_rows(q, k, v, cache, layer)
             return self.o_proj(out.transpose(1, 2).reshape(b, t, -1).to(x.dtype))
@@ -172,7 +176,7 @@ class DecoderLayer(nn.Module):
         self.self_attn.fuse()
         self.mlp.fuse()
 
-    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, cache: KVCache | CacheRows, layer: int,
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, cache: KVCache | CacheRows | None, layer: int,
                 start: int) -> Tensor:
         x = x + self.self_attn(self.input_layernorm(x), cos, sin, cache, layer, start)
         return x + self.mlp(self.post_attention_layernorm(x))
@@ -241,6 +245,26 @@ class Llama(nn.Module):
         if not all_logits:
             x = x[:, -1]
         return self.lm_head(self.model.norm(x)).float()
+
+    def hidden_states(self, tokens: Tensor, checkpoint: bool = False) -> Tensor:
+        """Training and scoring: whole sequences tokens [B, T] from position 0, causally masked,
+        no KV cache, gradients as the caller's mode allows. Returns the final-norm hidden states
+        [B, T, C]; the caller applies `lm_head` to the positions it needs (only the reply's
+        tokens carry loss, so most positions never need the [C, V] projection).
+        `checkpoint` recomputes each layer in the backward pass instead of keeping its
+        activations (gradient checkpointing: memory per layer drops to one [B, T, C] tensor)."""
+        t = tokens.shape[1]
+        if self.rotary is None or self.rotary.cos.shape[0] < t:
+            self.init_rope(max(t, self.config.max_position_embeddings))
+        assert self.rotary is not None
+        x = self.model.embed_tokens(tokens)  # [B, T, C]
+        cos, sin = self.rotary(0, t, x.dtype)
+        for i, layer in enumerate(self.model.layers):
+            if checkpoint and torch.is_grad_enabled():
+                x = torch.utils.checkpoint.checkpoint(layer, x, cos, sin, None, i, 0, use_reentrant=False)
+            else:
+                x = layer(x, cos, sin, None, i, 0)
+        return self.model.norm(x)
 
     @torch.inference_mode()
     def decode_batch(self, tokens: Sequence[int], caches: Sequence[KVCache], positions: Sequence[int]) -> Tensor:

@@ -47,6 +47,16 @@ SIDE_FILES = ("tokenizer.model", "tokenizer.json", "tokenizer_config.json", "spe
 DEFAULT_SHARD = 5 * 10**9  # transformers' default max_shard_size
 
 Progress = Callable[[int], None] | None
+# Applied to each (name, tensor) on its way to the output (a LoRA merge: `train merge`).
+Transform = Callable[[str, Tensor], Tensor] | None
+
+
+def _transformed(tensors: Iterator[tuple[str, Any]], transform: Transform) -> Iterator[tuple[str, Any]]:
+    if transform is None:
+        yield from tensors
+    else:
+        for name, t in tensors:
+            yield name, transform(name, t)
 
 
 @dataclass
@@ -179,7 +189,7 @@ def _prepare_dst(dst: Path, folder: bool, needed: int, force: bool) -> None:
 # ---- HF -> safetensors -------------------------------------------------------------------------
 
 def hf_to_safetensors(src: Path, dst: Path, dtype: torch.dtype | None = None, max_shard: int = DEFAULT_SHARD,
-                      force: bool = False, progress_factory: Any = None) -> list[str]:
+                      force: bool = False, progress_factory: Any = None, transform: Transform = None) -> list[str]:
     files = _hf_files(src)
     if dst.resolve() == src.resolve():
         raise GalateaError(f"{dst}: the destination is the source folder; choose another")
@@ -187,7 +197,7 @@ def hf_to_safetensors(src: Path, dst: Path, dtype: torch.dtype | None = None, ma
     total = sum(_nbytes(p) for p in plan)
     _prepare_dst(dst, True, total, force)
     with _bar(progress_factory, "convert", total) as bar:
-        names = write_safetensors(dst, plan, _hf_tensors(files), max_shard, bar)
+        names = write_safetensors(dst, plan, _transformed(_hf_tensors(files), transform), max_shard, bar)
     for side in SIDE_FILES:
         if (src / side).is_file():
             atomic_write(dst / side, lambda f, side=side: f.write((src / side).read_bytes()))
@@ -201,7 +211,7 @@ def hf_to_safetensors(src: Path, dst: Path, dtype: torch.dtype | None = None, ma
 # ---- GGUF -> HF --------------------------------------------------------------------------------
 
 def gguf_to_hf(src: Path, dst: Path, dtype: torch.dtype | None = None, max_shard: int = DEFAULT_SHARD,
-               force: bool = False, progress_factory: Any = None) -> list[str]:
+               force: bool = False, progress_factory: Any = None, transform: Transform = None) -> list[str]:
     g = GGUFFile(src)
     meta = g.metadata
     tokens = meta.get("tokenizer.ggml.tokens")
@@ -225,8 +235,8 @@ def gguf_to_hf(src: Path, dst: Path, dtype: torch.dtype | None = None, max_shard
     total = sum(_nbytes(p) for p in plan)
     _prepare_dst(dst, True, total, force)
     with _bar(progress_factory, "convert", total) as bar:
-        names = write_safetensors(dst, plan, g.iter_tensors(cfg.num_attention_heads, cfg.num_key_value_heads),
-                                  max_shard, bar)
+        tensors = g.iter_tensors(cfg.num_attention_heads, cfg.num_key_value_heads)
+        names = write_safetensors(dst, plan, _transformed(tensors, transform), max_shard, bar)
 
     config = write_gguf_side_files(src, meta, cfg, tied, dst, dtype)
     atomic_write(dst / "config.json", lambda f: f.write(json.dumps(config, indent=2).encode()))

@@ -1,0 +1,77 @@
+"""How much memory a fine-tuning run needs, estimated from the config before anything loads.
+
+Full fine-tuning keeps float32 weights, their gradients and AdamW's two moments: 16 bytes per
+parameter (108 GB for LLaMA-7B). LoRA keeps the frozen base in the compute dtype (2 bytes in
+bf16) and those 16 bytes only for the adapter's few million parameters. Activations are what
+backpropagation keeps per token; gradient checkpointing keeps one [T, C] tensor per layer and
+recomputes the rest, plus one layer's full set while it is recomputed.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from galatea.model.config import ModelConfig
+from galatea.model.inspect import parameter_count
+
+RUNTIME = 600 * 2**20  # torch, the tokenizer and the dataset, roughly
+
+
+@dataclass
+class Estimate:
+    weights: int
+    trainable_state: int  # trainable weights' gradients and AdamW moments (and fp32 masters)
+    activations: int
+    parameters: int
+    trainable: int
+
+    @property
+    def total(self) -> int:
+        return self.weights + self.trainable_state + self.activations + RUNTIME
+
+
+def lora_parameters(cfg: ModelConfig, r: int, targets: tuple[str, ...]) -> int:
+    c, i, d = cfg.hidden_size, cfg.intermediate_size, cfg.head_dim
+    q, kv = cfg.num_attention_heads * d, cfg.num_key_value_heads * d
+    shapes = {"q_proj": (c, q), "k_proj": (c, kv), "v_proj": (c, kv), "o_proj": (q, c),
+              "gate_proj": (c, i), "up_proj": (c, i), "down_proj": (i, c)}
+    return cfg.num_hidden_layers * sum(r * (shapes[t][0] + shapes[t][1]) for t in targets)
+
+
+def estimate(cfg: ModelConfig, full: bool, base_bytes: int, act_bytes: int, batch: int, seq_len: int,
+             target_tokens: int, checkpointing: bool, lora_r: int = 8,
+             lora_targets: tuple[str, ...] = ()) -> Estimate:
+    """Bytes needed by a run: `seq_len` the longest example, `target_tokens` the most tokens with
+    loss in one micro-batch (the logits are only computed there)."""
+    p = parameter_count(cfg)
+    trainable = p if full else lora_parameters(cfg, lora_r, lora_targets)
+    weights = 4 * p if full else base_bytes * p
+    state = trainable * (12 if full else 16)  # grad + 2 moments (+ the fp32 adapter itself)
+    tokens = batch * seq_len
+    c, i = cfg.hidden_size, cfg.intermediate_size
+    per_layer = tokens * (12 * c + 4 * i) * act_bytes  # attention in/out, norms, q/k/v, MLP gate/up/act
+    layers = cfg.num_hidden_layers
+    acts = layers * tokens * c * act_bytes + per_layer if checkpointing else layers * per_layer
+    acts += target_tokens * cfg.vocab_size * 4 * 3  # float32 logits, softmax and their gradient
+    return Estimate(weights, state, acts, p, trainable)
+
+
+def available(device: torch.device) -> int:
+    """Bytes free for the run: free GPU memory, or the system's MemAvailable."""
+    if device.type == "cuda":
+        return int(torch.cuda.mem_get_info(device)[0])
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return int(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
+
+
+def gb(n: int) -> str:
+    return f"{n / 1e9:.1f} GB"
