@@ -151,6 +151,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--llama-cpp-python", metavar="PYTHON",
                    help="with --suite: an interpreter that has llama_cpp (default: this one, if it does)")
     p.add_argument("--out", help="with --suite: also write the JSON to this file")
+    p.add_argument("--train", action="store_true",
+                   help="instead: LoRA training tokens/s (batches of 4x128), next to transformers + peft when "
+                        "they are installed")
     p.add_argument("--concurrent", action="store_true",
                    help="instead: aggregate tokens/s of 1, 4 and 8 simultaneous requests (batched)")
     p.set_defaults(func=cmd_bench)
@@ -482,6 +485,15 @@ def cmd_bench(args: argparse.Namespace) -> int:
         if args.size_mb < 1:
             raise GalateaError("bench: --size-mb must be >= 1")
         print(json.dumps(bench_xor(args.size_mb, args.dir)))
+        return 0
+    if args.train:
+        from galatea.train.bench import bench_train
+
+        if args.threads:
+            import torch
+
+            torch.set_num_threads(args.threads)
+        print(json.dumps(bench_train(args.model)))
         return 0
     if args.prompt_tokens < 16 or args.gen_tokens < 1:
         raise GalateaError("bench: --prompt-tokens must be >= 16 and --gen-tokens >= 1")

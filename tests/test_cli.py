@@ -153,3 +153,14 @@ def test_bench_xor(capsys):
     assert main(["bench", "--xor", "--size-mb", "8"]) == 0
     result = json.loads(capsys.readouterr().out)
     assert result["size_mb"] == 8.4 and result["galatea_mb_s"] > 0 and result["original_mb_s"] > 0
+
+
+def test_bench_train_against_transformers_peft(tmp_path, capsys):
+    from tests.checkpoints import hf_model, write_safetensors
+
+    base = write_safetensors(hf_model("gqa"), tmp_path / "tiny")
+    capsys.readouterr()
+    assert main(["bench", "--train", "--model", str(base)]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["galatea_tok_s"] > 0 and result["reference_tok_s"] > 0
+    assert result["reference"].startswith("transformers") and result["lora"]["r"] == 8

@@ -104,8 +104,10 @@ class LoRALinear(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         out = self.base_layer(x)
-        # The adapter runs in float32 (its weights' dtype) unless autocast picks bf16.
-        update = self.lora_B(self.lora_A(self.dropout(x).to(self.lora_A.weight.dtype)))
+        x = self.dropout(x)
+        if not torch.is_autocast_enabled(x.device.type):  # else autocast picks the matmul dtype
+            x = x.to(self.lora_A.weight.dtype)  # the adapter's float32
+        update = self.lora_B(self.lora_A(x))
         return out + (update * self.scale).to(out.dtype)
 
     def delta(self) -> Tensor:
