@@ -222,3 +222,31 @@ def test_adapter_errors(trained, tmp_path):
     assert main(["quantize", str(trained["base"]), str(tmp_path / "q"), "--quant", "int8"]) == 0
     with pytest.raises(GalateaError, match="cannot take --lora"):
         load(tmp_path / "q", lora=trained["adapter"])
+
+
+def test_serve_with_lora_answers_like_peft(trained, tmp_path):
+    """A real `galatea serve --lora` on 127.0.0.1: the KoboldAI API's greedy text equals
+    transformers + peft's greedy continuation."""
+    import httpx
+
+    from tests.test_server import Server
+
+    prompt = "Captain Brine's Persona: a sea captain.\n<START>\nYou: Hello!\nCaptain Brine:"
+    lm = load(trained["base"], dtype=torch.float32, quant="none")
+    ids = lm.tokenizer.encode(prompt)
+    with torch.no_grad():
+        full = peft_model(trained["base"], trained["adapter"]).generate(
+            torch.tensor([ids]), max_new_tokens=10, do_sample=False)[0].tolist()
+    expected = lm.tokenizer.decode(full)[len(lm.tokenizer.decode(ids)):]
+    assert len(full) - len(ids) >= 5 and expected.strip()
+    server = Server(tmp_path, "--model", str(trained["base"]), "--lora", str(trained["adapter"]),
+                    "--dtype", "float32", "--quant", "none", "--cache-slots", "1")
+    try:
+        r = httpx.post(f"{server.url}/api/v1/generate", timeout=120, json={
+            "prompt": prompt, "max_length": 10, "temperature": 0.01, "top_k": 1, "rep_pen": 1.0,
+            "stop_sequence": []})
+        assert r.status_code == 200, r.text
+        assert r.json()["results"][0]["text"] == expected
+    finally:
+        log = server.stop()
+    assert "Traceback" not in log, log
