@@ -247,6 +247,8 @@ def test_serve_with_lora_answers_like_peft(trained, tmp_path):
             "stop_sequence": []})
         assert r.status_code == 200, r.text
         assert r.json()["results"][0]["text"] == expected
+        info = httpx.get(f"{server.url}/v1/internal/model/info", timeout=10).json()
+        assert info["lora_names"] == ["run"] and info["model_name"] == "base+run"
     finally:
         log = server.stop()
     assert "Traceback" not in log, log

@@ -36,6 +36,14 @@ class LoadedModel:
     source: str  # "gguf" or "hf"
     tensor_types: dict[str, int]  # storage type name -> tensor count, as found in the file
     quant: str = "none"  # how the linear layers are held in memory: "none" or "int8"
+    lora: Path | None = None  # the LoRA adapter merged in at load, if any
+
+    @property
+    def lora_name(self) -> str | None:
+        """The adapter's name: its folder, or the run's folder for `galatea train`'s `adapter/`."""
+        if self.lora is None:
+            return None
+        return self.lora.parent.name if self.lora.name == "adapter" else self.lora.name
 
 
 def embedded_model_path() -> Path:
@@ -163,7 +171,8 @@ def load(path: str | Path | None, dtype: torch.dtype | None = None, device: torc
 
     model = assemble(cfg, tensors, dt, dev, where=str(p), finish_layer=finish_layer)
     model.lm_head = quantize_linear(model.lm_head, mode, output=True)
-    return LoadedModel(model, tok, cfg, p, "hf" if p.is_dir() else "gguf", types, quant=mode)
+    return LoadedModel(model, tok, cfg, p, "hf" if p.is_dir() else "gguf", types, quant=mode,
+                       lora=adapter.folder if adapter is not None else None)
 
 
 def _quant_mode(quant: str, types: dict[str, int], device: torch.device) -> str:

@@ -64,7 +64,7 @@ class Engine:
         self.lm = lm
         trained = lm.config.max_position_embeddings
         self.context = min(max_context or trained, trained)
-        self.name = name or lm.path.stem
+        self.name = name or (f"{lm.path.stem}+{lm.lora_name}" if lm.lora_name else lm.path.stem)
         self.perf = Perf()
         # Every client re-sending a growing prompt reuses its slot; slots are allocated on first
         # use, each a full-context KV cache, as many as `cache_memory` bytes allow.

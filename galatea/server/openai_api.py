@@ -123,7 +123,8 @@ def build_router(engine: Engine) -> APIRouter:
 
     @r.get("/v1/internal/model/info")
     def model_info() -> dict:
-        return {"model_name": engine.name, "lora_names": [], "loader": "galatea"}
+        return {"model_name": engine.name, "lora_names": [engine.lm.lora_name] if engine.lm.lora_name else [],
+                "loader": "galatea"}
 
     @r.post("/tokenize")
     def tokenize_llamacpp(req: EncodeRequest) -> dict:
