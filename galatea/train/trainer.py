@@ -245,10 +245,6 @@ class Trainer:
         peak = s.lr or (1e-5 if s.full else 2e-4)
         eval_every = s.eval_every or max(1, math.ceil(total / 5))
         save_every = s.save_every or eval_every
-        if not self.resume:
-            info = {"settings": asdict(s), "total_steps": total, "warmup_steps": warmup, "lr": peak,
-                    "train_examples": len(train), "validation_examples": len(val), "base": str(path)}
-            (self.out / "run.json").write_text(json.dumps(info, indent=2))
         self.echo(f"{'full fine-tuning' if s.full else 'LoRA'} on {len(train)} examples ({len(val)} for validation), "
                   f"{total} steps of {s.batch_size}x{s.grad_accum}, lr {peak:g}, "
                   f"{'bf16' if bf16 else 'fp32'} on {dev.type}")
@@ -263,6 +259,10 @@ class Trainer:
         else:
             add_lora(model, s.lora())
         model.train()
+        if not self.resume:  # written once the model loaded: a run that never started leaves no trace
+            info = {"settings": asdict(s), "total_steps": total, "warmup_steps": warmup, "lr": peak,
+                    "train_examples": len(train), "validation_examples": len(val), "base": str(path)}
+            (self.out / "run.json").write_text(json.dumps(info, indent=2))
         params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
         decay = [p for n, p in params if p.ndim >= 2]
         no_decay = [p for n, p in params if p.ndim < 2]
