@@ -252,3 +252,55 @@ def test_serve_with_lora_answers_like_peft(trained, tmp_path):
     finally:
         log = server.stop()
     assert "Traceback" not in log, log
+
+
+@pytest.mark.parametrize("quant", ["int8", "int4"])
+def test_lora_on_a_quantized_base_matches_peft_on_its_dequantized_weights(trained, quant):
+    """QLoRA-style: the frozen base held in int8/int4, the adapter in float32. The loss and the
+    adapter's gradients equal peft + transformers on a float model holding exactly the
+    dequantized weights (to bf16 rounding: the quantized layers compute in bf16)."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from galatea.model.quant import Int4Linear, Int8Linear
+
+    lm = load(trained["base"], dtype=torch.float32, quant=quant, fuse=False)
+    quantized = {n: m for n, m in lm.model.named_modules() if isinstance(m, (Int4Linear, Int8Linear))}
+    assert len(quantized) == 2 * 7 + 1  # every projection, and the output matrix (int8)
+    add_lora(lm.model, LoraSettings(r=4, alpha=8))
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for n, p in lm.model.named_parameters():
+            if "lora_" in n:
+                p.normal_(0, 0.05)
+    rows = read_jsonl(trained["data"])[:2]
+    samples = []
+    for r in rows:
+        ids, n = encode_example(lm.tokenizer, r["prompt"], r["generation"])
+        samples.append(_Sample(ids, labels_for(ids, n), r["line"]))
+    ids, labels = _collate(samples, 2, torch.device("cpu"))
+    n_target = int((labels != -100).sum())
+    loss = _nll_sum(lm.model, ids, labels, checkpointing=True) / n_target
+    loss.backward()
+
+    hf = AutoModelForCausalLM.from_pretrained(trained["base"], torch_dtype=torch.float32)
+    with torch.no_grad():  # the float reference holds what the quantized layers compute with
+        for n, m in quantized.items():
+            w = m.dequantize_t().t() if isinstance(m, Int4Linear) else m.weight.float() * m.scales.float()[:, None]
+            hf.get_parameter(f"{n}.weight").copy_(w.float())
+    pm = get_peft_model(hf, LoraConfig(r=4, lora_alpha=8, target_modules=list(LoraSettings().targets)))
+    ours = {n: p for n, p in lm.model.named_parameters() if "lora_" in n}
+    with torch.no_grad():
+        for n, p in pm.named_parameters():
+            if "lora_" in n:
+                p.copy_(ours[n.replace("base_model.model.", "").replace(".default", "")])
+    hf_labels = torch.full_like(ids, -100)
+    hf_labels[:, 1:] = torch.where(labels[:, :-1] != -100, ids[:, 1:], -100)
+    ref = pm(input_ids=ids, labels=hf_labels).loss
+    ref.backward()
+    assert math.isclose(float(loss), float(ref), rel_tol=2e-2)
+    for n, p in pm.named_parameters():
+        if "lora_" in n:
+            g = ours[n.replace("base_model.model.", "").replace(".default", "")].grad
+            cos = torch.nn.functional.cosine_similarity(g.flatten(), p.grad.flatten(), dim=0)
+            assert cos > 0.98, (n, float(cos))

@@ -236,3 +236,28 @@ def test_memory_estimate_matches_the_arithmetic():
     lora = estimate(cfg, False, 2, 2, 1, 512, 64, True, 8, ("q_proj", "v_proj"))
     assert lora.weights == 2 * p and lora.trainable_state == 16 * r8
     assert math.isclose(lora.total / 1e9, 14.0, abs_tol=1.0)
+
+
+def test_lora_on_an_int4_base_learns_and_loads_in_peft(tiny, tmp_path):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    run = tmp_path / "run"
+    p = galatea("train", "--model", str(tiny["base"]), "--data", str(tiny["data"]), "--out", str(run), "--steps", "8",
+                "--lr", "1e-2", "--quant", "int4", "--no-progress")
+    assert p.returncode == 0, p.stderr
+    assert "base in int4" in p.stderr and "gradient checkpointing on" in p.stderr
+    evals = [json.loads(x)["eval_loss"] for x in (run / "metrics.jsonl").read_text().splitlines() if "eval_loss" in x]
+    assert evals[-1] < evals[0] - 0.5, evals
+    hf = AutoModelForCausalLM.from_pretrained(tiny["base"], torch_dtype=torch.float32)
+    pm = PeftModel.from_pretrained(hf, run / "adapter").eval()
+    expected = hf_logits(pm)
+    got = load(tiny["base"], dtype=torch.float32, quant="none", lora=run / "adapter")
+    cache = got.model.make_cache(1, 64)
+    from tests.test_golden_tiny import TOKENS
+
+    torch.testing.assert_close(got.model(torch.tensor([TOKENS]), 0, cache, all_logits=True)[0], expected,
+                               atol=1e-4, rtol=1e-4)
+    p = galatea("train", "--full", "--quant", "int4", "--model", str(tiny["base"]), "--data", str(tiny["data"]),
+                "--out", str(tmp_path / "x"))
+    assert p.returncode == 2 and "drop --quant" in p.stderr

@@ -57,7 +57,8 @@ class Int8Linear(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         lead = x.shape[:-1]
         x2 = x.reshape(-1, self.in_features)
-        if x2.shape[0] >= DENSE_ROWS or x.device.type != "cpu":
+        # The dense path is also the one autograd can go through (LoRA on a quantized base).
+        if x2.shape[0] >= DENSE_ROWS or x.device.type != "cpu" or _needs_grad(x):
             w = self.weight.to(x.dtype) * self.scales.to(x.dtype)[:, None]
             return F.linear(x, w)
         out = torch.ops.aten._weight_int8pack_mm(x2.to(torch.bfloat16), self.weight, self.scales)
@@ -65,6 +66,12 @@ class Int8Linear(nn.Module):
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, int8"
+
+
+def _needs_grad(x: Tensor) -> bool:
+    """Training a LoRA on a quantized base: the gradient must flow through this layer to its
+    input (the weight itself stays frozen). The int8/int4 mat-mul kernels have no backward."""
+    return x.requires_grad and torch.is_grad_enabled()
 
 
 GROUP = 32  # inputs per int4 group: the block size of GGUF Q4_0/Q4_1
@@ -157,8 +164,9 @@ class Int4Linear(nn.Module):
             self.pack()
         lead = x.shape[:-1]
         x2 = x.reshape(-1, self.in_features).to(torch.bfloat16)
-        if x2.shape[0] >= DENSE_ROWS_INT4 and int4_block_n() is not None:
-            out = torch.matmul(x2, self.dequantize_t())  # many rows (a prompt): the bf16 GEMM
+        if (x2.shape[0] >= DENSE_ROWS_INT4 or _needs_grad(x)) and int4_block_n() is not None:
+            # many rows (a prompt): the bf16 GEMM; also the path autograd can go through
+            out = torch.matmul(x2, self.dequantize_t())
         else:
             out = torch.ops.aten._weight_int4pack_mm_for_cpu(x2, self.weight, GROUP, self.scales_and_zeros)
         return out.to(x.dtype).view(*lead, self.out_features)
@@ -172,6 +180,9 @@ class Int4Linear(nn.Module):
         bn = int4_block_n()
         assert bn is not None
         n, k = self.out_features, self.in_features
+        if n % bn:  # fewer rows than one kernel block (tiny models): let the kernel multiply I
+            eye = torch.eye(k, dtype=torch.bfloat16, device=self.weight.device)
+            return torch.ops.aten._weight_int4pack_mm_for_cpu(eye, self.weight, GROUP, self.scales_and_zeros)
         packed = self.weight.view(n // bn, k, bn // 2).permute(1, 0, 2)  # [K, N/BN, BN/2]
         wt = torch.empty(k, n // bn, 2, bn // 2, dtype=torch.bfloat16, device=self.weight.device)
         wt[:, :, 0].copy_(packed & 0x0F)

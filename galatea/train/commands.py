@@ -43,6 +43,9 @@ def add_parsers(sub: Any, model_args: Any) -> None:
                         "(auto: only when the run would not fit without it)")
     g.add_argument("--precision", choices=("auto", "bf16", "fp32"), default="auto",
                    help="auto: bf16 autocast where the CPU/GPU computes bf16 natively, else fp32")
+    g.add_argument("--quant", choices=("none", "int8", "int4"), default="none",
+                   help="hold the frozen base in 8 or 4 bits (LoRA only, CPU; QLoRA-style: a Q4 GGUF loads its "
+                        "blocks as they are). int4 trains LLaMA-7B in about 6 GB instead of 16")
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--eval-every", type=int, help="steps between validation passes (default: 5 per run)")
     g.add_argument("--save-every", type=int, help="steps between checkpoints (default: at each validation)")

@@ -26,6 +26,7 @@ import torch
 from torch import Tensor, nn
 
 from galatea.errors import GalateaError
+from galatea.model.quant import Int4Linear, Int8Linear
 
 PREFIX = "base_model.model."
 # The projections of a LLaMA block, the only modules LoRA is applied to here.
@@ -86,11 +87,13 @@ class LoRALinear(nn.Module):
     """A frozen linear layer plus a trainable low-rank update. The children are named as PEFT
     names them (`base_layer`, `lora_A`, `lora_B`) so state-dict keys map one to one."""
 
-    def __init__(self, base: nn.Linear, r: int, alpha: float, dropout: float, scale: float) -> None:
+    def __init__(self, base: nn.Module, r: int, alpha: float, dropout: float, scale: float) -> None:
+        """`base`: an nn.Linear, or an Int8Linear / Int4Linear (a quantized frozen base, as in QLoRA)."""
         super().__init__()
         self.base_layer = base
         self.r, self.alpha, self.scale = r, alpha, scale
-        dev = base.weight.device
+        dev = next(iter(base.buffers()), None) if not isinstance(base, nn.Linear) else base.weight
+        dev = dev.device if dev is not None else torch.device("cpu")
         self.lora_A = nn.Linear(base.in_features, r, bias=False, device=dev, dtype=torch.float32)
         self.lora_B = nn.Linear(r, base.out_features, bias=False, device=dev, dtype=torch.float32)
         # PEFT's default init: A like nn.Linear (Kaiming-uniform), B zero.
@@ -125,9 +128,9 @@ def add_lora(model: nn.Module, settings: LoraSettings) -> list[str]:
     for name, module in list(model.named_modules()):
         for child_name, child in list(module.named_children()):
             if child_name in settings.targets:
-                if not isinstance(child, nn.Linear):
-                    raise GalateaError(f"{name}.{child_name} is {type(child).__name__}, not a float linear layer; "
-                                       "LoRA training needs the model loaded unquantized and unfused")
+                if not isinstance(child, (nn.Linear, Int8Linear, Int4Linear)):
+                    raise GalateaError(f"{name}.{child_name} is {type(child).__name__}, not a linear layer; "
+                                       "LoRA training needs the model loaded unfused")
                 full = f"{name}.{child_name}"
                 r, alpha = settings.rank_alpha(full)
                 setattr(module, child_name, LoRALinear(child, r, alpha, settings.dropout, settings.scale(r, alpha)))

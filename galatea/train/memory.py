@@ -44,14 +44,26 @@ def lora_parameters(cfg: ModelConfig, r: int, targets: tuple[str, ...]) -> int:
     return cfg.num_hidden_layers * sum(r * (shapes[t][0] + shapes[t][1]) for t in targets)
 
 
+# Bytes per weight of a quantized frozen base: int8 with a bf16 scale per row; int4 in groups
+# of 32 with a bf16 scale and zero per group (4.5 bits).
+QUANT_BYTES = {"int8": 1.0, "int4": 0.5 + 4 / 32}
+
+
 def estimate(cfg: ModelConfig, full: bool, base_bytes: int, act_bytes: int, batch: int, seq_len: int,
              target_tokens: int, checkpointing: bool, lora_r: int = 8,
-             lora_targets: tuple[str, ...] = ()) -> Estimate:
+             lora_targets: tuple[str, ...] = (), quant: str = "none") -> Estimate:
     """Bytes needed by a run: `seq_len` the longest example, `target_tokens` the most tokens with
-    loss in one micro-batch (the logits are only computed there)."""
+    loss in one micro-batch (the logits are only computed there). `quant`: how the frozen base's
+    linear layers are held (LoRA only; the output matrix is int8 for both modes)."""
     p = parameter_count(cfg)
     trainable = p if full else lora_parameters(cfg, lora_r, lora_targets)
     weights = 4 * p if full else base_bytes * p
+    if not full and quant in QUANT_BYTES:
+        c, d = cfg.hidden_size, cfg.head_dim
+        attn = 2 * c * cfg.num_attention_heads * d + 2 * c * cfg.num_key_value_heads * d  # q, o, k, v
+        linear = cfg.num_hidden_layers * (attn + 3 * c * cfg.intermediate_size)
+        head = 0 if cfg.tie_word_embeddings else cfg.vocab_size * c
+        weights = int(linear * QUANT_BYTES[quant] + head * 1.0 + (p - linear - head) * base_bytes)
     state = trainable * (12 if full else 16)  # grad + 2 moments (+ the fp32 adapter itself)
     tokens = batch * seq_len
     c, i = cfg.hidden_size, cfg.intermediate_size

@@ -65,6 +65,7 @@ class TrainSettings:
     max_grad_norm: float = 1.0
     gradient_checkpointing: str = "auto"  # auto: only when the run would not fit without it
     precision: str = "auto"
+    quant: str = "none"  # the frozen base's linear layers: none, int8 or int4 (QLoRA-style, LoRA only)
     seed: int = 0
     eval_every: int | None = None  # default: five evaluations per run
     save_every: int | None = None  # default: with every evaluation
@@ -84,6 +85,10 @@ class TrainSettings:
             raise GalateaError("--epochs must be positive")
         if self.gradient_checkpointing not in ("auto", "on", "off"):
             raise GalateaError(f"--gradient-checkpointing {self.gradient_checkpointing!r}: use auto, on or off")
+        if self.quant not in ("none", "int8", "int4"):
+            raise GalateaError(f"--quant {self.quant!r}: use none, int8 or int4")
+        if self.full and self.quant != "none":
+            raise GalateaError("--full trains every weight, which needs them in float; drop --quant, or train a LoRA")
         if self.precision not in PRECISIONS:
             raise GalateaError(f"--precision {self.precision!r}: use one of {', '.join(PRECISIONS)}")
         if self.lr is not None and self.lr <= 0:
@@ -188,10 +193,12 @@ class Trainer:
 
         def need(full: bool, checkpointing: bool = True) -> memory.Estimate:
             return memory.estimate(cfg, full, base, act, s.batch_size, longest, most_targets,
-                                   checkpointing, s.lora_r, tuple(s.lora_targets))
+                                   checkpointing, s.lora_r, tuple(s.lora_targets), "none" if full else s.quant)
 
         have = memory.available(dev)
-        checkpointing = s.gradient_checkpointing == "on" or (
+        # A quantized base is dequantized layer by layer: without recomputation autograd would keep
+        # every layer's float weights for the backward pass, the very memory quantizing saves.
+        checkpointing = s.gradient_checkpointing == "on" or s.quant != "none" or (
             s.gradient_checkpointing == "auto" and need(s.full, False).total > 0.9 * have)
         est = need(s.full, checkpointing)
         where = "GPU" if dev.type == "cuda" else "this machine"
@@ -202,6 +209,11 @@ class Trainer:
             advice = []
             if s.full and need(False).total <= have:
                 advice.append(f"use LoRA (drop --full), which needs about {memory.gb(need(False).total)}")
+            if not s.full and s.quant != "int4":
+                q4 = memory.estimate(cfg, False, base, act, s.batch_size, longest, most_targets, True, s.lora_r,
+                                     tuple(s.lora_targets), "int4").total
+                if q4 <= have:
+                    advice.append(f"hold the base in 4 bits with --quant int4, which needs about {memory.gb(q4)}")
             if not checkpointing:
                 advice.append("use --gradient-checkpointing on")
             if s.batch_size > 1:
@@ -247,11 +259,11 @@ class Trainer:
         save_every = s.save_every or eval_every
         self.echo(f"{'full fine-tuning' if s.full else 'LoRA'} on {len(train)} examples ({len(val)} for validation), "
                   f"{total} steps of {s.batch_size}x{s.grad_accum}, lr {peak:g}, "
-                  f"{'bf16' if bf16 else 'fp32'} on {dev.type}")
+                  f"{'bf16' if bf16 else 'fp32'} on {dev.type}" + (f", base in {s.quant}" if s.quant != "none" else ""))
 
         torch.manual_seed(s.seed)
         base_dtype = torch.float32 if (s.full or not bf16) else torch.bfloat16
-        lm = load(path, dtype=base_dtype, device=dev, quant="none", fuse=False)
+        lm = load(path, dtype=base_dtype, device=dev, quant=s.quant, fuse=False)
         model = lm.model
         if s.full:
             for p in model.parameters():
