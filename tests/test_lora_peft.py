@@ -142,47 +142,58 @@ def test_adapter_on_a_gguf_base(trained, tmp_path):
     torch.testing.assert_close(our_logits(tmp_path / "m"), expected, atol=1e-4, rtol=1e-4)
 
 
-def test_training_loss_and_gradients_equal_peft(trained):
-    """One batch through Galatea's training forward (no KV cache, only reply rows projected)
-    and through peft + transformers: the same loss and the same adapter gradients."""
-    from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM
-
-    lm = load(trained["base"], dtype=torch.float32, quant="none", fuse=False)
-    add_lora(lm.model, LoraSettings(r=4, alpha=8))
-    rows = read_jsonl(trained["data"])[:3]
+def _galatea_step(lm, data: Path, rows: int, seed: int) -> tuple[torch.Tensor, torch.Tensor, float, dict]:
+    """One batch through Galatea's training forward and backward, the adapter set to random
+    non-zero values (so A's gradient is non-zero too). Returns ids, labels, loss, adapter params."""
     samples = []
-    for r in rows:
+    for r in read_jsonl(data)[:rows]:
         ids, n = encode_example(lm.tokenizer, r["prompt"], r["generation"])
         samples.append(_Sample(ids, labels_for(ids, n), r["line"]))
     ids, labels = _collate(samples, 2, torch.device("cpu"))
-    torch.manual_seed(0)
-    with torch.no_grad():  # non-zero B, so A's gradient is non-zero too
-        for n, p in lm.model.named_parameters():
-            if "lora_" in n:
-                p.normal_(0, 0.05)
-    n_target = int((labels != -100).sum())
-    loss = _nll_sum(lm.model, ids, labels, checkpointing=True) / n_target
-    loss.backward()
-
-    hf = AutoModelForCausalLM.from_pretrained(trained["base"], torch_dtype=torch.float32)
-    pm = get_peft_model(hf, LoraConfig(r=4, lora_alpha=8, target_modules=list(LoraSettings().targets),
-                                       lora_dropout=0.0))
+    torch.manual_seed(seed)
     ours = {n: p for n, p in lm.model.named_parameters() if "lora_" in n}
     with torch.no_grad():
+        for p in ours.values():
+            p.normal_(0, 0.05)
+    loss = _nll_sum(lm.model, ids, labels, checkpointing=True) / int((labels != -100).sum())
+    loss.backward()
+    return ids, labels, float(loss), ours
+
+
+def _peft_step(hf, ours: dict, ids: torch.Tensor, labels: torch.Tensor) -> tuple[float, dict]:
+    """The same batch through peft + transformers with the same adapter values: (loss, our
+    parameter name -> peft's gradient)."""
+    from peft import LoraConfig, get_peft_model
+
+    pm = get_peft_model(hf, LoraConfig(r=4, lora_alpha=8, target_modules=list(LoraSettings().targets)))
+    names = {n: n.replace("base_model.model.", "").replace(".default", "") for n, _ in pm.named_parameters()
+             if "lora_" in n}
+    with torch.no_grad():
         for n, p in pm.named_parameters():
-            if "lora_" in n:
-                p.copy_(ours[n.replace("base_model.model.", "").replace(".default", "")])
+            if n in names:
+                p.copy_(ours[names[n]])
     # transformers shifts labels itself: its labels are the input ids with -100 off the reply
     hf_labels = torch.full_like(ids, -100)
     hf_labels[:, 1:] = torch.where(labels[:, :-1] != -100, ids[:, 1:], -100)
     ref = pm(input_ids=ids, labels=hf_labels).loss
     ref.backward()
-    assert math.isclose(float(loss), float(ref), rel_tol=1e-5)
-    for n, p in pm.named_parameters():
-        if "lora_" in n:
-            torch.testing.assert_close(ours[n.replace("base_model.model.", "").replace(".default", "")].grad,
-                                       p.grad, atol=1e-5, rtol=1e-4)
+    return float(ref), {names[n]: p.grad for n, p in pm.named_parameters() if n in names}
+
+
+def test_training_loss_and_gradients_equal_peft(trained):
+    """One batch through Galatea's training forward (no KV cache, only reply rows projected)
+    and through peft + transformers: the same loss and the same adapter gradients."""
+    from transformers import AutoModelForCausalLM
+
+    lm = load(trained["base"], dtype=torch.float32, quant="none", fuse=False)
+    add_lora(lm.model, LoraSettings(r=4, alpha=8))
+    ids, labels, loss, ours = _galatea_step(lm, trained["data"], 3, seed=0)
+    ref, grads = _peft_step(AutoModelForCausalLM.from_pretrained(trained["base"], torch_dtype=torch.float32),
+                            ours, ids, labels)
+    assert math.isclose(loss, ref, rel_tol=1e-5)
+    assert grads.keys() == ours.keys()
+    for n, g in grads.items():
+        torch.testing.assert_close(ours[n].grad, g, atol=1e-5, rtol=1e-4)
 
 
 def test_eval_is_the_reply_token_loss(trained, capsys):
@@ -259,7 +270,6 @@ def test_lora_on_a_quantized_base_matches_peft_on_its_dequantized_weights(traine
     """QLoRA-style: the frozen base held in int8/int4, the adapter in float32. The loss and the
     adapter's gradients equal peft + transformers on a float model holding exactly the
     dequantized weights (to bf16 rounding: the quantized layers compute in bf16)."""
-    from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
     from galatea.model.quant import Int4Linear, Int8Linear
@@ -268,39 +278,15 @@ def test_lora_on_a_quantized_base_matches_peft_on_its_dequantized_weights(traine
     quantized = {n: m for n, m in lm.model.named_modules() if isinstance(m, (Int4Linear, Int8Linear))}
     assert len(quantized) == 2 * 7 + 1  # every projection, and the output matrix (int8)
     add_lora(lm.model, LoraSettings(r=4, alpha=8))
-    torch.manual_seed(1)
-    with torch.no_grad():
-        for n, p in lm.model.named_parameters():
-            if "lora_" in n:
-                p.normal_(0, 0.05)
-    rows = read_jsonl(trained["data"])[:2]
-    samples = []
-    for r in rows:
-        ids, n = encode_example(lm.tokenizer, r["prompt"], r["generation"])
-        samples.append(_Sample(ids, labels_for(ids, n), r["line"]))
-    ids, labels = _collate(samples, 2, torch.device("cpu"))
-    n_target = int((labels != -100).sum())
-    loss = _nll_sum(lm.model, ids, labels, checkpointing=True) / n_target
-    loss.backward()
+    ids, labels, loss, ours = _galatea_step(lm, trained["data"], 2, seed=1)
 
     hf = AutoModelForCausalLM.from_pretrained(trained["base"], torch_dtype=torch.float32)
     with torch.no_grad():  # the float reference holds what the quantized layers compute with
         for n, m in quantized.items():
             w = m.dequantize_t().t() if isinstance(m, Int4Linear) else m.weight.float() * m.scales.float()[:, None]
             hf.get_parameter(f"{n}.weight").copy_(w.float())
-    pm = get_peft_model(hf, LoraConfig(r=4, lora_alpha=8, target_modules=list(LoraSettings().targets)))
-    ours = {n: p for n, p in lm.model.named_parameters() if "lora_" in n}
-    with torch.no_grad():
-        for n, p in pm.named_parameters():
-            if "lora_" in n:
-                p.copy_(ours[n.replace("base_model.model.", "").replace(".default", "")])
-    hf_labels = torch.full_like(ids, -100)
-    hf_labels[:, 1:] = torch.where(labels[:, :-1] != -100, ids[:, 1:], -100)
-    ref = pm(input_ids=ids, labels=hf_labels).loss
-    ref.backward()
-    assert math.isclose(float(loss), float(ref), rel_tol=2e-2)
-    for n, p in pm.named_parameters():
-        if "lora_" in n:
-            g = ours[n.replace("base_model.model.", "").replace(".default", "")].grad
-            cos = torch.nn.functional.cosine_similarity(g.flatten(), p.grad.flatten(), dim=0)
-            assert cos > 0.98, (n, float(cos))
+    ref, grads = _peft_step(hf, ours, ids, labels)
+    assert math.isclose(loss, ref, rel_tol=2e-2)
+    for n, g in grads.items():
+        cos = torch.nn.functional.cosine_similarity(ours[n].grad.flatten(), g.flatten(), dim=0)
+        assert cos > 0.98, (n, float(cos))

@@ -57,7 +57,8 @@ def export_sillytavern(store: Store, chat_id: int) -> str:
     return "\n".join(json.dumps(x, ensure_ascii=False) for x in lines)
 
 
-def import_sillytavern(store: Store, text: str, character_id: int, where: str = "chat file") -> int:
+def json_lines(text: str) -> list[dict[str, Any]]:
+    """The JSON objects of a JSONL text; lines that do not parse are skipped, as ST does."""
     rows = []
     for line in text.splitlines():
         try:
@@ -66,6 +67,11 @@ def import_sillytavern(store: Store, text: str, character_id: int, where: str = 
             continue
         if isinstance(obj, dict):
             rows.append(obj)
+    return rows
+
+
+def import_sillytavern(store: Store, text: str, character_id: int, where: str = "chat file") -> int:
+    rows = json_lines(text)
     if not rows:
         raise GalateaError(f"{where}: no SillyTavern chat lines found (expected JSON objects, one per line)")
     meta = rows[0] if "mes" not in rows[0] else {}

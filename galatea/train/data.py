@@ -111,7 +111,7 @@ def file_conversations(path: Path, char: Character | None) -> tuple[list[Convers
         raise GalateaError(f"{path}: not UTF-8 text; expected a JSON or JSONL chat file") from None
     if not text.strip():
         raise GalateaError(f"{path}: the file is empty; there are no chats in it to learn from")
-    rows = _json_lines(text)
+    rows = chatfiles.json_lines(text)
     if rows and any(_pyg_pair(r) for r in rows):
         out = []
         for i, r in enumerate(rows, 1):
@@ -134,18 +134,6 @@ def file_conversations(path: Path, char: Character | None) -> tuple[list[Convers
     finally:
         memory.close()
     return [Conversation(char, turns, path.name)], []
-
-
-def _json_lines(text: str) -> list[dict[str, Any]]:
-    rows = []
-    for line in text.splitlines():
-        try:
-            obj = json.loads(line)
-        except json.JSONDecodeError:
-            continue
-        if isinstance(obj, dict):
-            rows.append(obj)
-    return rows
 
 
 def _pyg_pair(row: dict[str, Any]) -> tuple[str, str] | None:
