@@ -261,3 +261,23 @@ def test_lora_on_an_int4_base_learns_and_loads_in_peft(tiny, tmp_path):
     p = galatea("train", "--full", "--quant", "int4", "--model", str(tiny["base"]), "--data", str(tiny["data"]),
                 "--out", str(tmp_path / "x"))
     assert p.returncode == 2 and "drop --quant" in p.stderr
+
+
+def test_epoch_batches_cover_each_example_once_with_little_padding():
+    import random
+
+    from galatea.train.trainer import epoch_batches
+
+    rng = random.Random(0)
+    lengths = [rng.choice([rng.randint(60, 200), rng.randint(1500, 2048)]) for _ in range(1000)]
+    a = epoch_batches(lengths, 4, seed=1, epoch=0)
+    assert sorted(i for b in a for i in b) == list(range(1000)) and len(a) == 250
+    assert a == epoch_batches(lengths, 4, seed=1, epoch=0)  # a pure function of (seed, epoch)
+    assert a != epoch_batches(lengths, 4, seed=1, epoch=1)
+
+    def padding(batches: list[list[int]]) -> int:
+        return sum(max(lengths[i] for i in b) * len(b) - sum(lengths[i] for i in b) for b in batches)
+
+    plain = torch.randperm(1000, generator=torch.Generator().manual_seed(1)).tolist()
+    shuffled = [plain[i : i + 4] for i in range(0, 1000, 4)]
+    assert padding(a) < 0.1 * padding(shuffled)

@@ -289,14 +289,13 @@ class Trainer:
 
         autocast = torch.autocast(dev.type, dtype=torch.bfloat16, enabled=bf16)
         pad = tok.eos_id if tok.eos_id is not None else 0
-        perms: dict[int, list[int]] = {}
+        orders: dict[int, list[list[int]]] = {}
 
         def micro_batch(m: int) -> list[_Sample]:
             epoch, j = divmod(m, mb_per_epoch)
-            if epoch not in perms:
-                g = torch.Generator().manual_seed(s.seed * 1_000_003 + epoch)
-                perms[epoch] = torch.randperm(len(train), generator=g).tolist()
-            return [train[i] for i in perms[epoch][j * s.batch_size:(j + 1) * s.batch_size]]
+            if epoch not in orders:
+                orders[epoch] = epoch_batches([len(x.ids) for x in train], s.batch_size, s.seed, epoch)
+            return [train[i] for i in orders[epoch][j]]
 
         bar = _progress(self.show_progress, total, start)
         metrics = (self.out / "metrics.jsonl").open("a")
@@ -409,6 +408,26 @@ class Trainer:
         save_full_model(model, lm, base, folder, torch.bfloat16 if self.s.precision != "fp32" else torch.float32)
         self.echo(f"done: the fine-tuned model is in {folder}\n  chat with it: galatea chat --model {folder}")
         return folder
+
+
+GROUP_BATCHES = 16  # batches per length group
+
+
+def epoch_batches(lengths: list[int], batch_size: int, seed: int, epoch: int) -> list[list[int]]:
+    """The micro-batches of one epoch, as example indices; a pure function of (seed, epoch).
+
+    Shuffled, then grouped by length: each run of 16 batches' worth of examples is sorted by
+    length before it is cut into batches, and the batches are shuffled again. Examples of a
+    batch are then of similar length, so little of a step is spent on padding (a windowed chat
+    gives short early replies and full-context late ones), while the data order stays random."""
+    g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+    order = torch.randperm(len(lengths), generator=g).tolist()
+    span = batch_size * GROUP_BATCHES
+    batches = []
+    for k in range(0, len(order), span):
+        group = sorted(order[k : k + span], key=lambda i: -lengths[i])
+        batches += [group[i : i + batch_size] for i in range(0, len(group), batch_size)]
+    return [batches[i] for i in torch.randperm(len(batches), generator=g).tolist()]
 
 
 def latest_checkpoint(out: Path) -> Path | None:
