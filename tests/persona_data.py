@@ -75,3 +75,17 @@ def write(folder: Path, per_chat: int = 3) -> tuple[Path, list[Path]]:
         path.write_text("\n".join(json.dumps(x) for x in lines))
         chats.append(path)
     return card, chats
+
+
+def tiny_dataset(root: Path) -> tuple[Path, Path]:
+    """A tiny random LLaMA (LLaMA tokenizer, 256-token context) and the dataset built from these
+    chats for it by `galatea train data build`: (model folder, data.jsonl)."""
+    from galatea.cli import main
+    from tests.checkpoints import hf_model, write_safetensors
+
+    base = write_safetensors(hf_model("gqa"), root / "base")
+    card, chats = write(root / "brine")
+    data = root / "d.jsonl"
+    assert main(["train", "data", "build", *map(str, chats), "--character", str(card), "--model", str(base),
+                 "--out", str(data)]) == 0
+    return base, data

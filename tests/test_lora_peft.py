@@ -16,9 +16,9 @@ import torch
 
 from galatea.cli import main
 from galatea.model.checkpoint import load
-from galatea.train.data import encode_example, labels_for, read_jsonl
+from galatea.train.data import encode_example, read_jsonl, tokenize_rows
 from galatea.train.lora import LoraSettings, add_lora
-from galatea.train.trainer import _collate, _nll_sum, _Sample
+from galatea.train.trainer import _collate, _nll_sum
 from tests import persona_data
 from tests.checkpoints import hf_model, write_gguf, write_safetensors
 from tests.test_golden_tiny import TOKENS, hf_logits, our_logits
@@ -28,11 +28,7 @@ from tests.test_golden_tiny import TOKENS, hf_logits, our_logits
 def trained(tmp_path_factory) -> dict[str, Path]:
     """A tiny base, a dataset and a LoRA run of a few steps (B is no longer zero)."""
     root = tmp_path_factory.mktemp("lora")
-    base = write_safetensors(hf_model("gqa"), root / "base")
-    card, chats = persona_data.write(root / "brine")
-    data = root / "d.jsonl"
-    assert main(["train", "data", "build", *map(str, chats), "--character", str(card), "--model", str(base),
-                 "--out", str(data)]) == 0
+    base, data = persona_data.tiny_dataset(root)
     run = root / "run"
     assert main(["train", "--model", str(base), "--data", str(data), "--out", str(run), "--steps", "6",
                  "--lr", "1e-2", "--precision", "fp32", "--no-progress", "--lora-r", "4", "--lora-alpha", "8"]) == 0
@@ -145,10 +141,7 @@ def test_adapter_on_a_gguf_base(trained, tmp_path):
 def _galatea_step(lm, data: Path, rows: int, seed: int) -> tuple[torch.Tensor, torch.Tensor, float, dict]:
     """One batch through Galatea's training forward and backward, the adapter set to random
     non-zero values (so A's gradient is non-zero too). Returns ids, labels, loss, adapter params."""
-    samples = []
-    for r in read_jsonl(data)[:rows]:
-        ids, n = encode_example(lm.tokenizer, r["prompt"], r["generation"])
-        samples.append(_Sample(ids, labels_for(ids, n), r["line"]))
+    samples = tokenize_rows(lm.tokenizer, read_jsonl(data)[:rows], 256, str(data), lm.path)
     ids, labels = _collate(samples, 2, torch.device("cpu"))
     torch.manual_seed(seed)
     ours = {n: p for n, p in lm.model.named_parameters() if "lora_" in n}

@@ -26,18 +26,14 @@ from galatea.model.checkpoint import embedded_model_path, load
 from galatea.train.data import read_jsonl
 from galatea.train.trainer import Trainer, TrainSettings
 from tests import persona_data
-from tests.checkpoints import hf_model, write_safetensors, write_tokenizer_model
+from tests.checkpoints import write_tokenizer_model
 from tests.test_golden_tiny import hf_logits, our_logits
 
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("tiny")
-    base = write_safetensors(hf_model("gqa"), root / "base")
-    card, chats = persona_data.write(root / "brine")
-    data = root / "d.jsonl"
-    assert main(["train", "data", "build", *map(str, chats), "--character", str(card), "--model", str(base),
-                 "--out", str(data)]) == 0
+    base, data = persona_data.tiny_dataset(root)
     return {"base": base, "data": data, "root": root}
 
 

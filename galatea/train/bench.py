@@ -15,10 +15,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 
 from galatea.train.data import IGNORE
 from galatea.train.lora import LoraSettings, add_lora
+from galatea.train.trainer import _nll_sum
 
 
 def _batches(vocab: int, steps: int, batch: int, seq: int, target: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -74,9 +74,7 @@ def _ours(m: Any, batches: list[tuple[torch.Tensor, torch.Tensor]], settings: Lo
     def step(ids: torch.Tensor, labels: torch.Tensor) -> None:
         ids, labels = ids.to(dev), labels.to(dev)
         with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=bf16):
-            h = m.hidden_states(ids)  # [B, T, C]; the output projection only where there is loss
-            mask = labels != IGNORE
-            loss = F.cross_entropy(m.lm_head(h[mask]).float(), labels[mask])
+            loss = _nll_sum(m, ids, labels, checkpointing=False) / int((labels != IGNORE).sum())
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)

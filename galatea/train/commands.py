@@ -112,14 +112,14 @@ def cmd_train(args: argparse.Namespace) -> int:
         run = Path(args.out).expanduser() / "run.json"
         if not run.is_file():
             raise GalateaError(f"{run.parent}: not a training run (no run.json); start it without --resume")
-        settings = TrainSettings(**json.loads(run.read_text())["settings"])
+        # the folder may have moved since: it is where the user says it is now
+        settings = TrainSettings(**{**json.loads(run.read_text())["settings"], "out": args.out})
     else:
         if not args.data:
             raise GalateaError("--data is required: a dataset from `galatea train data build`")
         names = {f.name for f in fields(TrainSettings)}
         values = {k: v for k, v in vars(args).items() if k in names}
         values["lora_targets"] = [t.strip() for t in args.lora_targets.split(",") if t.strip()]
-        values["model"] = args.model
         settings = TrainSettings(**values)
     trainer = Trainer(settings, resume=args.resume, echo=lambda m: print(m, file=sys.stderr),
                       progress=not args.no_progress)

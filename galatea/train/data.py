@@ -81,6 +81,30 @@ def encode_example(tok: Tokenizer, prompt: str, generation: str) -> tuple[list[i
     return prompt_ids + reply + [tok.eos_id], n
 
 
+@dataclass
+class Sample:
+    """One example as the model reads it: token ids and next-token labels (IGNORE off the reply)."""
+
+    ids: list[int]
+    labels: list[int]
+    line: int  # in the dataset file, for messages
+
+
+def tokenize_rows(tok: Tokenizer, rows: list[dict[str, Any]], context: int, where: str, model: Path) -> list[Sample]:
+    """The rows of a dataset (`read_jsonl`) as samples; one longer than `context` is an error
+    naming its line (`where` is the dataset file, `model` the checkpoint it is read for)."""
+    out = []
+    for r in rows:
+        ids, n_prompt = encode_example(tok, r["prompt"], r["generation"])
+        if len(ids) > context:
+            raise GalateaError(
+                f"{where}:{r['line']}: {len(ids)} tokens, more than the model's context of {context}; rebuild the "
+                f"dataset for this model (`galatea train data build --model {model}`, which windows the history "
+                "to fit) or remove the line")
+        out.append(Sample(ids, labels_for(ids, n_prompt), r["line"]))
+    return out
+
+
 def labels_for(ids: Sequence[int], n_prompt: int) -> list[int]:
     """Next-token labels aligned with `ids`: labels[i] is the target of position i, that is
     ids[i + 1] when that token belongs to the reply (or EOS), else IGNORE."""

@@ -10,13 +10,13 @@ from typing import Any
 import torch
 
 from galatea.errors import GalateaError
-from galatea.train.data import IGNORE, encode_example, labels_for, read_jsonl
+from galatea.train.data import IGNORE, read_jsonl, tokenize_rows
 
 
 def perplexity(lm: Any, data: Path, split: str = "auto", batch_size: int = 4) -> dict[str, Any]:
     """Mean negative log-likelihood per reply token (and its exp) over `split` of `data`:
     "validation", "train", "all", or "auto" (validation when there is one, else all)."""
-    from galatea.train.trainer import _Sample, evaluate
+    from galatea.train.trainer import evaluate
 
     rows = read_jsonl(data)
     if split == "auto":
@@ -24,14 +24,7 @@ def perplexity(lm: Any, data: Path, split: str = "auto", batch_size: int = 4) ->
     chosen = rows if split == "all" else [r for r in rows if r["split"] == split]
     if not chosen:
         raise GalateaError(f"{data}: no examples in the {split} split; pass --split all")
-    context = lm.config.max_position_embeddings
-    samples = []
-    for r in chosen:
-        ids, n_prompt = encode_example(lm.tokenizer, r["prompt"], r["generation"])
-        if len(ids) > context:
-            raise GalateaError(f"{data}:{r['line']}: {len(ids)} tokens, more than the model's context of {context}; "
-                               "rebuild the dataset for this model with `galatea train data build --model`")
-        samples.append(_Sample(ids, labels_for(ids, n_prompt), r["line"]))
+    samples = tokenize_rows(lm.tokenizer, chosen, lm.config.max_position_embeddings, str(data), lm.path)
     pad = lm.tokenizer.eos_id or 0
     with torch.inference_mode():
         loss = evaluate(lm.model, samples, pad, lm.model.device, batch_size, bf16=False)

@@ -92,18 +92,14 @@ class LoRALinear(nn.Module):
         super().__init__()
         self.base_layer = base
         self.r, self.alpha, self.scale = r, alpha, scale
-        dev = next(iter(base.buffers()), None) if not isinstance(base, nn.Linear) else base.weight
-        dev = dev.device if dev is not None else torch.device("cpu")
+        held = [*base.parameters(), *base.buffers()]  # a quantized layer holds buffers only
+        dev = held[0].device if held else torch.device("cpu")
         self.lora_A = nn.Linear(base.in_features, r, bias=False, device=dev, dtype=torch.float32)
         self.lora_B = nn.Linear(r, base.out_features, bias=False, device=dev, dtype=torch.float32)
         # PEFT's default init: A like nn.Linear (Kaiming-uniform), B zero.
         nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))
         nn.init.zeros_(self.lora_B.weight)
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
-
-    @property
-    def weight(self) -> Tensor:  # what code reading `.weight` of a projection expects
-        return self.base_layer.weight
 
     def forward(self, x: Tensor) -> Tensor:
         out = self.base_layer(x)
@@ -112,10 +108,6 @@ class LoRALinear(nn.Module):
             x = x.to(self.lora_A.weight.dtype)  # the adapter's float32
         update = self.lora_B(self.lora_A(x))
         return out + (update * self.scale).to(out.dtype)
-
-    def delta(self) -> Tensor:
-        """The update as a full matrix [out, in], float32."""
-        return (self.lora_B.weight.float() @ self.lora_A.weight.float()) * self.scale
 
 
 def add_lora(model: nn.Module, settings: LoraSettings) -> list[str]:
@@ -148,16 +140,6 @@ def lora_state(model: nn.Module) -> dict[str, Tensor]:
             out[f"{PREFIX}{name}.lora_A.weight"] = module.lora_A.weight.detach().float().contiguous()
             out[f"{PREFIX}{name}.lora_B.weight"] = module.lora_B.weight.detach().float().contiguous()
     return out
-
-
-def load_lora_state(model: nn.Module, tensors: dict[str, Tensor]) -> None:
-    """Put saved adapter tensors back into a model prepared by `add_lora` (resuming a run)."""
-    params = {f"{PREFIX}{n}": p for n, p in model.named_parameters() if ".lora_" in n}
-    if set(params) != set(tensors):
-        raise GalateaError("the checkpoint's adapter does not match this run's LoRA settings")
-    with torch.no_grad():
-        for key, value in tensors.items():
-            params[key].copy_(value)
 
 
 def save_adapter(model: nn.Module, settings: LoraSettings, base: str, folder: Path) -> None:

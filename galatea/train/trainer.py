@@ -37,9 +37,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from galatea.errors import GalateaError
-from galatea.model.tokenizer import Tokenizer
 from galatea.train import memory
-from galatea.train.data import IGNORE, encode_example, labels_for, read_jsonl
+from galatea.train.data import IGNORE, Sample, read_jsonl, tokenize_rows
 from galatea.train.lora import DEFAULT_TARGETS, LoraSettings, add_lora, save_adapter
 
 PRECISIONS = ("auto", "bf16", "fp32")
@@ -106,19 +105,13 @@ class Result:
     final_eval_loss: float | None
 
 
-@dataclass
-class _Sample:
-    ids: list[int]
-    labels: list[int]
-    line: int
-
-
-def lr_at(step: int, total: int, warmup: int, peak: float) -> float:
-    """Linear warmup over `warmup` steps, then cosine decay to zero at `total`."""
+def lr_factor(step: int, total: int, warmup: int) -> float:
+    """The share of the peak learning rate at `step`: linear warmup over `warmup` steps, then
+    cosine decay to zero at `total`."""
     if step < warmup:
-        return peak * (step + 1) / warmup
+        return (step + 1) / warmup
     progress = (step - warmup) / max(1, total - warmup)
-    return peak * 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+    return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
 
 
 class Trainer:
@@ -143,18 +136,6 @@ class Trainer:
                                "or choose another --out")
         self.out.mkdir(parents=True, exist_ok=True)
         return 0
-
-    def _tokenize(self, tok: Tokenizer, rows: list[dict[str, Any]], context: int) -> list[_Sample]:
-        out = []
-        for r in rows:
-            ids, n_prompt = encode_example(tok, r["prompt"], r["generation"])
-            if len(ids) > context:
-                raise GalateaError(
-                    f"{self.s.data}:{r['line']}: {len(ids)} tokens, more than the model's context of {context}; "
-                    f"rebuild the dataset for this model (`galatea train data build --model {self.s.model}`, "
-                    "which windows the history to fit) or remove the line")
-            out.append(_Sample(ids, labels_for(ids, n_prompt), r["line"]))
-        return out
 
     def _device_and_precision(self) -> tuple[torch.device, bool]:
         from galatea.model.checkpoint import default_device, default_dtype
@@ -181,7 +162,7 @@ class Trainer:
                     raise GalateaError(f"{path}: not a model this can train; pass a Hugging Face folder (safetensors "
                                        "or .bin shards with config.json) or a GGUF file")
 
-    def _check_memory(self, cfg: Any, samples: list[_Sample], dev: torch.device, bf16: bool) -> bool:
+    def _check_memory(self, cfg: Any, samples: list[Sample], dev: torch.device, bf16: bool) -> bool:
         """Print the estimate; refuse with advice when the run cannot fit. Returns whether to
         use gradient checkpointing (with "auto": only when the run does not fit without it)."""
         s = self.s
@@ -191,9 +172,9 @@ class Trainer:
         act = 2 if bf16 else 4
         base = 2 if bf16 else 4
 
-        def need(full: bool, checkpointing: bool = True) -> memory.Estimate:
+        def need(full: bool, checkpointing: bool = True, quant: str = s.quant) -> memory.Estimate:
             return memory.estimate(cfg, full, base, act, s.batch_size, longest, most_targets,
-                                   checkpointing, s.lora_r, tuple(s.lora_targets), "none" if full else s.quant)
+                                   checkpointing, s.lora_r, tuple(s.lora_targets), "none" if full else quant)
 
         have = memory.available(dev)
         # A quantized base is dequantized layer by layer: without recomputation autograd would keep
@@ -210,8 +191,7 @@ class Trainer:
             if s.full and need(False).total <= have:
                 advice.append(f"use LoRA (drop --full), which needs about {memory.gb(need(False).total)}")
             if not s.full and s.quant != "int4":
-                q4 = memory.estimate(cfg, False, base, act, s.batch_size, longest, most_targets, True, s.lora_r,
-                                     tuple(s.lora_targets), "int4").total
+                q4 = need(False, quant="int4").total
                 if q4 <= have:
                     advice.append(f"hold the base in 4 bits with --quant int4, which needs about {memory.gb(q4)}")
             if not checkpointing:
@@ -245,8 +225,8 @@ class Trainer:
             raise GalateaError(f"{s.data}: no training examples (all {len(rows)} are in the validation split)")
         cfg = read_config(path)
         tok = load_tokenizer(path)
-        train = self._tokenize(tok, train_rows, cfg.max_position_embeddings)
-        val = self._tokenize(tok, val_rows, cfg.max_position_embeddings)
+        train = tokenize_rows(tok, train_rows, cfg.max_position_embeddings, s.data, path)
+        val = tokenize_rows(tok, val_rows, cfg.max_position_embeddings, s.data, path)
         dev, bf16 = self._device_and_precision()
         checkpointing = self._check_memory(cfg, train + val, dev, bf16)
 
@@ -281,7 +261,7 @@ class Trainer:
         opt = torch.optim.AdamW([{"params": decay, "weight_decay": s.weight_decay},
                                  {"params": no_decay, "weight_decay": 0.0}], lr=peak, betas=(0.9, 0.999),
                                 foreach=True)
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda st: lr_at(st, total, warmup, peak) / peak)
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda st: lr_factor(st, total, warmup))
         if start:
             self._load_checkpoint(self.out / f"checkpoint-{start:06d}", model, opt, sched, dev)
             self.echo(f"resuming at step {start} of {total}")
@@ -291,7 +271,7 @@ class Trainer:
         pad = tok.eos_id if tok.eos_id is not None else 0
         orders: dict[int, list[list[int]]] = {}
 
-        def micro_batch(m: int) -> list[_Sample]:
+        def micro_batch(m: int) -> list[Sample]:
             epoch, j = divmod(m, mb_per_epoch)
             if epoch not in orders:
                 orders[epoch] = epoch_batches([len(x.ids) for x in train], s.batch_size, s.seed, epoch)
@@ -354,7 +334,7 @@ class Trainer:
             metrics.close()
         output = None
         if status == "done":
-            output = self._save_result(model, lm, path)
+            output = self._save_result(model, lm, path, bf16)
         return Result(status, step, total, output, last_eval)
 
     # ---- checkpoints -----------------------------------------------------------------------------
@@ -397,7 +377,7 @@ class Trainer:
         if state.get("cuda_rng") is not None and dev.type == "cuda":
             torch.cuda.set_rng_state(state["cuda_rng"].cpu(), dev)
 
-    def _save_result(self, model: nn.Module, lm: Any, base: Path) -> Path:
+    def _save_result(self, model: nn.Module, lm: Any, base: Path, bf16: bool) -> Path:
         if not self.s.full:
             folder = self.out / "adapter"
             save_adapter(model, self.s.lora(), str(base), folder)
@@ -405,7 +385,7 @@ class Trainer:
                       f"\n  merge it:     galatea train merge {base} {folder} MERGED_DIR")
             return folder
         folder = self.out / "model"
-        save_full_model(model, lm, base, folder, torch.bfloat16 if self.s.precision != "fp32" else torch.float32)
+        save_full_model(model, lm, base, folder, torch.bfloat16 if bf16 else torch.float32)
         self.echo(f"done: the fine-tuned model is in {folder}\n  chat with it: galatea chat --model {folder}")
         return folder
 
@@ -454,7 +434,7 @@ def _progress(enabled: bool, total: int, start: int) -> Any:
     return tqdm(total=total, initial=start, unit="step", disable=not enabled, dynamic_ncols=True, desc="train")
 
 
-def _collate(batch: list[_Sample], pad: int, dev: torch.device) -> tuple[Tensor, Tensor]:
+def _collate(batch: list[Sample], pad: int, dev: torch.device) -> tuple[Tensor, Tensor]:
     """Right-padded [B, T] ids and labels. Causal attention means padding at the end cannot
     change the real positions, so no attention mask is needed; pads carry no loss."""
     width = max(len(x.ids) for x in batch)
@@ -475,7 +455,7 @@ def _nll_sum(model: nn.Module, ids: Tensor, labels: Tensor, checkpointing: bool)
     return F.cross_entropy(logits, labels[mask], reduction="sum")
 
 
-def evaluate(model: nn.Module, samples: list[_Sample], pad: int, dev: torch.device, batch_size: int,
+def evaluate(model: nn.Module, samples: list[Sample], pad: int, dev: torch.device, batch_size: int,
              bf16: bool) -> float:
     """Mean cross-entropy per reply token (no dropout, no gradients)."""
     was_training = model.training
