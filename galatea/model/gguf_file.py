@@ -26,7 +26,10 @@ from gguf.quants import dequantize
 from torch import Tensor
 
 from galatea.errors import GalateaError
+from galatea.kernels.native import Kernels
+from galatea.kernels.qtypes import BLOCK
 from galatea.model.quant import Int4Groups
+from galatea.model.tiled import TiledWeight
 
 Q = GGMLQuantizationType
 SUPPORTED_TYPES = frozenset({
@@ -118,24 +121,31 @@ class GGUFFile:
     def has_tensor(self, name: str) -> bool:
         return any(t.name == name for t in self.tensors)
 
-    def iter_tensors(self, n_heads: int, n_kv_heads: int, dtype: torch.dtype = torch.float32,
-                     int4: bool = False) -> Iterator[tuple[str, Tensor | Int4Groups]]:
-        """(HF name, tensor of `dtype` in HF layout), one tensor at a time. With `int4`, the
-        Q4_0/Q4_1 weights of the decoder layers come as `Int4Groups` instead, exactly as stored."""
+    def iter_tensors(self, n_heads: int, n_kv_heads: int, dtype: torch.dtype = torch.float32, int4: bool = False,
+                     tiled: tuple[Kernels, frozenset[int]] | None = None,
+                     ) -> Iterator[tuple[str, Tensor | Int4Groups | TiledWeight]]:
+        """(HF name, tensor of `dtype` in HF layout), one tensor at a time. With `tiled` (the
+        native kernels and the GGUF types to keep), matrices stored in those types come as
+        `TiledWeight`s, their blocks exactly as stored; with `int4`, the Q4_0/Q4_1/Q4_K weights
+        of the decoder layers come as `Int4Groups` (the torch fallback's int4)."""
         for t in self.tensors:
             if IGNORED.match(t.name):
                 continue
             name = hf_name(t.name)
             if name is None:
                 raise GalateaError(f"{self.path}: unexpected tensor {t.name!r}; this is not a plain LLaMA GGUF")
-            direct = int4 and t.type_id in (Q.Q4_0, Q.Q4_1, Q.Q4_K) and t.name.startswith("blk.")
-            w = self.read_int4_groups(t) if direct else self.read_float(t, dtype)
             heads = n_heads if t.name.endswith("attn_q.weight") else \
                 n_kv_heads if t.name.endswith("attn_k.weight") else 0
-            if heads and isinstance(w, Int4Groups):
-                w = w.take_rows(unpermute(torch.arange(w.shape[0]), heads))
-            elif heads:
-                w = unpermute(w, heads)
+            rows = unpermute(torch.arange(t.shape[0]), heads) if heads else None
+            w: Tensor | Int4Groups | TiledWeight
+            if tiled is not None and t.type_id in tiled[1] and len(t.shape) == 2 and t.shape[1] % BLOCK[t.type_id] == 0:
+                w = TiledWeight.from_blocks(tiled[0], t.type_id, self.raw(t), t.shape[0], t.shape[1], rows)
+            elif int4 and t.type_id in (Q.Q4_0, Q.Q4_1, Q.Q4_K) and t.name.startswith("blk."):
+                w = self.read_int4_groups(t)
+                w = w.take_rows(rows) if rows is not None else w
+            else:
+                w = self.read_float(t, dtype)
+                w = w[rows] if rows is not None else w
             yield name, w
             self.release(t)
 

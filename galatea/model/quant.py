@@ -21,6 +21,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from galatea.kernels.native import Kernels
+from galatea.kernels.qtypes import Q4_1, Q8_0
+from galatea.model.tiled import TiledLinear, TiledWeight
+
 # Rows at which dequantize-then-GEMM beats the int8 / int4 mat-mul kernels (measured on AVX-512:
 # for int4 the break-even is ~256 rows on 7B-sized layers, ~150 on SmolLM2's).
 DENSE_ROWS = 16
@@ -234,6 +238,8 @@ def concat_linears(layers: list[nn.Module]) -> nn.Module | None:
         return Int8Linear.cat(layers)
     if kinds == {Int4Linear}:
         return Int4Linear.cat(layers)
+    if kinds == {TiledLinear}:
+        return TiledLinear.cat(layers)
     return None
 
 
@@ -246,25 +252,30 @@ def _row_blocks(weight: Tensor, elements: int = 1 << 22) -> list[slice]:
 FOUR_BIT_GGUF = {"Q4_0", "Q4_1", "Q4_K", "Q3_K", "Q2_K"}
 
 
-def quantize_linear(layer: nn.Module, mode: str, output: bool = False) -> nn.Module:
+def quantize_linear(layer: nn.Module, mode: str, output: bool = False, kernels: Kernels | None = None) -> nn.Module:
     """The quantized replacement of one bias-free nn.Linear (or the layer itself). int4 keeps
     the output projection (`output=True`) at int8: it is the most sensitive matrix, and GGUF
-    files keep it at 6-8 bits too."""
+    files keep it at 6-8 bits too. With the native `kernels`, int4 is GGUF Q4_1 and int8 Q8_0."""
     if mode == "none" or not isinstance(layer, nn.Linear) or layer.bias is not None:
         return layer
-    if mode == "int4" and not output and layer.in_features % GROUP == 0:
+    four = mode == "int4" and not output and layer.in_features % GROUP == 0
+    if kernels is not None:
+        if layer.in_features % GROUP:
+            return layer  # no whole blocks of 32: stays float
+        return TiledLinear([TiledWeight.from_float(kernels, layer.weight, Q4_1 if four else Q8_0)], kernels)
+    if four:
         return Int4Linear.from_float(layer.weight)
     return Int8Linear.from_float(layer.weight)
 
 
-def quantize_model(model: nn.Module, mode: str) -> nn.Module:
+def quantize_model(model: nn.Module, mode: str, kernels: Kernels | None = None) -> nn.Module:
     """Swap every linear layer inside `model` in place (an `lm_head` child counts as output)."""
     if mode == "none":
         return model
     for _, module in list(model.named_modules()):
         for name, child in list(module.named_children()):
             if isinstance(child, nn.Linear):
-                setattr(module, name, quantize_linear(child, mode, output=name == "lm_head"))
+                setattr(module, name, quantize_linear(child, mode, output=name == "lm_head", kernels=kernels))
     return model
 
 

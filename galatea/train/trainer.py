@@ -243,7 +243,8 @@ class Trainer:
 
         torch.manual_seed(s.seed)
         base_dtype = torch.float32 if (s.full or not bf16) else torch.bfloat16
-        lm = load(path, dtype=base_dtype, device=dev, quant=s.quant, fuse=False)
+        # torch's kernels: the frozen quantized base needs a backward pass, which the native ones lack
+        lm = load(path, dtype=base_dtype, device=dev, quant=s.quant, fuse=False, kernels="torch")
         model = lm.model
         if s.full:
             for p in model.parameters():

@@ -58,8 +58,9 @@ def add_parsers(sub: Any) -> None:
     p = sub.add_parser("quantize", help="write a pre-quantized int4/int8 folder that loads in seconds by mmap")
     p.add_argument("src", type=Path, help="a Hugging Face model folder or a .gguf file")
     p.add_argument("dst", type=Path, help="the folder to write")
-    p.add_argument("--quant", choices=("int4", "int8"), default="int4",
-                   help="int4 (groups of 32; GGUF Q4 blocks are kept as they are) or int8 (default int4)")
+    p.add_argument("--quant", choices=("auto", "int4", "int8"), default="auto",
+                   help="auto (default): a GGUF keeps every matrix in its own type, float weights become int4; "
+                        "int4 (blocks of 32, GGUF Q4 blocks kept as they are) or int8")
     p.add_argument("--force", action="store_true", help="overwrite the destination")
     p.add_argument("--quiet", "-q", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_quantize)

@@ -10,17 +10,19 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+from galatea.errors import GalateaError
 from galatea.model import prequantized
-from galatea.model.quant import int4_block_n
 from galatea.weights import convert as cv
 
 
-def quantize(src: Path, dst: Path, mode: str = "int4", force: bool = False, progress_factory: Any = None) -> dict:
+def quantize(src: Path, dst: Path, mode: str = "auto", force: bool = False, progress_factory: Any = None) -> dict:
     from galatea.model.checkpoint import load
     from galatea.model.gguf_file import GGUFFile
 
     kind = cv.open_source(src)
-    lm = load(src, quant=mode, device="cpu")
+    lm = load(src, quant=mode if mode != "auto" or kind == "gguf" else "int4", device="cpu")
+    if lm.quant == "none":
+        raise GalateaError(f"{src}: nothing to quantize (the weights are float); pass --quant int4 or int8")
     tensors, modules = prequantized.state(lm.model)
     plan = [cv.TensorPlan(name, tuple(t.shape), t.dtype) for name, t in tensors]
     total = sum(cv._nbytes(p) for p in plan)
@@ -37,8 +39,7 @@ def quantize(src: Path, dst: Path, mode: str = "int4", force: bool = False, prog
             if (src / side).is_file():
                 cv.atomic_write(dst / side, lambda f, side=side: f.write((src / side).read_bytes()))
     config["torch_dtype"] = str(dtype).removeprefix("torch.")
-    config["quantization_config"] = {"quant_method": prequantized.METHOD, "format": prequantized.FORMAT,
-                                     "mode": lm.quant, "int4_block_n": int4_block_n() or 0, "modules": modules}
+    config["quantization_config"] = prequantized.config(lm.model, lm.quant, modules)
     cv.atomic_write(dst / "config.json", lambda f: f.write(json.dumps(config, indent=2).encode()))
     return {"mode": lm.quant, "modules": len(modules), "bytes": total,
             "source_bytes": sum(p.stat().st_size for p in ([src] if src.is_file() else src.iterdir()) if p.is_file()),

@@ -1,0 +1,617 @@
+// The library's C interface (called through ctypes): CPU features, the per-type table, GGUF
+// blocks -> tiles, tiles -> floats, and the mat-mul driver that quantizes activations and
+// hands work items to the pool. Compiled for the baseline x86-64: no instruction here needs
+// more, and the ISA-specific code is only reached after the CPU said it has it.
+#include <cmath>
+#include <cstring>
+#include <mutex>
+#include <vector>
+
+#include "gx.h"
+#include "pool.h"
+
+#define GX_EXPORT extern "C" __attribute__((visibility("default")))
+
+namespace gx {
+
+TypeInfo type_info(int type) {
+  switch (type) {
+    case Q4_0: return {32, 18};
+    case Q4_1: return {32, 20};
+    case Q5_0: return {32, 22};
+    case Q5_1: return {32, 24};
+    case Q8_0: return {32, 34};
+    case Q4_K: return {256, 144};
+    case Q5_K: return {256, 176};
+    case Q6_K: return {256, 210};
+    default: return {0, 0};
+  }
+}
+
+namespace {
+
+enum Isa : int { kNone = 0, kAvx2 = 1, kAvx512 = 2 };
+
+int cpu_isa() {
+  __builtin_cpu_init();
+  if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vl") &&
+      __builtin_cpu_supports("avx512vnni") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c"))
+    return kAvx512;
+  if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c")) return kAvx2;
+  return kNone;
+}
+
+// The library's one pool and scratch space, behind one lock: calls from several Python threads
+// (ctypes releases the GIL) take turns.
+struct State {
+  Pool pool;
+  std::mutex mu;
+  std::vector<int8_t> q;
+  std::vector<float> d, ds;
+  std::vector<int32_t> s16, s32;
+  std::vector<float> partial;
+};
+
+State& state() {
+  static State* s = new State;  // never destroyed: workers may outlive static destructors at exit
+  return *s;
+}
+
+float half_to_float(uint16_t h) {
+  const uint32_t sign = static_cast<uint32_t>(h & 0x8000) << 16;
+  uint32_t exp = (h >> 10) & 0x1F, mant = h & 0x3FF, bits;
+  if (exp == 0x1F) {
+    bits = sign | 0x7F800000 | (mant << 13);
+  } else if (exp != 0) {
+    bits = sign | ((exp + 112) << 23) | (mant << 13);
+  } else if (mant == 0) {
+    bits = sign;
+  } else {  // subnormal: normalize
+    exp = 113;
+    while (!(mant & 0x400)) { mant <<= 1; --exp; }
+    bits = sign | (exp << 23) | ((mant & 0x3FF) << 13);
+  }
+  float f;
+  std::memcpy(&f, &bits, 4);
+  return f;
+}
+
+uint16_t load16(const uint8_t* p) { uint16_t v; std::memcpy(&v, p, 2); return v; }
+float fp16(const uint8_t* p) { return half_to_float(load16(p)); }
+
+// ---- GGUF block -> codes (0..63, or Q8_0's int8 bytes) -----------------------------------------
+
+void gguf_codes(int type, const uint8_t* blk, uint8_t* codes) {
+  switch (type) {
+    case Q4_0: case Q4_1: {
+      const uint8_t* qs = blk + (type == Q4_0 ? 2 : 4);
+      for (int i = 0; i < 16; ++i) { codes[i] = qs[i] & 15; codes[i + 16] = qs[i] >> 4; }
+      break;
+    }
+    case Q5_0: case Q5_1: {
+      const int at = type == Q5_0 ? 2 : 4;
+      uint32_t qh;
+      std::memcpy(&qh, blk + at, 4);
+      const uint8_t* qs = blk + at + 4;
+      for (int i = 0; i < 16; ++i) {
+        codes[i] = (qs[i] & 15) | ((qh >> i) & 1) << 4;
+        codes[i + 16] = (qs[i] >> 4) | ((qh >> (i + 16)) & 1) << 4;
+      }
+      break;
+    }
+    case Q8_0: std::memcpy(codes, blk + 2, 32); break;
+    case Q4_K: case Q5_K: {
+      const bool five = type == Q5_K;
+      const uint8_t* qh = blk + 16;
+      const uint8_t* qs = blk + (five ? 48 : 16);
+      for (int x = 0; x < 256; ++x) {
+        const int w = x % 64;
+        const uint8_t byte = qs[(x / 64) * 32 + w % 32];
+        codes[x] = w < 32 ? byte & 15 : byte >> 4;
+        if (five) codes[x] |= ((qh[x % 32] >> (x / 32)) & 1) << 4;
+      }
+      break;
+    }
+    case Q6_K: {
+      const uint8_t *ql = blk, *qh = blk + 128;
+      for (int x = 0; x < 256; ++x) {
+        const int h = x / 128, w = x % 128;
+        const uint8_t lo = ql[64 * h + w % 64];
+        codes[x] = static_cast<uint8_t>((w < 64 ? lo & 15 : lo >> 4) | ((qh[32 * h + w % 32] >> (2 * (w / 32))) & 3) << 4);
+      }
+      break;
+    }
+    default: break;
+  }
+}
+
+// ---- codes -> tile (row r of a tile block) -----------------------------------------------------
+
+// 4 nibble chunks for 32 inputs: byte 4r+j of chunk c = input 8c+j (low) | 8c+4+j (high)
+void put_nibbles(uint8_t* chunks, int r, const uint8_t* codes) {
+  for (int c = 0; c < 4; ++c)
+    for (int j = 0; j < 4; ++j)
+      chunks[64 * c + 4 * r + j] = static_cast<uint8_t>((codes[8 * c + j] & 15) | (codes[8 * c + 4 + j] & 15) << 4);
+}
+void get_nibbles(const uint8_t* chunks, int r, uint8_t* codes) {
+  for (int c = 0; c < 4; ++c)
+    for (int j = 0; j < 4; ++j) {
+      const uint8_t v = chunks[64 * c + 4 * r + j];
+      codes[8 * c + j] = v & 15;
+      codes[8 * c + 4 + j] = v >> 4;
+    }
+}
+
+// bit 4 of each code: two 64-bit masks per chunk, bit 4r+j
+void put_bit4(uint8_t* masks, int r, const uint8_t* codes) {
+  for (int c = 0; c < 4; ++c)
+    for (int half = 0; half < 2; ++half)
+      for (int j = 0; j < 4; ++j) {
+        const int bit = 4 * r + j;
+        if ((codes[8 * c + 4 * half + j] >> 4) & 1) masks[16 * c + 8 * half + bit / 8] |= static_cast<uint8_t>(1 << (bit % 8));
+      }
+}
+void get_bit4(const uint8_t* masks, int r, uint8_t* codes) {
+  for (int c = 0; c < 4; ++c)
+    for (int half = 0; half < 2; ++half)
+      for (int j = 0; j < 4; ++j) {
+        const int bit = 4 * r + j;
+        codes[8 * c + 4 * half + j] |= static_cast<uint8_t>(((masks[16 * c + 8 * half + bit / 8] >> (bit % 8)) & 1) << 4);
+      }
+}
+
+// bits 4-5 of each code (Q6_K): two 16-byte groups per chunk; chunk byte v = 16L + b sits in
+// bits 2L..2L+1 of group byte b
+void put_hi2(uint8_t* groups, int r, const uint8_t* codes) {
+  for (int c = 0; c < 4; ++c)
+    for (int half = 0; half < 2; ++half)
+      for (int j = 0; j < 4; ++j) {
+        const int v = 4 * r + j;
+        const int hi = (codes[8 * c + 4 * half + j] >> 4) & 3;
+        groups[32 * c + 16 * half + v % 16] |= static_cast<uint8_t>(hi << (2 * (v / 16)));
+      }
+}
+void get_hi2(const uint8_t* groups, int r, uint8_t* codes) {
+  for (int c = 0; c < 4; ++c)
+    for (int half = 0; half < 2; ++half)
+      for (int j = 0; j < 4; ++j) {
+        const int v = 4 * r + j;
+        const int hi = (groups[32 * c + 16 * half + v % 16] >> (2 * (v / 16))) & 3;
+        codes[8 * c + 4 * half + j] |= static_cast<uint8_t>(hi << 4);
+      }
+}
+
+// One GGUF block of row r -> its place in the (zeroed) tile block `t`.
+void put_block(int type, const uint8_t* blk, int r, uint8_t* t) {
+  uint8_t codes[256];
+  gguf_codes(type, blk, codes);
+  switch (type) {
+    case Q4_0: std::memcpy(t + 2 * r, blk, 2); put_nibbles(t + 32, r, codes); break;
+    case Q4_1: std::memcpy(t + 2 * r, blk, 2); std::memcpy(t + 32 + 2 * r, blk + 2, 2); put_nibbles(t + 64, r, codes); break;
+    case Q5_0: std::memcpy(t + 2 * r, blk, 2); put_bit4(t + 32, r, codes); put_nibbles(t + 96, r, codes); break;
+    case Q5_1:
+      std::memcpy(t + 2 * r, blk, 2);
+      std::memcpy(t + 32 + 2 * r, blk + 2, 2);
+      put_bit4(t + 64, r, codes);
+      put_nibbles(t + 128, r, codes);
+      break;
+    case Q8_0:
+      std::memcpy(t + 2 * r, blk, 2);
+      for (int c = 0; c < 8; ++c) std::memcpy(t + 32 + 64 * c + 4 * r, codes + 4 * c, 4);
+      break;
+    case Q4_K: case Q5_K: {
+      const bool five = type == Q5_K;
+      std::memcpy(t + 2 * r, blk, 2);
+      std::memcpy(t + 32 + 2 * r, blk + 2, 2);
+      for (int p = 0; p < 12; ++p) t[64 + 16 * p + r] = blk[4 + p];
+      for (int s = 0; s < 8; ++s) {
+        if (five) put_bit4(t + 256 + 64 * s, r, codes + 32 * s);
+        put_nibbles(t + (five ? 768 : 256) + 256 * s, r, codes + 32 * s);
+      }
+      break;
+    }
+    case Q6_K:
+      std::memcpy(t + 2 * r, blk + 208, 2);
+      for (int s = 0; s < 16; ++s) t[32 + 16 * s + r] = blk[192 + s];
+      for (int j = 0; j < 8; ++j) {
+        put_hi2(t + 288 + 128 * j, r, codes + 32 * j);
+        put_nibbles(t + 1312 + 256 * j, r, codes + 32 * j);
+      }
+      break;
+    default: break;
+  }
+}
+
+// Row r of tile block `t` -> `block` floats, computed as gguf-py's dequantize computes them.
+void get_block(int type, const uint8_t* t, int r, float* out) {
+  uint8_t codes[256] = {0};
+  switch (type) {
+    case Q4_0: case Q5_0: {
+      const bool five = type == Q5_0;
+      if (five) get_bit4(t + 32, r, codes);
+      uint8_t lo[32];
+      get_nibbles(t + (five ? 96 : 32), r, lo);
+      const float d = fp16(t + 2 * r);
+      for (int i = 0; i < 32; ++i) out[i] = d * static_cast<float>((lo[i] | codes[i]) - (five ? 16 : 8));
+      break;
+    }
+    case Q4_1: case Q5_1: {
+      const bool five = type == Q5_1;
+      if (five) get_bit4(t + 64, r, codes);
+      uint8_t lo[32];
+      get_nibbles(t + (five ? 128 : 64), r, lo);
+      const float d = fp16(t + 2 * r), m = fp16(t + 32 + 2 * r);
+      for (int i = 0; i < 32; ++i) out[i] = d * static_cast<float>(lo[i] | codes[i]) + m;
+      break;
+    }
+    case Q8_0: {
+      const float d = fp16(t + 2 * r);
+      for (int c = 0; c < 8; ++c)
+        for (int j = 0; j < 4; ++j) out[4 * c + j] = static_cast<float>(static_cast<int8_t>(t[32 + 64 * c + 4 * r + j])) * d;
+      break;
+    }
+    case Q4_K: case Q5_K: {
+      const bool five = type == Q5_K;
+      const float d = fp16(t + 2 * r), dmin = fp16(t + 32 + 2 * r);
+      uint8_t p[12];
+      for (int i = 0; i < 12; ++i) p[i] = t[64 + 16 * i + r];
+      for (int s = 0; s < 8; ++s) {
+        const int sc = s < 4 ? p[s] & 63 : (p[s + 4] & 15) | ((p[s - 4] >> 6) << 4);
+        const int mn = s < 4 ? p[s + 4] & 63 : (p[s + 4] >> 4) | ((p[s] >> 6) << 4);
+        uint8_t lo[32], hb[32] = {0};
+        if (five) get_bit4(t + 256 + 64 * s, r, hb);
+        get_nibbles(t + (five ? 768 : 256) + 256 * s, r, lo);
+        const float ds = d * static_cast<float>(sc), dm = dmin * static_cast<float>(mn);
+        for (int i = 0; i < 32; ++i) out[32 * s + i] = ds * static_cast<float>(lo[i] | hb[i]) - dm;
+      }
+      break;
+    }
+    case Q6_K: {
+      const float d = fp16(t + 2 * r);
+      for (int j = 0; j < 8; ++j) {
+        uint8_t lo[32], hb[32] = {0};
+        get_hi2(t + 288 + 128 * j, r, hb);
+        get_nibbles(t + 1312 + 256 * j, r, lo);
+        for (int i = 0; i < 32; ++i) {
+          const float ds = d * static_cast<float>(static_cast<int8_t>(t[32 + 16 * (2 * j + i / 16) + r]));
+          out[32 * j + i] = ds * static_cast<float>((lo[i] | hb[i]) - 32);
+        }
+      }
+      break;
+    }
+    default: break;
+  }
+}
+
+uint16_t to_bf16(float f) {
+  uint32_t u;
+  std::memcpy(&u, &f, 4);
+  return static_cast<uint16_t>((u + 0x7FFF + ((u >> 16) & 1)) >> 16);
+}
+
+bool valid_shape(int type, int64_t n, int64_t k) {
+  const TypeInfo ti = type_info(type);
+  return ti.block != 0 && n > 0 && k > 0 && k % ti.block == 0;
+}
+
+// ---- the mat-mul driver ------------------------------------------------------------------------
+
+struct MatmulCall {
+  int isa;
+  MatmulJob job;
+  const std::vector<Item>* items;
+  const void* x;
+  int xdtype;
+  int64_t ldx, m, rows_per_task;
+  PreOp pre;
+  Acts acts;
+};
+
+void run_item(void* ctx, int64_t i) {
+  const MatmulCall& c = *static_cast<const MatmulCall*>(ctx);
+  if (c.isa == kAvx512) gx_avx512::matmul_item(c.job, (*c.items)[i]);
+  else gx_avx2::matmul_item(c.job, (*c.items)[i]);
+}
+
+void run_quantize(void* ctx, int64_t i) {
+  const MatmulCall& c = *static_cast<const MatmulCall*>(ctx);
+  const int64_t m0 = i * c.rows_per_task, m1 = m0 + c.rows_per_task < c.m ? m0 + c.rows_per_task : c.m;
+  auto fn = c.isa == kAvx512 ? gx_avx512::quantize_rows : gx_avx2::quantize_rows;
+  fn(c.x, c.xdtype, c.ldx, m0, m1, c.pre, c.acts);
+}
+
+// Activation rows per pass over the weights: their int8 copy (64 x 11008 bytes) stays in L2
+// while every tile streams past it.
+constexpr int64_t kRowChunk = 64;
+
+// Work items: runs of whole tiles of about `target` bytes, so that a thread reads one sequential
+// stream per item and there are enough items to balance threads on a busy machine.
+std::vector<Item> plan_items(const Segment* segs, int nseg, int64_t k, int64_t m, int threads) {
+  int64_t total = 0;
+  for (int s = 0; s < nseg; ++s) {
+    const TypeInfo ti = type_info(segs[s].type);
+    total += (segs[s].n + kTileRows - 1) / kTileRows * (k / ti.block) * kTileRows * ti.gguf_bytes;
+  }
+  const int64_t target = total / (8 * threads) > (32 << 10) ? total / (8 * threads) : (32 << 10);
+  std::vector<Item> items;
+  for (int64_t m0 = 0; m0 < m; m0 += kRowChunk) {
+    const int64_t m1 = m0 + kRowChunk < m ? m0 + kRowChunk : m;
+    for (int s = 0; s < nseg; ++s) {
+      const TypeInfo ti = type_info(segs[s].type);
+      const int64_t tiles = (segs[s].n + kTileRows - 1) / kTileRows;
+      const int64_t tile_bytes = (k / ti.block) * kTileRows * ti.gguf_bytes;
+      int64_t per = (target + tile_bytes - 1) / tile_bytes;
+      if (per < 1) per = 1;
+      for (int64_t t = 0; t < tiles; t += per) items.push_back({s, t, t + per < tiles ? t + per : tiles, m0, m1});
+    }
+  }
+  return items;
+}
+
+// Attention for several sequences at once (one query each): every (sequence, key/value head,
+// run of positions) is a work item.
+struct AttnCall {
+  int isa;
+  std::vector<AttnJob> jobs;
+  std::vector<std::pair<int, int64_t>> items;  // (sequence, item within it)
+};
+
+void run_attend(void* ctx, int64_t i) {
+  const AttnCall& c = *static_cast<const AttnCall*>(ctx);
+  const auto [row, item] = c.items[i];
+  if (c.isa == kAvx512) gx_avx512::attend_item(c.jobs[row], item);
+  else gx_avx2::attend_item(c.jobs[row], item);
+}
+
+// Runs of positions per head: enough items to keep every thread busy, none under 64 positions.
+void plan_chunks(AttnJob& j, int threads) {
+  const int64_t want = (4 * threads + j.kv_heads - 1) / j.kv_heads;
+  const int64_t chunk = (j.length + want - 1) / want;
+  j.chunk = chunk < 64 ? 64 : chunk;
+  j.nchunks = (j.length + j.chunk - 1) / j.chunk;
+}
+
+// Run the jobs (their `partial` set by this function), then merge each head's runs into out:
+// rescale every run to the head's overall maximum.
+void attend(int isa, std::vector<AttnJob>& jobs, float* const* outs) {
+  State& st = state();
+  AttnCall call{isa, {}, {}};
+  size_t total = 0;
+  for (auto& j : jobs) {
+    plan_chunks(j, st.pool.threads());
+    total += static_cast<size_t>(j.heads) * j.nchunks * (j.d + 2);
+  }
+  st.partial.resize(total);
+  size_t at = 0;
+  for (size_t r = 0; r < jobs.size(); ++r) {
+    jobs[r].partial = st.partial.data() + at;
+    at += static_cast<size_t>(jobs[r].heads) * jobs[r].nchunks * (jobs[r].d + 2);
+    for (int64_t i = 0; i < jobs[r].kv_heads * jobs[r].nchunks; ++i) call.items.emplace_back(static_cast<int>(r), i);
+  }
+  call.jobs = jobs;
+  st.pool.run(static_cast<int64_t>(call.items.size()), run_attend, &call);
+  for (size_t r = 0; r < jobs.size(); ++r) {
+    const AttnJob& j = jobs[r];
+    for (int h = 0; h < j.heads; ++h) {
+      const float* part = j.partial + static_cast<size_t>(h) * j.nchunks * (j.d + 2);
+      float mx = -INFINITY, den = 0.f;
+      for (int64_t c = 0; c < j.nchunks; ++c) mx = part[c * (j.d + 2)] > mx ? part[c * (j.d + 2)] : mx;
+      float* o = outs[r] + static_cast<size_t>(h) * j.d;
+      for (int i = 0; i < j.d; ++i) o[i] = 0.f;
+      for (int64_t c = 0; c < j.nchunks; ++c) {
+        const float* pc = part + c * (j.d + 2);
+        const float w = std::exp(pc[0] - mx);
+        den += w * pc[1];
+        for (int i = 0; i < j.d; ++i) o[i] += w * pc[2 + i];
+      }
+      for (int i = 0; i < j.d; ++i) o[i] /= den;
+    }
+  }
+}
+
+uint16_t to_f16(float f) {  // round to nearest even; overflow to infinity
+  uint32_t x;
+  std::memcpy(&x, &f, 4);
+  const uint32_t sign = (x >> 16) & 0x8000;
+  const int32_t exp = static_cast<int32_t>((x >> 23) & 0xFF) - 127 + 15;
+  uint32_t mant = x & 0x7FFFFF;
+  if (((x >> 23) & 0xFF) == 0xFF) return static_cast<uint16_t>(sign | 0x7C00 | (mant ? 0x200 : 0));
+  if (exp >= 31) return static_cast<uint16_t>(sign | 0x7C00);
+  if (exp <= 0) {  // subnormal or zero
+    if (exp < -10) return static_cast<uint16_t>(sign);
+    mant |= 0x800000;
+    const int shift = 14 - exp;
+    uint32_t h = mant >> shift;
+    const uint32_t rest = mant & ((1u << shift) - 1), half = 1u << (shift - 1);
+    if (rest > half || (rest == half && (h & 1))) ++h;
+    return static_cast<uint16_t>(sign | h);
+  }
+  uint32_t h = (static_cast<uint32_t>(exp) << 10) | (mant >> 13);
+  const uint32_t rest = mant & 0x1FFF;
+  if (rest > 0x1000 || (rest == 0x1000 && (h & 1))) ++h;  // may carry into the exponent: still right
+  return static_cast<uint16_t>(sign | h);
+}
+
+// Rotate-half RoPE of `heads` vectors of d values in place: x[i] cos[i] - x[i+d/2] sin[i] and
+// x[i+d/2] cos[i+d/2] + x[i] sin[i+d/2] (HF's layout; cos/sin are this position's table rows).
+void rope(float* x, int heads, int d, const float* cos, const float* sin) {
+  const int half = d / 2;
+  for (int h = 0; h < heads; ++h, x += d)
+    for (int i = 0; i < half; ++i) {
+      const float a = x[i], b = x[i + half];
+      x[i] = a * cos[i] - b * sin[i];
+      x[i + half] = b * cos[i + half] + a * sin[i + half];
+    }
+}
+
+void store_kv(void* cache, int kv_dtype, int64_t at, const float* src, int n) {
+  if (kv_dtype == KV_F32) {
+    std::memcpy(static_cast<float*>(cache) + at, src, n * sizeof(float));
+    return;
+  }
+  uint16_t* dst = static_cast<uint16_t*>(cache) + at;
+  for (int i = 0; i < n; ++i) dst[i] = kv_dtype == KV_F16 ? to_f16(src[i]) : to_bf16(src[i]);
+}
+
+struct RepackCall {
+  int type;
+  const uint8_t* blocks;
+  const int64_t* rows;
+  int64_t n, k;
+  uint8_t* tiles;
+};
+
+void repack_tile(void* ctx, int64_t t) {
+  const RepackCall& c = *static_cast<const RepackCall*>(ctx);
+  const TypeInfo ti = type_info(c.type);
+  const int64_t nb = c.k / ti.block, tb = int64_t{kTileRows} * ti.gguf_bytes;
+  uint8_t* tile = c.tiles + t * nb * tb;
+  std::memset(tile, 0, nb * tb);
+  for (int r = 0; r < kTileRows; ++r) {
+    const int64_t row = t * kTileRows + r;
+    if (row >= c.n) break;
+    const uint8_t* src = c.blocks + (c.rows ? c.rows[row] : row) * nb * ti.gguf_bytes;
+    for (int64_t b = 0; b < nb; ++b) put_block(c.type, src + b * ti.gguf_bytes, r, tile + b * tb);
+  }
+}
+
+}  // namespace
+}  // namespace gx
+
+using namespace gx;
+
+GX_EXPORT int gx_version() { return 1; }
+
+// 2: AVX-512 VNNI, 1: AVX2 + FMA + F16C, 0: neither (the torch fallback runs)
+GX_EXPORT int gx_cpu_isa() { return cpu_isa(); }
+
+GX_EXPORT int gx_type_block(int type) { return type_info(type).block; }
+GX_EXPORT int gx_type_bytes(int type) { return type_info(type).gguf_bytes; }
+
+GX_EXPORT int64_t gx_tiles_bytes(int type, int64_t n, int64_t k) {
+  if (!valid_shape(type, n, k)) return -1;
+  const TypeInfo ti = type_info(type);
+  return (n + kTileRows - 1) / kTileRows * (k / ti.block) * kTileRows * ti.gguf_bytes;
+}
+
+GX_EXPORT void gx_set_threads(int n) {
+  std::lock_guard<std::mutex> lock(state().mu);
+  state().pool.resize(n);
+}
+GX_EXPORT int gx_threads() { return state().pool.threads(); }
+GX_EXPORT void gx_set_spin_us(int us) { state().pool.set_spin_us(us); }
+
+// GGUF blocks of an [n, k] tensor (row `rows[i]` of the file becomes row i; rows may be null)
+// -> tiles (gx_tiles_bytes bytes).
+GX_EXPORT int gx_repack(int type, const uint8_t* blocks, int64_t n, int64_t k, const int64_t* rows, uint8_t* tiles) {
+  if (!valid_shape(type, n, k)) return -1;
+  RepackCall call{type, blocks, rows, n, k, tiles};
+  std::lock_guard<std::mutex> lock(state().mu);
+  state().pool.run((n + kTileRows - 1) / kTileRows, repack_tile, &call);
+  return 0;
+}
+
+// Rows `rows[0..nrows)` of a tiled [n, k] weight as floats: out[i * k + j], float32 or bfloat16.
+GX_EXPORT int gx_dequantize(int type, const uint8_t* tiles, int64_t n, int64_t k, const int64_t* rows, int64_t nrows,
+                            void* out, int odtype) {
+  if (!valid_shape(type, n, k)) return -1;
+  const TypeInfo ti = type_info(type);
+  const int64_t nb = k / ti.block, tb = int64_t{kTileRows} * ti.gguf_bytes;
+  std::vector<float> buf(ti.block);
+  for (int64_t i = 0; i < nrows; ++i) {
+    const int64_t row = rows[i];
+    if (row < 0 || row >= n) return -2;
+    const uint8_t* tile = tiles + row / kTileRows * nb * tb;
+    for (int64_t b = 0; b < nb; ++b) {
+      get_block(type, tile + b * tb, static_cast<int>(row % kTileRows), buf.data());
+      for (int j = 0; j < ti.block; ++j) {
+        const int64_t at = i * k + b * ti.block + j;
+        if (odtype == F32) static_cast<float*>(out)[at] = buf[j];
+        else static_cast<uint16_t*>(out)[at] = to_bf16(buf[j]);
+      }
+    }
+  }
+  return 0;
+}
+
+// out[m, col0 + i] (=|+=) sum_j pre(x[m])[j] * W_seg[i, j] for every segment, M rows of x.
+// pre_kind: PRE_NONE, PRE_RMSNORM (pre_weight [k] float32, eps) or PRE_SWIGLU (x rows hold 2k).
+GX_EXPORT int gx_matmul(int isa, const Segment* segs, int nseg, int64_t k, const void* x, int xdtype, int64_t ldx,
+                        int64_t m, void* out, int odtype, int64_t ldo, int accumulate, int pre_kind,
+                        const float* pre_weight, float eps) {
+  if ((isa != kAvx512 && isa != kAvx2) || isa > cpu_isa()) return -3;
+  if (k <= 0 || k % 32 || m <= 0 || nseg <= 0) return -1;
+  if (pre_kind < PRE_NONE || pre_kind > PRE_SWIGLU || (pre_kind == PRE_RMSNORM && !pre_weight)) return -1;
+  for (int s = 0; s < nseg; ++s)
+    if (!valid_shape(segs[s].type, segs[s].n, k)) return -1;
+  State& st = state();
+  std::lock_guard<std::mutex> lock(st.mu);
+  st.q.resize(m * k);
+  st.d.resize(m * k / 32);
+  st.ds.resize(m * k / 32);
+  st.s32.resize(m * k / 32);
+  st.s16.resize(m * k / 16);
+  MatmulCall call;
+  call.isa = isa;
+  call.acts = Acts{st.q.data(), st.d.data(), st.ds.data(), st.s16.data(), st.s32.data(), k};
+  call.x = x;
+  call.xdtype = xdtype;
+  call.ldx = ldx;
+  call.m = m;
+  call.pre = PreOp{pre_kind, eps, pre_weight};
+  const int threads = st.pool.threads();
+  call.rows_per_task = m < 4 * threads ? m : (m + 4 * threads - 1) / (4 * threads);
+  st.pool.run((m + call.rows_per_task - 1) / call.rows_per_task, run_quantize, &call);
+  const std::vector<Item> items = plan_items(segs, nseg, k, m, threads);
+  call.items = &items;
+  call.job = MatmulJob{segs, &call.acts, Out{out, ldo, odtype, accumulate}, m >= 2};
+  st.pool.run(static_cast<int64_t>(items.size()), run_item, &call);
+  return 0;
+}
+
+
+// Attention of one query per head: out[h] = softmax(q[h] . K_g^T * scale) V_g (g: h's key/value
+// head) over cache positions [0, length). q, out: float32 [heads][d].
+GX_EXPORT int gx_attention(int isa, const float* q, int heads, int kv_heads, int d, const void* k, const void* v,
+                           int kv_dtype, int64_t head_stride, int64_t pos_stride, int64_t length, float scale,
+                           float* out) {
+  if ((isa != kAvx512 && isa != kAvx2) || isa > cpu_isa()) return -3;
+  if (d % 16 || d > kMaxHeadDim || kv_heads <= 0 || heads % kv_heads || length <= 0) return -1;
+  if (kv_dtype != KV_F32 && kv_dtype != KV_BF16 && kv_dtype != KV_F16) return -1;
+  std::lock_guard<std::mutex> lock(state().mu);
+  std::vector<AttnJob> jobs{AttnJob{q, k, v, kv_dtype, heads, kv_heads, d, head_stride, pos_stride, length, 0, 0,
+                                    scale, nullptr}};
+  attend(isa, jobs, &out);
+  return 0;
+}
+
+// One decoding step's attention for `rows` sequences. Row r's qkv[r * ldqkv ...] holds q (heads
+// x d), k and v (kv_heads x d each) for position pos[r], float32: q and k are rotated there in
+// place, k and v written into the row's cache (kcache[r], vcache[r]: this layer's [kv_heads]
+// [positions][d] in kv_dtype, head_stride[r] apart), and q attends to positions 0..pos[r].
+// cos/sin: rotary tables [positions][d] float32. out[r * ldo ...]: float32 [heads x d].
+GX_EXPORT int gx_decode_attention(int isa, float* qkv, int64_t ldqkv, int rows, const int64_t* pos,
+                                  void* const* kcache, void* const* vcache, const int64_t* head_stride,
+                                  int64_t pos_stride, int kv_dtype, int heads, int kv_heads, int d, const float* cos,
+                                  const float* sin, float scale, float* out, int64_t ldo) {
+  if ((isa != kAvx512 && isa != kAvx2) || isa > cpu_isa()) return -3;
+  if (d % 16 || d > kMaxHeadDim || kv_heads <= 0 || heads % kv_heads || rows <= 0) return -1;
+  if (kv_dtype != KV_F32 && kv_dtype != KV_BF16 && kv_dtype != KV_F16) return -1;
+  std::lock_guard<std::mutex> lock(state().mu);
+  std::vector<AttnJob> jobs;
+  std::vector<float*> outs;
+  for (int r = 0; r < rows; ++r) {
+    float* q = qkv + r * ldqkv;
+    float *k = q + static_cast<int64_t>(heads) * d, *v = k + static_cast<int64_t>(kv_heads) * d;
+    rope(q, heads + kv_heads, d, cos + pos[r] * d, sin + pos[r] * d);  // q and k are adjacent
+    for (int g = 0; g < kv_heads; ++g) {
+      store_kv(kcache[r], kv_dtype, g * head_stride[r] + pos[r] * pos_stride, k + g * d, d);
+      store_kv(vcache[r], kv_dtype, g * head_stride[r] + pos[r] * pos_stride, v + g * d, d);
+    }
+    jobs.push_back(AttnJob{q, kcache[r], vcache[r], kv_dtype, heads, kv_heads, d, head_stride[r], pos_stride,
+                           pos[r] + 1, 0, 0, scale, nullptr});
+    outs.push_back(out + r * ldo);
+  }
+  attend(isa, jobs, outs.data());
+  return 0;
+}

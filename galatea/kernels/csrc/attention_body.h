@@ -1,0 +1,56 @@
+// Attention for one query per sequence (decoding), written once for every instruction set:
+// included by each ISA file inside its namespace, after `struct V` (which adds exp, reduce and
+// the cache loads to what the mat-mul uses).
+//
+// The cache is read once, as stored (float32, float16 or bfloat16). Work items are (key/value
+// head, run of `chunk` positions); each keeps a running max and sum (online softmax) and writes
+// its partial result, and the caller merges the runs (split-K, as flash-decoding does), so
+// long contexts use every thread even with few heads.
+
+// Scores of positions [p, p+n) for one query head, n <= kLanes.
+static inline void scores(const AttnJob& j, const float* q, int64_t g, int64_t p, int n, float* s) {
+  const int nd = j.d / V::kLanes;
+  for (int t = 0; t < n; ++t) {
+    const int64_t row = g * j.head_stride + (p + t) * j.pos_stride;
+    F acc = V::zerof();
+    for (int i = 0; i < nd; ++i) acc = V::fma(V::loadu(q + i * V::kLanes), V::load_kv(j.k, j.kv_dtype, row + i * V::kLanes), acc);
+    s[t] = V::reduce(acc) * j.scale;
+  }
+}
+
+void attend_item(const AttnJob& j, int64_t item) {
+  const int64_t g = item / j.nchunks, c = item % j.nchunks;
+  const int64_t p0 = c * j.chunk, p1 = p0 + j.chunk < j.length ? p0 + j.chunk : j.length;
+  const int nd = j.d / V::kLanes, group = j.heads / j.kv_heads;
+  for (int64_t h = g * group; h < (g + 1) * group; ++h) {
+    const float* q = j.q + h * j.d;
+    F acc[kMaxHeadDim / V::kLanes];
+    for (int i = 0; i < nd; ++i) acc[i] = V::zerof();
+    float m = -INFINITY, l = 0.f;
+    alignas(64) float s[V::kLanes];
+    for (int64_t p = p0; p < p1; p += V::kLanes) {
+      const int n = p1 - p < V::kLanes ? static_cast<int>(p1 - p) : V::kLanes;
+      scores(j, q, g, p, n, s);
+      float mb = s[0];
+      for (int t = 1; t < n; ++t) mb = s[t] > mb ? s[t] : mb;
+      for (int t = n; t < V::kLanes; ++t) s[t] = -INFINITY;  // exp() of these is 0
+      if (mb > m) {  // rescale what was summed so far to the new maximum
+        const float alpha = std::exp(m - mb);
+        l *= alpha;
+        for (int i = 0; i < nd; ++i) acc[i] = V::mul(acc[i], V::set1(alpha));
+        m = mb;
+      }
+      V::storef(s, V::exp(V::sub(V::loadf(s), V::set1(m))));
+      for (int t = 0; t < n; ++t) {
+        l += s[t];
+        const F w = V::set1(s[t]);
+        const int64_t row = g * j.head_stride + (p + t) * j.pos_stride;
+        for (int i = 0; i < nd; ++i) acc[i] = V::fma(w, V::load_kv(j.v, j.kv_dtype, row + i * V::kLanes), acc[i]);
+      }
+    }
+    float* out = j.partial + (h * j.nchunks + c) * (j.d + 2);
+    out[0] = m;
+    out[1] = l;
+    for (int i = 0; i < nd; ++i) V::storeu(out + 2 + i * V::kLanes, acc[i]);
+  }
+}

@@ -1,0 +1,111 @@
+// Galatea's quantized CPU kernels: what every translation unit shares.
+//
+// Weights are GGUF blocks repacked into *tiles* of 16 output rows (see layout.md beside this
+// file): for each block of inputs, the 16 rows' scales, then their codes interleaved so that one
+// 32-bit lane of a vector holds 4 consecutive inputs of one row. One `vpdpbusd` (or its AVX2
+// emulation) with 4 activation bytes broadcast then advances all 16 rows at once, with no
+// horizontal sums. A tile block holds exactly the bytes of the 16 GGUF blocks it came from, so
+// a model takes the memory its file takes.
+//
+// Activations are quantized once per call to int8 in blocks of 32 (scale = amax / 127), keeping
+// the sum of each 16 and 32 quantized values for the types' offset and min terms.
+//
+// Nothing here names an instruction set: the ISA files (matmul_avx512.cpp, matmul_avx2.cpp) are
+// compiled with their own -m flags and their symbols live in their own namespaces, so no
+// AVX-512 code can leak into the AVX2 path through an inline function the linker merged.
+#pragma once
+#include <cstddef>
+#include <cstdint>
+
+namespace gx {
+
+constexpr int kTileRows = 16;
+
+// GGML type ids (ggml.h): the kernels' type ids are the file's own.
+enum Type : int { Q4_0 = 2, Q4_1 = 3, Q5_0 = 6, Q5_1 = 7, Q8_0 = 8, Q4_K = 12, Q5_K = 13, Q6_K = 14 };
+
+struct TypeInfo {
+  int block;       // inputs per GGUF block (32, or 256 for K-quants)
+  int gguf_bytes;  // bytes of one GGUF block; a tile block is 16 of them
+};
+
+// The per-type table; {0, 0} for a type the kernels do not hold.
+TypeInfo type_info(int type);
+
+// Quantized activations for one call: M rows of K inputs.
+struct Acts {
+  int8_t* q;     // [M][K] int8
+  float* d;      // [M][K/32] scale per block of 32
+  float* ds;     // [M][K/32] d * (sum of the block's 32 quantized values)
+  int32_t* s16;  // [M][K/16] sum of each 16 quantized values
+  int32_t* s32;  // [M][K/32] sum of each 32
+  int64_t k;
+};
+
+// What is applied to each input row before it is quantized, so that the normalized or gated
+// activations never exist as a tensor: RMSNorm (x * w / sqrt(mean(x^2) + eps), the input of
+// q/k/v, gate/up and the output head) or SwiGLU (silu(x[:K]) * x[K:2K], the input of down).
+enum PreKind : int { PRE_NONE = 0, PRE_RMSNORM = 1, PRE_SWIGLU = 2 };
+struct PreOp {
+  int32_t kind;
+  float eps;
+  const float* weight;  // RMSNorm's [K] float32
+};
+
+// One matrix of a (possibly fused) linear layer: its rows are output columns col0..col0+n-1.
+struct Segment {
+  int32_t type;
+  int32_t _pad;
+  const uint8_t* tiles;
+  int64_t n;     // output rows (the last tile may be partly padding)
+  int64_t col0;  // first output column it writes
+};
+
+// Where results go: out[m * ldo + col], float32 or bfloat16, stored or added to what is there.
+enum DType : int { F32 = 0, BF16 = 1 };
+struct Out {
+  void* ptr;
+  int64_t ldo;
+  int32_t dtype;
+  int32_t accumulate;
+};
+
+// One unit of work: tiles [t0, t1) of one segment, for activation rows [m0, m1).
+struct Item {
+  int32_t seg;
+  int64_t t0, t1, m0, m1;
+};
+
+struct MatmulJob {
+  const Segment* segs;
+  const Acts* acts;
+  Out out;
+  bool prefetch;
+};
+
+// One query per head against a cache's positions [0, length): keys/values element (head g,
+// position p, dim i) at g * head_stride + p * pos_stride + i, in kv_dtype (F32, BF16 or F16).
+enum KvType : int { KV_F32 = 0, KV_BF16 = 1, KV_F16 = 2 };
+constexpr int kMaxHeadDim = 256;
+struct AttnJob {
+  const float* q;  // [heads][d]
+  const void* k;
+  const void* v;
+  int kv_dtype;
+  int heads, kv_heads, d;
+  int64_t head_stride, pos_stride, length, chunk, nchunks;
+  float scale;
+  float* partial;  // [heads][nchunks][d + 2]: running max, sum, then the weighted values
+};
+
+// Each instruction set provides these (namespaces gx_avx512, gx_avx2).
+#define GX_ISA_API                                                                          \
+  void quantize_rows(const void* x, int dtype, int64_t ldx, int64_t m0, int64_t m1,         \
+                     const PreOp& pre, const Acts& out);                                    \
+  void matmul_item(const MatmulJob& job, const Item& item);                                 \
+  void attend_item(const AttnJob& job, int64_t item);
+
+}  // namespace gx
+
+namespace gx_avx512 { using namespace gx; GX_ISA_API }
+namespace gx_avx2 { using namespace gx; GX_ISA_API }
