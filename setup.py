@@ -36,26 +36,37 @@ class BuildNative(build_ext):
             objects = []
             for src in ext.sources:
                 flags = COMMON + ISA_FLAGS.get(Path(src).name, [])
-                objects += self.compiler.compile([src], output_dir=self.build_temp, extra_postargs=flags,
-                                                 depends=[str(p) for p in CSRC.glob("*.h")])
+                try:
+                    objects += self.compiler.compile([src], output_dir=self.build_temp, extra_postargs=flags,
+                                                     depends=[str(p) for p in CSRC.glob("*.h")])
+                except Exception as e:
+                    raise RuntimeError(f"{self.compiler.compiler_so[0]} could not compile {Path(src).name}; "
+                                       "install g++ 8 or newer and run `pip install -e .` again") from e
             out.parent.mkdir(parents=True, exist_ok=True)
-            self.compiler.link_shared_object(objects, str(out), extra_postargs=["-pthread"], target_lang="c++")
+            try:
+                self.compiler.link_shared_object(objects, str(out), extra_postargs=["-pthread"], target_lang="c++")
+            except Exception as e:
+                raise RuntimeError(f"linking the library failed ({type(e).__name__}); install g++ and run "
+                                   "`pip install -e .` again") from e
         except Exception as e:  # a failed build must not fail the install
-            message = f"{type(e).__name__}: {e}".strip().splitlines()[-1]
+            message = str(e)
             print(f"galatea: native kernels not built ({message}); the torch fallback will run", file=sys.stderr)
-            out.unlink(missing_ok=True)  # never leave an older build to be loaded
-            _write(self.build_lib, message)
-            if self.inplace or self.editable_mode:
-                _write(".", message)
+            for root in (self.build_lib, "."):  # the build folder, and the source tree (in-place builds)
+                (Path(root) / self.get_ext_filename(ext.name)).unlink(missing_ok=True)  # never load an old build
+                if (Path(root) / FAILED).parent.is_dir():
+                    (Path(root) / FAILED).write_text(message + "\n", encoding="utf-8")
             return
-        for root in {self.build_lib, "."}:
+        for root in (self.build_lib, "."):
             (Path(root) / FAILED).unlink(missing_ok=True)
 
-
-def _write(root: str, message: str) -> None:
-    path = Path(root) / FAILED
-    if path.parent.is_dir():
-        path.write_text(message + "\n", encoding="utf-8")
+    def copy_extensions_to_source(self) -> None:
+        """In-place builds copy what was built into the source tree: only what was."""
+        built = [e for e in self.extensions if (Path(self.build_lib) / self.get_ext_filename(e.name)).exists()]
+        self.extensions, every = built, self.extensions
+        try:
+            super().copy_extensions_to_source()
+        finally:
+            self.extensions = every
 
 
 setup(

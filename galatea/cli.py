@@ -180,6 +180,8 @@ def _model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--kernels", choices=("auto", "avx512", "avx2", "torch"),
                    help="what multiplies quantized weights: the native library's AVX-512 VNNI or AVX2 path, or "
                         "PyTorch's kernels (default: $GALATEA_KERNELS, else auto = the best this CPU has)")
+    p.add_argument("--kv-cache", choices=("auto", "float16", "bfloat16", "float32"), default="auto",
+                   help="KV cache entries (auto: float16 with the native kernels, else float32 on CPU)")
 
 
 def _shift_arg(p: argparse.ArgumentParser) -> None:
@@ -261,7 +263,7 @@ def _load(args: argparse.Namespace) -> Any:
     if args.device == "cuda" and not torch.cuda.is_available():
         raise GalateaError("--device cuda: no CUDA device is available; use --device cpu")
     lm = load(args.model, dtype=dtype, device=args.device, quant=args.quant, lora=getattr(args, "lora", None),
-              kernels=args.kernels)
+              kernels=args.kernels, kv_cache=args.kv_cache)
     print(f"galatea: {lm.kernels_note}", file=sys.stderr)
     return lm
 

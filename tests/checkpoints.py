@@ -117,8 +117,11 @@ GGUF_NAMES = {
 }
 
 Q = gguf.GGMLQuantizationType
-# Byte offsets of each K-quant block's fp16 scale fields, to give random blocks sane scales.
+# Byte offsets of each K-quant block's fp16 scale fields, and the value they get, so that random
+# blocks hold weights of about the float test models' size (|w| ~ 0.1): Q4_K/Q5_K values are
+# d*sc*q - dmin*m with 6-bit sc, m and 4/5-bit q; Q6_K's are d*sc*(q-32) with int8 sc.
 _KQUANT_SCALES = {Q.Q4_K: (0, 2), Q.Q5_K: (0, 2), Q.Q6_K: (208,), Q.IQ2_XXS: (0,)}
+_KQUANT_D = {Q.Q4_K: 4e-4, Q.Q5_K: 2e-4, Q.Q6_K: 1e-4, Q.IQ2_XXS: 0.002}
 
 
 def _rope_theta(cfg) -> float:
@@ -137,7 +140,7 @@ def _random_kquant(rows: int, cols: int, qtype, rng: np.random.Generator) -> np.
     block, size = gguf.GGML_QUANT_SIZES[qtype]
     raw = rng.integers(0, 256, size=(rows, cols // block, size), dtype=np.uint8)
     for off in _KQUANT_SCALES[qtype]:
-        raw[..., off : off + 2] = np.frombuffer(np.float16(0.002).tobytes(), dtype=np.uint8)
+        raw[..., off : off + 2] = np.frombuffer(np.float16(_KQUANT_D[qtype]).tobytes(), dtype=np.uint8)
     return raw.reshape(rows, -1)
 
 

@@ -10,7 +10,7 @@ from torch import Tensor
 
 from galatea.kernels.qtypes import Q4_1, Q8_0
 
-ROWS_PER_STEP = 1 << 22  # values converted at once (16 MB of float32 temporaries)
+VALUES_PER_STEP = 1 << 20  # converted at once: ~6 float32 temporaries of 4 MB each
 
 
 def encode(weight: Tensor, qtype: int) -> Tensor:
@@ -20,7 +20,7 @@ def encode(weight: Tensor, qtype: int) -> Tensor:
         raise ValueError(f"a row of {k} values is not a whole number of 32-value blocks")
     size = {Q8_0: 34, Q4_1: 20}[qtype]
     out = torch.empty(n, k // 32, size, dtype=torch.uint8)
-    step = max(1, ROWS_PER_STEP // k)
+    step = max(1, VALUES_PER_STEP // k)
     for i in range(0, n, step):
         g = weight[i : i + step].detach().to(torch.float32).reshape(-1, k // 32, 32)
         out[i : i + step] = _q8_0(g) if qtype == Q8_0 else _q4_1(g)

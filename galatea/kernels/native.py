@@ -190,7 +190,7 @@ def select(choice: str | None = None) -> tuple[Kernels | None, str]:
     if choice not in CHOICES:
         raise GalateaError(f"kernels {choice!r} is not known; use one of {', '.join(CHOICES)}")
     if choice == "torch":
-        return None, "asked for (--kernels torch)"
+        return None, "chosen by --kernels torch or GALATEA_KERNELS=torch"
     lib, why = library()
     if lib is None:
         if choice == "auto":
@@ -210,4 +210,4 @@ def describe(kernels: Kernels | None, why: str = "") -> str:
     """The one line saying which path runs."""
     if kernels is None:
         return f"kernels: torch fallback ({why})" if why else "kernels: torch fallback"
-    return f"kernels: native {kernels.name}, {kernels.threads} threads"
+    return f"kernels: native {kernels.name}, {torch.get_num_threads()} threads"

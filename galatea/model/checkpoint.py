@@ -107,11 +107,12 @@ def load_tokenizer(path: Path) -> Tokenizer:
 
 
 QUANT_CHOICES = ("auto", "none", "int8", "int4")
+KV_CACHE_CHOICES = ("auto", "float16", "bfloat16", "float32")
 
 
 def load(path: str | Path | None, dtype: torch.dtype | None = None, device: torch.device | str | None = None,
          quant: str = "auto", fuse: bool = True, lora: str | Path | None = None,
-         kernels: str | None = None) -> LoadedModel:
+         kernels: str | None = None, kv_cache: str = "auto") -> LoadedModel:
     """Load a checkpoint for inference.
 
     quant: "none" keeps the dequantized weights in `dtype` (exact); "int8"/"int4" store linear
@@ -122,11 +123,14 @@ def load(path: str | Path | None, dtype: torch.dtype | None = None, device: torc
     lora: a LoRA adapter folder (PEFT layout), merged into the weights as they load.
     kernels: "auto", "avx512", "avx2" or "torch" (default: $GALATEA_KERNELS, else auto; see
     kernels/native.py). Training passes "torch": the native kernels have no backward pass.
+    kv_cache: the KV cache's dtype, "auto" (see Llama.default_cache_dtype) or a dtype name.
 
     Fusing and quantizing happen layer by layer as each layer's tensors arrive, so a quantized
     load never holds the whole model in float."""
     if quant not in QUANT_CHOICES:
         raise GalateaError(f"quant {quant!r} is not known; use one of {', '.join(QUANT_CHOICES)}")
+    if kv_cache not in KV_CACHE_CHOICES:
+        raise GalateaError(f"kv-cache {kv_cache!r} is not known; use one of {', '.join(KV_CACHE_CHOICES)}")
     _return_freed_memory_to_os()
     p = resolve_model_path(path)
     dev = torch.device(device) if device is not None else default_device()
@@ -155,6 +159,7 @@ def load(path: str | Path | None, dtype: torch.dtype | None = None, device: torc
                                    "weights (use --quant auto, or the model it was quantized from)")
             tiled = qc.get("format") == 2
             model = prequantized.load(p, raw, cfg, dt, dev, kern if tiled else None, why)
+            model.cache_dtype = None if kv_cache == "auto" else getattr(torch, kv_cache)
             if not tiled:
                 kern, note = None, native.describe(None, "a format-1 quantized folder holds torch's int4 layout")
             return LoadedModel(model, tok, cfg, p, "hf", {f"galatea-{stored}": 1}, quant=stored,
@@ -198,6 +203,7 @@ def load(path: str | Path | None, dtype: torch.dtype | None = None, device: torc
     model = assemble(cfg, tensors, dt, dev, where=str(p), finish_layer=finish_layer, kernels=kern)
     model.lm_head = quantize_linear(model.lm_head, mode, output=True, kernels=kern)
     model.use_kernels(kern)
+    model.cache_dtype = None if kv_cache == "auto" else getattr(torch, kv_cache)
     return LoadedModel(model, tok, cfg, p, "hf" if p.is_dir() else "gguf", types, quant=mode,
                        lora=adapter.folder if adapter is not None else None,
                        kernels=kern.isa if kern is not None else "torch", kernels_note=note)

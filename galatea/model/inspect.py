@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from galatea.kernels import native
 from galatea.model import hf_folder
 from galatea.model.config import ModelConfig
 from galatea.model.gguf_file import GGUFFile
@@ -74,4 +75,5 @@ def describe(path: Path) -> dict[str, Any]:
         "tied_embeddings": cfg.tie_word_embeddings,
         "tokenizer": tokenizer,
         "file_bytes": size,
+        "kernels": native.describe(*native.select()).removeprefix("kernels: "),
     }

@@ -229,6 +229,7 @@ class Llama(nn.Module):
         self.rotary: Rotary | None = None
         self.kernels: Kernels | None = None
         self.fused: FusedDecoder | None = None  # decoding steps on the native kernels (decode_step.py)
+        self.cache_dtype: torch.dtype | None = None  # KV cache entries (None: see make_cache)
 
     def use_kernels(self, kernels: Kernels | None, fused: bool = True) -> None:
         """Decoding on the native kernels: the fused step when every layer is tiled (`fused`),
@@ -275,10 +276,18 @@ class Llama(nn.Module):
         if self.rotary is None or self.rotary.cos.shape[0] < max_len:
             self.init_rope(max_len)
         cfg = self.config
-        # float32 on CPU: decode attention runs in float32 there (see _attend_one).
-        dtype = torch.float32 if self.device.type == "cpu" else self.dtype
+        dtype = self.cache_dtype or self.default_cache_dtype()
         return KVCache(cfg.num_hidden_layers, batch_size, cfg.num_key_value_heads, max_len, cfg.head_dim,
                        dtype=dtype, device=self.device)
+
+    def default_cache_dtype(self) -> torch.dtype:
+        """float16 with the native kernels (half the bytes a decoding step reads: at 2048 positions
+        a 7B's float32 cache is 2 GiB, read whole every token); float32 on CPU otherwise (torch's
+        single-query attention is fastest and exact there, see _attend_one); the model's dtype
+        on a GPU."""
+        if self.device.type != "cpu":
+            return self.dtype
+        return torch.float16 if self.kernels is not None else torch.float32
 
     @torch.inference_mode()
     def forward(self, tokens: Tensor, start: int, cache: KVCache, all_logits: bool = False) -> Tensor:

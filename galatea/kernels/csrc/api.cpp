@@ -564,7 +564,7 @@ GX_EXPORT int gx_matmul(int isa, const Segment* segs, int nseg, int64_t k, const
   st.pool.run((m + call.rows_per_task - 1) / call.rows_per_task, run_quantize, &call);
   const std::vector<Item> items = plan_items(segs, nseg, k, m, threads);
   call.items = &items;
-  call.job = MatmulJob{segs, &call.acts, Out{out, ldo, odtype, accumulate}, m >= 2};
+  call.job = MatmulJob{segs, &call.acts, Out{out, ldo, odtype, accumulate}, true};
   st.pool.run(static_cast<int64_t>(items.size()), run_item, &call);
   return 0;
 }

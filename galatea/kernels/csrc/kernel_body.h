@@ -84,7 +84,6 @@ static void k45_tile(const uint8_t* w, int64_t nsb, const Acts& a, int64_t m, in
   alignas(64) float fs[8][V::kLanes], fm[8][V::kLanes];  // d*sc and dmin*m per sub-block
   for (int i = 0; i < MR; ++i) out[i] = V::zerof();
   for (int64_t sb = 0; sb < nsb; ++sb, w += bytes) {
-    if (pf) prefetch(w, bytes);
     const F d = V::f16(w + lanes * 2), dmin = V::f16(w + 32 + lanes * 2);
     auto plane = [&](int p) { return V::u8(w + planes + 16 * p + lanes); };
     for (int j = 0; j < 4; ++j) {  // scales/mins 0-3: low 6 bits of bytes 0-3 / 4-7
@@ -99,6 +98,9 @@ static void k45_tile(const uint8_t* w, int64_t nsb, const Acts& a, int64_t m, in
       V::storef(fm[j], V::mul(dmin, V::cvt(mn)));
     }
     for (int j = 0; j < 8; ++j) {
+      // an eighth of the super-block per sub-block: a whole one at once is more lines than a
+      // core can have in flight, and the prefetches past that are dropped
+      if (pf) prefetch(w + j * (bytes / 8), bytes / 8);
       const int64_t b = sb * 8 + j;
       I acc[MR];
       for (int i = 0; i < MR; ++i) acc[i] = V::seti(0);
@@ -132,9 +134,9 @@ static void q6k_tile(const uint8_t* w, int64_t nsb, const Acts& a, int64_t m, in
   const int lanes = h * V::kLanes;
   for (int i = 0; i < MR; ++i) out[i] = V::zerof();
   for (int64_t sb = 0; sb < nsb; ++sb, w += bytes) {
-    if (pf) prefetch(w, bytes);
     const F d = V::f16(w + lanes * 2);
     for (int j = 0; j < 8; ++j) {
+      if (pf) prefetch(w + j * (bytes / 8), bytes / 8);  // spread, as in k45_tile
       const int64_t b = sb * 8 + j;
       F dd[MR];
       for (int i = 0; i < MR; ++i) dd[i] = V::mul(d, V::set1(a.d[(m + i) * kb + b]));

@@ -1,0 +1,223 @@
+"""The native kernels against independent references, for every GGUF type they hold and every
+instruction-set path this CPU has (forced one by one), at M in {1, 2, 3, 8, 16, 17, 64} rows and
+output sizes that leave a partial 16-row tile.
+
+References: gguf-py's own dequantization of the same blocks (repack + dequantize must give its
+values bit for bit), and the float64 product of those weights with the activations.
+
+Tolerance. The kernels quantize each activation row to int8 in blocks of 32 (d = amax/127, as
+llama.cpp does), so each x_i becomes d*q_i with |x_i - d*q_i| <= d/2. The output error is then at
+most sum_blocks (d_b / 2) * sum_{i in b} |w_i|, computed exactly per output in float64 (plus
+float32 rounding of the sums). That bound is loose, so a second check reproduces the int8
+activations in numpy (same rule, nearest-even rounding) and requires the float64 product with
+them to match within float32 accumulation error: one wrong code among thousands fails it.
+"""
+
+from __future__ import annotations
+
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import gguf
+import numpy as np
+import pytest
+import torch
+from gguf import GGML_QUANT_SIZES
+from gguf import GGMLQuantizationType as Q
+
+from galatea.kernels import native
+from galatea.model.tiled import TiledLinear, TiledWeight
+
+TYPES = [Q.Q4_0, Q.Q4_1, Q.Q5_0, Q.Q5_1, Q.Q8_0, Q.Q4_K, Q.Q5_K, Q.Q6_K]
+# byte offsets of each block's fp16 scales (d, and dmin for K-quants)
+SCALES = {Q.Q4_0: (0,), Q.Q4_1: (0, 2), Q.Q5_0: (0,), Q.Q5_1: (0, 2), Q.Q8_0: (0,), Q.Q4_K: (0, 2),
+          Q.Q5_K: (0, 2), Q.Q6_K: (208,)}
+
+
+def cpu_paths() -> list[str]:
+    """Every native path this CPU can run (AVX-512 VNNI implies AVX2)."""
+    best = native.cpu_isa()
+    return {"avx512": ["avx512", "avx2"], "avx2": ["avx2"]}.get(best or "", [])
+
+
+PATHS = cpu_paths()
+
+
+def kernels(path: str) -> native.Kernels:
+    k, _ = native.select(path)
+    assert k is not None
+    return k
+
+
+def random_blocks(qtype: Q, n: int, k: int, seed: int = 0) -> np.ndarray:
+    """[n, k] as GGUF blocks of random bytes, with random but finite fp16 scales."""
+    rng = np.random.default_rng(seed)
+    block, size = GGML_QUANT_SIZES[qtype]
+    raw = rng.integers(0, 256, size=(n, k // block, size), dtype=np.uint8)
+    for at in SCALES[qtype]:
+        scales = rng.uniform(-0.02, 0.02, size=(n, k // block)).astype(np.float16)
+        raw[..., at : at + 2] = scales.view(np.uint8).reshape(n, k // block, 2)
+    return raw.reshape(n, -1)
+
+
+def int8_activations(x: np.ndarray) -> np.ndarray:
+    """x [M, K] float32 as the kernels see it: per block of 32, d = amax/127, q = rint(x * 127/amax)."""
+    blocks = x.reshape(x.shape[0], -1, 32)
+    amax = np.abs(blocks).max(-1, keepdims=True)
+    inv = np.where(amax > 0, np.float32(127) / np.where(amax > 0, amax, 1), np.float32(0)).astype(np.float32)
+    q = np.rint((blocks * inv).astype(np.float32))
+    d = (amax / np.float32(127)).astype(np.float32)
+    return (q.astype(np.float64) * d.astype(np.float64)).reshape(x.shape)
+
+
+def check_product(y: np.ndarray, x: np.ndarray, w: np.ndarray) -> None:
+    """y [M, N] from the kernels against x [M, K] (float32) times w [N, K] (float64)."""
+    exact = x.astype(np.float64) @ w.T
+    d = np.abs(x.reshape(x.shape[0], -1, 32)).max(-1) / 127  # [M, K/32]
+    bound = (d / 2) @ np.abs(w).reshape(w.shape[0], -1, 32).sum(-1).T  # [M, N]
+    slack = 1e-5 * np.abs(x.astype(np.float64)) @ np.abs(w).T + 1e-6
+    assert np.all(np.abs(y - exact) <= bound + slack), f"max excess {np.max(np.abs(y - exact) - bound - slack)}"
+    emulated = int8_activations(x) @ w.T
+    assert np.abs(y - emulated).max() <= 2e-5 * np.abs(emulated).max() + 1e-6
+
+
+def test_the_library_is_built_and_runs_on_this_cpu():
+    lib, why = native.library()
+    assert lib is not None, why
+    assert PATHS, "this CPU has neither AVX2 nor AVX-512 VNNI"
+    assert native.select("auto")[0].isa == PATHS[0]
+
+
+@pytest.mark.parametrize("qtype", TYPES, ids=lambda t: t.name)
+def test_tiles_dequantize_to_gguf_values_bit_for_bit(qtype):
+    k = 512
+    for n in (16, 77):  # a partial last tile
+        raw = random_blocks(qtype, n, k)
+        ref = gguf.quants.dequantize(raw, qtype).reshape(n, k).astype(np.float32)
+        kern = kernels(PATHS[0])
+        tiles = kern.repack(int(qtype), raw, n, k)
+        assert tiles.numel() == -(-n // 16) * 16 * raw.shape[1]  # exactly the file's bytes per row
+        assert np.array_equal(kern.dequantize(int(qtype), tiles, n, k).numpy().view(np.uint32), ref.view(np.uint32))
+        rows = [76 % n, 0, 5, 3]  # any rows, in any order (embedding lookups)
+        assert np.array_equal(kern.dequantize(int(qtype), tiles, n, k, rows).numpy(), ref[rows])
+
+
+def test_repack_applies_a_row_order():
+    raw = random_blocks(Q.Q4_K, 48, 256)
+    kern = kernels(PATHS[0])
+    order = torch.randperm(48)
+    tiles = kern.repack(int(Q.Q4_K), raw, 48, 256, rows=order)
+    ref = gguf.quants.dequantize(raw, Q.Q4_K).reshape(48, 256)
+    assert np.array_equal(kern.dequantize(int(Q.Q4_K), tiles, 48, 256).numpy(), ref[order.numpy()])
+
+
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("qtype", TYPES, ids=lambda t: t.name)
+def test_matmul_matches_the_float64_product(qtype, path):
+    kern = kernels(path)
+    block = GGML_QUANT_SIZES[qtype][0]
+    for n, k in ((77, 512), (40, 3 * block)):
+        raw = random_blocks(qtype, n, k, seed=n)
+        w = gguf.quants.dequantize(raw, qtype).reshape(n, k).astype(np.float64)
+        layer = TiledLinear([TiledWeight.from_blocks(kern, int(qtype), raw, n, k)], kern)
+        for m in (1, 2, 3, 8, 16, 17, 64):
+            x = torch.randn(m, k, generator=torch.Generator().manual_seed(m))
+            x[0, :32] *= 50  # an outlier block, as LLaMA's activations have
+            check_product(layer(x).numpy(), x.numpy(), w)
+
+
+@pytest.mark.parametrize("path", PATHS)
+def test_every_row_count_gives_each_row_the_same_result(path):
+    """Rows are grouped 8/4/2/1 at a time by M; a row's result must not depend on its group."""
+    kern = kernels(path)
+    raw = random_blocks(Q.Q6_K, 40, 512)
+    layer = TiledLinear([TiledWeight.from_blocks(kern, int(Q.Q6_K), raw, 40, 512)], kern)
+    x = torch.randn(23, 512)
+    alone = torch.cat([layer(x[i : i + 1]) for i in range(23)])
+    assert torch.equal(layer(x), alone)
+    kern.set_threads(1)
+    try:
+        assert torch.equal(layer(x), alone)  # nor on how the work was split between threads
+    finally:
+        kern.set_threads(torch.get_num_threads())
+
+
+@pytest.mark.parametrize("path", PATHS)
+def test_a_fused_layer_mixes_types_and_equals_its_parts(path):
+    """A Q4_K_M attention block: q, k in Q4_K, v in Q6_K, one call, one activation quantization."""
+    kern = kernels(path)
+    parts = [TiledWeight.from_blocks(kern, int(t), random_blocks(t, n, 256, seed=i), n, 256)
+             for i, (t, n) in enumerate(((Q.Q4_K, 64), (Q.Q4_K, 32), (Q.Q6_K, 32)))]
+    fused = TiledLinear(parts, kern)
+    x = torch.randn(5, 256)
+    assert torch.equal(fused(x), torch.cat([TiledLinear([p], kern)(x) for p in parts], dim=-1))
+
+
+@pytest.mark.parametrize("path", PATHS)
+def test_bfloat16_in_and_out_accumulate_and_pre_ops(path):
+    kern = kernels(path)
+    raw = random_blocks(Q.Q8_0, 48, 256)
+    w = gguf.quants.dequantize(raw, Q.Q8_0).reshape(48, 256).astype(np.float64)
+    layer = TiledLinear([TiledWeight.from_blocks(kern, int(Q.Q8_0), raw, 48, 256)], kern)
+    x = torch.randn(3, 256)
+    # bfloat16 activations: the product of their (exact) float values, rounded to bfloat16
+    xb = x.bfloat16()
+    yb = layer(xb)
+    assert yb.dtype == torch.bfloat16
+    ref = torch.from_numpy(xb.float().numpy().astype(np.float64) @ w.T)
+    assert torch.allclose(yb.double(), ref, rtol=2e-2, atol=2e-2 * ref.abs().max().item())
+    # out += x @ W.T (the residual add of a decoding step)
+    base = torch.randn(3, 48)
+    out = base.clone()
+    kern.matmul(layer.segments, 256, x, out, accumulate=True)
+    assert torch.allclose(out, base + layer(x), atol=1e-5)
+    # RMSNorm applied while quantizing: pre(x) = x * g / sqrt(mean(x^2) + eps)
+    g = torch.rand(256) + 0.5
+    out = torch.empty(3, 48)
+    kern.matmul(layer.segments, 256, x, out, norm=g, eps=1e-5)
+    normed = torch.nn.functional.rms_norm(x.double(), (256,), g.double(), 1e-5)
+    check_product(out.numpy().astype(np.float64), normed.float().numpy(), w)
+    # SwiGLU: pre(x) = silu(x[:, :K]) * x[:, K:]
+    gate_up = torch.randn(3, 512)
+    kern.matmul(layer.segments, 256, gate_up, out, swiglu=True)
+    gated = torch.nn.functional.silu(gate_up[:, :256].double()) * gate_up[:, 256:].double()
+    check_product(out.numpy().astype(np.float64), gated.float().numpy(), w)
+
+
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("cache", [torch.float32, torch.float16, torch.bfloat16], ids=str)
+def test_attention_matches_sdpa(path, cache):
+    """One query per head against a cache (grouped heads share theirs), for lengths that split
+    into several runs of positions, against torch's float64 scaled_dot_product_attention of
+    the same (cache-rounded) keys and values."""
+    kern = kernels(path)
+    heads, kv_heads, d, slots = 8, 2, 64, 700
+    for length in (1, 15, 64, 300, 700):
+        keys = (torch.randn(kv_heads, slots, d) * 2).to(cache)
+        values = torch.randn(kv_heads, slots, d).to(cache)
+        q = torch.randn(heads, d)
+        out = kern.attend_one(q, keys[:, :length], values[:, :length], 1 / math.sqrt(d))
+        ref = torch.nn.functional.scaled_dot_product_attention(
+            q[None, :, None].double(), keys[None, :, :length].double(), values[None, :, :length].double(),
+            enable_gqa=True)[0, :, 0]
+        assert torch.allclose(out.double(), ref, atol=2e-5), (length, (out.double() - ref).abs().max())
+
+
+def test_a_failed_build_installs_and_says_why(tmp_path):
+    """No compiler: `setup.py build_ext` still succeeds, leaves no library, and the fallback's
+    reason is the build's error."""
+    root = Path(__file__).resolve().parents[1]
+    (tmp_path / "galatea" / "kernels").mkdir(parents=True)
+    for p in (root / "galatea" / "kernels" / "csrc").iterdir():
+        (tmp_path / "galatea" / "kernels" / "csrc").mkdir(exist_ok=True)
+        (tmp_path / "galatea" / "kernels" / "csrc" / p.name).write_bytes(p.read_bytes())
+    (tmp_path / "setup.py").write_text((root / "setup.py").read_text())
+    env = {"PATH": "/usr/bin:/bin", "CC": "/bin/false", "CXX": "/bin/false", "LDSHARED": "/bin/false"}
+    run = subprocess.run([sys.executable, "setup.py", "-q", "build_ext", "--inplace"], cwd=tmp_path, env=env,
+                         capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr
+    assert "native kernels not built" in run.stderr
+    assert not list((tmp_path / "galatea" / "kernels").glob("_gx*.so"))
+    assert "could not compile api.cpp" in (tmp_path / "galatea" / "kernels" / "BUILD_FAILED").read_text()
