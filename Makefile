@@ -9,9 +9,18 @@ BIN := $(VENV)/bin
 chat: setup
 	$(BIN)/galatea chat
 
+# The tests that run models, again with the native library's AVX2 path forced and with the torch
+# fallback: what a CPU without AVX-512 runs, and what runs where the library did not build.
+# (test_kernels, test_native_model and test_quantize name their paths themselves.)
+PATH_TESTS := tests/test_smollm2.py tests/test_golden_tiny.py tests/test_quant.py tests/test_batching.py \
+	tests/test_context_shift.py tests/test_prompt_cache.py tests/test_streaming.py tests/test_chat_session.py \
+	tests/test_memory.py
+
 test: setup-test
-	$(BIN)/ruff check galatea tests bench
+	$(BIN)/ruff check galatea tests bench setup.py
 	$(BIN)/python -m pytest -q
+	GALATEA_KERNELS=avx2 $(BIN)/python -m pytest -q $(PATH_TESTS)
+	GALATEA_KERNELS=torch $(BIN)/python -m pytest -q $(PATH_TESTS)
 
 bench: setup
 	$(BIN)/galatea bench

@@ -172,7 +172,8 @@ def _model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", choices=DTYPES, default="auto",
                    help="compute dtype (auto: bfloat16 where the CPU/GPU has it, else float32)")
     p.add_argument("--device", help="cpu or cuda (default: cuda when present)")
-    p.add_argument("--threads", type=int, help="CPU threads (default: PyTorch's choice, the physical cores)")
+    p.add_argument("--threads", type=int, help="CPU threads (default: the physical cores; on a 2-core machine "
+                                               "whose other core is kept busy by another program, 1 is faster)")
     p.add_argument("--quant", choices=("auto", "none", "int8", "int4"), default="auto",
                    help="weights in memory; auto keeps the file's precision (GGUF Q4 -> int4, Q5-Q8 -> int8)")
     p.add_argument("--lora", metavar="DIR", help="a LoRA adapter folder (PEFT layout, e.g. from `galatea train`), "
@@ -257,7 +258,9 @@ def _load(args: argparse.Namespace) -> Any:
 
     from galatea.model.checkpoint import load
 
-    if args.threads:
+    if args.threads is not None:
+        if args.threads < 1:
+            raise GalateaError(f"--threads {args.threads}: give at least 1")
         torch.set_num_threads(args.threads)
     dtype = None if args.dtype == "auto" else getattr(torch, args.dtype)
     if args.device == "cuda" and not torch.cuda.is_available():

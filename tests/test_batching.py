@@ -15,6 +15,7 @@ from galatea.engine.generate import generate
 from galatea.engine.sampling import SamplingParams
 from galatea.model.checkpoint import load
 from galatea.server.engine import Engine
+from tests.test_kernels import PATHS
 from tests.test_server import Server
 
 PROMPTS = [f"You: Tell me about the {w} of the kingdom.\nAria:" for w in
@@ -39,6 +40,28 @@ def test_decode_batch_equals_sequential_decoding(lm):
     logits = [m.prefill(torch.tensor([x]), 0, c)[0] for x, c in zip(ids, caches, strict=True)]
     out: list[list[int]] = [[] for _ in ids]
     for step in range(10):
+        toks = [int(row.argmax()) for row in logits]
+        for o, t in zip(out, toks, strict=True):
+            o.append(t)
+        logits = list(m.decode_batch(toks, caches, [len(x) + step for x in ids]))
+    assert out == alone
+
+
+@pytest.mark.parametrize("path", PATHS)
+def test_native_decode_batch_equals_sequential_decoding_exactly(path):
+    """On the native kernels a row's result does not depend on the rows beside it (activations
+    are quantized per row, each row attends to its own cache): batched greedy decoding of the
+    quantized model gives exactly what each request gets alone."""
+    lm = load(None, kernels=path)
+    m, tok = lm.model, lm.tokenizer
+    assert m.fused is not None
+    ids = [tok.encode(p) for p in PROMPTS[:5]]
+    ids[2] = ids[2] + tok.encode(" The bells rang twice, and")
+    alone = [generate(m, tok, x, greedy(12))[2] for x in ids]
+    caches = [m.make_cache(1, 128) for _ in ids]
+    logits = [m.prefill(torch.tensor([x]), 0, c)[0] for x, c in zip(ids, caches, strict=True)]
+    out: list[list[int]] = [[] for _ in ids]
+    for step in range(12):
         toks = [int(row.argmax()) for row in logits]
         for o, t in zip(out, toks, strict=True):
             o.append(t)

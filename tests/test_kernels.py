@@ -221,3 +221,54 @@ def test_a_failed_build_installs_and_says_why(tmp_path):
     assert "native kernels not built" in run.stderr
     assert not list((tmp_path / "galatea" / "kernels").glob("_gx*.so"))
     assert "could not compile api.cpp" in (tmp_path / "galatea" / "kernels" / "BUILD_FAILED").read_text()
+
+
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("cache", [torch.float32, torch.float16, torch.bfloat16], ids=str)
+def test_decode_attention_rotates_stores_and_attends(path, cache):
+    """One call for a decoding step of 3 rows: rows 0 and 1 are consecutive positions of one
+    cache (as when drafts are verified), row 2 another cache. q and k are rotated as HF's
+    rotate-half RoPE does (the model's torch code, itself checked against transformers), v lands
+    in the caches rounded exactly as torch rounds to their dtype, k (rotated with fused
+    multiply-adds, one float32 rounding fewer than torch's) within one unit of that dtype, and
+    each row attends causally to what was stored."""
+    import ctypes
+
+    from galatea.model.config import ModelConfig
+    from galatea.model.llama import Rotary, apply_rope
+
+    kern = kernels(path)
+    heads, kv_heads, d, slots = 4, 2, 64, 40
+    cfg = ModelConfig(vocab_size=8, hidden_size=heads * d, intermediate_size=8, num_hidden_layers=1,
+                      num_attention_heads=heads, num_key_value_heads=kv_heads, max_position_embeddings=slots)
+    rot = Rotary(cfg, slots)
+    caches = [(torch.randn(kv_heads, slots, d).to(cache), torch.randn(kv_heads, slots, d).to(cache)) for _ in range(2)]
+    before = [(k.clone(), v.clone()) for k, v in caches]
+    rows = [(0, 17), (0, 18), (1, 5)]  # (cache, position)
+    qkv = torch.randn(3, (heads + 2 * kv_heads) * d)
+    given = qkv.clone()
+    out = torch.empty(3, heads * d)
+    i64, ptr = ctypes.c_int64 * 3, ctypes.c_void_p * 3
+    rc = kern.lib.gx_decode_attention(
+        native.ISA_IDS[path], qkv.data_ptr(), qkv.stride(0), 3, i64(*(p for _, p in rows)),
+        ptr(*(caches[c][0].data_ptr() for c, _ in rows)), ptr(*(caches[c][1].data_ptr() for c, _ in rows)),
+        i64(*(caches[c][0].stride(0) for c, _ in rows)), d, native.KV_DTYPE_IDS[cache], heads, kv_heads, d,
+        rot.cos.data_ptr(), rot.sin.data_ptr(), 1 / math.sqrt(d), out.data_ptr(), out.stride(0))
+    assert rc == 0
+    expect = [(k.clone(), v.clone()) for k, v in before]
+    for r, (c, pos) in enumerate(rows):
+        x = given[r].view(heads + 2 * kv_heads, 1, d)
+        qk = apply_rope(x[: heads + kv_heads], rot.cos[pos : pos + 1], rot.sin[pos : pos + 1])
+        expect[c][0][:, pos] = qk[heads:, 0].to(cache)
+        expect[c][1][:, pos] = x[heads + kv_heads :, 0].to(cache)
+        assert torch.allclose(qkv[r, : heads * d], qk[:heads].reshape(-1), atol=1e-6)  # q rotated in place
+    ulp = {torch.float32: 2**-23, torch.float16: 2**-10, torch.bfloat16: 2**-7}[cache]
+    for (k, v), (ek, ev) in zip(caches, expect, strict=True):
+        assert torch.equal(v, ev)
+        assert torch.allclose(k.float(), ek.float(), rtol=ulp, atol=1e-6) and (k != ek).float().mean() < 0.05
+    for r, (c, pos) in enumerate(rows):
+        q = qkv[r, : heads * d].view(heads, d)
+        keys, values = caches[c][0][:, : pos + 1].double(), caches[c][1][:, : pos + 1].double()
+        ref = torch.nn.functional.scaled_dot_product_attention(q[None, :, None].double(), keys[None], values[None],
+                                                               enable_gqa=True)[0, :, 0]
+        assert torch.allclose(out[r].view(heads, d).double(), ref, atol=2e-5)

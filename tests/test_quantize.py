@@ -24,9 +24,10 @@ def logits(lm, text=TEXT):
     return lm.model(torch.tensor([ids]), 0, lm.model.make_cache(1, 128), all_logits=True)[0]
 
 
-def test_embedded_gguf_tiles_folder_is_bit_identical(tmp_path):
+def test_embedded_gguf_tiles_folder_is_bit_identical(tmp_path, monkeypatch):
     """Every matrix keeps its GGUF type (Q4_1 layers, the tied Q8_0 embedding once), and the
     tiles are used where they lie in the file."""
+    monkeypatch.setenv("GALATEA_KERNELS", "auto")
     assert main(["quantize", "-q", str(embedded_model_path()), str(tmp_path / "q")]) == 0
     qc = json.loads((tmp_path / "q" / "config.json").read_text())["quantization_config"]
     assert qc["quant_method"] == "galatea" and qc["format"] == 2 and qc["mode"] == "int4"
@@ -45,6 +46,7 @@ def test_embedded_gguf_tiles_folder_is_bit_identical(tmp_path):
 
 
 def test_a_tiles_folder_without_the_native_kernels_says_so(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("GALATEA_KERNELS", "auto")
     assert main(["quantize", "-q", str(embedded_model_path()), str(tmp_path / "q")]) == 0
     monkeypatch.setenv("GALATEA_KERNELS", "torch")
     assert main(["generate", "--model", str(tmp_path / "q"), "-n", "1", "Hi"]) == 2

@@ -31,7 +31,7 @@ def peak_rss_mb() -> float:
 def run_suite(lm: LoadedModel, load_s: float, context: int = 2048, prompt_tokens: int = 512,
               gen_tokens: int = 128, llama_python: str | None = None) -> dict[str, Any]:
     rss_after_load = peak_rss_mb()
-    galatea: dict[str, Any] = {"engine": "galatea", "load_s": round(load_s, 2),
+    galatea: dict[str, Any] = {"engine": "galatea", "kernels": lm.kernels_note, "load_s": round(load_s, 2),
                                "peak_rss_after_load_mb": rss_after_load}
     galatea.update({k: v for k, v in bench(lm, prompt_tokens, gen_tokens).items()
                     if k in ("prefill_tok_s", "decode_tok_s", "quant", "dtype", "threads")})
@@ -107,7 +107,7 @@ def format_table(result: dict[str, Any]) -> str:
     ll = result["llama.cpp"] if isinstance(result["llama.cpp"], dict) else {}
     lines = [f"{result['model']}  (context {result['context']}, prompt {result['prompt_tokens']}, "
              f"{result['gen_tokens']} generated; galatea {g.get('quant')}/{g.get('dtype')}, "
-             f"{g.get('threads')} threads)",
+             f"{g.get('threads')} threads; {g.get('kernels')})",
              f"{'':38}{'galatea':>12}{'llama.cpp':>12}{'ratio':>8}"]
     for label, key in ROWS:
         a, b = g.get(key), ll.get(key)

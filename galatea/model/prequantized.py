@@ -64,7 +64,7 @@ def state(model: Llama) -> tuple[list[tuple[str, Tensor]], dict[str, Any]]:
     embedding = model.model.embed_tokens
     for name, module in model.named_modules():
         if isinstance(module, TiledLinear) and isinstance(embedding, TiledEmbedding) and \
-                module.parts == [embedding.table]:
+                module.parts == [embedding.table]:  # the very same tiles
             modules[name] = {"tied": "model.embed_tokens"}
             quantized.add(name)
         elif isinstance(module, TiledLinear | TiledEmbedding):

@@ -23,7 +23,7 @@ from galatea.kernels.qtypes import NAMES
 NATIVE_DTYPES = (torch.float32, torch.bfloat16)  # activations the kernels read and write
 
 
-@dataclass
+@dataclass(eq=False)  # compared by identity: a tied lm_head is the embedding's very weight
 class TiledWeight:
     """One [n, k] weight as tiles of GGUF type `qtype` (csrc/layout.md)."""
 

@@ -409,50 +409,6 @@ void attend(int isa, std::vector<AttnJob>& jobs, float* const* outs) {
   }
 }
 
-uint16_t to_f16(float f) {  // round to nearest even; overflow to infinity
-  uint32_t x;
-  std::memcpy(&x, &f, 4);
-  const uint32_t sign = (x >> 16) & 0x8000;
-  const int32_t exp = static_cast<int32_t>((x >> 23) & 0xFF) - 127 + 15;
-  uint32_t mant = x & 0x7FFFFF;
-  if (((x >> 23) & 0xFF) == 0xFF) return static_cast<uint16_t>(sign | 0x7C00 | (mant ? 0x200 : 0));
-  if (exp >= 31) return static_cast<uint16_t>(sign | 0x7C00);
-  if (exp <= 0) {  // subnormal or zero
-    if (exp < -10) return static_cast<uint16_t>(sign);
-    mant |= 0x800000;
-    const int shift = 14 - exp;
-    uint32_t h = mant >> shift;
-    const uint32_t rest = mant & ((1u << shift) - 1), half = 1u << (shift - 1);
-    if (rest > half || (rest == half && (h & 1))) ++h;
-    return static_cast<uint16_t>(sign | h);
-  }
-  uint32_t h = (static_cast<uint32_t>(exp) << 10) | (mant >> 13);
-  const uint32_t rest = mant & 0x1FFF;
-  if (rest > 0x1000 || (rest == 0x1000 && (h & 1))) ++h;  // may carry into the exponent: still right
-  return static_cast<uint16_t>(sign | h);
-}
-
-// Rotate-half RoPE of `heads` vectors of d values in place: x[i] cos[i] - x[i+d/2] sin[i] and
-// x[i+d/2] cos[i+d/2] + x[i] sin[i+d/2] (HF's layout; cos/sin are this position's table rows).
-void rope(float* x, int heads, int d, const float* cos, const float* sin) {
-  const int half = d / 2;
-  for (int h = 0; h < heads; ++h, x += d)
-    for (int i = 0; i < half; ++i) {
-      const float a = x[i], b = x[i + half];
-      x[i] = a * cos[i] - b * sin[i];
-      x[i + half] = b * cos[i + half] + a * sin[i + half];
-    }
-}
-
-void store_kv(void* cache, int kv_dtype, int64_t at, const float* src, int n) {
-  if (kv_dtype == KV_F32) {
-    std::memcpy(static_cast<float*>(cache) + at, src, n * sizeof(float));
-    return;
-  }
-  uint16_t* dst = static_cast<uint16_t*>(cache) + at;
-  for (int i = 0; i < n; ++i) dst[i] = kv_dtype == KV_F16 ? to_f16(src[i]) : to_bf16(src[i]);
-}
-
 struct RepackCall {
   int type;
   const uint8_t* blocks;
@@ -474,6 +430,7 @@ void repack_tile(void* ctx, int64_t t) {
     for (int64_t b = 0; b < nb; ++b) put_block(c.type, src + b * ti.gguf_bytes, r, tile + b * tb);
   }
 }
+
 
 }  // namespace
 }  // namespace gx
@@ -603,10 +560,12 @@ GX_EXPORT int gx_decode_attention(int isa, float* qkv, int64_t ldqkv, int rows, 
   for (int r = 0; r < rows; ++r) {
     float* q = qkv + r * ldqkv;
     float *k = q + static_cast<int64_t>(heads) * d, *v = k + static_cast<int64_t>(kv_heads) * d;
+    auto rope = isa == kAvx512 ? gx_avx512::rope : gx_avx2::rope;
+    auto store = isa == kAvx512 ? gx_avx512::store_kv : gx_avx2::store_kv;
     rope(q, heads + kv_heads, d, cos + pos[r] * d, sin + pos[r] * d);  // q and k are adjacent
     for (int g = 0; g < kv_heads; ++g) {
-      store_kv(kcache[r], kv_dtype, g * head_stride[r] + pos[r] * pos_stride, k + g * d, d);
-      store_kv(vcache[r], kv_dtype, g * head_stride[r] + pos[r] * pos_stride, v + g * d, d);
+      store(kcache[r], kv_dtype, g * head_stride[r] + pos[r] * pos_stride, k + g * d, d);
+      store(vcache[r], kv_dtype, g * head_stride[r] + pos[r] * pos_stride, v + g * d, d);
     }
     jobs.push_back(AttnJob{q, kcache[r], vcache[r], kv_dtype, heads, kv_heads, d, head_stride[r], pos_stride,
                            pos[r] + 1, 0, 0, scale, nullptr});

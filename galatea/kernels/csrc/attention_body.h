@@ -54,3 +54,29 @@ void attend_item(const AttnJob& j, int64_t item) {
     for (int i = 0; i < nd; ++i) V::storeu(out + 2 + i * V::kLanes, acc[i]);
   }
 }
+
+// Rotate-half RoPE of `heads` vectors of d values in place (HF's layout; cos/sin: this
+// position's table rows): x[i] cos[i] - x[i+d/2] sin[i], x[i+d/2] cos[i+d/2] + x[i] sin[i+d/2].
+void rope(float* x, int heads, int d, const float* cos, const float* sin) {
+  const int half = d / 2;
+  for (int h = 0; h < heads; ++h, x += d) {
+    int i = 0;
+    for (; i + V::kLanes <= half; i += V::kLanes) {
+      const F a = V::loadu(x + i), b = V::loadu(x + i + half);
+      V::storeu(x + i, V::fnma(b, V::loadu(sin + i), V::mul(a, V::loadu(cos + i))));
+      V::storeu(x + i + half, V::fma(a, V::loadu(sin + i + half), V::mul(b, V::loadu(cos + i + half))));
+    }
+    for (; i < half; ++i) {
+      const float a = x[i], b = x[i + half];
+      x[i] = a * cos[i] - b * sin[i];
+      x[i + half] = b * cos[i + half] + a * sin[i + half];
+    }
+  }
+}
+
+// n float32 values into a cache at element `at`, converted to its dtype (round to nearest even).
+void store_kv(void* cache, int kv_dtype, int64_t at, const float* src, int n) {
+  int i = 0;
+  for (; i + V::kLanes <= n; i += V::kLanes) V::store_kv(cache, kv_dtype, at + i, V::loadu(src + i));
+  for (; i < n; ++i) V::store_kv1(cache, kv_dtype, at + i, src[i]);
+}

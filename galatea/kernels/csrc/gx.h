@@ -103,7 +103,9 @@ struct AttnJob {
   void quantize_rows(const void* x, int dtype, int64_t ldx, int64_t m0, int64_t m1,         \
                      const PreOp& pre, const Acts& out);                                    \
   void matmul_item(const MatmulJob& job, const Item& item);                                 \
-  void attend_item(const AttnJob& job, int64_t item);
+  void attend_item(const AttnJob& job, int64_t item);                                        \
+  void rope(float* x, int heads, int d, const float* cos, const float* sin);                  \
+  void store_kv(void* cache, int kv_dtype, int64_t at, const float* src, int n);
 
 }  // namespace gx
 

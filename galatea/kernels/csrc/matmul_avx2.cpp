@@ -99,6 +99,21 @@ struct V {
     if (dtype == KV_F16) return _mm256_cvtph_ps(h);
     return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
   }
+  static void store_kv(void* base, int dtype, int64_t i, F v) {
+    if (dtype == KV_F32) return _mm256_storeu_ps(static_cast<float*>(base) + i, v);
+    uint16_t* p = static_cast<uint16_t*>(base) + i;
+    if (dtype == KV_F16) {
+      _mm_storeu_si128(reinterpret_cast<__m128i*>(p), _mm256_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+      return;
+    }
+    alignas(32) float tmp[8];
+    _mm256_store_ps(tmp, v);
+    for (int j = 0; j < 8; ++j) p[j] = to_bf16(tmp[j]);
+  }
+  static void store_kv1(void* base, int dtype, int64_t i, float x) {
+    if (dtype == KV_F32) return void(static_cast<float*>(base)[i] = x);
+    static_cast<uint16_t*>(base)[i] = dtype == KV_F16 ? static_cast<uint16_t>(_cvtss_sh(x, 0)) : to_bf16(x);
+  }
   // exp(x) for x <= 0 (Cephes' expf: 2^n exp(r), |r| <= ln2/2, relative error ~1e-7)
   static F exp(F x) {
     x = _mm256_max_ps(x, _mm256_set1_ps(-87.f));

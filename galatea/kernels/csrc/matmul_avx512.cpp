@@ -67,6 +67,26 @@ struct V {
     if (dtype == KV_F16) return _mm512_cvtph_ps(h);
     return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
   }
+  static void store_kv(void* base, int dtype, int64_t i, F v) {
+    if (dtype == KV_F32) return _mm512_storeu_ps(static_cast<float*>(base) + i, v);
+    __m256i h;
+    if (dtype == KV_F16) {
+      h = _mm512_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    } else {
+      __m512i u = _mm512_castps_si512(v);
+      u = _mm512_add_epi32(u, _mm512_add_epi32(_mm512_set1_epi32(0x7FFF),
+                                               _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1))));
+      h = _mm512_cvtepi32_epi16(_mm512_srli_epi32(u, 16));
+    }
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(static_cast<uint16_t*>(base) + i), h);
+  }
+  static void store_kv1(void* base, int dtype, int64_t i, float x) {  // one value: the masked form
+    const F v = _mm512_set1_ps(x);
+    alignas(64) uint16_t h[32];
+    if (dtype == KV_F32) return void(static_cast<float*>(base)[i] = x);
+    store_kv(h, dtype, 0, v);
+    static_cast<uint16_t*>(base)[i] = h[0];
+  }
   // exp(x) for x <= 0 (Cephes' expf: 2^n exp(r), |r| <= ln2/2, relative error ~1e-7)
   static F exp(F x) {
     x = _mm512_max_ps(x, _mm512_set1_ps(-87.f));
