@@ -43,6 +43,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("generate", help="continue a prompt, streaming the text")
     _model_args(p)
     _sampling_args(p)
+    _speculative_arg(p)
     p.add_argument("--json", action="store_true", help="print one JSON object instead of streaming")
     p.add_argument("--no-bos", action="store_true", help="do not add the BOS token")
     p.add_argument("prompt", help="the text to continue ('-' reads standard input)")
@@ -70,6 +71,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--temperature", type=float)
     p.add_argument("--seed", type=int)
     _shift_arg(p)
+    _speculative_arg(p)
     _data_dir_arg(p)
     p.set_defaults(func=cmd_chat)
 
@@ -86,6 +88,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cache-memory", type=float,
                    help="GiB the prompt cache slots may use (default: a quarter of the machine's memory)")
     _shift_arg(p)
+    _speculative_arg(p)
     _data_dir_arg(p)
     p.set_defaults(func=cmd_serve)
 
@@ -156,6 +159,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "they are installed")
     p.add_argument("--concurrent", action="store_true",
                    help="instead: aggregate tokens/s of 1, 4 and 8 simultaneous requests (batched)")
+    _speculative_arg(p)
     p.set_defaults(func=cmd_bench)
 
     from galatea.weights.commands import add_parsers as add_weights_parsers
@@ -183,6 +187,12 @@ def _model_args(p: argparse.ArgumentParser) -> None:
                         "PyTorch's kernels (default: $GALATEA_KERNELS, else auto = the best this CPU has)")
     p.add_argument("--kv-cache", choices=("auto", "float16", "bfloat16", "float32"), default="auto",
                    help="KV cache entries (auto: float16 with the native kernels, else float32 on CPU)")
+
+
+def _speculative_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--no-speculative", action="store_true",
+                   help="do not draft tokens from the text so far and verify them in the same step "
+                        "(speculative decoding: the same replies, sooner when the chat repeats itself)")
 
 
 def _shift_arg(p: argparse.ArgumentParser) -> None:
@@ -283,7 +293,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
     parts: list[str] = []
     last = None
     try:
-        for chunk in stream_generate(lm.model, lm.tokenizer, ids, params, cancel):
+        for chunk in stream_generate(lm.model, lm.tokenizer, ids, params, cancel,
+                                     speculative=not args.no_speculative):
             parts.append(chunk.text)
             if not args.json and chunk.text:
                 sys.stdout.write(chunk.text)
@@ -372,7 +383,7 @@ def cmd_chat(args: argparse.Namespace) -> int:
     overrides = {k: v for k, v in (("max_new_tokens", args.max_new_tokens), ("temperature", args.temperature),
                                    ("seed", args.seed)) if v is not None}
     session = ChatSession(store, lm, chat_id, overrides, max_context=args.max_context,
-                          context_shift=not args.no_context_shift)
+                          context_shift=not args.no_context_shift, speculative=not args.no_speculative)
     TerminalChat(session).loop()
     return 0
 
@@ -390,7 +401,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         raise GalateaError("--cache-slots and --max-batch must be at least 1")
     engine = Engine(lm, args.max_context, cache_slots=args.cache_slots,
                     cache_memory=int(args.cache_memory * 2**30) if args.cache_memory else None,
-                    context_shift=not args.no_context_shift, max_batch=args.max_batch, start=False)
+                    context_shift=not args.no_context_shift, max_batch=args.max_batch, start=False,
+                    speculative=not args.no_speculative)
     app = create_app(engine, _store(args), api_key=args.api_key)
     try:
         sock = socket.create_server((args.host, args.port))
@@ -525,7 +537,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
     if args.concurrent:
         from galatea.engine.bench import bench_concurrent
 
-        print(json.dumps(bench_concurrent(lm, gen_tokens=args.gen_tokens if args.gen_tokens != 128 else 64)))
+        print(json.dumps(bench_concurrent(lm, gen_tokens=args.gen_tokens if args.gen_tokens != 128 else 64,
+                                          speculative=not args.no_speculative)))
         return 0
     if args.chat_turn:
         from galatea.engine.bench import bench_chat_turn

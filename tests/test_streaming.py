@@ -7,6 +7,7 @@ LLaMA (SentencePiece with byte fallback) and SmolLM2 (byte-level BPE) ones.
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
 from types import SimpleNamespace
@@ -24,10 +25,15 @@ EOS = 2
 
 
 class ScriptedModel:
+    fused = None  # no fused decoding step: no drafts, prompts read by prefill()
+
     def __init__(self, script: list[int], vocab: int, delay: float = 0.0) -> None:
         self.script, self.delay, self.calls = script, delay, 0
         self.config = SimpleNamespace(vocab_size=vocab, max_position_embeddings=4096, eos_token_id=EOS)
         self.device = torch.device("cpu")
+
+    def torch_threads(self, rows: int) -> contextlib.AbstractContextManager:
+        return contextlib.nullcontext()
 
     def make_cache(self, batch: int, length: int) -> None:
         return None

@@ -71,12 +71,12 @@ class ChatSession:
 
     def __init__(self, store: Store, lm: LoadedModel, chat_id: int, settings: dict[str, Any] | None = None,
                  max_context: int | None = None, generate: Generate | None = None,
-                 context_shift: bool = True) -> None:
+                 context_shift: bool = True, speculative: bool = True) -> None:
         self.store, self.lm, self.chat_id = store, lm, chat_id
         # each turn re-reads only what changed since the last, even once old turns drop out
         self.prompt_cache = PromptCache(context_shift)
         self._run = generate or (lambda ids, params, cancel: stream_generate(
-            lm.model, lm.tokenizer, ids, params, cancel, self.context, self.prompt_cache))
+            lm.model, lm.tokenizer, ids, params, cancel, self.context, self.prompt_cache, speculative))
         self.info = store.chat(chat_id)
         self.character_id, self.char = store.character(self.info.character_id)
         self.settings = {**DEFAULT_SETTINGS, **self.info.settings, **(settings or {})}

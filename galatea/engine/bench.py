@@ -139,7 +139,8 @@ def bench_chat_turn(lm: LoadedModel, context: int = 2048, max_new_tokens: int = 
 
 # ---- many users at once ------------------------------------------------------------------------
 
-def bench_concurrent(lm: LoadedModel, streams: tuple[int, ...] = (1, 4, 8), gen_tokens: int = 64) -> dict[str, Any]:
+def bench_concurrent(lm: LoadedModel, streams: tuple[int, ...] = (1, 4, 8), gen_tokens: int = 64,
+                     speculative: bool = True) -> dict[str, Any]:
     """Aggregate decoding speed of N simultaneous requests through the server's engine
     (continuous batching): N different short prompts, `gen_tokens` greedy tokens each. The
     engine runs on this thread (the one that loaded the model), as in `galatea serve`."""
@@ -150,10 +151,11 @@ def bench_concurrent(lm: LoadedModel, streams: tuple[int, ...] = (1, 4, 8), gen_
 
     params = SamplingParams(max_new_tokens=gen_tokens, temperature=0, repetition_penalty=1.0, ban_eos=True)
     out: dict[str, Any] = {"bench": "concurrent streams", "model": str(lm.path), "quant": lm.quant,
-                           "gen_tokens": gen_tokens}
+                           "gen_tokens": gen_tokens, "speculative": speculative}
 
     def run(n: int) -> float:
-        engine = Engine(lm, max_context=512, max_batch=max(n, 1), cache_slots=max(n, 1), start=False)
+        engine = Engine(lm, max_context=512, max_batch=max(n, 1), cache_slots=max(n, 1), start=False,
+                        speculative=speculative)
         prompts = [lm.tokenizer.encode(f"You: Tell me story number {i} about a dragon.\nAria:") for i in range(n)]
         counts = [0] * n
 

@@ -4,6 +4,11 @@
 finish reason and speeds), mlx-lm style. It stops on EOS, on `max_new_tokens`, on the model's
 context end, on any stop string (even one split across tokens), or when `cancel` is set from
 another thread.
+
+With `speculative` (and a model whose decoding step takes several rows of one sequence, i.e.
+the native kernels' fused step), each forward pass also computes tokens drafted from the text
+so far (engine/speculative.py); `sample()` then takes them one at a time, each accepted with
+the probability plain sampling would give it, so a step can yield several tokens.
 """
 
 from __future__ import annotations
@@ -17,10 +22,15 @@ import torch
 
 from galatea.engine.prompt_cache import PromptCache
 from galatea.engine.sampling import Sampler, SamplingParams
+from galatea.engine.speculative import MAX_DRAFT, DraftLength, PromptLookup, accept
 from galatea.engine.text_stream import IncrementalDetokenizer, StopMatcher
 from galatea.errors import GalateaError
 from galatea.model.llama import Llama
 from galatea.model.tokenizer import Tokenizer
+
+# A prompt with at most this many tokens left to read joins a batched decoding step as rows
+# (fused native step), instead of taking a forward pass of its own between steps.
+JOIN_PROMPT = 32
 
 
 @dataclass
@@ -36,18 +46,21 @@ class Chunk:
     seed: int | None = None
     cached_tokens: int = 0  # prompt tokens whose keys/values were reused, not recomputed
     shifted_tokens: int = 0  # of those, how many were moved by a context shift
+    drafted_tokens: int = 0  # speculative decoding: tokens drafted and verified
+    accepted_tokens: int = 0  # of those, how many were kept
 
 
 class Generation:
     """One request's generation as a stepwise state machine, so a scheduler can interleave
-    several: `prefill_step()` until the prompt is read, then alternately `sample()` (choose a
-    token from `logits`, give the text to show) and a forward pass that sets `logits` again
-    (alone, or batched with other generations: `input_token`, `position`, `cache`), until
-    `done`; `close()` gives the closing chunk. `stream_generate` is the one-request loop."""
+    several: `prefill_step()` until the prompt is read, then `sample()` (choose a token, give
+    the text to show) while `logits` are known, and a forward pass over `rows()` (the last
+    token, and any drafts) whenever `needs_forward` (alone, or batched with other generations:
+    `rows`, `position`, `cache`, then `advance`), until `done`; `close()` gives the closing
+    chunk. `stream_generate` is the one-request loop."""
 
     def __init__(self, model: Llama, tokenizer: Tokenizer, prompt_ids: Sequence[int], params: SamplingParams,
                  cancel: threading.Event | None = None, max_context: int | None = None,
-                 prompt_cache: PromptCache | None = None) -> None:
+                 prompt_cache: PromptCache | None = None, speculative: bool = True) -> None:
         context = max_context or model.config.max_position_embeddings
         n_prompt = len(prompt_ids)
         if n_prompt == 0:
@@ -71,8 +84,16 @@ class Generation:
         self.tokens = list(prompt_ids)
         self.n_prompt = n_prompt
         self.read = self.reused  # prompt positions whose keys/values are in the cache
-        self.fed = 0  # all positions in the cache, once the prompt is read
-        self.logits: torch.Tensor | None = None
+        self.fed = 0  # positions whose cached keys/values are those of `tokens`, once the prompt is read
+        self.logits: torch.Tensor | None = None  # the next position's; None while a forward pass is due
+        self.prompt_read = False
+        # drafts computed by the last forward pass, each with the logits of the position after it
+        self.drafts: list[int] = []
+        self.draft_logits: list[torch.Tensor] = []
+        self.lookup = PromptLookup() if speculative and model.fused is not None else None
+        self.draft_length = DraftLength()
+        self.drafted = self.accepted = 0  # totals, for reports
+        self.round_drafted = self.round_accepted = 0  # the last forward pass's
         self.n_new = 0
         self.finish: str | None = None
         self.t_start = time.perf_counter()
@@ -80,22 +101,34 @@ class Generation:
 
     @property
     def prefilled(self) -> bool:
-        return self.logits is not None or self.finish is not None
+        return self.prompt_read or self.finish is not None
 
     @property
     def done(self) -> bool:
         return self.finish is not None
 
+    @property
+    def needs_forward(self) -> bool:
+        return self.prompt_read and self.logits is None and not self.done
+
+    @property
+    def joins_step(self) -> bool:
+        """The rest of the prompt is short: it is read as rows of the next batched step."""
+        return not self.prefilled and self.model.fused is not None and self.n_prompt - self.read <= JOIN_PROMPT
+
     def prefill_step(self, chunk: int | None = None) -> bool:
         """Read up to `chunk` more prompt tokens (all by default); True once the prompt is read."""
         if self.prefilled:
+            return True
+        if self.joins_step:  # as it is read inside a batched step, so that alone it gives the same
+            self.forward()
             return True
         end = self.n_prompt if chunk is None else min(self.n_prompt, self.read + chunk)
         part = torch.tensor([self.tokens[self.read : end]], device=self.model.device)
         logits = self.model.prefill(part, self.read, self.cache)[0]
         self.read = end
         if end == self.n_prompt:
-            self.logits, self.fed = logits, self.n_prompt
+            self.logits, self.fed, self.prompt_read = logits, self.n_prompt, True
             self.t_prefilled = time.perf_counter()
         return self.prefilled
 
@@ -108,7 +141,26 @@ class Generation:
         if self.n_new >= self.budget:
             self.finish = "length"
             return None
-        token = self.sampler(self.logits, self.tokens)
+        with self.model.torch_threads(1):
+            processed = self.sampler.distribution(self.logits, self.tokens)
+        if self.drafts:
+            token, kept = accept(processed, self.drafts.pop(0), self.params.greedy, self.sampler.rng)
+            after = self.draft_logits.pop(0)
+            if kept:  # its row was computed: its logits are the next position's
+                self.accepted += 1
+                self.round_accepted += 1
+                self.fed += 1
+                self.logits = after
+            else:  # the later drafts followed a token that is not there
+                self.drafts.clear()
+                self.draft_logits.clear()
+                self.logits = None
+            if not self.drafts:
+                self.draft_length.update(self.round_drafted, self.round_accepted)
+        else:
+            with self.model.torch_threads(1):
+                token = self.sampler.draw(processed)
+            self.logits = None
         self.tokens.append(token)
         self.n_new += 1
         if token in self.eos_ids and not self.params.ban_eos:
@@ -122,29 +174,53 @@ class Generation:
         return Chunk(text, token)
 
     @property
-    def input_token(self) -> int:
-        return self.tokens[-1]
-
-    @property
     def position(self) -> int:
-        return len(self.tokens) - 1
+        """Where the next forward pass starts: the last token's position (the first unread prompt
+        token's, while the prompt is read)."""
+        return len(self.tokens) - 1 if self.prompt_read else self.read
+
+    def rows(self, max_drafts: int = MAX_DRAFT) -> list[int]:
+        """The tokens the next forward pass computes, at positions `position` onwards: the last
+        token, then up to `max_drafts` drafts (never past the reply's budget or the cache's end);
+        or the rest of a short prompt (`joins_step`)."""
+        if not self.prompt_read:
+            return self.tokens[self.read : self.n_prompt]
+        self.drafts = []
+        if self.lookup is not None:
+            room = min(self.budget - self.n_new, self.cache.max_len - 1 - self.position, max_drafts)
+            k = min(self.draft_length.next(), room)
+            self.drafts = self.lookup.draft(self.tokens, k) if k > 0 else []
+        return [self.tokens[-1], *self.drafts]
 
     def advance(self, logits: torch.Tensor) -> None:
-        """The forward pass for `input_token` at `position` ran; `logits` [V] are the next."""
-        self.logits = logits
+        """The forward pass over `rows()` ran; `logits` [len(rows), V], row i the next position's
+        after row i's token."""
+        if not self.prompt_read:
+            self.logits, self.read, self.fed, self.prompt_read = logits[-1], self.n_prompt, self.n_prompt, True
+            self.t_prefilled = time.perf_counter()
+            return
+        self.logits = logits[0]
         self.fed += 1
+        self.draft_logits = list(logits[1:])
+        self.round_drafted, self.round_accepted = len(self.drafts), 0
+        self.drafted += len(self.drafts)
 
     def forward(self) -> None:
         """The forward pass on its own (not batched)."""
-        self.advance(self.model(torch.tensor([[self.input_token]], device=self.model.device),
-                                self.position, self.cache)[0])
+        rows, pos = self.rows(), self.position
+        if len(rows) == 1:
+            logits = self.model(torch.tensor([rows], device=self.model.device), pos, self.cache)
+        else:  # drafts, or a short prompt's rest: rows at consecutive positions of this cache, in one step
+            keep = None if self.prompt_read else [len(rows) - 1]
+            logits = self.model.decode_batch(rows, [self.cache] * len(rows), range(pos, pos + len(rows)), keep)
+        self.advance(logits)
 
     def close(self) -> Chunk:
         """The closing chunk: held-back text, finish reason and speeds. Records in the prompt
         cache what its KV cache now holds."""
         t_end = time.perf_counter()
         if self.prompt_cache is not None:  # a prefill cut short still leaves its part usable
-            self.prompt_cache.holds(self.tokens[: self.fed if self.logits is not None else self.read])
+            self.prompt_cache.holds(self.tokens[: self.fed if self.prompt_read else self.read])
         tail = ""
         if self.stops.matched is None:  # nothing after a stop is shown; otherwise release what was held
             tail, _ = self.stops.feed(self.detok.flush())
@@ -155,32 +231,32 @@ class Generation:
             prefill_tok_s=(self.n_prompt - self.reused) / max(self.t_prefilled - self.t_start, 1e-9),
             decode_tok_s=(self.n_new - 1) / max(decode_s, 1e-9) if self.n_new > 1 else 0.0,
             stop_string=self.stops.matched, seed=self.sampler.seed, cached_tokens=self.reused,
-            shifted_tokens=self.shifted,
+            shifted_tokens=self.shifted, drafted_tokens=self.drafted, accepted_tokens=self.accepted,
         )
 
 
 def stream_generate(model: Llama, tokenizer: Tokenizer, prompt_ids: Sequence[int], params: SamplingParams,
                     cancel: threading.Event | None = None, max_context: int | None = None,
-                    prompt_cache: PromptCache | None = None) -> Iterator[Chunk]:
+                    prompt_cache: PromptCache | None = None, speculative: bool = True) -> Iterator[Chunk]:
     """With a `prompt_cache`, what it already holds (a common prefix, and after a context shift
     the surviving turns) is not read again."""
-    gen = Generation(model, tokenizer, prompt_ids, params, cancel, max_context, prompt_cache)
+    gen = Generation(model, tokenizer, prompt_ids, params, cancel, max_context, prompt_cache, speculative)
     gen.prefill_step()
     while not gen.done:
         chunk = gen.sample()
         if chunk is not None:
             yield chunk
-        if not gen.done:
+        if gen.needs_forward:
             gen.forward()
     yield gen.close()
 
 
 def generate(model: Llama, tokenizer: Tokenizer, prompt_ids: Sequence[int], params: SamplingParams,
-             cancel: threading.Event | None = None) -> tuple[str, Chunk, list[int]]:
+             cancel: threading.Event | None = None, speculative: bool = True) -> tuple[str, Chunk, list[int]]:
     """Run to the end; returns (text, closing chunk, generated token ids)."""
     parts, ids = [], []
     last = None
-    for chunk in stream_generate(model, tokenizer, prompt_ids, params, cancel):
+    for chunk in stream_generate(model, tokenizer, prompt_ids, params, cancel, speculative=speculative):
         parts.append(chunk.text)
         if chunk.token is not None:
             ids.append(chunk.token)

@@ -89,6 +89,11 @@ class Sampler:
 
     def __call__(self, logits: Tensor, context: Sequence[int]) -> int:
         """logits: [V] float32 for the next position; context: every token id so far."""
+        return self.draw(self.distribution(logits, context))
+
+    def distribution(self, logits: Tensor, context: Sequence[int]) -> Tensor:
+        """The logits after the whole chain ([V]; -inf where removed): what `draw` samples from,
+        and what speculative decoding accepts drafts by."""
         p = self.params
         logits = logits.float()[: self.vocab_size].clone()
         if self.bias is not None:
@@ -110,9 +115,12 @@ class Sampler:
                 logits = typical(logits, p.typical_p)
             elif step == 5 and p.temperature != 1.0:
                 logits = logits / p.temperature
-        if p.greedy:
-            return int(torch.argmax(logits))
-        probs = torch.softmax(logits, dim=-1)
+        return logits
+
+    def draw(self, processed: Tensor) -> int:
+        if self.params.greedy:
+            return int(torch.argmax(processed))
+        probs = torch.softmax(processed, dim=-1)
         return int(torch.multinomial(probs.cpu(), 1, generator=self.rng))
 
 

@@ -85,8 +85,11 @@ class FusedDecoder:
         return buf, plan
 
     @torch.inference_mode()
-    def step(self, tokens: Sequence[int], caches: Sequence[KVCache], positions: Sequence[int]) -> Tensor:
-        """Token b at positions[b] of caches[b] (batch-1 caches); returns float32 logits [B, V]."""
+    def step(self, tokens: Sequence[int], caches: Sequence[KVCache], positions: Sequence[int],
+             keep: Sequence[int] | None = None) -> Tensor:
+        """Token b at positions[b] of caches[b] (batch-1 caches; rows of one cache at consecutive
+        positions attend causally to each other); returns float32 logits [B, V], or only for the
+        rows in `keep` (the output head is the largest matrix: a prompt needs its last row's)."""
         rows = len(tokens)
         for cache, pos in zip(caches, positions, strict=True):
             if pos >= cache.max_len:
@@ -120,9 +123,10 @@ class FusedDecoder:
                 raise RuntimeError(f"native decode attention refused its arguments (code {rc})")
             if matmul(*o_call) or matmul(*gu_call) or matmul(*down_call):
                 raise RuntimeError("native mat-mul refused its arguments")
-        logits = torch.empty(rows, self.vocab)
+        x = buf["x"] if keep is None or len(keep) == rows else buf["x"][torch.tensor(list(keep))]
+        logits = torch.empty(x.shape[0], self.vocab)
         head = self.head
-        matmul(self.isa, ctypes.addressof(head.segments), len(head.segments), head.in_features, buf["x"].data_ptr(),
-               0, self.hidden, rows, logits.data_ptr(), 0, self.vocab, 0, PRE_RMSNORM, self.final_norm.data_ptr(),
-               self.eps)
+        matmul(self.isa, ctypes.addressof(head.segments), len(head.segments), head.in_features, x.data_ptr(),
+               0, self.hidden, x.shape[0], logits.data_ptr(), 0, self.vocab, 0, PRE_RMSNORM,
+               self.final_norm.data_ptr(), self.eps)
         return logits

@@ -240,10 +240,11 @@ class Llama(nn.Module):
         self.fused = FusedDecoder.build(self, kernels) if fused else None
 
     @contextlib.contextmanager
-    def _torch_threads(self, rows: int) -> Iterator[None]:
-        """A decoding step (few rows) on the native kernels runs torch's small ops on one thread:
-        its OpenMP workers and the kernels' pool would otherwise take turns on the same cores
-        (rms_norm went from 13 to 50 µs a call, SDPA from 45 to 175 µs, in a SmolLM2 step)."""
+    def torch_threads(self, rows: int) -> Iterator[None]:
+        """A decoding step (few rows) on the native kernels runs torch's small ops on one thread,
+        and so does sampling beside it: torch's OpenMP workers and the kernels' pool would
+        otherwise take turns on the same cores (rms_norm went from 13 to 50 µs a call, SDPA from
+        45 to 175 µs, in a SmolLM2 step; a 49k-vocabulary argmax waited for a spinning worker)."""
         threads = torch.get_num_threads()
         if self.kernels is None or rows > DECODE_ROWS or threads == 1:
             yield
@@ -300,7 +301,7 @@ class Llama(nn.Module):
         if t == 1 and b == 1 and self.fused is not None:
             logits = self.fused.step([int(tokens[0, 0])], [cache], [start])
             return logits[:, None] if all_logits else logits
-        with self._torch_threads(tokens.numel()):
+        with self.torch_threads(tokens.numel()):
             x = self.model.embed_tokens(tokens)  # [B, T, C]
             cos, sin = self.rotary(start, t, x.dtype)
             for i, layer in enumerate(self.model.layers):
@@ -330,16 +331,20 @@ class Llama(nn.Module):
         return self.model.norm(x)
 
     @torch.inference_mode()
-    def decode_batch(self, tokens: Sequence[int], caches: Sequence[KVCache], positions: Sequence[int]) -> Tensor:
+    def decode_batch(self, tokens: Sequence[int], caches: Sequence[KVCache], positions: Sequence[int],
+                     keep: Sequence[int] | None = None) -> Tensor:
         """One decoding step for several sequences at once: token i at positions[i] of caches[i].
-        Returns float32 logits [B, V]. Weight-bound layers run once for the whole batch."""
+        Returns float32 logits [B, V] (only rows `keep`, if given). Weight-bound layers run once
+        for the whole batch. With the fused step, several rows may be consecutive positions of
+        one cache (drafts being verified, the rest of a short prompt); the module path takes one
+        row per cache."""
         assert self.rotary is not None
         if self.fused is not None:
-            return self.fused.step(tokens, caches, positions)
+            return self.fused.step(tokens, caches, positions, keep)
         for cache, pos in zip(caches, positions, strict=True):
             if pos >= cache.max_len:
                 raise ValueError(f"position {pos} exceeds the cache of {cache.max_len}")
-        with self._torch_threads(len(tokens)):
+        with self.torch_threads(len(tokens)):
             x = self.model.embed_tokens(torch.tensor(tokens, device=self.device)[:, None])  # [B, 1, C]
             pos = torch.tensor(positions, device=self.device)
             cos = self.rotary.cos[pos][:, None, None, :].to(x.dtype)  # [B, 1, 1, D]: per row
@@ -347,7 +352,8 @@ class Llama(nn.Module):
             rows = CacheRows(list(caches), list(positions))
             for i, layer in enumerate(self.model.layers):
                 x = layer(x, cos, sin, rows, i, 0)
-            return self.lm_head(self.model.norm(x[:, -1])).float()
+            x = x[:, -1] if keep is None else x[list(keep), -1]
+            return self.lm_head(self.model.norm(x)).float()
 
     def prefill(self, tokens: Tensor, start: int, cache: KVCache, chunk: int = 1024) -> Tensor:
         """Read a long prompt in chunks (bounded activation memory); returns last-position logits

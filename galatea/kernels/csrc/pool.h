@@ -6,7 +6,7 @@
 // already begun. With a static split (OpenMP's default schedule, libgomp spinning) a 2-thread
 // region cost 20 ms instead of 0.1 ms on a busy machine.
 //
-// Idle workers spin for `spin_us` (the gap between two mat-muls of one decoding step is a few
+// Idle workers spin for `spin_us` (50 µs; the gap between two mat-muls of one decoding step is a few
 // microseconds of small ops), then sleep on a condition variable until the next call.
 #pragma once
 #include <atomic>
@@ -128,7 +128,7 @@ class Pool {
   std::vector<std::thread> workers_;
   std::atomic<int> sleepers_{0};
   std::atomic<bool> stop_{false};
-  std::atomic<int> spin_us_{200};
+  std::atomic<int> spin_us_{50};
   std::mutex mu_;
   std::condition_variable cv_;
 };
