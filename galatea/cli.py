@@ -159,6 +159,11 @@ def build_parser() -> argparse.ArgumentParser:
                         "they are installed")
     p.add_argument("--concurrent", action="store_true",
                    help="instead: aggregate tokens/s of 1, 4 and 8 simultaneous requests (batched)")
+    p.add_argument("--replay", metavar="SESSION.jsonl",
+                   help="instead: replay a recorded front-end session (e.g. shared/data/sillytavern-session/"
+                        "seraphina.jsonl) through the Kobold API, with and without speculative decoding")
+    p.add_argument("--replay-max-length", type=int, metavar="N",
+                   help="with --replay: reply length instead of the recorded one")
     _speculative_arg(p)
     p.set_defaults(func=cmd_bench)
 
@@ -533,6 +538,17 @@ def cmd_bench(args: argparse.Namespace) -> int:
             from pathlib import Path
 
             Path(args.out).write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
+        return 0
+    if args.replay:
+        from pathlib import Path
+
+        from galatea.server.replay import format_table, read_session, replay
+
+        turns = read_session(Path(args.replay))
+        on = replay(lm, turns, speculative=True, max_length=args.replay_max_length)
+        off = replay(lm, turns, speculative=False, max_length=args.replay_max_length)
+        print(format_table(on, off), file=sys.stderr)
+        print(json.dumps({"speculative": on, "plain": off}))
         return 0
     if args.concurrent:
         from galatea.engine.bench import bench_concurrent

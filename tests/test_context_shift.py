@@ -45,19 +45,22 @@ def test_plan_finds_the_surviving_turns_after_the_persona():
     held = persona + functools.reduce(operator.iadd, turns[:5], [])
     new = persona + functools.reduce(operator.iadd, turns[2:], [])  # turns 0 and 1 dropped out, turn 5 is new
     plan = plan_reuse(held, new, context_shift=True)
-    assert (plan.common, plan.shift_from, plan.shift_len) == (50, 50 + 80, 120)
+    assert (plan.common, plan.moves) == (50, ((50 + 80, 50, 120),))
+    assert plan.compute == ((170, len(new)),)  # only the new turn is read
     assert plan_reuse(held, new, context_shift=False).reused == 50
-    # an edited first turn is not a shift: nothing after the prefix reappears at its start
+    # an edited first turn: the turns after it are still kept, at their old positions
     edited = persona + [7] * 40 + functools.reduce(operator.iadd, turns[1:], [])
-    assert plan_reuse(held, edited, context_shift=True).shift_len == 0
+    plan = plan_reuse(held, edited, context_shift=True)
+    assert plan.moves == ((90, 90, 160),) and plan.compute == ((50, 90), (250, len(edited)))
     # too little survives to be worth moving
     short = persona + turns[4][-(MIN_SHIFT - 1):] + turns[5]
-    assert plan_reuse(held, short, context_shift=True).shift_len == 0
+    assert plan_reuse(held, short, context_shift=True).moved == 0
 
 
 def fill(lm, slot: PromptCache, ids: list[int], context: int) -> None:
-    cache, reused = slot.reuse(lm.model, [*ids, 0], context)
-    lm.model.prefill(torch.tensor([ids[reused:]]), reused, cache)
+    cache, plan = slot.reuse(lm.model, [*ids, 0], context)
+    assert plan.compute[-1][1] == len(ids) + 1
+    lm.model.prefill(torch.tensor([ids[plan.first_change :]]), plan.first_change, cache)
     slot.holds(ids)
 
 
@@ -71,10 +74,11 @@ def test_shift_keeps_the_persona_and_re_rotates_the_survivors(lm):
     before_k, before_v = slot.cache.keys.clone(), slot.cache.values.clone()
     plan = slot.plan(new)
 
-    cache, reused = slot.reuse(lm.model, new, context)
+    cache, plan = slot.reuse(lm.model, new, context)
+    reused = plan.reused
     plan_common = next(i for i, (a, b) in enumerate(zip(held, new, strict=False)) if a != b)
     assert slot.last_shift > MIN_SHIFT and reused == plan_common + slot.last_shift
-    assert slot.tokens == new[:reused]
+    assert len(plan.compute) == 1 and plan.first_change == reused
     # the persona's entries are untouched, in every layer
     assert torch.equal(cache.keys[:, :, :, :plan_common], before_k[:, :, :, :plan_common])
     assert torch.equal(cache.values[:, :, :, :plan_common], before_v[:, :, :, :plan_common])
@@ -88,7 +92,8 @@ def test_shift_keeps_the_persona_and_re_rotates_the_survivors(lm):
     # deeper layers once attended to the dropped turns: they differ, by design
     assert (cache.keys[-1, :, :, span] - fresh.keys[-1, :, :, span]).abs().max() > 1e-3
     # moved without re-rotation, layer 0's keys would be wrong: the rotation is what fixes them
-    src = slice(plan.shift_from, plan.shift_from + plan.shift_len)
+    (src_at, _, length), = plan.moves
+    src = slice(src_at, src_at + length)
     assert (before_k[0, :, :, src] - fresh.keys[0, :, :, span]).abs().max() > 1e-2
 
 
@@ -112,8 +117,9 @@ def test_shifted_predictions_track_a_fresh_computation(lm):
     new = tok.encode(chat_text([*TURNS[2:], ("You", "Tell me the first verse of the lighthouse ballad.")]) + "Aria:")
     slot = PromptCache(context_shift=True)
     fill(lm, slot, held, 512)
-    cache, reused = slot.reuse(lm.model, new, 512)
-    assert slot.last_shift > 0
+    cache, plan = slot.reuse(lm.model, new, 512)
+    reused = plan.first_change
+    assert slot.last_shift > 0 and len(plan.compute) == 1
     shifted = lm.model(torch.tensor([new[reused:]]), reused, cache, all_logits=True)[0]
     fresh_cache = lm.model.make_cache(1, 512)
     fresh = lm.model(torch.tensor([new]), 0, fresh_cache, all_logits=True)[0, reused:]
@@ -163,3 +169,37 @@ def test_a_long_chat_shifts_once_the_window_is_full(lm, tmp_path, shift):
         assert session.last.reply_tokens > 0
     assert any(dropped), "the test chat must outgrow the window"
     assert any(shifted) if shift else not any(shifted)
+
+
+def test_chunk_reuse_moves_runs_both_ways_and_reads_only_what_changed(lm):
+    """SillyTavern's rewrites: a world-info block appears after the first line (everything after
+    it moves up), an example block further on disappears (what follows moves back down), a new
+    message ends the prompt. Kept runs' layer-0 keys/values equal a fresh computation at their
+    new positions (they depend only on token and position); only the changed text is read."""
+    tok = lm.tokenizer
+    first = "Aria's Persona: Aria is a cheerful travelling bard with a battered lute and a ferret.\n"
+    lore = "[Eldoria: a land of misty glades, old ruins and the river Velka that runs through it.]\n"
+    examples = "<START>\nYou: Do you sing?\nAria: Every day, and twice on market days, whatever the weather.\n"
+    chat = "".join(f"{who}: {text}\n" for who, text in TURNS)
+    held = tok.encode(first + examples + chat + "You: Tell me about Pip.\nAria: He is a ferret.\n")
+    new = tok.encode(first + lore + chat + "You: Tell me about Pip.\nAria: He is a ferret.\nYou: And the lute?\nAria:")
+    slot = PromptCache(context_shift=True)
+    fill(lm, slot, held, 512)
+    cache, plan = slot.reuse(lm.model, new, 512)
+    assert plan.moves and plan.moved > 100
+    read = sum(b - a for a, b in plan.compute)
+    assert read <= len(tok.encode(lore)) + len(tok.encode("You: And the lute?\nAria:")) + 8, plan
+    for a, b in plan.compute:  # the changed text, each range after what precedes it
+        lm.model.prefill(torch.tensor([new[a:b]]), a, cache)
+    fresh = lm.model.make_cache(1, 512)
+    lm.model.prefill(torch.tensor([new]), 0, fresh)
+    for _, dst, n in plan.moves:
+        span = slice(dst, dst + n)
+        torch.testing.assert_close(cache.keys[0, :, :, span], fresh.keys[0, :, :, span], atol=1e-4, rtol=0)
+        torch.testing.assert_close(cache.values[0, :, :, span], fresh.values[0, :, :, span], atol=1e-4, rtol=0)
+    # and the reply follows the prompt: generation through the slot agrees with a fresh run
+    slot2 = PromptCache(context_shift=True)
+    fill(lm, slot2, held, 512)
+    ids, last = run(lm, new, slot2)
+    assert last.shifted_tokens == plan.moved and last.cached_tokens == plan.reused
+    assert ids[:4] == run(lm, new, None)[0][:4]

@@ -73,14 +73,17 @@ def test_prompt_lookup_takes_the_longest_most_recent_match():
     assert PromptLookup().draft([5, 6, 5, 6], 4) == [5, 6]  # what followed "5 6" the first time, to the end
 
 
-def test_draft_length_backs_off_when_drafts_fail():
-    n = DraftLength(start=4, most=8)
-    n.update(4, 4)
-    assert n.next() == 8
-    for _ in range(3):
-        n.update(n.next(), 0)
-    assert [n.next() for _ in range(8)] == [0] * 8  # a rest after three failures
-    assert n.next() == 1
+def test_draft_length_weighs_acceptance_against_row_cost():
+    n = DraftLength(most=8)
+    for _ in range(20):
+        n.update(4, 4)  # drafts keep being right: worth all eight even where rows are dear
+    assert n.next(cost=0.1) == 8 and n.next(cost=0.25) == 8
+    middling = DraftLength(most=8, rate=0.7)
+    assert middling.next(cost=0.05) > middling.next(cost=0.3) > 0  # dearer rows: fewer drafts
+    for _ in range(20):
+        n.update(1, 0)  # drafts keep being wrong
+    assert [n.next(cost=0.25) for _ in range(DraftLength.PROBE_EVERY - 1)] == [0] * (DraftLength.PROBE_EVERY - 1)
+    assert n.next(cost=0.25) == 1  # then one probe
 
 
 @pytest.fixture(scope="module")
@@ -126,7 +129,7 @@ def draw(lm, seeds: range, monkeypatch, drafts: list[int] | None) -> dict[tuple[
     """Continuations over many seeds; with `drafts`, every forward pass verifies those tokens."""
     if drafts is not None:
         monkeypatch.setattr(PromptLookup, "draft", lambda self, tokens, k: drafts[:k])
-        monkeypatch.setattr(DraftLength, "next", lambda self: len(drafts))
+        monkeypatch.setattr(DraftLength, "next", lambda self, cost: len(drafts))
     counts: dict[tuple[int, ...], int] = {}
     for seed in seeds:
         gen = Generation(lm.model, lm.tokenizer, PROMPT, SamplingParams(**PARAMS, seed=seed),

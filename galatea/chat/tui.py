@@ -92,8 +92,9 @@ class TerminalChat:
         last = self.s.last
         if last is not None:
             stopped = " · stopped" if last.finish_reason == "cancelled" else ""
-            shifted = f", {last.shifted_tokens} shifted" if last.shifted_tokens else ""
-            cached = f" ({last.cached_tokens} reused{shifted})" if last.cached_tokens else ""
+            shifted = f", {last.shifted_tokens} moved" if last.shifted_tokens else ""
+            read = last.prompt_tokens - last.cached_tokens
+            cached = f" ({last.cached_tokens} reused{shifted}, {read} read)" if last.cached_tokens else ""
             self.say(f"{self.c.dim}[prompt {last.prompt_tokens} tok{cached} · reply {last.reply_tokens} tok · "
                      f"{last.decode_tok_s:.1f} tok/s{stopped}]{self.c.reset}")
 

@@ -102,13 +102,18 @@ def bench_chat_turn(lm: LoadedModel, context: int = 2048, max_new_tokens: int = 
         return slot
 
     def turn(slot: PromptCache | None) -> tuple[float, int, torch.Tensor]:
+        """Time to the first token's logits; where the last computed range starts, and its logits."""
         t = time.perf_counter()
         if slot is None:
-            cache, reused = model.make_cache(1, context), 0
+            cache, ranges = model.make_cache(1, context), [(0, len(new))]
         else:
-            cache, reused = slot.reuse(model, new, context)
-        logits = model(torch.tensor([new[reused:]], device=model.device), reused, cache, all_logits=True)[0]
-        return time.perf_counter() - t, reused, logits
+            cache, plan = slot.reuse(model, new, context)
+            ranges = list(plan.compute)
+        for a, b in ranges[:-1]:
+            model.prefill(torch.tensor([new[a:b]], device=model.device), a, cache)
+        start = ranges[-1][0]
+        logits = model(torch.tensor([new[start:]], device=model.device), start, cache, all_logits=True)[0]
+        return time.perf_counter() - t, start, logits
 
     model.prefill(torch.tensor([new[:16]], device=model.device), 0, model.make_cache(1, 64))  # warm-up
     fresh_s, _, fresh_logits = turn(None)

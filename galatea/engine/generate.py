@@ -74,16 +74,20 @@ class Generation:
         self.budget = min(params.max_new_tokens, context - n_prompt)
         self.prompt_cache = prompt_cache
         if prompt_cache is not None:
-            self.cache, self.reused = prompt_cache.reuse(model, prompt_ids, context)
-            self.shifted = prompt_cache.last_shift
+            self.cache, plan = prompt_cache.reuse(model, prompt_ids, context)
+            self.reused, self.shifted, todo = plan.reused, plan.moved, list(plan.compute)
             prompt_cache.clear()  # until this generation ends cleanly, the cache holds nothing certain
         else:
             self.cache, self.reused, self.shifted = model.make_cache(1, n_prompt + self.budget), 0, 0
+            todo = [(0, n_prompt)]
+        # prompt ranges [start, end) still to compute, in order: after chunk reuse, the new or
+        # changed text between the runs kept from the cache; the last one ends the prompt
+        self.todo: list[tuple[int, int]] = todo
         self.detok = IncrementalDetokenizer(tokenizer, prompt_ids)
         self.stops = StopMatcher(params.stop, params.include_stop)
         self.tokens = list(prompt_ids)
         self.n_prompt = n_prompt
-        self.read = self.reused  # prompt positions whose keys/values are in the cache
+        self.read = todo[0][0]  # prompt positions before this one have their keys/values in the cache
         self.fed = 0  # positions whose cached keys/values are those of `tokens`, once the prompt is read
         self.logits: torch.Tensor | None = None  # the next position's; None while a forward pass is due
         self.prompt_read = False
@@ -114,22 +118,29 @@ class Generation:
     @property
     def joins_step(self) -> bool:
         """The rest of the prompt is short: it is read as rows of the next batched step."""
-        return not self.prefilled and self.model.fused is not None and self.n_prompt - self.read <= JOIN_PROMPT
+        return not self.prefilled and self.model.fused is not None and len(self.todo) == 1 and \
+            self.n_prompt - self.read <= JOIN_PROMPT
 
     def prefill_step(self, chunk: int | None = None) -> bool:
         """Read up to `chunk` more prompt tokens (all by default); True once the prompt is read."""
-        if self.prefilled:
-            return True
-        if self.joins_step:  # as it is read inside a batched step, so that alone it gives the same
-            self.forward()
-            return True
-        end = self.n_prompt if chunk is None else min(self.n_prompt, self.read + chunk)
-        part = torch.tensor([self.tokens[self.read : end]], device=self.model.device)
-        logits = self.model.prefill(part, self.read, self.cache)[0]
-        self.read = end
-        if end == self.n_prompt:
-            self.logits, self.fed, self.prompt_read = logits, self.n_prompt, True
-            self.t_prefilled = time.perf_counter()
+        while not self.prefilled:
+            if self.joins_step:  # as it is read inside a batched step, so that alone it gives the same
+                self.forward()
+                break
+            start, end = self.todo[0]
+            stop = end if chunk is None else min(end, start + chunk)
+            part = torch.tensor([self.tokens[start:stop]], device=self.model.device)
+            logits = self.model.prefill(part, start, self.cache)[0]
+            if stop < end:
+                self.todo[0] = (stop, end)
+            else:
+                self.todo.pop(0)
+            self.read = self.todo[0][0] if self.todo else self.n_prompt
+            if not self.todo:
+                self.logits, self.fed, self.prompt_read = logits, self.n_prompt, True
+                self.t_prefilled = time.perf_counter()
+            if chunk is not None:
+                break
         return self.prefilled
 
     def sample(self) -> Chunk | None:
@@ -188,7 +199,7 @@ class Generation:
         self.drafts = []
         if self.lookup is not None:
             room = min(self.budget - self.n_new, self.cache.max_len - 1 - self.position, max_drafts)
-            k = min(self.draft_length.next(), room)
+            k = min(self.draft_length.next(self.model.fused.row_cost), room)
             self.drafts = self.lookup.draft(self.tokens, k) if k > 0 else []
         return [self.tokens[-1], *self.drafts]
 
@@ -197,6 +208,7 @@ class Generation:
         after row i's token."""
         if not self.prompt_read:
             self.logits, self.read, self.fed, self.prompt_read = logits[-1], self.n_prompt, self.n_prompt, True
+            self.todo = []
             self.t_prefilled = time.perf_counter()
             return
         self.logits = logits[0]

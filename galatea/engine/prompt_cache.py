@@ -1,6 +1,6 @@
 """Never re-read a prompt already read: KV cache slots that remember which tokens they hold.
 
-A chat re-sends the whole conversation every turn. Two ways to avoid reading it again:
+A chat re-sends the whole conversation every turn. Three ways to avoid reading it again:
 
 - **Prefix reuse.** The new prompt usually starts with everything a slot already holds; the cache
   is indexed by position, so reuse is starting the prefill at the first position that differs.
@@ -9,10 +9,18 @@ A chat re-sends the whole conversation every turn. Two ways to avoid reading it 
   cache early on. But most of what follows — the surviving turns — is still in the cache, only
   `d` positions later. We keep the persona's entries, move the surviving entries down by `d`,
   and re-rotate their keys to the new positions (RoPE is a rotation by angle position x
-  frequency, so rotating by -d x frequency moves a key back exactly `d` positions). Only the new
-  turn is then computed. Values are position-free. Deeper layers' entries still reflect
-  attention to the dropped turns, so results drift a little from a fresh computation; that is
-  measured by `galatea bench --chat-turn` and can be turned off (`context_shift=False`).
+  frequency, so rotating by -d x frequency moves a key back exactly `d` positions).
+- **Chunk reuse**, the general case: SillyTavern rewrites the middle of its prompt every turn
+  (world-info entries inserted after the first line and removed again, example dialogues
+  dropped, the author's note at a depth), so the prompt shares only a few dozen tokens of
+  prefix with the last one. Every long run of cached tokens (`MIN_CHUNK`+) that reappears later
+  in the new prompt, in order, is moved to its new position (forward or back) and re-rotated;
+  only the tokens between them — really new or changed — are computed, each range attending to
+  everything before it.
+
+Moved entries of deeper layers still reflect attention to what they followed before, so results
+drift a little from a fresh computation; that is measured by `galatea bench --chat-turn` and
+turned off with `context_shift=False` (then only the prefix is reused: exact).
 
 `PromptCachePool` keeps several slots (LRU) so alternating chats or clients do not evict each other.
 """
@@ -20,58 +28,75 @@ A chat re-sends the whole conversation every turn. Two ways to avoid reading it 
 from __future__ import annotations
 
 from collections.abc import Container, Sequence
-from dataclasses import dataclass
-
-import numpy as np
+from dataclasses import dataclass, field
 
 from galatea.model.cache import KVCache
 from galatea.model.llama import Llama
 
-MIN_SHIFT = 32  # fewer surviving tokens than this are cheaper to recompute than to move
+MIN_CHUNK = 32  # shorter runs: not worth the risk of reusing entries computed in another context
+MIN_SHIFT = MIN_CHUNK  # (the name context shift's tests know it by)
+_KEY = 8  # tokens of a run's start looked up in the index of held tokens
 
 
 @dataclass(frozen=True)
 class ReusePlan:
     common: int  # leading prompt tokens the slot holds at the same positions
-    shift_from: int = 0  # > 0: held[shift_from : shift_from + shift_len] becomes positions common..
-    shift_len: int = 0
+    moves: tuple[tuple[int, int, int], ...] = ()  # (src, dst, length): held runs kept at new positions
+    compute: tuple[tuple[int, int], ...] = field(default=())  # prompt ranges [start, end) to compute
+
+    @property
+    def moved(self) -> int:
+        return sum(n for src, dst, n in self.moves if src != dst)
 
     @property
     def reused(self) -> int:
-        return self.common + self.shift_len
+        return self.common + sum(n for _, _, n in self.moves)
+
+    @property
+    def first_change(self) -> int:
+        """The first prompt position that is computed (everything before it is kept)."""
+        return self.compute[0][0]
 
 
 def plan_reuse(held: Sequence[int], prompt: Sequence[int], context_shift: bool) -> ReusePlan:
-    """How much of `prompt` (all but its last token, whose logits are needed) a slot holding
-    `held` can provide: the common prefix, and with `context_shift` a run of held tokens that
-    reappears right after it."""
+    """How much of `prompt` a slot holding `held` can provide: the common prefix, and with
+    `context_shift` the runs of held tokens (MIN_CHUNK or more, in order) that reappear later in
+    it. The last prompt token is always computed: its logits pick the first new token."""
     usable = list(prompt[:-1])
     common = 0
     for a, b in zip(held, usable, strict=False):
         if a != b:
             break
         common += 1
-    if not context_shift or common >= len(usable) or len(held) - common <= MIN_SHIFT:
-        return ReusePlan(common)
-    h = np.asarray(held, dtype=np.int64)
-    p = np.asarray(usable[common:], dtype=np.int64)
-    # Candidate offsets: where the held tokens after the prefix start like the prompt's rest.
-    probe = min(8, len(p))
-    rest = h[common + 1 :]
-    starts = np.nonzero(rest == p[0])[0]
-    best_from, best_len = 0, 0
-    for s in starts:
-        src = common + 1 + int(s)
-        span = min(len(h) - src, len(p))
-        if span <= max(best_len, MIN_SHIFT - 1) or not np.array_equal(h[src : src + probe], p[:probe]):
-            continue
-        diff = np.nonzero(h[src : src + span] != p[:span])[0]
-        run = int(diff[0]) if len(diff) else span
-        if run > best_len:
-            best_from, best_len = src, run
-    if best_len < MIN_SHIFT:
-        return ReusePlan(common)
-    return ReusePlan(common, best_from, best_len)
+    moves: list[tuple[int, int, int]] = []
+    compute: list[tuple[int, int]] = []
+    if context_shift and len(held) - common >= MIN_CHUNK and len(usable) - common >= MIN_CHUNK:
+        starts: dict[tuple[int, ...], list[int]] = {}
+        for i in range(common, len(held) - _KEY + 1):
+            starts.setdefault(tuple(held[i : i + _KEY]), []).append(i)
+        i, from_held, gap = common, common, common
+        while i + MIN_CHUNK <= len(usable):
+            best, at = 0, -1
+            for src in starts.get(tuple(usable[i : i + _KEY]), ()):
+                if src < from_held:
+                    continue
+                n = _KEY
+                while i + n < len(usable) and src + n < len(held) and usable[i + n] == held[src + n]:
+                    n += 1
+                if n > best:
+                    best, at = n, src
+            if best >= MIN_CHUNK:
+                if i > gap:
+                    compute.append((gap, i))
+                moves.append((at, i, best))
+                i = gap = i + best
+                from_held = at + best
+            else:
+                i += 1
+        compute.append((gap, len(prompt)))
+    else:
+        compute.append((common, len(prompt)))
+    return ReusePlan(common, tuple(moves), tuple(compute))
 
 
 class PromptCache:
@@ -86,19 +111,20 @@ class PromptCache:
     def plan(self, prompt_ids: Sequence[int]) -> ReusePlan:
         return plan_reuse(self.tokens, prompt_ids, self.context_shift)
 
-    def reuse(self, model: Llama, prompt_ids: Sequence[int], max_len: int) -> tuple[KVCache, int]:
-        """The cache to use and how many leading prompt tokens it now holds (after a context
-        shift, if one applies). At least the last prompt token is always recomputed: its
-        logits pick the first new token."""
+    def reuse(self, model: Llama, prompt_ids: Sequence[int], max_len: int) -> tuple[KVCache, ReusePlan]:
+        """The cache to use, with every run the plan keeps moved into place, and the plan (what
+        is left to compute). At least the last prompt token is always recomputed: its logits
+        pick the first new token."""
         if self.cache is None or self.cache.max_len < max_len:
             self.cache, self.tokens = model.make_cache(1, max_len), []
         plan = self.plan(prompt_ids)
-        self.last_shift = plan.shift_len
-        if plan.shift_len:
+        self.last_shift = plan.moved
+        if plan.moved:
             assert model.rotary is not None
-            self.cache.shift(plan.shift_from, plan.common, plan.shift_len, model.rotary)
-        self.tokens = list(prompt_ids[: plan.reused])
-        return self.cache, plan.reused
+            self.cache.move([m for m in plan.moves if m[0] != m[1]], model.rotary)
+        # until the gaps are computed, the cache holds the prompt only up to the first one
+        self.tokens = list(prompt_ids[: plan.first_change])
+        return self.cache, plan
 
     def holds(self, tokens: Sequence[int]) -> None:
         """Record what the cache holds after a generation (positions 0..len(tokens)-1)."""

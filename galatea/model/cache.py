@@ -7,6 +7,7 @@ no re-allocation while a chat grows, and the position index makes prefix reuse (
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 import torch
@@ -32,26 +33,34 @@ class KVCache:
         self.values[layer, :, :, start:end] = v
         return self.keys[layer, :, :, :end], self.values[layer, :, :, :end]
 
-    def shift(self, src: int, dst: int, length: int, rotary: Rotary) -> None:
-        """Move positions src..src+length-1 down to dst..dst+length-1 (dst < src), in every
-        layer and batch row, re-rotating the keys to their new positions.
+    def move(self, moves: Sequence[tuple[int, int, int]], rotary: Rotary) -> None:
+        """Move runs of positions (src, dst, length) in every layer and batch row, re-rotating the
+        keys to their new positions. The runs are in order in both their sources and their
+        destinations (as plan_reuse makes them), so moving the ones that go down first, in
+        order, then the ones that go up, in reverse order, never overwrites a run not yet moved."""
+        down = [m for m in moves if m[1] < m[0]]
+        up = [m for m in moves if m[1] > m[0]]
+        for src, dst, length in [*down, *reversed(up)]:
+            self._move(src, dst, length, rotary)
 
-        Keys hold R(p) k, RoPE's rotation by angle p x frequency; R(-d) R(p) = R(p - d), so a
-        rotation by -d (d = src - dst) is exactly the key computed at position p - d. In
-        rotate-half form that is k cos(d) - rotate_half(k) sin(d). Values carry no position."""
-        d = src - dst
-        if d <= 0 or length <= 0:
+    def _move(self, src: int, dst: int, length: int, rotary: Rotary) -> None:
+        """Keys hold R(p) k, RoPE's rotation by angle p x frequency; R(d) R(p) = R(p + d), so a
+        rotation by d = dst - src is exactly the key computed at its new position. In rotate-half
+        form: k cos(d) + rotate_half(k) sin(d). Values carry no position."""
+        d = dst - src
+        if d == 0 or length <= 0:
             return
         # The rotation as a [D, D] matrix, applied to each key row by one GEMM (much faster than
-        # elementwise ops on half-rows): out_lo = lo cos + hi sin, out_hi = hi cos - lo sin.
+        # elementwise ops on half-rows): out_lo = lo cos - hi sin, out_hi = hi cos + lo sin.
         half = self.keys.shape[-1] // 2
-        c, s = rotary.cos[d, :half].float().cpu(), rotary.sin[d, :half].float().cpu()
+        c = rotary.cos[abs(d), :half].float().cpu()
+        s = rotary.sin[abs(d), :half].float().cpu() * (1 if d > 0 else -1)
         i = torch.arange(half)
         rot = torch.zeros(2 * half, 2 * half)
-        rot[i, i], rot[i + half, i], rot[i + half, i + half], rot[i, i + half] = c, s, c, -s
+        rot[i, i], rot[i + half, i], rot[i + half, i + half], rot[i, i + half] = c, -s, c, s
         rot = rot.to(self.keys.device)
         # One scratch buffer for all layers: fresh temporaries per layer cost more in page faults
-        # than the copies themselves. Source and destination overlap, hence the detour.
+        # than the copies themselves. Source and destination may overlap, hence the detour.
         b, k_heads, _, dim = self.keys.shape[1:]
         scratch = torch.empty((b, k_heads, length, dim), dtype=torch.float32, device=self.keys.device)
         for layer in range(self.keys.shape[0]):

@@ -18,6 +18,7 @@ both on every model.
 from __future__ import annotations
 
 import ctypes
+import time
 from collections.abc import Sequence
 
 import torch
@@ -48,6 +49,24 @@ class FusedDecoder:
         self.final_norm = model.model.norm.weight.detach().float().contiguous()
         self.head: TiledLinear = model.lm_head
         self._plans: dict[int, tuple[dict[str, Tensor], list[tuple]]] = {}
+        # seconds of a one-row step, and per extra row, as moving averages of the steps run
+        self._one_row: float | None = None
+        self._per_row: float | None = None
+
+    @property
+    def row_cost(self) -> float:
+        """What a row beside the first costs, relative to a one-row step (0.15 until measured):
+        what speculative decoding weighs its drafts against."""
+        if self._one_row is None or self._per_row is None:
+            return 0.15
+        return max(0.02, self._per_row / self._one_row)
+
+    def _timed(self, rows: int, seconds: float) -> None:
+        if rows == 1:
+            self._one_row = seconds if self._one_row is None else 0.9 * self._one_row + 0.1 * seconds
+        elif self._one_row is not None and rows <= 9:  # decoding-sized steps, not prompts
+            extra = max(0.0, seconds - self._one_row) / (rows - 1)
+            self._per_row = extra if self._per_row is None else 0.8 * self._per_row + 0.2 * extra
 
     @classmethod
     def build(cls, model: torch.nn.Module, kernels: Kernels | None) -> FusedDecoder | None:
@@ -91,6 +110,7 @@ class FusedDecoder:
         positions attend causally to each other); returns float32 logits [B, V], or only for the
         rows in `keep` (the output head is the largest matrix: a prompt needs its last row's)."""
         rows = len(tokens)
+        started = time.perf_counter()
         for cache, pos in zip(caches, positions, strict=True):
             if pos >= cache.max_len:
                 raise ValueError(f"position {pos} exceeds the cache of {cache.max_len}")
@@ -129,4 +149,5 @@ class FusedDecoder:
         matmul(self.isa, ctypes.addressof(head.segments), len(head.segments), head.in_features, x.data_ptr(),
                0, self.hidden, x.shape[0], logits.data_ptr(), 0, self.vocab, 0, PRE_RMSNORM,
                self.final_norm.data_ptr(), self.eps)
+        self._timed(rows, time.perf_counter() - started)
         return logits

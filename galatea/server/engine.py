@@ -50,7 +50,8 @@ class Perf:
     last_token_count: int = 0
     last_input_count: int = 0
     last_cached_count: int = 0  # prompt tokens reused from the prompt cache
-    last_shifted_count: int = 0  # of those, moved by a context shift
+    last_shifted_count: int = 0  # of those, moved to new positions (context shift, chunk reuse)
+    last_recomputed_count: int = 0  # prompt tokens read (computed) for the last generation
     last_drafted_count: int = 0  # speculative decoding: tokens drafted in the last generation
     last_accepted_count: int = 0  # of those, kept
     last_seed: int = -1
@@ -290,6 +291,7 @@ class Engine:
         p.last_cached_count, p.last_shifted_count = last.cached_tokens, last.shifted_tokens
         p.last_drafted_count, p.last_accepted_count = last.drafted_tokens, last.accepted_tokens
         read = last.prompt_tokens - last.cached_tokens
+        p.last_recomputed_count = read
         p.last_process = read / last.prefill_tok_s if last.prefill_tok_s else 0.0
         p.last_eval = 1.0 / last.decode_tok_s if last.decode_tok_s else 0.0
         p.last_seed = last.seed if last.seed is not None else -1

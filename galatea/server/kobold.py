@@ -59,6 +59,7 @@ def build_router(engine: Engine) -> APIRouter:
                 "last_token_count": p.last_token_count, "last_input_count": p.last_input_count,
                 "last_cached_count": p.last_cached_count,
                 "last_shifted_count": p.last_shifted_count,
+                "last_recomputed_count": p.last_recomputed_count,
                 "last_drafted_count": p.last_drafted_count,
                 "last_accepted_count": p.last_accepted_count,
                 "last_seed": p.last_seed, "total_gens": p.total_gens, "stop_reason": p.stop_reason,
