@@ -272,3 +272,70 @@ def test_decode_attention_rotates_stores_and_attends(path, cache):
         ref = torch.nn.functional.scaled_dot_product_attention(q[None, :, None].double(), keys[None], values[None],
                                                                enable_gqa=True)[0, :, 0]
         assert torch.allclose(out[r].view(heads, d).double(), ref, atol=2e-5)
+
+
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("cache", [torch.float32, torch.float16, torch.bfloat16], ids=str)
+def test_kv_move_gives_the_keys_computed_at_their_new_positions(path, cache):
+    """Context shift and chunk reuse move runs of cached positions, overlapping their old place,
+    down and up: moved values are the same bytes, moved keys equal the raw keys rotated (HF's
+    rotate-half RoPE, in float64) at their new positions within the cache dtype's rounding
+    (stored once, rotated, stored again: 2 units), and no other position changes."""
+    from galatea.model.config import ModelConfig
+    from galatea.model.llama import Rotary, apply_rope
+
+    kern = kernels(path)
+    layers, kv_heads, d, slots = 2, 3, 64, 120
+    cfg = ModelConfig(vocab_size=8, hidden_size=kv_heads * d, intermediate_size=8, num_hidden_layers=layers,
+                      num_attention_heads=kv_heads, num_key_value_heads=kv_heads, max_position_embeddings=slots)
+    rot = Rotary(cfg, slots)
+    cos, sin = rot.cos.double(), rot.sin.double()
+    raw = torch.randn(layers, 1, kv_heads, slots, d, dtype=torch.float64)
+    values = torch.randn(layers, 1, kv_heads, slots, d).to(cache)
+    keys = apply_rope(raw, cos, sin).to(cache)  # the key of raw[p] computed at position p
+    ulp = {torch.float32: 2**-23, torch.float16: 2**-10, torch.bfloat16: 2**-7}[cache]
+    for src, dst, n in [(40, 10, 50), (10, 35, 50), (0, 119, 1), (70, 0, 50)]:
+        k, v = keys.clone(), values.clone()
+        delta = abs(dst - src)
+        kern.move_kv(k, v, src, dst, n, rot.cos[delta].contiguous(),
+                     (rot.sin[delta] * (1 if dst > src else -1)).contiguous())
+        expect = apply_rope(raw[..., src : src + n, :], cos[dst : dst + n], sin[dst : dst + n])
+        err = (k[..., dst : dst + n, :].double() - expect).abs().max().item()
+        assert err <= 2 * ulp * raw.abs().max().item(), (src, dst, err)
+        assert torch.equal(v[..., dst : dst + n, :], values[..., src : src + n, :])
+        untouched = [p for p in range(slots) if not dst <= p < dst + n]
+        assert torch.equal(k[..., untouched, :], keys[..., untouched, :])
+        assert torch.equal(v[..., untouched, :], values[..., untouched, :])
+
+
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("length", [40, 200, 700])
+def test_verification_rows_share_the_cache_and_stay_causal(path, length):
+    """Drafts are verified as rows of one cache at consecutive positions, which the kernel joins
+    into one job reading the cache once; row r must still attend to exactly positions 0..pos_r
+    (runs of positions after it weigh nothing, including a last run wholly after the first
+    rows), beside a row of another cache in the same call. Against torch's float64 attention of
+    the stored keys and values."""
+    import ctypes
+
+    kern = kernels(path)
+    heads, kv_heads, d, slots, nq = 4, 2, 64, 720, 9
+    caches = [(torch.randn(kv_heads, slots, d).half(), torch.randn(kv_heads, slots, d).half()) for _ in range(2)]
+    rows = [(1, 30)] + [(0, length - nq + r) for r in range(nq)]  # (cache, position)
+    n = len(rows)
+    cos, sin = torch.ones(slots, d), torch.zeros(slots, d)  # no rotation: q and k as given
+    qkv = torch.randn(n, (heads + 2 * kv_heads) * d)
+    out = torch.empty(n, heads * d)
+    i64, ptr = ctypes.c_int64 * n, ctypes.c_void_p * n
+    rc = kern.lib.gx_decode_attention(
+        native.ISA_IDS[path], qkv.data_ptr(), qkv.stride(0), n, i64(*(p for _, p in rows)),
+        ptr(*(caches[c][0].data_ptr() for c, _ in rows)), ptr(*(caches[c][1].data_ptr() for c, _ in rows)),
+        i64(*(caches[c][0].stride(0) for c, _ in rows)), d, native.KV_DTYPE_IDS[torch.float16], heads, kv_heads,
+        d, cos.data_ptr(), sin.data_ptr(), 1 / math.sqrt(d), out.data_ptr(), out.stride(0))
+    assert rc == 0
+    for r, (c, pos) in enumerate(rows):
+        q = qkv[r, : heads * d].view(heads, d)
+        keys, values = caches[c][0][:, : pos + 1].double(), caches[c][1][:, : pos + 1].double()
+        ref = torch.nn.functional.scaled_dot_product_attention(q[None, :, None].double(), keys[None], values[None],
+                                                               enable_gqa=True)[0, :, 0]
+        assert torch.allclose(out[r].view(heads, d).double(), ref, atol=2e-5), (r, pos)

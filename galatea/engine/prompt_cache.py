@@ -121,7 +121,7 @@ class PromptCache:
         self.last_shift = plan.moved
         if plan.moved:
             assert model.rotary is not None
-            self.cache.move([m for m in plan.moves if m[0] != m[1]], model.rotary)
+            self.cache.move([m for m in plan.moves if m[0] != m[1]], model.rotary, model.kernels)
         # until the gaps are computed, the cache holds the prompt only up to the first one
         self.tokens = list(prompt_ids[: plan.first_change])
         return self.cache, plan

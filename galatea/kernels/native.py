@@ -54,7 +54,10 @@ def library() -> tuple[ctypes.CDLL | None, str]:
                 lib = ctypes.CDLL(str(path))
             except OSError as e:
                 return None, f"the native library did not load ({e})"
-            _declare(lib)
+            try:
+                _declare(lib)
+            except AttributeError as e:  # built from older sources than these
+                return None, f"the native library is out of date ({e}); rebuild it with `pip install -e .`"
             return lib, ""
     if failed.exists():
         return None, "the native library did not build: " + failed.read_text(encoding="utf-8").strip()
@@ -73,6 +76,7 @@ def _declare(lib: ctypes.CDLL) -> None:
         "gx_decode_attention": ([i32, ptr, i64, i32, ptr, ptr, ptr, ptr, i64, i32, i32, i32, i32, ptr, ptr,
                                  ctypes.c_float, ptr, i64], i32),
         "gx_attention": ([i32, ptr, i32, i32, i32, ptr, ptr, i32, i64, i64, i64, ctypes.c_float, ptr], i32),
+        "gx_kv_move": ([i32, ptr, ptr, i32, i64, i64, i32, i64, i64, i64, ptr, ptr], i32),
     }
     for name, (args, res) in signatures.items():
         fn = getattr(lib, name)
@@ -169,6 +173,18 @@ class Kernels:
         if rc != 0:
             raise RuntimeError(f"native attention refused its arguments (code {rc})")
         return out
+
+    def move_kv(self, keys: Tensor, values: Tensor, src: int, dst: int, length: int, cos: Tensor,
+                sin: Tensor) -> None:
+        """Positions [src, src+length) moved to [dst, dst+length) in place in every head row of
+        keys/values ([..., S, D], contiguous, one dtype), keys re-rotated by RoPE for the distance
+        moved: cos/sin float32 [D], the table row of |dst - src| (sin negated when moving down)."""
+        d = keys.shape[-1]
+        rc = self.lib.gx_kv_move(ISA_IDS[self.isa], keys.data_ptr(), values.data_ptr(), KV_DTYPE_IDS[keys.dtype],
+                                 keys.numel() // (keys.shape[-2] * d), keys.shape[-2] * d, d, src, dst, length,
+                                 cos.data_ptr(), sin.data_ptr())
+        if rc != 0:
+            raise RuntimeError(f"native KV move refused its arguments (code {rc})")
 
     @staticmethod
     def attends(head_dim: int, dtype: torch.dtype) -> bool:

@@ -14,6 +14,7 @@ import torch
 from torch import Tensor
 
 if TYPE_CHECKING:
+    from galatea.kernels.native import Kernels
     from galatea.model.llama import Rotary
 
 
@@ -33,15 +34,24 @@ class KVCache:
         self.values[layer, :, :, start:end] = v
         return self.keys[layer, :, :, :end], self.values[layer, :, :, :end]
 
-    def move(self, moves: Sequence[tuple[int, int, int]], rotary: Rotary) -> None:
+    def move(self, moves: Sequence[tuple[int, int, int]], rotary: Rotary, kernels: Kernels | None = None) -> None:
         """Move runs of positions (src, dst, length) in every layer and batch row, re-rotating the
         keys to their new positions. The runs are in order in both their sources and their
         destinations (as plan_reuse makes them), so moving the ones that go down first, in
-        order, then the ones that go up, in reverse order, never overwrites a run not yet moved."""
+        order, then the ones that go up, in reverse order, never overwrites a run not yet moved.
+        With the native kernels each run is one pass over the entries it moves, in their dtype."""
         down = [m for m in moves if m[1] < m[0]]
         up = [m for m in moves if m[1] > m[0]]
+        native = kernels is not None and self.keys.device.type == "cpu" and self.keys.is_contiguous() \
+            and kernels.attends(self.keys.shape[-1], self.keys.dtype)
         for src, dst, length in [*down, *reversed(up)]:
-            self._move(src, dst, length, rotary)
+            if native and dst != src and length > 0:
+                d = abs(dst - src)
+                cos = rotary.cos[d].float().contiguous()
+                sin = (rotary.sin[d].float() * (1 if dst > src else -1)).contiguous()
+                kernels.move_kv(self.keys, self.values, src, dst, length, cos, sin)
+            else:
+                self._move(src, dst, length, rotary)
 
     def _move(self, src: int, dst: int, length: int, rotary: Rotary) -> None:
         """Keys hold R(p) k, RoPE's rotation by angle p x frequency; R(d) R(p) = R(p + d), so a

@@ -363,40 +363,45 @@ void run_attend(void* ctx, int64_t i) {
   else gx_avx2::attend_item(c.jobs[row], item);
 }
 
-// Runs of positions per head: enough items to keep every thread busy, none under 64 positions.
+// Runs of positions per head: enough items to keep every thread busy, none under 64 positions;
+// with several queries, runs short enough that their keys and values stay in L2 between them.
 void plan_chunks(AttnJob& j, int threads) {
-  const int64_t want = (4 * threads + j.kv_heads - 1) / j.kv_heads;
+  int64_t want = (4 * threads + j.kv_heads - 1) / j.kv_heads;
+  if (j.nq > 1) {
+    const int64_t fit = (j.length + 255) / 256;
+    want = want > fit ? want : fit;
+  }
   const int64_t chunk = (j.length + want - 1) / want;
   j.chunk = chunk < 64 ? 64 : chunk;
   j.nchunks = (j.length + j.chunk - 1) / j.chunk;
 }
 
-// Run the jobs (their `partial` set by this function), then merge each head's runs into out:
-// rescale every run to the head's overall maximum.
-void attend(int isa, std::vector<AttnJob>& jobs, float* const* outs) {
+// Run the jobs (their `partial` set by this function), then merge each head's runs into out
+// (query r of job i at outs[i] + r * out_stride): rescale every run to the head's overall maximum.
+void attend(int isa, std::vector<AttnJob>& jobs, float* const* outs, int64_t out_stride) {
   State& st = state();
   AttnCall call{isa, {}, {}};
   size_t total = 0;
   for (auto& j : jobs) {
     plan_chunks(j, st.pool.threads());
-    total += static_cast<size_t>(j.heads) * j.nchunks * (j.d + 2);
+    total += static_cast<size_t>(j.nq) * j.heads * j.nchunks * (j.d + 2);
   }
   st.partial.resize(total);
   size_t at = 0;
   for (size_t r = 0; r < jobs.size(); ++r) {
     jobs[r].partial = st.partial.data() + at;
-    at += static_cast<size_t>(jobs[r].heads) * jobs[r].nchunks * (jobs[r].d + 2);
+    at += static_cast<size_t>(jobs[r].nq) * jobs[r].heads * jobs[r].nchunks * (jobs[r].d + 2);
     for (int64_t i = 0; i < jobs[r].kv_heads * jobs[r].nchunks; ++i) call.items.emplace_back(static_cast<int>(r), i);
   }
   call.jobs = jobs;
   st.pool.run(static_cast<int64_t>(call.items.size()), run_attend, &call);
   for (size_t r = 0; r < jobs.size(); ++r) {
     const AttnJob& j = jobs[r];
-    for (int h = 0; h < j.heads; ++h) {
+    for (int h = 0; h < j.nq * j.heads; ++h) {  // (query, head) pairs
       const float* part = j.partial + static_cast<size_t>(h) * j.nchunks * (j.d + 2);
       float mx = -INFINITY, den = 0.f;
       for (int64_t c = 0; c < j.nchunks; ++c) mx = part[c * (j.d + 2)] > mx ? part[c * (j.d + 2)] : mx;
-      float* o = outs[r] + static_cast<size_t>(h) * j.d;
+      float* o = outs[r] + (h / j.heads) * out_stride + static_cast<size_t>(h % j.heads) * j.d;
       for (int i = 0; i < j.d; ++i) o[i] = 0.f;
       for (int64_t c = 0; c < j.nchunks; ++c) {
         const float* pc = part + c * (j.d + 2);
@@ -536,9 +541,9 @@ GX_EXPORT int gx_attention(int isa, const float* q, int heads, int kv_heads, int
   if (d % 16 || d > kMaxHeadDim || kv_heads <= 0 || heads % kv_heads || length <= 0) return -1;
   if (kv_dtype != KV_F32 && kv_dtype != KV_BF16 && kv_dtype != KV_F16) return -1;
   std::lock_guard<std::mutex> lock(state().mu);
-  std::vector<AttnJob> jobs{AttnJob{q, k, v, kv_dtype, heads, kv_heads, d, head_stride, pos_stride, length, 0, 0,
-                                    scale, nullptr}};
-  attend(isa, jobs, &out);
+  std::vector<AttnJob> jobs{AttnJob{q, k, v, kv_dtype, heads, kv_heads, d, 1, 0, head_stride, pos_stride, length, 0,
+                                    0, scale, nullptr}};
+  attend(isa, jobs, &out, 0);
   return 0;
 }
 
@@ -567,10 +572,56 @@ GX_EXPORT int gx_decode_attention(int isa, float* qkv, int64_t ldqkv, int rows, 
       store(kcache[r], kv_dtype, g * head_stride[r] + pos[r] * pos_stride, k + g * d, d);
       store(vcache[r], kv_dtype, g * head_stride[r] + pos[r] * pos_stride, v + g * d, d);
     }
-    jobs.push_back(AttnJob{q, kcache[r], vcache[r], kv_dtype, heads, kv_heads, d, head_stride[r], pos_stride,
-                           pos[r] + 1, 0, 0, scale, nullptr});
+    // rows of one cache at consecutive positions (drafts being verified) share one job
+    const bool joins = r > 0 && kcache[r] == kcache[r - 1] && vcache[r] == vcache[r - 1] &&
+                       head_stride[r] == head_stride[r - 1] && pos[r] == pos[r - 1] + 1;
+    if (joins) {
+      jobs.back().nq += 1;
+      jobs.back().length += 1;
+      continue;
+    }
+    jobs.push_back(AttnJob{q, kcache[r], vcache[r], kv_dtype, heads, kv_heads, d, 1, ldqkv, head_stride[r],
+                           pos_stride, pos[r] + 1, 0, 0, scale, nullptr});
     outs.push_back(out + r * ldo);
   }
-  attend(isa, jobs, outs.data());
+  attend(isa, jobs, outs.data(), ldo);
+  return 0;
+}
+
+namespace {
+
+struct MoveCall {
+  int isa, kv_dtype, d;
+  void *k, *v;
+  int64_t head_stride, src, dst, n;
+  const float *cos, *sin;
+};
+
+void run_move(void* ctx, int64_t h) {
+  const MoveCall& c = *static_cast<const MoveCall*>(ctx);
+  auto move = c.isa == kAvx512 ? gx_avx512::move_keys : gx_avx2::move_keys;
+  move(c.k, c.kv_dtype, h * c.head_stride + c.src * c.d, h * c.head_stride + c.dst * c.d, c.n, c.d, c.cos, c.sin);
+  const int64_t es = c.kv_dtype == KV_F32 ? 4 : 2;
+  char* v = static_cast<char*>(c.v) + h * c.head_stride * es;
+  std::memmove(v + c.dst * c.d * es, v + c.src * c.d * es, static_cast<size_t>(c.n * c.d * es));
+}
+
+}  // namespace
+
+// Context shift and chunk reuse: in each of `heads` head rows (head_stride elements apart; each
+// row's positions contiguous, d elements each) move positions [src, src+n) to [dst, dst+n),
+// values as they are and keys re-rotated to their new positions (cos/sin: float32 [d], RoPE's
+// table row for |dst - src|, sin negated when dst < src). The rows are independent work items.
+GX_EXPORT int gx_kv_move(int isa, void* k, void* v, int kv_dtype, int64_t heads, int64_t head_stride, int d,
+                         int64_t src, int64_t dst, int64_t n, const float* cos, const float* sin) {
+  if ((isa != kAvx512 && isa != kAvx2) || isa > cpu_isa()) return -3;
+  if (d % 16 || d > kMaxHeadDim || heads <= 0 || n < 0 || src < 0 || dst < 0) return -1;
+  if ((src > dst ? src : dst) + n > head_stride / d) return -1;
+  if (kv_dtype != KV_F32 && kv_dtype != KV_BF16 && kv_dtype != KV_F16) return -1;
+  if (n == 0 || src == dst) return 0;
+  State& st = state();
+  std::lock_guard<std::mutex> lock(st.mu);
+  MoveCall call{isa, kv_dtype, d, k, v, head_stride, src, dst, n, cos, sin};
+  st.pool.run(heads, run_move, &call);
   return 0;
 }

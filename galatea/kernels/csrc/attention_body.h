@@ -22,36 +22,42 @@ void attend_item(const AttnJob& j, int64_t item) {
   const int64_t g = item / j.nchunks, c = item % j.nchunks;
   const int64_t p0 = c * j.chunk, p1 = p0 + j.chunk < j.length ? p0 + j.chunk : j.length;
   const int nd = j.d / V::kLanes, group = j.heads / j.kv_heads;
-  for (int64_t h = g * group; h < (g + 1) * group; ++h) {
-    const float* q = j.q + h * j.d;
-    F acc[kMaxHeadDim / V::kLanes];
-    for (int i = 0; i < nd; ++i) acc[i] = V::zerof();
-    float m = -INFINITY, l = 0.f;
-    alignas(64) float s[V::kLanes];
-    for (int64_t p = p0; p < p1; p += V::kLanes) {
-      const int n = p1 - p < V::kLanes ? static_cast<int>(p1 - p) : V::kLanes;
-      scores(j, q, g, p, n, s);
-      float mb = s[0];
-      for (int t = 1; t < n; ++t) mb = s[t] > mb ? s[t] : mb;
-      for (int t = n; t < V::kLanes; ++t) s[t] = -INFINITY;  // exp() of these is 0
-      if (mb > m) {  // rescale what was summed so far to the new maximum
-        const float alpha = std::exp(m - mb);
-        l *= alpha;
-        for (int i = 0; i < nd; ++i) acc[i] = V::mul(acc[i], V::set1(alpha));
-        m = mb;
+  // Queries after the first re-read this run of keys/values from L2, not memory.
+  for (int r = 0; r < j.nq; ++r) {
+    const int64_t last = j.length - j.nq + r;  // the last position query r sees
+    const int64_t end = p1 < last + 1 ? p1 : last + 1;
+    for (int64_t h = g * group; h < (g + 1) * group; ++h) {
+      const float* q = j.q + r * j.q_stride + h * j.d;
+      F acc[kMaxHeadDim / V::kLanes];
+      for (int i = 0; i < nd; ++i) acc[i] = V::zerof();
+      float m = -INFINITY, l = 0.f;
+      alignas(64) float s[V::kLanes];
+      for (int64_t p = p0; p < end; p += V::kLanes) {
+        const int n = end - p < V::kLanes ? static_cast<int>(end - p) : V::kLanes;
+        scores(j, q, g, p, n, s);
+        float mb = s[0];
+        for (int t = 1; t < n; ++t) mb = s[t] > mb ? s[t] : mb;
+        for (int t = n; t < V::kLanes; ++t) s[t] = -INFINITY;  // exp() of these is 0
+        if (mb > m) {  // rescale what was summed so far to the new maximum
+          const float alpha = std::exp(m - mb);
+          l *= alpha;
+          for (int i = 0; i < nd; ++i) acc[i] = V::mul(acc[i], V::set1(alpha));
+          m = mb;
+        }
+        V::storef(s, V::exp(V::sub(V::loadf(s), V::set1(m))));
+        for (int t = 0; t < n; ++t) {
+          l += s[t];
+          const F w = V::set1(s[t]);
+          const int64_t row = g * j.head_stride + (p + t) * j.pos_stride;
+          for (int i = 0; i < nd; ++i) acc[i] = V::fma(w, V::load_kv(j.v, j.kv_dtype, row + i * V::kLanes), acc[i]);
+        }
       }
-      V::storef(s, V::exp(V::sub(V::loadf(s), V::set1(m))));
-      for (int t = 0; t < n; ++t) {
-        l += s[t];
-        const F w = V::set1(s[t]);
-        const int64_t row = g * j.head_stride + (p + t) * j.pos_stride;
-        for (int i = 0; i < nd; ++i) acc[i] = V::fma(w, V::load_kv(j.v, j.kv_dtype, row + i * V::kLanes), acc[i]);
-      }
+      // a run wholly after this query's position leaves max -inf and sum 0: it weighs nothing
+      float* out = j.partial + ((r * j.heads + h) * j.nchunks + c) * (j.d + 2);
+      out[0] = m;
+      out[1] = l;
+      for (int i = 0; i < nd; ++i) V::storeu(out + 2 + i * V::kLanes, acc[i]);
     }
-    float* out = j.partial + (h * j.nchunks + c) * (j.d + 2);
-    out[0] = m;
-    out[1] = l;
-    for (int i = 0; i < nd; ++i) V::storeu(out + 2 + i * V::kLanes, acc[i]);
   }
 }
 
@@ -79,4 +85,19 @@ void store_kv(void* cache, int kv_dtype, int64_t at, const float* src, int n) {
   int i = 0;
   for (; i + V::kLanes <= n; i += V::kLanes) V::store_kv(cache, kv_dtype, at + i, V::loadu(src + i));
   for (; i < n; ++i) V::store_kv1(cache, kv_dtype, at + i, src[i]);
+}
+
+// One head's keys moved from positions [src, src+n) to [dst, dst+n) (element offsets of the first
+// position; positions d apart) and rotated by RoPE's angle for the distance moved (cos/sin: that
+// distance's table row, sin negated for a move down), which is exactly the key computed at its
+// new position. Positions are taken in the order that never overwrites one not yet read.
+void move_keys(void* cache, int kv_dtype, int64_t src, int64_t dst, int64_t n, int d, const float* cos,
+               const float* sin) {
+  alignas(64) float buf[kMaxHeadDim];
+  for (int64_t i = 0; i < n; ++i) {
+    const int64_t t = dst < src ? i : n - 1 - i;
+    for (int j = 0; j < d; j += V::kLanes) V::storeu(buf + j, V::load_kv(cache, kv_dtype, src + t * d + j));
+    rope(buf, 1, d, cos, sin);
+    store_kv(cache, kv_dtype, dst + t * d, buf, d);
+  }
 }

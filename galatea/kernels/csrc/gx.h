@@ -83,19 +83,21 @@ struct MatmulJob {
   bool prefetch;
 };
 
-// One query per head against a cache's positions [0, length): keys/values element (head g,
-// position p, dim i) at g * head_stride + p * pos_stride + i, in kv_dtype (F32, BF16 or F16).
+// nq queries per head against one cache: query r (at position length - nq + r) sees positions
+// [0, length - nq + r], so the rows of one sequence verifying drafts read the cache once. Keys/
+// values element (head g, position p, dim i) at g * head_stride + p * pos_stride + i, in kv_dtype
+// (F32, BF16 or F16).
 enum KvType : int { KV_F32 = 0, KV_BF16 = 1, KV_F16 = 2 };
 constexpr int kMaxHeadDim = 256;
 struct AttnJob {
-  const float* q;  // [heads][d]
+  const float* q;  // query r's heads at q + r * q_stride: [heads][d]
   const void* k;
   const void* v;
   int kv_dtype;
-  int heads, kv_heads, d;
-  int64_t head_stride, pos_stride, length, chunk, nchunks;
+  int heads, kv_heads, d, nq;
+  int64_t q_stride, head_stride, pos_stride, length, chunk, nchunks;
   float scale;
-  float* partial;  // [heads][nchunks][d + 2]: running max, sum, then the weighted values
+  float* partial;  // [nq][heads][nchunks][d + 2]: running max, sum, then the weighted values
 };
 
 // Each instruction set provides these (namespaces gx_avx512, gx_avx2).
@@ -105,7 +107,9 @@ struct AttnJob {
   void matmul_item(const MatmulJob& job, const Item& item);                                 \
   void attend_item(const AttnJob& job, int64_t item);                                        \
   void rope(float* x, int heads, int d, const float* cos, const float* sin);                  \
-  void store_kv(void* cache, int kv_dtype, int64_t at, const float* src, int n);
+  void store_kv(void* cache, int kv_dtype, int64_t at, const float* src, int n);                \
+  void move_keys(void* cache, int kv_dtype, int64_t src, int64_t dst, int64_t n, int d,        \
+                 const float* cos, const float* sin);
 
 }  // namespace gx
 
