@@ -413,7 +413,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
         sock = socket.create_server((args.host, args.port))
     except OSError as e:  # e.g. the port is taken
         raise GalateaError(f"cannot serve on {args.host}:{args.port} ({e.strerror}); pick another --port") from None
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
+    # timeout_graceful_shutdown: on SIGTERM, connections get a second to end (their
+    # generations are cancelled at once) before they are closed
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=1))
     # The HTTP server on a thread, the model on this one (see Engine: kernels are fastest on the
     # thread that loaded the model).
     http = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, name="galatea-http", daemon=True)
@@ -424,14 +426,18 @@ def cmd_serve(args: argparse.Namespace) -> int:
           f"batches of up to {engine.max_batch}", file=sys.stderr, flush=True)
     stop = threading.Thread(target=lambda: (http.join(), engine.close()), daemon=True)
     stop.start()  # the HTTP server ending (it failed) stops the engine too
-    signal.signal(signal.SIGTERM, lambda *_: engine.close())
+    def terminate(*_: object) -> None:  # SIGTERM: stop accepting, cancel what runs, exit
+        server.should_exit = True
+        engine.close()
+
+    signal.signal(signal.SIGTERM, terminate)
     try:
         engine.run()
     except KeyboardInterrupt:
         pass
     finally:
         server.should_exit = True
-        http.join(timeout=10)
+        http.join(timeout=2)
         sock.close()
     return 0
 

@@ -2,7 +2,8 @@
 
 Two small state machines:
 - `IncrementalDetokenizer` re-decodes a short window of tokens and emits only the new text,
-  never half a UTF-8 character (a byte-fallback emoji arrives whole) and never losing the
+  never half a UTF-8 character (a byte-fallback emoji arrives whole, and one cut off by the end
+  of the reply is dropped rather than shown as U+FFFD) and never losing the
   leading space SentencePiece encodes in a token (`▁Hello` -> " Hello").
 - `StopMatcher` holds back only the text that could still become a stop string, cuts the
   text at the first stop found, and hands the held text back when generation ends otherwise.
@@ -40,9 +41,15 @@ class IncrementalDetokenizer:
         return full[len(done) :]
 
     def flush(self) -> str:
-        """Whatever is still pending at the end (an unfinished character shows as U+FFFD)."""
+        """Whatever is still pending at the end, less the bytes of a character the reply did not
+        finish (cut by the token limit or a stop): they would show as U+FFFD, which the model
+        never wrote. (A U+FFFD it did write is held the same way while it ends the text.)"""
         done = self.tokenizer.decode(self.ids[self.prefix : self.read])
-        full = self.tokenizer.decode(self.ids[self.prefix :])
+        end = len(self.ids)
+        full = self.tokenizer.decode(self.ids[self.prefix : end])
+        while end > self.read and full.endswith(REPLACEMENT):
+            end -= 1
+            full = self.tokenizer.decode(self.ids[self.prefix : end])
         self.prefix = self.read = len(self.ids)
         return full[len(done) :]
 

@@ -1,22 +1,24 @@
 """The server: `create_app(engine, store)` builds one FastAPI app serving every dialect.
 
-- Kobold routes answer errors as KoboldAI does (`{"detail": {"msg", "type"}}`), OpenAI routes as
-  OpenAI does (`{"error": {"message", "type", "code"}}`); no traceback ever reaches a client.
+- Kobold routes answer errors as KoboldAI does (`{"detail": {"msg", "type"}}`) and also as
+  SillyTavern's readers look for them (`"error": {"message", "type"}`); OpenAI routes as OpenAI
+  does (`{"error": {"message", "type", "code"}}`); no traceback ever reaches a client.
 - `api_key` protects every route but `/health` (Bearer token, constant-time compare).
-- CORS is open, as browser front ends (SillyTavern, KoboldAI Lite) need.
+- CORS is open, as browser front ends (SillyTavern, KoboldAI Lite) need, on every response:
+  errors, 401 and 500 included (the CORS layer is outermost), so a browser client shows our
+  message rather than "failed to connect".
 """
 
 from __future__ import annotations
 
 import hmac
 import logging
-from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.middleware.cors import CORSMiddleware
-from fastapi.responses import FileResponse, JSONResponse, Response
+from fastapi.responses import FileResponse, JSONResponse
 from fastapi.staticfiles import StaticFiles
 from starlette.types import ASGIApp, Receive, Scope, Send
 
@@ -24,7 +26,7 @@ from galatea import __version__
 from galatea.chat.store import Store
 from galatea.server import galatea_api, kobold, openai_api
 from galatea.server.engine import Engine
-from galatea.server.serving import BadRequest
+from galatea.server.serving import BadRequest, error_body
 
 MAX_BODY = 32 << 20  # KoboldCpp's payload limit
 STATIC = Path(__file__).parent / "static"
@@ -32,9 +34,7 @@ log = logging.getLogger("galatea.server")
 
 
 def _error(request: Request, status: int, message: str, kind: str, code: str | None = None) -> JSONResponse:
-    if request.url.path.startswith("/api"):
-        return JSONResponse({"detail": {"msg": message, "type": kind}}, status_code=status)
-    return JSONResponse({"error": {"message": message, "type": kind, "code": code or kind}}, status_code=status)
+    return JSONResponse(error_body(request.url.path, message, kind, code), status_code=status)
 
 
 def _describe(errors: list[dict]) -> str:
@@ -45,6 +45,47 @@ def _describe(errors: list[dict]) -> str:
         where = ".".join(str(x) for x in e.get("loc", ()) if x != "body")
         parts.append(f"{where or 'body'}: {e.get('msg', 'invalid')}")
     return "; ".join(parts)
+
+
+class Guard:
+    """Body size limit, API key, and the last word on failures: an exception no handler took
+    becomes a 500 in the route's dialect (inside the CORS layer, unlike Starlette's own)."""
+
+    def __init__(self, app: ASGIApp, api_key: str | None = None) -> None:
+        self.app, self.api_key = app, api_key
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        request = Request(scope)
+        length = request.headers.get("content-length")
+        if length and length.isdigit() and int(length) > MAX_BODY:
+            await _error(request, 413, f"the request body is over {MAX_BODY >> 20} MB",
+                         "payload_too_large")(scope, receive, send)
+            return
+        if self.api_key and request.method != "OPTIONS" and request.url.path != "/health":
+            given = request.headers.get("authorization", "")
+            token = given[7:] if given.lower().startswith("bearer ") else request.headers.get("apikey", "")
+            if not hmac.compare_digest(token.encode(), self.api_key.encode()):
+                await _error(request, 401, "missing or wrong API key; send 'Authorization: Bearer <key>'",
+                             "unauthorized", "invalid_api_key")(scope, receive, send)
+                return
+        started = False
+
+        async def tracked(message: dict) -> None:
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self.app(scope, receive, tracked)
+        except Exception as exc:
+            log.exception("request failed: %s %s", request.method, request.url.path)
+            if started:  # the reply is under way: all we can do is end it
+                return
+            await _error(request, 500, f"internal error ({type(exc).__name__}); the server keeps running",
+                         "server_error")(scope, receive, send)
 
 
 class JSONBodies:
@@ -65,21 +106,10 @@ def create_app(engine: Engine, store: Store | None = None, api_key: str | None =
     app = FastAPI(title="Galatea", version=__version__,
                   description="KoboldAI, KoboldCpp and OpenAI-compatible APIs for persona chat models.")
     app.state.engine, app.state.store = engine, store
+    # the last added runs first: CORS, then the guard, then JSON bodies
     app.add_middleware(JSONBodies)
+    app.add_middleware(Guard, api_key=api_key)
     app.add_middleware(CORSMiddleware, allow_origins=["*"], allow_methods=["*"], allow_headers=["*"])
-
-    @app.middleware("http")
-    async def guard(request: Request, call_next: Callable[[Request], Awaitable[Response]]) -> Response:
-        length = request.headers.get("content-length")
-        if length and length.isdigit() and int(length) > MAX_BODY:
-            return _error(request, 413, f"the request body is over {MAX_BODY >> 20} MB", "payload_too_large")
-        if api_key and request.method != "OPTIONS" and request.url.path != "/health":
-            given = request.headers.get("authorization", "")
-            token = given[7:] if given.lower().startswith("bearer ") else request.headers.get("apikey", "")
-            if not hmac.compare_digest(token.encode(), api_key.encode()):
-                return _error(request, 401, "missing or wrong API key; send 'Authorization: Bearer <key>'",
-                              "unauthorized", "invalid_api_key")
-        return await call_next(request)
 
     @app.exception_handler(RequestValidationError)
     async def invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
@@ -90,12 +120,6 @@ def create_app(engine: Engine, store: Store | None = None, api_key: str | None =
     @app.exception_handler(BadRequest)
     async def bad(request: Request, exc: BadRequest) -> JSONResponse:
         return _error(request, exc.status, str(exc), "invalid_request_error", exc.code)
-
-    @app.exception_handler(Exception)
-    async def crash(request: Request, exc: Exception) -> JSONResponse:
-        log.exception("request failed: %s %s", request.method, request.url.path)
-        return _error(request, 500, f"internal error ({type(exc).__name__}); the server keeps running",
-                      "server_error")
 
     @app.get("/health", tags=["Galatea"])
     def health() -> dict:

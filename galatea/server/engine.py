@@ -41,6 +41,8 @@ class Job:
     genkey: str = ""
     cancel: threading.Event = field(default_factory=threading.Event)
     text: str = ""  # what has been generated so far (for /api/extra/generate/check)
+    origin: str = "api"  # "api": the Kobold and OpenAI routes; "page": the chat page's sessions
+    ended: threading.Event = field(default_factory=threading.Event)  # set once it produces nothing more
 
 
 @dataclass
@@ -125,7 +127,7 @@ class Engine:
                       cancel: threading.Event | None = None) -> Iterator[Chunk]:
         """The same, for code running in a thread (the chat sessions of the web page)."""
         out: queue.Queue = queue.Queue()
-        job = self._submit(prompt_ids, params, out.put, "", cancel)
+        job = self._submit(prompt_ids, params, out.put, "", cancel, origin="page")
         try:
             while True:
                 chunk = _chunk_or_raise(out.get())
@@ -136,8 +138,9 @@ class Engine:
             job.cancel.set()
 
     def _submit(self, prompt_ids: Sequence[int], params: SamplingParams,
-                emit: Callable[[Chunk | BaseException], None], genkey: str, cancel: threading.Event | None) -> Job:
-        job = Job(list(prompt_ids), params, emit, genkey, cancel or threading.Event())
+                emit: Callable[[Chunk | BaseException], None], genkey: str, cancel: threading.Event | None,
+                origin: str = "api") -> Job:
+        job = Job(list(prompt_ids), params, emit, genkey, cancel or threading.Event(), origin=origin)
         self._jobs.put(job)
         return job
 
@@ -154,15 +157,20 @@ class Engine:
             return running[0] if running else None
         return next((j for j in running if j.genkey == genkey), None)
 
-    def abort(self, genkey: str | None = None) -> bool:
-        """Cancel the job with `genkey` (running or queued); without a genkey, every running job."""
+    def abort(self, genkey: str | None = None) -> list[Job]:
+        """Cancel the API job with `genkey` (running or queued); without a genkey, every running
+        API job (KoboldCpp's rule: stop the current generation). The chat page's generations are
+        never stopped from here: the page stops its own (`cancel` of its request). Returns the
+        jobs cancelled; each one's `ended` is set once it produces nothing more."""
+        queued = [j for j in list(self._jobs.queue) if j is not None]
         if genkey:
-            jobs = [j for j in [*self.running, *list(self._jobs.queue)] if j is not None and j.genkey == genkey]
+            jobs = [j for j in [*self.running, *queued] if j.genkey == genkey]
         else:
             jobs = list(self.running)
+        jobs = [j for j in jobs if j.origin == "api"]
         for job in jobs:
             job.cancel.set()
-        return bool(jobs)
+        return jobs
 
     def close(self) -> None:
         """Stop the worker (running jobs are cancelled) and wait for it: a thread still inside
@@ -197,8 +205,10 @@ class Engine:
                 return True
             if job is None:
                 return self._admit(active)  # close(): handled above
-            if job.cancel.is_set():
-                continue  # cancelled while queued
+            if job.cancel.is_set():  # cancelled while queued
+                job.emit(Chunk("", None, finish_reason="cancelled"))
+                job.ended.set()
+                continue
             busy = {id(g.prompt_cache) for _, g in active if g.prompt_cache is not None}
             try:
                 slot = self.prompt_cache.acquire(job.prompt_ids, busy)
@@ -221,10 +231,9 @@ class Engine:
             if job.cancel.is_set():
                 gen.finish = "cancelled"
             else:
-                # alone, the prompt is read in the model's large chunks; with streams running, in
-                # small ones between their decoding steps
-                chunk = self.prefill_chunk if len(active) > 1 else None
-                self._guard(active, [(job, gen)], lambda: gen.prefill_step(chunk))
+                # in chunks, so that running streams keep flowing between them and an abort or a
+                # hang-up takes effect within one chunk's time
+                self._guard(active, [(job, gen)], lambda: gen.prefill_step(self.prefill_chunk))
         ready = [(j, g) for j, g in active if g.prefilled and not g.done and g.logits is not None]
         for job, gen in ready:
             while (job, gen) in active and not gen.done and gen.logits is not None:  # every accepted draft
@@ -279,6 +288,7 @@ class Engine:
             self.running.remove(job)
         if gen.prompt_cache is not None:
             gen.prompt_cache.clear()
+        job.ended.set()
 
     def _finish(self, active: list[tuple[Job, Generation]], job: Job, gen: Generation) -> None:
         last = gen.close()
@@ -286,6 +296,7 @@ class Engine:
         active.remove((job, gen))
         self.running.remove(job)
         job.emit(last)
+        job.ended.set()
         p = self.perf
         p.last_input_count, p.last_token_count = last.prompt_tokens, last.generated_tokens
         p.last_cached_count, p.last_shifted_count = last.cached_tokens, last.shifted_tokens

@@ -32,9 +32,15 @@ class Step(BaseModel):
     step: int
 
 
+class Abort(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    chat_id: int | None = None
+
+
 def build_router(engine: Engine, store: Store) -> APIRouter:
     r = APIRouter(prefix="/galatea", tags=["Galatea"])
     lock = threading.Lock()  # one chat write sequence at a time from this server
+    generating: dict[int, threading.Event] = {}  # chat id -> its running generation's cancel
 
     if not store.characters():  # a first start: the bundled character, so the page has someone
         store.add_character(load_character(None))
@@ -53,6 +59,7 @@ def build_router(engine: Engine, store: Store) -> APIRouter:
         cancel = threading.Event()
 
         def events() -> Iterator[str]:
+            generating[s.chat_id] = cancel
             try:
                 with lock:
                     for text in make(cancel):
@@ -66,6 +73,8 @@ def build_router(engine: Engine, store: Store) -> APIRouter:
                 yield f"data: {json.dumps({'done': True, 'error': str(e)})}\n\n"
             finally:
                 cancel.set()
+                if generating.get(s.chat_id) is cancel:
+                    del generating[s.chat_id]
 
         return StreamingResponse(events(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
 
@@ -159,7 +168,13 @@ def build_router(engine: Engine, store: Store) -> APIRouter:
         return {"ok": True}
 
     @r.post("/abort")
-    def abort() -> dict:
-        return {"stopped": engine.abort()}
+    def abort(body: Abort | None = None) -> dict:
+        """Stop the page's generation in chat `chat_id` (every chat's without one). Never an API
+        client's: those stop through their own routes."""
+        chats = [body.chat_id] if body is not None and body.chat_id is not None else list(generating)
+        stopped = [c for c in chats if (cancel := generating.get(c)) is not None and not cancel.is_set()]
+        for c in stopped:
+            generating[c].set()
+        return {"stopped": bool(stopped)}
 
     return r

@@ -3,10 +3,16 @@
 We advertise KoboldCpp 1.60: SSE streaming (>= 1.40), genkey polling (>= 1.30), `memory` and
 `trim_stop` (>= 1.49) and min_p (>= 1.48) are honoured. Mirostat and grammar, which those
 versions also gate on, are refused with a clear message rather than silently ignored.
+
+Stopping: a client that goes away cancels its generation (streaming or not, also while its
+prompt is read); `/api/extra/abort` with a genkey stops that request, without one every running
+API request (KoboldCpp's "stop the current generation"; never the chat page's), and answers
+`done: "true"` only once they have really stopped.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
 import time
 from collections.abc import AsyncIterator, Callable
@@ -16,8 +22,10 @@ from fastapi import APIRouter, Request
 from fastapi.responses import StreamingResponse
 
 from galatea.server import serving
+from galatea.server.disconnect import watch
 from galatea.server.engine import Engine
 from galatea.server.schemas import KoboldGenerate, KoboldGenkey, KoboldTokenCount
+from galatea.server.serving import error_body
 
 KOBOLDCPP_VERSION = "1.60"
 UNITED_VERSION = "1.2.5"
@@ -27,6 +35,15 @@ def sse_event(token: str, finish_reason: str | None) -> str:
     """Exactly `event: message\\ndata: <one-line JSON>\\n\\n` (KoboldAI Lite parses it with a regex)."""
     data = json.dumps({"token": token, "finish_reason": finish_reason or "null"}, ensure_ascii=False)
     return f"event: message\ndata: {data}\n\n"
+
+
+def sse_error(message: str, kind: str = "server_error") -> str:
+    """A failure after the stream began: an `error` event carrying both error shapes."""
+    data = json.dumps(error_body("/api", message, kind), ensure_ascii=False)
+    return f"event: error\ndata: {data}\n\n"
+
+
+ABORT_WAIT_S = 15.0  # how long an abort waits for its generations to stop before answering
 
 
 def build_router(engine: Engine) -> APIRouter:
@@ -68,33 +85,38 @@ def build_router(engine: Engine) -> APIRouter:
 
     async def run(req: KoboldGenerate, request: Request) -> dict:
         results = []
-        for _ in range(req.n):
-            ids = serving.kobold_prompt(req, engine)
-            params = serving.kobold_params(req, engine, len(ids))
-            text, finish = "", "stop"
-            async for chunk in engine.generate(ids, params, req.genkey):
-                text += chunk.text
-                if chunk.finish_reason is not None:
-                    finish = "length" if chunk.finish_reason == "length" else "stop"
-                elif await request.is_disconnected():
-                    break  # leaving the loop cancels the job
-            results.append({"text": text, "finish_reason": finish})
+        async with watch(request) as gone:
+            for _ in range(req.n):
+                ids = serving.kobold_prompt(req, engine)
+                params = serving.kobold_params(req, engine, len(ids))
+                text, finish = "", "stop"
+                async for chunk in engine.generate(ids, params, req.genkey, gone):
+                    text += chunk.text
+                    if chunk.finish_reason is not None:
+                        finish = "length" if chunk.finish_reason == "length" else "stop"
+                results.append({"text": text, "finish_reason": finish})
+                if gone.is_set():
+                    break
         return {"results": results}
 
     both("/generate", run, "POST")
 
     @r.post("/api/extra/generate/stream")
-    async def stream(req: KoboldGenerate) -> StreamingResponse:
+    async def stream(req: KoboldGenerate, request: Request) -> StreamingResponse:
         ids = serving.kobold_prompt(req, engine)
         params = serving.kobold_params(req, engine, len(ids))
 
         async def events() -> AsyncIterator[str]:
-            async for chunk in engine.generate(ids, params, req.genkey):
-                if chunk.finish_reason is None:
-                    if chunk.text:
-                        yield sse_event(chunk.text, None)
-                else:
-                    yield sse_event(chunk.text, "length" if chunk.finish_reason == "length" else "stop")
+            try:
+                async with watch(request) as gone:
+                    async for chunk in engine.generate(ids, params, req.genkey, gone):
+                        if chunk.finish_reason is None:
+                            if chunk.text:
+                                yield sse_event(chunk.text, None)
+                        else:
+                            yield sse_event(chunk.text, "length" if chunk.finish_reason == "length" else "stop")
+            except Exception as e:  # the status line is sent: say it in the stream, then end it
+                yield sse_error(f"generation failed: {e}")
 
         return StreamingResponse(events(), media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache", "Connection": "keep-alive"})
@@ -119,8 +141,17 @@ def build_router(engine: Engine) -> APIRouter:
             genkey = KoboldGenkey.model_validate(await request.json()).genkey or None
         except ValueError:
             pass
-        done = engine.abort(genkey)
-        return {"success": "true" if done else "false", "done": "true" if done else "false"}
+        jobs = engine.abort(genkey)
+        ended = await asyncio.to_thread(lambda: all(j.ended.wait(ABORT_WAIT_S) for j in jobs))
+        return {"success": "true" if jobs else "false", "done": "true" if jobs and ended else "false"}
+
+    @r.get("/api/extra/preloadstory")
+    def preloadstory() -> dict:
+        return {}  # KoboldCpp without --preloadstory; Lite asks on connect
+
+    @r.get("/sdapi/v1/sd-models")
+    def sd_models() -> list:
+        return []  # no image generation here; Lite asks on connect
 
     @r.post("/api/extra/tokencount")
     def tokencount(req: KoboldTokenCount) -> dict:

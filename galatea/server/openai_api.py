@@ -13,6 +13,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import StreamingResponse
 
 from galatea.server import serving
+from galatea.server.disconnect import watch
 from galatea.server.engine import Engine
 from galatea.server.schemas import ChatCompletionRequest, CompletionRequest, EncodeRequest
 
@@ -37,13 +38,25 @@ def build_router(engine: Engine) -> APIRouter:
 
     async def generations(ids: list[int], req: CompletionRequest, request: Request, stops: list[str] | None = None,
                           default_max: int = 512) -> AsyncIterator[tuple[int, str, str | None, int]]:
-        """(choice index, text delta, finish reason or None, completion tokens) for each of `n`."""
-        for index in range(req.n):
-            params = serving.completion_params(req, engine, len(ids), default_max, stops)
-            async for chunk in engine.generate(ids, params):
-                yield index, chunk.text, chunk.finish_reason, chunk.generated_tokens
-                if chunk.finish_reason is None and await request.is_disconnected():
+        """(choice index, text delta, finish reason or None, completion tokens) for each of `n`;
+        a client that goes away stops them (see disconnect.py)."""
+        async with watch(request) as gone:
+            for index in range(req.n):
+                params = serving.completion_params(req, engine, len(ids), default_max, stops)
+                async for chunk in engine.generate(ids, params, cancel=gone):
+                    yield index, chunk.text, chunk.finish_reason, chunk.generated_tokens
+                if gone.is_set():
                     return
+
+    async def failing_safely(events: AsyncIterator[str]) -> AsyncIterator[str]:
+        """A failure after the stream began: an error event (`error.message`, which SillyTavern
+        and the openai client read), then the end of the stream."""
+        try:
+            async for event in events:
+                yield event
+        except Exception as e:
+            yield _sse(serving.error_body("/v1", f"generation failed: {e}", "server_error"))
+            yield "data: [DONE]\n\n"
 
     def finish(reason: str | None) -> str:
         return "length" if reason == "length" else "stop"
@@ -72,7 +85,8 @@ def build_router(engine: Engine) -> APIRouter:
                                                  "finish_reason": None if reason is None else finish(reason)}]})
                 yield "data: [DONE]\n\n"
 
-            return StreamingResponse(events(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+            return StreamingResponse(failing_safely(events()), media_type="text/event-stream",
+                                     headers={"Cache-Control": "no-cache"})
         texts, reasons, used = await collect(ids, req, request)
         return {"id": rid, "object": "text_completion", "created": created, "model": engine.name,
                 "choices": [{"index": i, "text": t, "logprobs": None, "finish_reason": reasons[i]}
@@ -82,7 +96,7 @@ def build_router(engine: Engine) -> APIRouter:
     @r.post("/v1/chat/completions")
     async def chat(req: ChatCompletionRequest, request: Request) -> Any:
         ids, char, user = serving.chat_prompt(req, engine)
-        stops = serving.chat_stops(char, user)
+        stops = serving.chat_stops(char, user, req)
         serving.completion_params(req, engine, len(ids), 512, stops)
         rid, created = f"chatcmpl-{uuid.uuid4().hex[:24]}", int(time.time())
         if req.stream:
@@ -103,7 +117,8 @@ def build_router(engine: Engine) -> APIRouter:
                                                  "finish_reason": None if reason is None else finish(reason)}]})
                 yield "data: [DONE]\n\n"
 
-            return StreamingResponse(events(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+            return StreamingResponse(failing_safely(events()), media_type="text/event-stream",
+                                     headers={"Cache-Control": "no-cache"})
         texts, reasons, used = await collect(ids, req, request, stops)
         return {"id": rid, "object": "chat.completion", "created": created, "model": engine.name,
                 "choices": [{"index": i, "message": {"role": "assistant", "content": serving.chat_text(t, char, user)},

@@ -100,6 +100,11 @@ class CompletionRequest(BaseModel):
     seed: int | None = None
     sampler_seed: int | None = None
     logit_bias: dict[str, float] = Field(default_factory=dict)
+    # refused when set, as on the Kobold routes (text-generation-webui's and KoboldCpp's names)
+    mirostat_mode: int | None = None
+    mirostat: int | None = None
+    grammar_string: str | None = None
+    grammar: str | None = None
 
     @field_validator("stop", "stopping_strings", mode="before")
     @classmethod

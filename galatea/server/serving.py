@@ -1,4 +1,5 @@
-"""Serving logic shared by the API dialects: request -> sampling parameters and prompt ids.
+"""Serving logic shared by the API dialects: request -> sampling parameters and prompt ids, and
+errors in each dialect's shape.
 
 Long prompts: Kobold clients (KoboldCpp's behaviour) get the prompt trimmed from the left,
 keeping BOS and the `memory`; OpenAI-style clients get HTTP 400 `context_length_exceeded`, as
@@ -24,23 +25,38 @@ class BadRequest(Exception):
         self.code, self.status = code, status
 
 
-def _bias(raw: dict[str, float]) -> dict[int, float]:
+def error_body(path: str, message: str, kind: str, code: str | None = None) -> dict:
+    """An error as the clients of `path`'s dialect read it: Kobold routes (/api...) as KoboldAI
+    answers (`detail.msg`) and as SillyTavern reads it (`error.message`), the rest as OpenAI."""
+    if path.startswith("/api"):
+        return {"detail": {"msg": message, "type": kind}, "error": {"message": message, "type": kind}}
+    return {"error": {"message": message, "type": kind, "code": code or kind}}
+
+
+def _bias(raw: dict[str, float], vocab: int) -> dict[int, float]:
     out = {}
     for key, value in raw.items():
         try:
             out[int(key)] = float(value)
         except (TypeError, ValueError):
             raise BadRequest(f"logit_bias key {key!r} is not a token id") from None
+        if not 0 <= int(key) < vocab:
+            raise BadRequest(f"logit_bias key {key!r} is not a token id of this model (0..{vocab - 1})")
     return out
+
+
+def refuse_unsupported(mirostat: int, grammar: str) -> None:
+    """The same answer on every route for what Galatea does not do (rather than ignoring it)."""
+    if mirostat:
+        raise BadRequest("mirostat is not supported by Galatea; set it to 0 (Mirostat off)")
+    if grammar.strip():
+        raise BadRequest("grammar-constrained sampling is not supported by Galatea; clear the grammar field")
 
 
 # ---- KoboldAI ----------------------------------------------------------------------------------
 
 def kobold_params(req: KoboldGenerate, engine: Engine, prompt_len: int) -> SamplingParams:
-    if req.mirostat:
-        raise BadRequest("mirostat is not supported by Galatea; set it to 0 (Mirostat off)")
-    if req.grammar.strip():
-        raise BadRequest("grammar-constrained sampling is not supported by Galatea; clear the grammar field")
+    refuse_unsupported(req.mirostat, req.grammar)
     rep_pen = max(v for v in (req.rep_pen, req.repetition_penalty, req.repeat_penalty) if v is not None)
     ban_eos = req.ban_eos_token if req.ban_eos_token is not None else req.use_default_badwordsids
     stops = list(req.stop_sequence) + (["\n"] if req.singleline else [])
@@ -51,7 +67,8 @@ def kobold_params(req: KoboldGenerate, engine: Engine, prompt_len: int) -> Sampl
         top_p=req.top_p, min_p=req.min_p, typical_p=req.typical, tfs=req.tfs, top_a=req.top_a,
         repetition_penalty=rep_pen, repetition_penalty_range=req.rep_pen_range,
         repetition_penalty_slope=req.rep_pen_slope, presence_penalty=req.presence_penalty,
-        logit_bias=_bias(req.logit_bias), ban_eos=bool(ban_eos or req.bypass_eos), sampler_order=order,
+        logit_bias=_bias(req.logit_bias, engine.lm.config.vocab_size), ban_eos=bool(ban_eos or req.bypass_eos),
+        sampler_order=order,
         seed=None if req.sampler_seed < 0 else req.sampler_seed, stop=stops, include_stop=not req.trim_stop,
     )
 
@@ -82,6 +99,7 @@ def kobold_prompt(req: KoboldGenerate, engine: Engine) -> list[int]:
 
 def completion_params(req: CompletionRequest, engine: Engine, prompt_len: int, default_max: int = 512,
                       extra_stops: list[str] | None = None) -> SamplingParams:
+    refuse_unsupported(req.mirostat_mode or req.mirostat or 0, req.grammar_string or req.grammar or "")
     max_tokens = req.max_tokens or req.max_new_tokens or getattr(req, "max_completion_tokens", None) or default_max
     room = engine.context - prompt_len
     if room < 1:
@@ -95,7 +113,7 @@ def completion_params(req: CompletionRequest, engine: Engine, prompt_len: int, d
         min_p=req.min_p, typical_p=req.typical_p if req.typical_p is not None else (req.typical or 1.0),
         tfs=req.tfs, top_a=req.top_a, repetition_penalty=rep, repetition_penalty_range=rep_range or 0,
         presence_penalty=req.presence_penalty, frequency_penalty=req.frequency_penalty,
-        logit_bias=_bias(req.logit_bias), ban_eos=req.ban_eos_token or req.ignore_eos,
+        logit_bias=_bias(req.logit_bias, engine.lm.config.vocab_size), ban_eos=req.ban_eos_token or req.ignore_eos,
         seed=None if seed is None or seed < 0 else seed,
         stop=list(dict.fromkeys([*req.stop, *req.stopping_strings, *(extra_stops or [])])),
     )
@@ -128,8 +146,15 @@ def chat_prompt(req: ChatCompletionRequest, engine: Engine) -> tuple[list[int], 
     return engine.tokenize(prompt.text), char_name, user
 
 
-def chat_stops(char: str, user: str) -> list[str]:
-    return reply_stops(char, user)
+def chat_stops(char: str, user: str, req: ChatCompletionRequest | None = None) -> list[str]:
+    """Where a chat completion's one reply ends: besides the reply stops, a new line for any
+    participant, `\n{name}:` for the user, the character (a second turn of its own) and every
+    other name in the messages; the user's name in any common case (`you:`, `YOU:`), since
+    small models write it either way."""
+    names = [char] + ([m.name for m in req.messages if m.name] if req is not None else [])
+    cases = [user, user.lower(), user.capitalize(), user.upper(), "You", "you"]
+    extra = [f"\n{n}:" for n in [*cases, *names] if n]
+    return list(dict.fromkeys([*reply_stops(char, user), *extra]))
 
 
 def chat_text(text: str, char: str, user: str) -> str:

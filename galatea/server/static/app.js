@@ -170,7 +170,7 @@ $("input").addEventListener("keydown", (ev) => {
 });
 $("regen").onclick = () => generate("regenerate");
 $("continue").onclick = () => generate("continue");
-$("stop").onclick = () => api("/abort", { method: "POST" });
+$("stop").onclick = () => api("/abort", post({ chat_id: state.chat }));  // only this chat's reply
 $("show-prompt").onclick = async () => {
   const p = await api(`/chats/${state.chat}/prompt`);
   $("prompt-text").textContent = `(${p.tokens} tokens)\n\n` + p.prompt;
