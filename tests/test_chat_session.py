@@ -73,3 +73,21 @@ def test_stopped_reply_keeps_what_was_written(session):
             cancel.set()
     assert session.last.finish_reason == "cancelled"
     assert session.messages()[-1].text == clean_reply("".join(parts), "Aria", "Aria", "You")
+
+
+def test_the_newer_samplers_reach_the_chat(session, monkeypatch):
+    """`/set dry_multiplier 0.8` (or mirostat, xtc_probability, ...) changes the parameters the
+    reply is generated with."""
+    seen = []
+    real = session._run
+
+    def spy(ids, params, cancel):
+        seen.append(params)
+        return real(ids, params, cancel)
+
+    monkeypatch.setattr(session, "_run", spy)
+    session.settings.update(dry_multiplier=0.8, mirostat=2, mirostat_tau=3.0, xtc_probability=0.5, max_new_tokens=8)
+    reply = "".join(session.send("Sing me something."))
+    p = seen[-1]
+    assert reply and p.dry_multiplier == 0.8 and p.mirostat == 2 and p.mirostat_tau == 3.0
+    assert p.xtc_probability == 0.5 and len(p.dry_sequence_breakers) == 4

@@ -237,7 +237,8 @@ def test_openai_client_chat(server):
     ("/v1/completions", {"prompt": ""}, 400, "prompt is empty"),
     ("/v1/completions", {"prompt": "hi", "temperature": "hot"}, 400, "temperature"),
     ("/v1/chat/completions", {"messages": []}, 400, "messages"),
-    ("/api/v1/generate", {"prompt": "hi", "mirostat": 2}, 400, "mirostat"),
+    ("/api/v1/generate", {"prompt": "hi", "mirostat": 3}, 400, "mirostat"),
+    ("/api/v1/generate", {"prompt": "hi", "grammar": "root ::= \"a\""}, 400, "grammar"),
 ])
 def test_bad_input_is_answered_clearly(server, path, body, status, message):
     content = body if isinstance(body, str) else json.dumps(body)

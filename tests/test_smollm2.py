@@ -63,6 +63,24 @@ def test_greedy_tokens_match_transformers_generate(reference, ours):
     assert last.finish_reason == "length"
 
 
+def test_reported_logprobs_are_transformers_log_probabilities(reference, ours):
+    """`logprobs`: each generated token's log probability and the top alternatives under the
+    model's distribution, against transformers' log-softmax over the same tokens (teacher
+    forced); with the exact (dequantized) model they agree to float32 rounding."""
+    _, model = reference
+    ids = ours.tokenizer.encode(PROMPT)
+    params = SamplingParams(max_new_tokens=12, temperature=0.8, seed=7, repetition_penalty=1.0, logprobs=3)
+    _, last, tokens = generate(ours.model, ours.tokenizer, ids, params)
+    assert last.logprobs is not None and [e.token for e in last.logprobs] == tokens
+    with torch.no_grad():
+        logp = model(torch.tensor([ids + tokens])).logits[0, len(ids) - 1 : -1].double().log_softmax(-1)
+    for i, entry in enumerate(last.logprobs):
+        assert abs(entry.logprob - float(logp[i, entry.token])) < 2e-3
+        top = torch.topk(logp[i], 3)
+        assert [t for t, _ in entry.top] == top.indices.tolist()
+        assert all(abs(lp - float(v)) < 2e-3 for (_, lp), v in zip(entry.top, top.values, strict=True))
+
+
 def test_default_int4_load_predicts_like_float(ours):
     """The default (--quant auto -> int4 for this Q4_1 file) keeps the model's predictions."""
     fast = load(None)

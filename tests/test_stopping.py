@@ -21,6 +21,7 @@ from galatea.model.checkpoint import embedded_model_path, load_tokenizer
 from galatea.server.schemas import ChatCompletionRequest
 from galatea.server.serving import chat_stops
 from tests.test_server import Server, post
+from tests.test_sillytavern_replay import turns as session_turns
 
 LONG = {"max_length": 2000, "ban_eos_token": True}
 
@@ -114,11 +115,11 @@ def test_the_page_stop_leaves_a_concurrent_api_request_alone(server):
 
 
 def test_kobold_errors_carry_both_shapes_and_openai_refuses_the_same(server):
-    r = post(server, "/api/extra/generate/stream", {"prompt": "Hi", "mirostat": 2})
+    r = post(server, "/api/extra/generate/stream", {"prompt": "Hi", "mirostat": 3})
     assert r.status_code == 400
     err = r.json()
     assert "mirostat" in err["detail"]["msg"] and err["error"]["message"] == err["detail"]["msg"]
-    for body in ({"prompt": "Hi", "mirostat_mode": 2}, {"prompt": "Hi", "grammar_string": "root ::= \"a\""}):
+    for body in ({"prompt": "Hi", "mirostat_mode": 3}, {"prompt": "Hi", "grammar_string": "root ::= \"a\""}):
         r = post(server, "/v1/completions", body)
         assert r.status_code == 400 and ("mirostat" in r.text or "grammar" in r.text)
     r = post(server, "/v1/completions", {"prompt": "Hi", "logit_bias": {"99999999": 5}})
@@ -246,3 +247,68 @@ def test_a_failure_inside_a_stream_reaches_the_client_as_an_error_event(tmp_path
         server.should_exit = True
         http.join(timeout=10)
         engine.close()
+
+
+@pytest.mark.parametrize("settings", [
+    {"mirostat": 2, "mirostat_tau": 5.0, "mirostat_eta": 0.1},
+    {"mirostat": 1, "mirostat_tau": 3.0, "mirostat_eta": 0.2},
+    {"dry_multiplier": 0.8, "dry_base": 1.75, "dry_allowed_length": 2, "dry_sequence_breakers": ["\n", ":", "*"]},
+    {"xtc_threshold": 0.1, "xtc_probability": 0.5, "dynatemp_range": 0.3, "smoothing_factor": 0.2},
+], ids=["mirostat2", "mirostat1", "dry", "xtc-dynatemp-smoothing"])
+def test_sillytavern_bodies_with_the_newer_samplers_get_replies(server, settings):
+    """SillyTavern's recorded request bodies with each sampler set, on the Kobold routes
+    (streaming and not) and, with text-generation-webui's names, on /v1/completions: replies in
+    the shapes SillyTavern reads."""
+    body = {**session_turns()[1]["body"], **settings, "max_length": 12}
+    r = post(server, "/api/v1/generate", body)
+    assert r.status_code == 200 and isinstance(r.json()["results"][0]["text"], str), r.text
+    with httpx.stream("POST", f"{server.url}/api/extra/generate/stream", json=body, timeout=120) as s:
+        events = [json.loads(line[5:]) for line in s.iter_lines() if line.startswith("data:")]
+    assert s.status_code == 200 and events[-1]["finish_reason"] in ("stop", "length")
+    webui = {k.replace("mirostat", "mirostat_mode") if k == "mirostat" else k: v for k, v in settings.items()}
+    if "dry_sequence_breakers" in webui:
+        webui["dry_sequence_breakers"] = json.dumps(webui["dry_sequence_breakers"])  # as SillyTavern sends it
+    r = post(server, "/v1/completions", {"prompt": body["prompt"], "max_tokens": 12, **webui})
+    assert r.status_code == 200 and isinstance(r.json()["choices"][0]["text"], str), r.text
+
+
+def test_banned_phrases_on_both_api_families(server):
+    prompt = ("You: Count with me: one two three four five six seven eight nine ten. Again!\n"
+              "Aria: one two three four five six seven eight nine ten. Again?\nYou: Yes, again!\nAria:")
+    base = {"prompt": prompt, "max_length": 16, "temperature": 0, "rep_pen": 1.0}
+    plain = post(server, "/api/v1/generate", base).json()["results"][0]["text"]
+    assert "six seven" in plain
+    kobold = post(server, "/api/v1/generate", {**base, "banned_tokens": ["Six Seven"]}).json()["results"][0]["text"]
+    openai = post(server, "/v1/completions", {"prompt": prompt, "max_tokens": 16, "temperature": 0,
+                                              "banned_strings": ["six seven"]}).json()["choices"][0]["text"]
+    for text in (kobold, openai):
+        assert "six seven" not in text.lower() and text.startswith(plain[: plain.find("six seven")]), text
+
+
+def test_logprobs_in_the_shapes_each_dialect_reads(server):
+    prompt = "You: Hello!\nAria:"
+    r = post(server, "/v1/completions", {"prompt": prompt, "max_tokens": 6, "logprobs": 2, "temperature": 0,
+                                         "ignore_eos": True}).json()["choices"][0]
+    lp = r["logprobs"]
+    assert "".join(lp["tokens"]) == r["text"] and len(lp["token_logprobs"]) == 6
+    assert lp["text_offset"][0] == 0 and all(len(t) == 2 for t in lp["top_logprobs"])
+    assert all(v <= 0 for v in lp["token_logprobs"])
+    assert all(max(alts.values()) == chosen for alts, chosen in zip(lp["top_logprobs"], lp["token_logprobs"],
+                                                                      strict=True))  # greedy: the best
+    k = post(server, "/api/v1/generate", {"prompt": prompt, "max_length": 6, "logprobs": True, "temperature": 0,
+                                          "ban_eos_token": True, "rep_pen": 1.0}).json()["results"][0]
+    content = k["logprobs"]["content"]
+    assert "".join(c["token"] for c in content) == k["text"] and len(content[0]["top_logprobs"]) == 5
+    c = post(server, "/v1/chat/completions", {"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 4,
+                                              "logprobs": True, "top_logprobs": 1}).json()["choices"][0]
+    assert len(c["logprobs"]["content"]) >= 1 and len(c["logprobs"]["content"][0]["top_logprobs"]) == 1
+
+
+def test_perf_and_version_speak_koboldcpp(server):
+    """KoboldCpp 1.76 (the version whose samplers we honour); perf in its units, milliseconds
+    per token (it divides the reading time by the prompt's tokens)."""
+    assert httpx.get(f"{server.url}/api/extra/version", timeout=10).json()["version"] == "1.76"
+    post(server, "/api/v1/generate", {"prompt": story(300, 9), "max_length": 20, "ban_eos_token": True})
+    p = perf(server)
+    assert p["last_token_count"] == 20
+    assert 0.5 < p["last_eval"] < 1000 and 0.05 < p["last_process"] < 1000  # ms: ~5-20 and ~1 here

@@ -23,10 +23,14 @@ from galatea.errors import GalateaError
 from galatea.model.checkpoint import LoadedModel
 
 # PygmalionAI's recommended settings (temperature 0.5-0.9, top_p 0.9, repetition penalty 1.1-1.2).
+# The newer samplers (DRY, XTC, Mirostat, dynamic temperature, smoothing) start off.
 DEFAULT_SETTINGS: dict[str, Any] = {
     "max_new_tokens": 160, "temperature": 0.7, "top_p": 0.9, "top_k": 0, "min_p": 0.0,
     "repetition_penalty": 1.1, "repetition_penalty_range": 1024,
+    "dry_multiplier": 0.0, "xtc_probability": 0.0, "xtc_threshold": 0.1, "mirostat": 0, "mirostat_tau": 5.0,
+    "dynatemp_range": 0.0, "smoothing_factor": 0.0,
 }
+DRY_BREAKERS = ("\n", ":", "\"", "*")  # SillyTavern's default
 
 
 def reply_stops(char: str, user: str) -> list[str]:
@@ -160,6 +164,11 @@ class ChatSession:
             top_k=int(s["top_k"]), min_p=float(s["min_p"]), repetition_penalty=float(s["repetition_penalty"]),
             repetition_penalty_range=int(s["repetition_penalty_range"]), stop=stops,
             seed=seed if seed is not None else s.get("seed"),
+            dry_multiplier=float(s.get("dry_multiplier", 0.0)),
+            dry_sequence_breakers=tuple({self.lm.tokenizer.encode("a" + b, add_bos=False)[-1] for b in DRY_BREAKERS}),
+            xtc_probability=float(s.get("xtc_probability", 0.0)), xtc_threshold=float(s.get("xtc_threshold", 0.1)),
+            mirostat=int(s.get("mirostat", 0)), mirostat_tau=float(s.get("mirostat_tau", 5.0)),
+            dynatemp_range=float(s.get("dynatemp_range", 0.0)), smoothing_factor=float(s.get("smoothing_factor", 0.0)),
         )
         ids = self.lm.tokenizer.encode(prompt.text)
         parts: list[str] = []

@@ -23,7 +23,7 @@ import torch
 from galatea.engine.prompt_cache import PromptCache
 from galatea.engine.sampling import Sampler, SamplingParams
 from galatea.engine.speculative import MAX_DRAFT, DraftLength, PromptLookup, accept
-from galatea.engine.text_stream import IncrementalDetokenizer, StopMatcher
+from galatea.engine.text_stream import IncrementalDetokenizer, PhraseGuard, StopMatcher
 from galatea.errors import GalateaError
 from galatea.model.llama import Llama
 from galatea.model.tokenizer import Tokenizer
@@ -31,6 +31,9 @@ from galatea.model.tokenizer import Tokenizer
 # A prompt with at most this many tokens left to read joins a batched decoding step as rows
 # (fused native step), instead of taking a forward pass of its own between steps.
 JOIN_PROMPT = 32
+# Rewinds for banned phrases per generation; past that a phrase the model insists on stays
+# (each rewind bans one token at one position, so this bounds the extra work).
+MAX_REWINDS = 64
 
 
 @dataclass
@@ -48,6 +51,16 @@ class Chunk:
     shifted_tokens: int = 0  # of those, how many were moved by a context shift
     drafted_tokens: int = 0  # speculative decoding: tokens drafted and verified
     accepted_tokens: int = 0  # of those, how many were kept
+    # closing chunk, when SamplingParams.logprobs asked: every generated token with its log
+    # probability and the top alternatives, under the model's distribution (before samplers)
+    logprobs: list[TokenLogprob] | None = None
+
+
+@dataclass
+class TokenLogprob:
+    token: int
+    logprob: float
+    top: list[tuple[int, float]]  # (token, logprob), most likely first
 
 
 class Generation:
@@ -83,8 +96,16 @@ class Generation:
         # prompt ranges [start, end) still to compute, in order: after chunk reuse, the new or
         # changed text between the runs kept from the cache; the last one ends the prompt
         self.todo: list[tuple[int, int]] = todo
+        self.tokenizer = tokenizer
         self.detok = IncrementalDetokenizer(tokenizer, prompt_ids)
         self.stops = StopMatcher(params.stop, params.include_stop)
+        # banned phrases: the reply's text length after each new token, and the tokens banned
+        # at a position (the first token of a banned phrase that was written there and undone)
+        self.guard = PhraseGuard(params.banned_phrases)
+        self.ends: list[int] = []
+        self.bans: dict[int, set[int]] = {}
+        self.rewinds = 0
+        self.logprob_log: list[TokenLogprob] = []
         self.tokens = list(prompt_ids)
         self.n_prompt = n_prompt
         self.read = todo[0][0]  # prompt positions before this one have their keys/values in the cache
@@ -152,8 +173,14 @@ class Generation:
         if self.n_new >= self.budget:
             self.finish = "length"
             return None
+        raw = self.logits
         with self.model.torch_threads(1):
             processed = self.sampler.distribution(self.logits, self.tokens)
+        banned = self.bans.get(len(self.tokens))
+        if banned:
+            masked = processed.clone()
+            masked[list(banned)] = float("-inf")
+            processed = masked if bool(torch.isfinite(masked).any()) else processed
         if self.drafts:
             token, kept = accept(processed, self.drafts.pop(0), self.params.greedy, self.sampler.rng)
             after = self.draft_logits.pop(0)
@@ -172,17 +199,53 @@ class Generation:
             with self.model.torch_threads(1):
                 token = self.sampler.draw(processed)
             self.logits = None
+        self.sampler.observe(processed, token)
+        if self.params.logprobs is not None:
+            self.logprob_log.append(_logprob(raw, token, self.params.logprobs))
         self.tokens.append(token)
         self.n_new += 1
         if token in self.eos_ids and not self.params.ban_eos:
             self.finish = "stop"
             return None
-        text, stopped = self.stops.feed(self.detok.add(token))
+        piece = self.detok.add(token)
+        if self.guard.pattern is not None:
+            self.ends.append(len(self.guard.text) + len(piece))
+            piece, hit = self.guard.feed(piece)
+            if hit is not None and self.rewinds < MAX_REWINDS:
+                self._rewind(hit)
+                return None
+            if hit is not None:  # out of rewinds: let it through
+                piece = self.guard.flush()
+        text, stopped = self.stops.feed(piece)
         if stopped:
             self.finish = "stop"
         elif self.n_new >= self.budget:
             self.finish = "length"  # no forward pass for a token nobody will read
         return Chunk(text, token)
+
+    def _rewind(self, at: int) -> None:
+        """A banned phrase starts at character `at` of the reply: undo the tokens from the one
+        that wrote that character, ban that token at its position, and compute the position
+        again (KoboldCpp's phrase banning). Nothing of the phrase was shown: it was held back."""
+        i = next(k for k, end in enumerate(self.ends) if end > at)
+        pos = self.n_prompt + i
+        self.bans.setdefault(pos, set()).add(self.tokens[pos])
+        self.rewinds += 1
+        del self.tokens[pos:]
+        del self.ends[i:]
+        del self.logprob_log[i:]
+        self.n_new = i
+        self.guard.rewind(self.ends[-1] if self.ends else 0)
+        self.detok = IncrementalDetokenizer(self.tokenizer, self.tokens[: self.n_prompt])
+        for t in self.tokens[self.n_prompt :]:
+            self.detok.add(t)
+        if self.drafts:
+            self.draft_length.update(self.round_drafted, self.round_accepted)
+        self.drafts.clear()
+        self.draft_logits.clear()
+        # the last kept token's keys/values are cached; it is computed again for its logits
+        self.fed = min(self.fed, len(self.tokens) - 1)
+        self.logits = None
 
     @property
     def position(self) -> int:
@@ -235,7 +298,11 @@ class Generation:
             self.prompt_cache.holds(self.tokens[: self.fed if self.prompt_read else self.read])
         tail = ""
         if self.stops.matched is None:  # nothing after a stop is shown; otherwise release what was held
-            tail, _ = self.stops.feed(self.detok.flush())
+            held, hit = self.guard.feed(self.detok.flush())
+            if hit is not None:  # completed by the last bytes: too late to rewind, so cut it
+                held += self.guard.text[self.guard.released : hit]
+                self.guard.released = len(self.guard.text)
+            tail, _ = self.stops.feed(held + self.guard.flush())
             tail += self.stops.flush()
         decode_s = t_end - self.t_prefilled
         return Chunk(
@@ -244,7 +311,15 @@ class Generation:
             decode_tok_s=(self.n_new - 1) / max(decode_s, 1e-9) if self.n_new > 1 else 0.0,
             stop_string=self.stops.matched, seed=self.sampler.seed, cached_tokens=self.reused,
             shifted_tokens=self.shifted, drafted_tokens=self.drafted, accepted_tokens=self.accepted,
+            logprobs=list(self.logprob_log) if self.params.logprobs is not None else None,
         )
+
+
+def _logprob(logits: torch.Tensor, token: int, top: int) -> TokenLogprob:
+    logp = torch.log_softmax(logits.float(), dim=-1)
+    best = torch.topk(logp, top) if top > 0 else None
+    alternatives = [] if best is None else list(zip(best.indices.tolist(), best.values.tolist(), strict=True))
+    return TokenLogprob(token, float(logp[token]), alternatives)
 
 
 def stream_generate(model: Llama, tokenizer: Tokenizer, prompt_ids: Sequence[int], params: SamplingParams,

@@ -2,8 +2,10 @@
 
 Every sampler is a small function on one sequence's float32 logits `[V]`. KoboldAI's
 `sampler_order` names them by id: 0 top_k, 1 top_a, 2 top_p (and min_p beside it),
-3 tail-free, 4 typical, 5 temperature, 6 repetition penalty (with presence/frequency).
-Logit bias and bans come first, always.
+3 tail-free, 4 typical, 5 temperature (dynamic temperature or the smoothing factor with it),
+6 repetition penalty (with presence/frequency and DRY). Logit bias and bans come first, always;
+XTC comes last. With Mirostat on (KoboldCpp): penalties, temperature, then Mirostat's own
+truncation instead of the order's. The newer samplers live in modern_samplers.py.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
+from galatea.engine.modern_samplers import Mirostat, dry, dynamic_temperature, smoothing, xtc
 from galatea.errors import GalateaError
 
 # KoboldAI's default order: penalties, then truncation, then temperature last.
@@ -44,6 +47,21 @@ class SamplingParams:
     seed: int | None = None  # None: a fresh random seed per generation
     stop: Sequence[str] = ()
     include_stop: bool = False  # keep the matched stop string in the text (KoboldAI without trim_stop)
+    dry_multiplier: float = 0.0  # 0 = off
+    dry_base: float = 1.75
+    dry_allowed_length: int = 2
+    dry_sequence_breakers: Sequence[int] = ()  # token ids that end a repeated run
+    dry_range: int = 0  # last N tokens of the context; 0 = all of it
+    xtc_threshold: float = 0.1
+    xtc_probability: float = 0.0  # 0 = off
+    dynatemp_range: float = 0.0  # 0 = plain temperature
+    dynatemp_exponent: float = 1.0
+    smoothing_factor: float = 0.0  # 0 = off
+    mirostat: int = 0  # 0 off, 1 or 2
+    mirostat_tau: float = 5.0
+    mirostat_eta: float = 0.1
+    banned_phrases: Sequence[str] = ()  # never written: generation rewinds and bans their first token
+    logprobs: int | None = None  # report each token's log probability and this many alternatives
 
     def validate(self) -> None:
         checks = [
@@ -57,6 +75,14 @@ class SamplingParams:
             (self.repetition_penalty > 0.0, "repetition_penalty must be > 0 (1 turns it off)"),
             (self.repetition_penalty_range >= 0, "repetition_penalty_range must be >= 0"),
             (all(i in range(7) for i in self.sampler_order), "sampler_order ids must be 0..6"),
+            (self.dry_multiplier >= 0 and self.dry_base >= 1.0 and self.dry_allowed_length >= 1
+             and self.dry_range >= 0, "DRY needs multiplier >= 0, base >= 1, allowed length >= 1, range >= 0"),
+            (0.0 <= self.xtc_threshold <= 1.0 and 0.0 <= self.xtc_probability <= 1.0,
+             "xtc_threshold and xtc_probability must be between 0 and 1"),
+            (self.dynatemp_range >= 0 and self.dynatemp_exponent > 0, "dynatemp_range must be >= 0, exponent > 0"),
+            (self.smoothing_factor >= 0, "smoothing_factor must be >= 0 (0 turns it off)"),
+            (self.mirostat in (0, 1, 2), "mirostat must be 0 (off), 1 or 2"),
+            (self.mirostat_tau > 0 and self.mirostat_eta > 0, "mirostat_tau and mirostat_eta must be > 0"),
         ]
         for ok, message in checks:
             if not ok:
@@ -86,10 +112,21 @@ class Sampler:
             banned += [t for t in eos_ids if t is not None and 0 <= t < vocab_size]
         bias[banned] = NEG_INF
         self.bias = bias if bias.any() else None
+        self.mirostat = Mirostat(params.mirostat, params.mirostat_tau, params.mirostat_eta) \
+            if params.mirostat and not params.greedy else None
+        self.dry_breakers = frozenset(params.dry_sequence_breakers)
 
     def __call__(self, logits: Tensor, context: Sequence[int]) -> int:
         """logits: [V] float32 for the next position; context: every token id so far."""
-        return self.draw(self.distribution(logits, context))
+        processed = self.distribution(logits, context)
+        token = self.draw(processed)
+        self.observe(processed, token)
+        return token
+
+    def observe(self, processed: Tensor, token: int) -> None:
+        """`token` was chosen from `processed`: stateful samplers (Mirostat) move on."""
+        if self.mirostat is not None:
+            self.mirostat.observe(processed, token)
 
     def distribution(self, logits: Tensor, context: Sequence[int]) -> Tensor:
         """The logits after the whole chain ([V]; -inf where removed): what `draw` samples from,
@@ -98,9 +135,12 @@ class Sampler:
         logits = logits.float()[: self.vocab_size].clone()
         if self.bias is not None:
             logits += self.bias.to(logits.device)
+        if self.mirostat is not None:
+            logits = self.penalties(logits, context)
+            return self.mirostat.truncate(logits / p.temperature)
         for step in p.sampler_order:
             if step == 6:
-                logits = apply_penalties(logits, context, p)
+                logits = self.penalties(logits, context)
             elif p.greedy:
                 continue  # truncation and temperature cannot change the argmax
             elif step == 0:
@@ -113,9 +153,21 @@ class Sampler:
                 logits = tail_free(logits, p.tfs)
             elif step == 4:
                 logits = typical(logits, p.typical_p)
-            elif step == 5 and p.temperature != 1.0:
-                logits = logits / p.temperature
+            elif step == 5:
+                logits = smoothing(logits, p.smoothing_factor)
+                if p.dynatemp_range > 0:
+                    logits = dynamic_temperature(logits, p.temperature, p.dynatemp_range, p.dynatemp_exponent)
+                elif p.temperature != 1.0:
+                    logits = logits / p.temperature
+        if not p.greedy:
+            logits = xtc(logits, p.xtc_threshold, p.xtc_probability, self.rng)
         return logits
+
+    def penalties(self, logits: Tensor, context: Sequence[int]) -> Tensor:
+        p = self.params
+        logits = apply_penalties(logits, context, p)
+        return dry(logits, context, p.dry_multiplier, p.dry_base, p.dry_allowed_length, self.dry_breakers,
+                   p.dry_range)
 
     def draw(self, processed: Tensor) -> int:
         if self.params.greedy:

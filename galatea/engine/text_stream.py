@@ -11,6 +11,7 @@ Two small state machines:
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 from typing import Protocol
 
@@ -84,6 +85,52 @@ class StopMatcher:
         for s in self.stops:
             for n in range(min(len(s) - 1, len(buf)), best, -1):
                 if buf.endswith(s[:n]):
+                    best = n
+                    break
+        return best
+
+
+class PhraseGuard:
+    """Banned phrases (KoboldCpp's "banned_tokens" strings, text-generation-webui's
+    "banned_strings"; case-insensitive): holds back the text that could still become one, and
+    reports where one appeared so that generation can rewind to it (see Generation.sample)."""
+
+    def __init__(self, phrases: Sequence[str]) -> None:
+        self.phrases = [p for p in dict.fromkeys(phrases) if p]
+        self.pattern = re.compile("|".join(re.escape(p) for p in self.phrases), re.IGNORECASE) \
+            if self.phrases else None
+        self.text = ""  # all the reply's text so far
+        self.released = 0  # how much of it was passed on
+
+    def feed(self, piece: str) -> tuple[str, int | None]:
+        """(text safe to pass on now, offset in `text` where a banned phrase starts, or None)."""
+        self.text += piece
+        if self.pattern is None:
+            out, self.released = self.text[self.released :], len(self.text)
+            return out, None
+        hit = self.pattern.search(self.text, self.released)
+        if hit is not None:
+            return "", hit.start()
+        hold = self._held_suffix(self.text[self.released :])
+        end = len(self.text) - hold
+        out, self.released = self.text[self.released : end], end
+        return out, None
+
+    def rewind(self, length: int) -> None:
+        """Forget the text after `length` characters (never text already passed on)."""
+        self.text = self.text[: max(length, self.released)]
+
+    def flush(self) -> str:
+        out, self.released = self.text[self.released :], len(self.text)
+        return out
+
+    def _held_suffix(self, buf: str) -> int:
+        low = buf.lower()
+        best = 0
+        for p in self.phrases:
+            head = p.lower()
+            for n in range(min(len(head) - 1, len(low)), best, -1):
+                if low.endswith(head[:n]):
                     best = n
                     break
         return best

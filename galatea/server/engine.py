@@ -47,8 +47,8 @@ class Job:
 
 @dataclass
 class Perf:
-    last_process: float = 0.0  # seconds spent reading the last prompt
-    last_eval: float = 0.0  # seconds per generated token, last generation
+    last_process: float = 0.0  # milliseconds per prompt token read, last generation (KoboldCpp's unit)
+    last_eval: float = 0.0  # milliseconds per generated token, last generation (KoboldCpp's unit)
     last_token_count: int = 0
     last_input_count: int = 0
     last_cached_count: int = 0  # prompt tokens reused from the prompt cache
@@ -303,8 +303,9 @@ class Engine:
         p.last_drafted_count, p.last_accepted_count = last.drafted_tokens, last.accepted_tokens
         read = last.prompt_tokens - last.cached_tokens
         p.last_recomputed_count = read
-        p.last_process = read / last.prefill_tok_s if last.prefill_tok_s else 0.0
-        p.last_eval = 1.0 / last.decode_tok_s if last.decode_tok_s else 0.0
+        # KoboldCpp divides the reading time by the whole prompt's tokens
+        p.last_process = 1000.0 * read / last.prefill_tok_s / last.prompt_tokens if last.prefill_tok_s else 0.0
+        p.last_eval = 1000.0 / last.decode_tok_s if last.decode_tok_s else 0.0
         p.last_seed = last.seed if last.seed is not None else -1
         p.total_gens += 1
         p.stop_reason = {"length": 0, "stop": 1}.get(last.finish_reason or "", 2)

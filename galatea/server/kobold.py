@@ -1,8 +1,11 @@
 """KoboldAI United + KoboldCpp routes (`/api/v1/...`, `/api/latest/...`, `/api/extra/...`).
 
-We advertise KoboldCpp 1.60: SSE streaming (>= 1.40), genkey polling (>= 1.30), `memory` and
-`trim_stop` (>= 1.49) and min_p (>= 1.48) are honoured. Mirostat and grammar, which those
-versions also gate on, are refused with a clear message rather than silently ignored.
+We advertise KoboldCpp 1.76, and honour what clients send it: SSE streaming (>= 1.40), genkey
+polling (>= 1.30), `memory` and `trim_stop` (>= 1.49), min_p (>= 1.48), Mirostat v1/v2, DRY
+(>= 1.70), XTC (>= 1.74), dynamic temperature, smoothing factor, banned phrases
+(`banned_tokens`/`banned_strings`) and `custom_token_bans`; `logprobs` too. Grammars, which
+clients also gate on, are refused with a clear message rather than silently ignored. Its perf
+figures are in KoboldCpp's units (milliseconds per token).
 
 Stopping: a client that goes away cancels its generation (streaming or not, also while its
 prompt is read); `/api/extra/abort` with a genkey stops that request, without one every running
@@ -27,7 +30,7 @@ from galatea.server.engine import Engine
 from galatea.server.schemas import KoboldGenerate, KoboldGenkey, KoboldTokenCount
 from galatea.server.serving import error_body
 
-KOBOLDCPP_VERSION = "1.60"
+KOBOLDCPP_VERSION = "1.76"
 UNITED_VERSION = "1.2.5"
 
 
@@ -72,7 +75,7 @@ def build_router(engine: Engine) -> APIRouter:
     @r.get("/api/extra/perf")
     def perf() -> dict:
         p = engine.perf
-        return {"last_process": round(p.last_process, 3), "last_eval": round(p.last_eval, 4),
+        return {"last_process": round(p.last_process, 3), "last_eval": round(p.last_eval, 3),
                 "last_token_count": p.last_token_count, "last_input_count": p.last_input_count,
                 "last_cached_count": p.last_cached_count,
                 "last_shifted_count": p.last_shifted_count,
@@ -89,12 +92,15 @@ def build_router(engine: Engine) -> APIRouter:
             for _ in range(req.n):
                 ids = serving.kobold_prompt(req, engine)
                 params = serving.kobold_params(req, engine, len(ids))
-                text, finish = "", "stop"
+                text, finish, result = "", "stop", {}
                 async for chunk in engine.generate(ids, params, req.genkey, gone):
                     text += chunk.text
                     if chunk.finish_reason is not None:
                         finish = "length" if chunk.finish_reason == "length" else "stop"
-                results.append({"text": text, "finish_reason": finish})
+                        if chunk.logprobs is not None:
+                            result["logprobs"] = {
+                                "content": serving.logprobs_content(engine.tokenizer, ids, chunk.logprobs)}
+                results.append({"text": text, "finish_reason": finish, **result})
                 if gone.is_set():
                     break
         return {"results": results}

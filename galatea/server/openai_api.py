@@ -12,6 +12,7 @@ from typing import Any
 from fastapi import APIRouter, Request
 from fastapi.responses import StreamingResponse
 
+from galatea.engine.generate import Chunk
 from galatea.server import serving
 from galatea.server.disconnect import watch
 from galatea.server.engine import Engine
@@ -37,14 +38,14 @@ def build_router(engine: Engine) -> APIRouter:
         return model_card()
 
     async def generations(ids: list[int], req: CompletionRequest, request: Request, stops: list[str] | None = None,
-                          default_max: int = 512) -> AsyncIterator[tuple[int, str, str | None, int]]:
-        """(choice index, text delta, finish reason or None, completion tokens) for each of `n`;
-        a client that goes away stops them (see disconnect.py)."""
+                          default_max: int = 512) -> AsyncIterator[tuple[int, Chunk]]:
+        """(choice index, chunk) for each of `n`; a client that goes away stops them (see
+        disconnect.py)."""
         async with watch(request) as gone:
             for index in range(req.n):
                 params = serving.completion_params(req, engine, len(ids), default_max, stops)
                 async for chunk in engine.generate(ids, params, cancel=gone):
-                    yield index, chunk.text, chunk.finish_reason, chunk.generated_tokens
+                    yield index, chunk
                 if gone.is_set():
                     return
 
@@ -62,14 +63,16 @@ def build_router(engine: Engine) -> APIRouter:
         return "length" if reason == "length" else "stop"
 
     async def collect(ids: list[int], req: CompletionRequest, request: Request,
-                      stops: list[str] | None = None) -> tuple[list[str], list[str], int]:
-        """All `n` generations whole: (texts, finish reasons, completion tokens in all)."""
-        texts, reasons, used = [""] * req.n, ["stop"] * req.n, 0
-        async for index, text, reason, n_tokens in generations(ids, req, request, stops):
-            texts[index] += text
-            if reason is not None:
-                reasons[index], used = finish(reason), used + n_tokens
-        return texts, reasons, used
+                      stops: list[str] | None = None) -> tuple[list[str], list[str], int, list[Any]]:
+        """All `n` generations whole: (texts, finish reasons, completion tokens in all, each one's
+        token log probabilities or None)."""
+        texts, reasons, used, logprobs = [""] * req.n, ["stop"] * req.n, 0, [None] * req.n
+        async for index, chunk in generations(ids, req, request, stops):
+            texts[index] += chunk.text
+            if chunk.finish_reason is not None:
+                reasons[index], used = finish(chunk.finish_reason), used + chunk.generated_tokens
+                logprobs[index] = chunk.logprobs
+        return texts, reasons, used, logprobs
 
     @r.post("/v1/completions")
     async def completions(req: CompletionRequest, request: Request) -> Any:
@@ -78,7 +81,8 @@ def build_router(engine: Engine) -> APIRouter:
         rid, created = f"cmpl-{uuid.uuid4().hex[:24]}", int(time.time())
         if req.stream:
             async def events() -> AsyncIterator[str]:
-                async for index, text, reason, _ in generations(ids, req, request):
+                async for index, chunk in generations(ids, req, request):
+                    text, reason = chunk.text, chunk.finish_reason
                     if text or reason is not None:
                         yield _sse({"id": rid, "object": "text_completion", "created": created, "model": engine.name,
                                     "choices": [{"index": index, "text": text, "logprobs": None,
@@ -87,9 +91,11 @@ def build_router(engine: Engine) -> APIRouter:
 
             return StreamingResponse(failing_safely(events()), media_type="text/event-stream",
                                      headers={"Cache-Control": "no-cache"})
-        texts, reasons, used = await collect(ids, req, request)
+        texts, reasons, used, logprobs = await collect(ids, req, request)
         return {"id": rid, "object": "text_completion", "created": created, "model": engine.name,
-                "choices": [{"index": i, "text": t, "logprobs": None, "finish_reason": reasons[i]}
+                "choices": [{"index": i, "text": t, "finish_reason": reasons[i],
+                             "logprobs": None if logprobs[i] is None else
+                             serving.logprobs_legacy(engine.tokenizer, ids, logprobs[i])}
                             for i, t in enumerate(texts)],
                 "usage": {"prompt_tokens": len(ids), "completion_tokens": used, "total_tokens": len(ids) + used}}
 
@@ -102,7 +108,8 @@ def build_router(engine: Engine) -> APIRouter:
         if req.stream:
             async def events() -> AsyncIterator[str]:
                 started: set[int] = set()
-                async for index, text, reason, _ in generations(ids, req, request, stops):
+                async for index, chunk in generations(ids, req, request, stops):
+                    text, reason = chunk.text, chunk.finish_reason
                     delta: dict[str, Any] = {}
                     if index not in started:
                         started.add(index)
@@ -119,10 +126,13 @@ def build_router(engine: Engine) -> APIRouter:
 
             return StreamingResponse(failing_safely(events()), media_type="text/event-stream",
                                      headers={"Cache-Control": "no-cache"})
-        texts, reasons, used = await collect(ids, req, request, stops)
+        texts, reasons, used, logprobs = await collect(ids, req, request, stops)
         return {"id": rid, "object": "chat.completion", "created": created, "model": engine.name,
                 "choices": [{"index": i, "message": {"role": "assistant", "content": serving.chat_text(t, char, user)},
-                             "finish_reason": reasons[i]} for i, t in enumerate(texts)],
+                             "finish_reason": reasons[i],
+                             "logprobs": None if logprobs[i] is None else
+                             {"content": serving.logprobs_content(engine.tokenizer, ids, logprobs[i])}}
+                            for i, t in enumerate(texts)],
                 "usage": {"prompt_tokens": len(ids), "completion_tokens": used, "total_tokens": len(ids) + used}}
 
     # ---- token endpoints SillyTavern uses (text-generation-webui, llama.cpp, vLLM, aphrodite) ----

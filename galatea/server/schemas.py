@@ -6,6 +6,7 @@ many). Defaults are KoboldCpp's for Kobold routes and text-generation-webui's fo
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
@@ -19,7 +20,54 @@ def _as_list(value: Any) -> list[str]:
     return [str(v) for v in value if v]
 
 
-class KoboldGenerate(BaseModel):
+def _breakers(value: Any) -> list[str] | None:
+    """DRY's sequence breakers: a list, or the JSON string SillyTavern's text completion sends."""
+    if value is None or isinstance(value, list):
+        return value
+    if isinstance(value, str):
+        try:
+            parsed = json.loads(value)
+        except json.JSONDecodeError:
+            return [value]
+        return [str(v) for v in parsed] if isinstance(parsed, list) else [str(parsed)]
+    raise ValueError("dry_sequence_breakers must be a list of strings")
+
+
+class NewerSamplers(BaseModel):
+    """KoboldCpp's and text-generation-webui's newer samplers, the same names on both dialects
+    (defaults: KoboldCpp 1.76's)."""
+
+    dry_multiplier: float = Field(default=0.0, ge=0)
+    dry_base: float = Field(default=1.75, ge=1)
+    dry_allowed_length: int = Field(default=2, ge=1)
+    dry_sequence_breakers: list[str] | None = None  # None: SillyTavern's default ["\n", ":", "\"", "*"]
+    dry_penalty_last_n: int = Field(default=320, ge=-1)  # <= 0: the whole context
+    xtc_threshold: float = Field(default=0.2, ge=0, le=1)
+    xtc_probability: float = Field(default=0.0, ge=0, le=1)
+    dynatemp_range: float = Field(default=0.0, ge=0)  # KoboldCpp
+    dynamic_temperature: bool = False  # text-generation-webui: temperature between low and high
+    dynatemp_low: float | None = Field(default=None, ge=0)
+    dynatemp_high: float | None = Field(default=None, ge=0)
+    dynatemp_exponent: float = Field(default=1.0, gt=0)
+    smoothing_factor: float = Field(default=0.0, ge=0)
+    mirostat_tau: float = Field(default=5.0, gt=0)
+    mirostat_eta: float = Field(default=0.1, gt=0)
+    banned_tokens: list[str] = Field(default_factory=list)  # KoboldCpp: phrases, despite the name
+    banned_strings: list[str] = Field(default_factory=list)  # text-generation-webui, SillyTavern
+    custom_token_bans: str = ""  # token ids, comma-separated (SillyTavern, KoboldCpp)
+
+    @field_validator("banned_tokens", "banned_strings", mode="before")
+    @classmethod
+    def _phrases(cls, v: Any) -> list[str]:
+        return _as_list(v)
+
+    @field_validator("dry_sequence_breakers", mode="before")
+    @classmethod
+    def _dry_breakers(cls, v: Any) -> list[str] | None:
+        return _breakers(v)
+
+
+class KoboldGenerate(NewerSamplers):
     model_config = ConfigDict(extra="ignore")
 
     prompt: str = ""
@@ -52,6 +100,7 @@ class KoboldGenerate(BaseModel):
     genkey: str = ""
     mirostat: int = 0
     grammar: str = ""
+    logprobs: bool = False  # KoboldCpp: each token's log probability and 5 alternatives
 
     @field_validator("stop_sequence", mode="before")
     @classmethod
@@ -70,7 +119,7 @@ class KoboldGenkey(BaseModel):
     genkey: str = ""
 
 
-class CompletionRequest(BaseModel):
+class CompletionRequest(NewerSamplers):
     model_config = ConfigDict(extra="ignore")
 
     prompt: str | list[str] = ""
@@ -100,7 +149,9 @@ class CompletionRequest(BaseModel):
     seed: int | None = None
     sampler_seed: int | None = None
     logit_bias: dict[str, float] = Field(default_factory=dict)
-    # refused when set, as on the Kobold routes (text-generation-webui's and KoboldCpp's names)
+    logprobs: bool | int | None = None  # completions: how many alternatives; chat: on/off
+    top_logprobs: int | None = Field(default=None, ge=0, le=20)  # chat: how many alternatives
+    # text-generation-webui's and KoboldCpp's names; a grammar is refused as on the Kobold routes
     mirostat_mode: int | None = None
     mirostat: int | None = None
     grammar_string: str | None = None

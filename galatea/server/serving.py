@@ -11,10 +11,12 @@ from __future__ import annotations
 from galatea.chat.cards import Character
 from galatea.chat.prompt import Turn, build_prompt
 from galatea.chat.session import clean_reply, reply_stops
+from galatea.engine.generate import TokenLogprob
 from galatea.engine.sampling import SamplingParams
 from galatea.errors import GalateaError
+from galatea.model.tokenizer import Tokenizer
 from galatea.server.engine import Engine
-from galatea.server.schemas import ChatCompletionRequest, CompletionRequest, KoboldGenerate
+from galatea.server.schemas import ChatCompletionRequest, CompletionRequest, KoboldGenerate, NewerSamplers
 
 
 class BadRequest(Exception):
@@ -45,12 +47,36 @@ def _bias(raw: dict[str, float], vocab: int) -> dict[int, float]:
     return out
 
 
+DRY_BREAKERS = ("\n", ":", "\"", "*")  # SillyTavern's and KoboldCpp's default
+
+
 def refuse_unsupported(mirostat: int, grammar: str) -> None:
     """The same answer on every route for what Galatea does not do (rather than ignoring it)."""
-    if mirostat:
-        raise BadRequest("mirostat is not supported by Galatea; set it to 0 (Mirostat off)")
+    if mirostat not in (0, 1, 2):
+        raise BadRequest(f"mirostat {mirostat} is not a Mirostat version; use 0 (off), 1 or 2")
     if grammar.strip():
         raise BadRequest("grammar-constrained sampling is not supported by Galatea; clear the grammar field")
+
+
+def newer_samplers(req: NewerSamplers, engine: Engine, mirostat: int) -> dict:
+    """SamplingParams fields for DRY, XTC, dynamic temperature, smoothing, Mirostat and banned
+    phrases. DRY's
+    breakers are strings; each becomes the token the model writes for it after a letter (as
+    text-generation-webui does), so `\n` or `:` glued to a word still counts."""
+    breakers = DRY_BREAKERS if req.dry_sequence_breakers is None else req.dry_sequence_breakers
+    ids = {engine.tokenize("a" + b, add_bos=False)[-1] for b in breakers if b}
+    extra: dict = {"dry_multiplier": req.dry_multiplier, "dry_base": req.dry_base,
+                   "dry_allowed_length": req.dry_allowed_length, "dry_sequence_breakers": tuple(sorted(ids)),
+                   "dry_range": max(0, req.dry_penalty_last_n), "xtc_threshold": req.xtc_threshold,
+                   "xtc_probability": req.xtc_probability, "dynatemp_range": req.dynatemp_range,
+                   "dynatemp_exponent": req.dynatemp_exponent, "smoothing_factor": req.smoothing_factor,
+                   "mirostat": mirostat, "mirostat_tau": req.mirostat_tau, "mirostat_eta": req.mirostat_eta,
+                   "banned_phrases": tuple(dict.fromkeys([*req.banned_tokens, *req.banned_strings])),
+                   "banned_tokens": _token_bans(req.custom_token_bans, engine.lm.config.vocab_size)}
+    if req.dynamic_temperature and req.dynatemp_low is not None and req.dynatemp_high is not None:
+        low, high = sorted((req.dynatemp_low, req.dynatemp_high))
+        extra.update(temperature=(low + high) / 2, dynatemp_range=(high - low) / 2)
+    return extra
 
 
 # ---- KoboldAI ----------------------------------------------------------------------------------
@@ -70,6 +96,8 @@ def kobold_params(req: KoboldGenerate, engine: Engine, prompt_len: int) -> Sampl
         logit_bias=_bias(req.logit_bias, engine.lm.config.vocab_size), ban_eos=bool(ban_eos or req.bypass_eos),
         sampler_order=order,
         seed=None if req.sampler_seed < 0 else req.sampler_seed, stop=stops, include_stop=not req.trim_stop,
+        logprobs=5 if req.logprobs else None,
+        **{k: v for k, v in newer_samplers(req, engine, req.mirostat).items() if k != "temperature"},
     )
 
 
@@ -99,7 +127,10 @@ def kobold_prompt(req: KoboldGenerate, engine: Engine) -> list[int]:
 
 def completion_params(req: CompletionRequest, engine: Engine, prompt_len: int, default_max: int = 512,
                       extra_stops: list[str] | None = None) -> SamplingParams:
-    refuse_unsupported(req.mirostat_mode or req.mirostat or 0, req.grammar_string or req.grammar or "")
+    mirostat = req.mirostat_mode or req.mirostat or 0
+    refuse_unsupported(mirostat, req.grammar_string or req.grammar or "")
+    extra = newer_samplers(req, engine, mirostat)
+    temperature = extra.pop("temperature", req.temperature)  # webui's dynatemp_low/high set it
     max_tokens = req.max_tokens or req.max_new_tokens or getattr(req, "max_completion_tokens", None) or default_max
     room = engine.context - prompt_len
     if room < 1:
@@ -109,13 +140,14 @@ def completion_params(req: CompletionRequest, engine: Engine, prompt_len: int, d
     rep_range = req.repetition_penalty_range if req.repetition_penalty_range is not None else req.rep_pen_range
     seed = req.seed if req.seed is not None else req.sampler_seed
     return SamplingParams(
-        max_new_tokens=min(max_tokens, room), temperature=req.temperature, top_p=req.top_p, top_k=req.top_k,
+        max_new_tokens=min(max_tokens, room), temperature=temperature, top_p=req.top_p, top_k=req.top_k,
         min_p=req.min_p, typical_p=req.typical_p if req.typical_p is not None else (req.typical or 1.0),
         tfs=req.tfs, top_a=req.top_a, repetition_penalty=rep, repetition_penalty_range=rep_range or 0,
         presence_penalty=req.presence_penalty, frequency_penalty=req.frequency_penalty,
         logit_bias=_bias(req.logit_bias, engine.lm.config.vocab_size), ban_eos=req.ban_eos_token or req.ignore_eos,
         seed=None if seed is None or seed < 0 else seed,
         stop=list(dict.fromkeys([*req.stop, *req.stopping_strings, *(extra_stops or [])])),
+        logprobs=_top_logprobs(req), **extra,
     )
 
 
@@ -159,3 +191,53 @@ def chat_stops(char: str, user: str, req: ChatCompletionRequest | None = None) -
 
 def chat_text(text: str, char: str, user: str) -> str:
     return clean_reply(text, char, char, user)
+
+
+def _token_bans(text: str, vocab: int) -> tuple[int, ...]:
+    ids = []
+    for part in text.split(","):
+        part = part.strip()
+        if not part:
+            continue
+        if not part.isdigit() or int(part) >= vocab:
+            raise BadRequest(f"custom_token_bans: {part!r} is not a token id of this model (0..{vocab - 1})")
+        ids.append(int(part))
+    return tuple(ids)
+
+
+def _top_logprobs(req: CompletionRequest) -> int | None:
+    """completions: `logprobs: n` (n alternatives); chat: `logprobs: true` + `top_logprobs: n`."""
+    if req.logprobs is None or req.logprobs is False:
+        return None
+    if req.logprobs is True:
+        return min(req.top_logprobs or 0, 20)
+    if not 0 <= req.logprobs <= 20:
+        raise BadRequest("logprobs must be between 0 and 20 alternatives")
+    return req.logprobs
+
+
+def _token_text(tokenizer: Tokenizer, prev: int, token: int) -> str:
+    """A token's text where it stands (after `prev`), leading space included."""
+    return tokenizer.decode([prev, token])[len(tokenizer.decode([prev])) :]
+
+
+def logprobs_content(tokenizer: Tokenizer, prompt_ids: list[int], log: list[TokenLogprob]) -> list[dict]:
+    """OpenAI chat's (and KoboldCpp's) shape: [{token, logprob, top_logprobs: [{token, logprob}]}]."""
+    out, prev = [], prompt_ids[-1]
+    for entry in log:
+        out.append({"token": _token_text(tokenizer, prev, entry.token), "logprob": entry.logprob,
+                    "top_logprobs": [{"token": _token_text(tokenizer, prev, t), "logprob": lp} for t, lp in entry.top]})
+        prev = entry.token
+    return out
+
+
+def logprobs_legacy(tokenizer: Tokenizer, prompt_ids: list[int], log: list[TokenLogprob]) -> dict:
+    """OpenAI completions' shape: parallel lists, alternatives as {token: logprob}."""
+    content = logprobs_content(tokenizer, prompt_ids, log)
+    offsets, at = [], 0
+    for c in content:
+        offsets.append(at)
+        at += len(c["token"])
+    return {"tokens": [c["token"] for c in content], "token_logprobs": [c["logprob"] for c in content],
+            "top_logprobs": [{t["token"]: t["logprob"] for t in c["top_logprobs"]} for c in content],
+            "text_offset": offsets}
