@@ -7,6 +7,7 @@ model starts, and the reply when it ends, so a crash loses at most the reply in 
 
 from __future__ import annotations
 
+import math
 import re
 import threading
 import time
@@ -31,6 +32,10 @@ DEFAULT_SETTINGS: dict[str, Any] = {
     "dynatemp_range": 0.0, "smoothing_factor": 0.0,
 }
 DRY_BREAKERS = ("\n", ":", "\"", "*")  # SillyTavern's default
+
+
+def _number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def reply_stops(char: str, user: str) -> list[str]:
@@ -77,13 +82,20 @@ class ChatSession:
                  max_context: int | None = None, generate: Generate | None = None,
                  context_shift: bool = True, speculative: bool = True) -> None:
         self.store, self.lm, self.chat_id = store, lm, chat_id
+        # what the command line set, kept when the terminal opens another chat (/new, /open)
+        self.overrides, self.context_shift, self.speculative = dict(settings or {}), context_shift, speculative
         # each turn re-reads only what changed since the last, even once old turns drop out
         self.prompt_cache = PromptCache(context_shift)
         self._run = generate or (lambda ids, params, cancel: stream_generate(
             lm.model, lm.tokenizer, ids, params, cancel, self.context, self.prompt_cache, speculative))
         self.info = store.chat(chat_id)
         self.character_id, self.char = store.character(self.info.character_id)
-        self.settings = {**DEFAULT_SETTINGS, **self.info.settings, **(settings or {})}
+        stored = self.info.settings
+        # a stored value that is not a finite number (an older version let `/set temperature nan`
+        # through) is reported and ignored, never fatal
+        self.ignored = sorted(k for k, v in stored.items() if k in DEFAULT_SETTINGS and not _number(v))
+        kept = {k: v for k, v in stored.items() if k not in self.ignored}
+        self.settings = {**DEFAULT_SETTINGS, **kept, **(settings or {})}
         self.context = max_context or lm.config.max_position_embeddings
         self.last_prompt: Prompt | None = None
         self.last: Turnout | None = None

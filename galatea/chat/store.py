@@ -14,6 +14,7 @@ import json
 import os
 import sqlite3
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -114,14 +115,17 @@ def default_data_dir() -> Path:
 
 
 class Store:
+    """The chat database. Each thread that uses a Store gets its own SQLite connection (a server
+    answers from many threads; one shared connection interleaves their transactions: "cannot
+    start a transaction within a transaction", and a change reported failed could be kept)."""
+
     def __init__(self, path: Path | str) -> None:
         self.path = Path(path)
+        self._local = threading.local()
+        self._lock = threading.Lock()
+        self._connections: list[sqlite3.Connection] = []
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            self.db = sqlite3.connect(self.path, timeout=30.0, isolation_level=None, check_same_thread=False)
-            self.db.execute("PRAGMA journal_mode=WAL")
-            self.db.execute("PRAGMA synchronous=NORMAL")  # WAL + NORMAL: durable across app crashes
-            self.db.execute("PRAGMA foreign_keys=ON")
             self.db.executescript(SCHEMA)  # idempotent: CREATE ... IF NOT EXISTS
         except sqlite3.DatabaseError as e:
             raise GalateaError(f"{self.path}: cannot open the chat database ({e}); move it aside or pass "
@@ -130,25 +134,47 @@ class Store:
             raise GalateaError(f"{self.path.parent}: cannot create the data folder ({e.strerror}); "
                                "pass --data-dir") from None
 
+    @property
+    def db(self) -> sqlite3.Connection:
+        """This thread's connection, opened on first use."""
+        conn = getattr(self._local, "conn", None)
+        if conn is None:
+            conn = sqlite3.connect(self.path, timeout=30.0, isolation_level=None, check_same_thread=False)
+            conn.execute("PRAGMA journal_mode=WAL")
+            conn.execute("PRAGMA synchronous=NORMAL")  # WAL + NORMAL: durable across app crashes
+            conn.execute("PRAGMA foreign_keys=ON")
+            self._local.conn = conn
+            with self._lock:
+                self._connections.append(conn)
+        return conn
+
     @classmethod
     def open_default(cls, data_dir: Path | str | None = None) -> Store:
+        if data_dir is not None and not str(data_dir).strip():
+            raise GalateaError("--data-dir is empty; pass a folder (or leave the option out for the default)")
         return cls(Path(data_dir or default_data_dir()).expanduser() / "galatea.db")
 
     def close(self) -> None:
-        self.db.close()
+        with self._lock:
+            for conn in self._connections:
+                conn.close()
+            self._connections.clear()
+        self._local = threading.local()
 
     @contextmanager
     def _write(self) -> Iterator[sqlite3.Connection]:
         """One write transaction; BEGIN IMMEDIATE takes the write lock up front so concurrent
-        writers queue (busy timeout) instead of failing half-way."""
-        self.db.execute("BEGIN IMMEDIATE")
+        writers queue (busy timeout) instead of failing half-way. An exception rolls it all back:
+        an error means nothing was written."""
+        db = self.db
+        db.execute("BEGIN IMMEDIATE")
         try:
-            yield self.db
+            yield db
         except BaseException:
-            self.db.execute("ROLLBACK")
+            db.execute("ROLLBACK")
             raise
         else:
-            self.db.execute("COMMIT")
+            db.execute("COMMIT")
 
     # ---- characters ----------------------------------------------------------------------------
 

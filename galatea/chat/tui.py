@@ -7,6 +7,7 @@ reply stops that reply (what was written is kept), not the program.
 
 from __future__ import annotations
 
+import math
 import os
 import signal
 import sys
@@ -112,6 +113,7 @@ class TerminalChat:
 
     def loop(self) -> None:
         self.show_history()
+        self._report_ignored()
         while True:
             try:
                 line = self.read(f"{self.c.prompt_user}{self.s.user}>{self.c.prompt_reset} ")
@@ -221,6 +223,8 @@ class TerminalChat:
             parsed = kinds[key](value.strip())
         except ValueError:
             raise GalateaError(f"/set {key}: {value.strip()!r} is not a {kinds[key].__name__}") from None
+        if not math.isfinite(parsed):
+            raise GalateaError(f"/set {key}: {value.strip()!r} is not a finite number")
         self.s.settings[key] = parsed
         saved = {**self.s.store.chat(self.s.chat_id).settings, key: parsed}
         self.s.store.set_settings(self.s.chat_id, saved)  # kept with the chat
@@ -257,8 +261,16 @@ class TerminalChat:
         return msgs[number - 1]
 
     def _switch(self, chat_id: int) -> None:
-        self.s = ChatSession(self.s.store, self.s.lm, chat_id, max_context=self.s.context)
+        old = self.s
+        self.s = ChatSession(old.store, old.lm, chat_id, old.overrides, max_context=old.context,
+                             context_shift=old.context_shift, speculative=old.speculative)
         self.show_history()
+        self._report_ignored()
+
+    def _report_ignored(self) -> None:
+        if self.s.ignored:
+            self.say(f"{self.c.dim}(stored settings that are not numbers were ignored: "
+                     f"{', '.join(self.s.ignored)}; /set them again){self.c.reset}")
 
 
 def open_chat(store: Store, character: str | None, chat_id: int | None, new: bool, user: str | None) -> int:

@@ -90,7 +90,8 @@ class SamplingParams:
 
     @property
     def greedy(self) -> bool:
-        return self.temperature <= 0 or self.top_k == 1
+        # below 1e-3 a temperature only overflows the logits: it means "the most likely token"
+        return self.temperature < 1e-3 or self.top_k == 1
 
 
 class Sampler:
@@ -135,6 +136,7 @@ class Sampler:
         logits = logits.float()[: self.vocab_size].clone()
         if self.bias is not None:
             logits += self.bias.to(logits.device)
+        biased = logits
         if self.mirostat is not None:
             logits = self.penalties(logits, context)
             return self.mirostat.truncate(logits / p.temperature)
@@ -161,7 +163,7 @@ class Sampler:
                     logits = logits / p.temperature
         if not p.greedy:
             logits = xtc(logits, p.xtc_threshold, p.xtc_probability, self.rng)
-        return logits
+        return _keep_one(logits, biased)
 
     def penalties(self, logits: Tensor, context: Sequence[int]) -> Tensor:
         p = self.params
@@ -173,6 +175,15 @@ class Sampler:
         if self.params.greedy:
             return int(torch.argmax(processed))
         return draw(torch.softmax(processed, dim=-1), self.rng)
+
+
+def _keep_one(logits: Tensor, before: Tensor) -> Tensor:
+    """Settings that remove every token (top_a 1e30, min_p 1 on a tie...) leave the most likely
+    one of those the bans and biases allowed, rather than a distribution of NaNs."""
+    if bool(torch.isfinite(logits).any()):
+        return logits
+    best = int(torch.argmax(torch.nan_to_num(before, nan=NEG_INF)))
+    return torch.full_like(logits, NEG_INF).index_fill(0, torch.tensor([best], device=logits.device), 0.0)
 
 
 def draw(probs: Tensor, rng: torch.Generator) -> int:

@@ -5,42 +5,55 @@ through the engine's queue; replies stream as SSE `data: {"text": ...}` events a
 
 from __future__ import annotations
 
+import asyncio
 import json
 import threading
-from collections.abc import Callable, Iterator
-from typing import Any
+from collections.abc import AsyncIterator, Callable, Iterator
+from typing import Annotated, Any
 
 from fastapi import APIRouter, Request
+from fastapi import Path as PathParam
 from fastapi.responses import Response, StreamingResponse
-from pydantic import BaseModel, ConfigDict
+from pydantic import Field
 
 from galatea.chat.cards import load_character, placeholder_png, read_card
 from galatea.chat.session import ChatSession
 from galatea.chat.store import Store
 from galatea.errors import GalateaError
+from galatea.server.disconnect import watch
 from galatea.server.engine import Engine
+from galatea.server.schemas import RequestBody
 from galatea.server.serving import BadRequest
 
 
-class Text(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+class Text(RequestBody):
     text: str
 
 
-class Step(BaseModel):
-    model_config = ConfigDict(extra="ignore")
-    step: int
+class Step(RequestBody):
+    step: int = Field(ge=-1000, le=1000)
 
 
-class Abort(BaseModel):
-    model_config = ConfigDict(extra="ignore")
-    chat_id: int | None = None
+class Abort(RequestBody):
+    chat_id: int | None = Field(default=None, ge=0, le=2**63 - 1)
+
+
+BUSY_WAIT_S = 3.0
+RowId = Annotated[int, PathParam(ge=0, le=2**63 - 1)]  # SQLite's integer range: larger ids cannot exist
 
 
 def build_router(engine: Engine, store: Store) -> APIRouter:
     r = APIRouter(prefix="/galatea", tags=["Galatea"])
-    lock = threading.Lock()  # one chat write sequence at a time from this server
+    # One reply at a time per chat; a request for a busy chat waits BUSY_WAIT_S at most, then
+    # is told so, rather than holding a server thread until the reply ends (40 waiting requests
+    # whose clients gave up once took every thread and stalled the whole server).
+    chat_locks: dict[int, threading.Lock] = {}
+    locks_guard = threading.Lock()
     generating: dict[int, threading.Event] = {}  # chat id -> its running generation's cancel
+
+    def chat_lock(chat_id: int) -> threading.Lock:
+        with locks_guard:
+            return chat_locks.setdefault(chat_id, threading.Lock())
 
     if not store.characters():  # a first start: the bundled character, so the page has someone
         store.add_character(load_character(None))
@@ -55,15 +68,27 @@ def build_router(engine: Engine, store: Store) -> APIRouter:
         return [{"id": m.id, "number": i, "is_user": m.is_user, "name": m.name, "text": m.text,
                  "swipe": m.active, "swipes": len(m.swipes)} for i, m in enumerate(store.messages(chat_id), 1)]
 
-    def sse(make: Callable[[threading.Event], Iterator[str]], s: ChatSession) -> StreamingResponse:
-        cancel = threading.Event()
+    def sse(make: Callable[[threading.Event], Iterator[str]], s: ChatSession, request: Request) -> StreamingResponse:
+        """The reply as SSE. `cancel` is set when the client leaves (also while the request waits
+        for a busy chat, or before its reply began: nothing is then written), on the page's Stop,
+        or at the end."""
 
-        def events() -> Iterator[str]:
+        def events(cancel: threading.Event) -> Iterator[str]:
+            lock, waited = chat_lock(s.chat_id), 0.0
+            while not lock.acquire(timeout=0.1):
+                waited += 0.1
+                if cancel.is_set():
+                    return
+                if waited >= BUSY_WAIT_S:
+                    busy = "this chat is busy with another reply; wait for it or press Stop"
+                    yield f"data: {json.dumps({'done': True, 'error': busy})}\n\n"
+                    return
             generating[s.chat_id] = cancel
             try:
-                with lock:
-                    for text in make(cancel):
-                        yield f"data: {json.dumps({'text': text}, ensure_ascii=False)}\n\n"
+                if cancel.is_set():
+                    return
+                for text in make(cancel):
+                    yield f"data: {json.dumps({'text': text}, ensure_ascii=False)}\n\n"
                 last = s.last
                 status = {} if last is None else {
                     "prompt_tokens": last.prompt_tokens, "reply_tokens": last.reply_tokens,
@@ -75,8 +100,19 @@ def build_router(engine: Engine, store: Store) -> APIRouter:
                 cancel.set()
                 if generating.get(s.chat_id) is cancel:
                     del generating[s.chat_id]
+                lock.release()
 
-        return StreamingResponse(events(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+        async def stream() -> AsyncIterator[str]:
+            async with watch(request) as gone:
+                it = events(gone)
+                try:
+                    while (event := await asyncio.to_thread(next, it, None)) is not None:
+                        yield event
+                finally:
+                    gone.set()
+                    await asyncio.to_thread(it.close)  # its `finally`: the chat's lock is released
+
+        return StreamingResponse(stream(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
 
     @r.get("/characters")
     def characters() -> list[dict]:
@@ -99,7 +135,7 @@ def build_router(engine: Engine, store: Store) -> APIRouter:
         return {"id": store.add_character(char), "name": char.name}
 
     @r.get("/characters/{character_id}/image")
-    def image(character_id: int) -> Response:
+    def image(character_id: RowId) -> Response:
         try:
             _, char = store.character(character_id)
         except GalateaError as e:
@@ -107,55 +143,55 @@ def build_router(engine: Engine, store: Store) -> APIRouter:
         return Response(char.image or placeholder_png(char.name), media_type="image/png")
 
     @r.get("/characters/{character_id}/chats")
-    def chats(character_id: int) -> list[dict]:
+    def chats(character_id: RowId) -> list[dict]:
         return [{"id": c.id, "title": c.title, "messages": c.messages, "updated_at": c.updated_at}
                 for c in store.chats(character_id)]
 
     @r.post("/characters/{character_id}/chats")
-    def new_chat(character_id: int) -> dict:
+    def new_chat(character_id: RowId) -> dict:
         try:
             return {"id": store.new_chat(character_id)}
         except GalateaError as e:
             raise BadRequest(str(e), "not_found", 404) from None
 
     @r.get("/chats/{chat_id}")
-    def chat(chat_id: int) -> dict:
+    def chat(chat_id: RowId) -> dict:
         s = session(chat_id)
         return {"id": chat_id, "title": s.info.title, "user": s.user, "character": {"id": s.character_id,
                 "name": s.char.name}, "messages": messages(chat_id)}
 
     @r.post("/chats/{chat_id}/send")
-    def send(chat_id: int, body: Text) -> StreamingResponse:
+    def send(chat_id: RowId, body: Text, request: Request) -> StreamingResponse:
         if not body.text.strip():
             raise BadRequest("the message is empty")
         s = session(chat_id)
-        return sse(lambda c: s.send(body.text, c), s)
+        return sse(lambda c: s.send(body.text, c), s, request)
 
     @r.post("/chats/{chat_id}/regenerate")
-    def regenerate(chat_id: int) -> StreamingResponse:
+    def regenerate(chat_id: RowId, request: Request) -> StreamingResponse:
         s = session(chat_id)
-        return sse(s.regenerate, s)
+        return sse(s.regenerate, s, request)
 
     @r.post("/chats/{chat_id}/continue")
-    def continue_(chat_id: int) -> StreamingResponse:
+    def continue_(chat_id: RowId, request: Request) -> StreamingResponse:
         s = session(chat_id)
-        return sse(s.continue_last, s)
+        return sse(s.continue_last, s, request)
 
     @r.get("/chats/{chat_id}/prompt")
-    def prompt(chat_id: int) -> dict:
+    def prompt(chat_id: RowId) -> dict:
         p = session(chat_id).prompt()
         return {"prompt": p.text, "tokens": p.tokens, "messages_dropped": p.messages_dropped,
                 "examples_dropped": p.examples_dropped}
 
     @r.post("/messages/{message_id}/swipe")
-    def swipe(message_id: int, body: Step) -> dict:
+    def swipe(message_id: RowId, body: Step) -> dict:
         try:
             return {"swipe": store.swipe(message_id, body.step)}
         except GalateaError as e:
             raise BadRequest(str(e), "not_found", 404) from None
 
     @r.put("/messages/{message_id}")
-    def edit(message_id: int, body: Text) -> dict:
+    def edit(message_id: RowId, body: Text) -> dict:
         try:
             store.edit_message(message_id, body.text)
         except GalateaError as e:
@@ -163,7 +199,7 @@ def build_router(engine: Engine, store: Store) -> APIRouter:
         return {"ok": True}
 
     @r.delete("/messages/{message_id}")
-    def delete(message_id: int) -> dict:
+    def delete(message_id: RowId) -> dict:
         store.delete_message(message_id)
         return {"ok": True}
 

@@ -9,7 +9,10 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+MAX_LIST = 64  # stop strings, banned phrases: more is a mistake or an attack, not a setting
+SEED_MAX = 2**64 - 1
 
 
 def _as_list(value: Any) -> list[str]:
@@ -17,7 +20,41 @@ def _as_list(value: Any) -> list[str]:
         return []
     if isinstance(value, str):
         return [value] if value else []
+    if not isinstance(value, list | tuple):
+        raise ValueError("must be a string or a list of strings")
+    if len(value) > MAX_LIST:
+        raise ValueError(f"at most {MAX_LIST} strings")
     return [str(v) for v in value if v]
+
+
+def _no_surrogates(value: Any, where: str = "body") -> None:
+    """Lone UTF-16 surrogates (JSON "\\ud800") are not text any tokenizer can read."""
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            raise ValueError(f"{where} contains a lone surrogate (not valid Unicode text)") from None
+    elif isinstance(value, list | tuple):
+        for v in value:
+            _no_surrogates(v, where)
+    elif isinstance(value, dict):
+        for k, v in value.items():
+            _no_surrogates(k, where)
+            _no_surrogates(v, where)
+    elif isinstance(value, BaseModel):
+        for name in type(value).model_fields:
+            _no_surrogates(getattr(value, name), name)
+
+
+class RequestBody(BaseModel):
+    """Every request body: unknown fields ignored, numbers finite, strings valid Unicode."""
+
+    model_config = ConfigDict(extra="ignore", allow_inf_nan=False)
+
+    @model_validator(mode="after")
+    def _text(self) -> RequestBody:
+        _no_surrogates(self)
+        return self
 
 
 def _breakers(value: Any) -> list[str] | None:
@@ -33,7 +70,7 @@ def _breakers(value: Any) -> list[str] | None:
     raise ValueError("dry_sequence_breakers must be a list of strings")
 
 
-class NewerSamplers(BaseModel):
+class NewerSamplers(RequestBody):
     """KoboldCpp's and text-generation-webui's newer samplers, the same names on both dialects
     (defaults: KoboldCpp 1.76's)."""
 
@@ -68,14 +105,14 @@ class NewerSamplers(BaseModel):
 
 
 class KoboldGenerate(NewerSamplers):
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="ignore", allow_inf_nan=False)
 
     prompt: str = ""
     memory: str = ""
     max_context_length: int | None = Field(default=None, ge=1)
     max_length: int = Field(default=180, ge=1)
     n: int = Field(default=1, ge=1, le=5)
-    temperature: float = Field(default=0.7, ge=0)
+    temperature: float = Field(default=0.7, ge=0, le=100)
     top_k: int = Field(default=100, ge=0)
     top_a: float = Field(default=0.0, ge=0)
     top_p: float = Field(default=0.92, ge=0, le=1)
@@ -87,16 +124,16 @@ class KoboldGenerate(NewerSamplers):
     repeat_penalty: float | None = None
     rep_pen_range: int = Field(default=320, ge=0)
     rep_pen_slope: float = Field(default=1.0, ge=0)
-    presence_penalty: float = 0.0
-    sampler_order: list[int] = Field(default_factory=lambda: [6, 0, 1, 3, 4, 2, 5])
-    sampler_seed: int = -1
+    presence_penalty: float = Field(default=0.0, ge=-100, le=100)
+    sampler_order: list[int] = Field(default_factory=lambda: [6, 0, 1, 3, 4, 2, 5], max_length=16)
+    sampler_seed: int = Field(default=-1, ge=-1, le=SEED_MAX)
     stop_sequence: list[str] = Field(default_factory=list)
     trim_stop: bool = False
     singleline: bool = False
     ban_eos_token: bool | None = None
     use_default_badwordsids: bool = False
     bypass_eos: bool = False
-    logit_bias: dict[str, float] = Field(default_factory=dict)
+    logit_bias: dict[str, float] = Field(default_factory=dict, max_length=1024)
     genkey: str = ""
     mirostat: int = 0
     grammar: str = ""
@@ -108,19 +145,19 @@ class KoboldGenerate(NewerSamplers):
         return _as_list(v)
 
 
-class KoboldTokenCount(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+class KoboldTokenCount(RequestBody):
+    model_config = ConfigDict(extra="ignore", allow_inf_nan=False)
     prompt: str = ""
     special: bool = True
 
 
-class KoboldGenkey(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+class KoboldGenkey(RequestBody):
+    model_config = ConfigDict(extra="ignore", allow_inf_nan=False)
     genkey: str = ""
 
 
 class CompletionRequest(NewerSamplers):
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="ignore", allow_inf_nan=False)
 
     prompt: str | list[str] = ""
     model: str | None = None
@@ -128,7 +165,7 @@ class CompletionRequest(NewerSamplers):
     max_new_tokens: int | None = Field(default=None, ge=1)
     n: int = Field(default=1, ge=1, le=8)
     stream: bool = False
-    temperature: float = Field(default=1.0, ge=0)
+    temperature: float = Field(default=1.0, ge=0, le=100)
     top_p: float = Field(default=1.0, ge=0, le=1)
     top_k: int = Field(default=0, ge=0)
     min_p: float = Field(default=0.0, ge=0, le=1)
@@ -140,15 +177,15 @@ class CompletionRequest(NewerSamplers):
     rep_pen: float | None = Field(default=None, gt=0)
     repetition_penalty_range: int | None = Field(default=None, ge=0)
     rep_pen_range: int | None = Field(default=None, ge=0)
-    presence_penalty: float = 0.0
-    frequency_penalty: float = 0.0
+    presence_penalty: float = Field(default=0.0, ge=-100, le=100)
+    frequency_penalty: float = Field(default=0.0, ge=-100, le=100)
     stop: list[str] = Field(default_factory=list)
     stopping_strings: list[str] = Field(default_factory=list)
     ban_eos_token: bool = False
     ignore_eos: bool = False
-    seed: int | None = None
-    sampler_seed: int | None = None
-    logit_bias: dict[str, float] = Field(default_factory=dict)
+    seed: int | None = Field(default=None, ge=-1, le=SEED_MAX)
+    sampler_seed: int | None = Field(default=None, ge=-1, le=SEED_MAX)
+    logit_bias: dict[str, float] = Field(default_factory=dict, max_length=1024)
     logprobs: bool | int | None = None  # completions: how many alternatives; chat: on/off
     top_logprobs: int | None = Field(default=None, ge=0, le=20)  # chat: how many alternatives
     # text-generation-webui's and KoboldCpp's names; a grammar is refused as on the Kobold routes
@@ -163,8 +200,8 @@ class CompletionRequest(NewerSamplers):
         return _as_list(v)
 
 
-class ChatMessage(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+class ChatMessage(RequestBody):
+    model_config = ConfigDict(extra="ignore", allow_inf_nan=False)
     role: str
     content: str | list[dict[str, Any]] | None = ""
     name: str | None = None
@@ -182,8 +219,8 @@ class ChatCompletionRequest(CompletionRequest):
     max_completion_tokens: int | None = Field(default=None, ge=1)
 
 
-class EncodeRequest(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+class EncodeRequest(RequestBody):
+    model_config = ConfigDict(extra="ignore", allow_inf_nan=False)
     text: str | None = None
     prompt: str | None = None
     content: str | None = None
