@@ -408,7 +408,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
                     cache_memory=int(args.cache_memory * 2**30) if args.cache_memory else None,
                     context_shift=not args.no_context_shift, max_batch=args.max_batch, start=False,
                     speculative=not args.no_speculative)
-    app = create_app(engine, _store(args), api_key=args.api_key)
+    from galatea.server.guard import LOOPBACK_NAMES
+
+    # served on loopback: only requests addressed to a loopback name (no DNS rebinding)
+    hosts = LOOPBACK_NAMES if args.host in LOOPBACK_NAMES else None
+    app = create_app(engine, _store(args), api_key=args.api_key, hosts=hosts)
     try:
         sock = socket.create_server((args.host, args.port))
     except OSError as e:  # e.g. the port is taken

@@ -142,7 +142,30 @@ def test_pickle_that_runs_code_is_refused(capsys, tmp_path, model):
     state["evil"] = exploit
     torch.save(state, shard)
     msg = fails(capsys, "--model", str(folder))
-    assert "refuses to execute" in msg
+    assert "refuses to execute" in msg and "weights_only=False" not in msg and len(msg.splitlines()) == 1
+    assert not marker.exists()
+
+
+def test_a_lora_pickle_that_runs_code_is_refused_in_one_line(tmp_path):
+    """The adapter's .bin and the legacy (unmapped) path give the same one line, never torch's
+    advice to load with weights_only=False."""
+    from galatea.errors import GalateaError
+    from galatea.model.hf_folder import _torch_load_unmapped
+    from galatea.train.lora import Adapter
+
+    marker = tmp_path / "pwned"
+    exploit = _Exploit()
+    exploit.marker = marker
+    (tmp_path / "adapter").mkdir()
+    torch.save({"x": exploit}, tmp_path / "adapter" / "adapter_model.bin")
+    (tmp_path / "adapter" / "adapter_config.json").write_text(
+        '{"r": 4, "lora_alpha": 8, "target_modules": ["q_proj"], "peft_type": "LORA"}')
+    for load in (lambda: Adapter(tmp_path / "adapter"), lambda: _torch_load_unmapped(tmp_path / "adapter" /
+                                                                                          "adapter_model.bin")):
+        with pytest.raises(GalateaError) as e:
+            load()
+        msg = str(e.value)
+        assert "refuses to execute" in msg and "weights_only" not in msg and "\n" not in msg
     assert not marker.exists()
 
 

@@ -144,3 +144,56 @@ def test_an_empty_data_dir_is_an_error(tmp_path):
     run = subprocess.run([sys.executable, "-m", "galatea", "chats", "list", "--data-dir", ""],
                          capture_output=True, text=True, timeout=120)
     assert run.returncode == 2 and "--data-dir is empty" in run.stderr and "Traceback" not in run.stderr
+
+
+def test_only_loopback_host_names_are_answered(server):
+    port = server.port
+    for host, ok in ((f"127.0.0.1:{port}", True), (f"localhost:{port}", True), ("attacker.example", False),
+                     (f"attacker.example:{port}", False)):
+        r = httpx.get(f"{server.url}/api/v1/model", headers={"Host": host}, timeout=10)
+        assert (r.status_code == 200) == ok, (host, r.status_code)
+
+
+def test_the_pages_api_is_same_origin_only_and_the_apis_stay_open(server):
+    evil = {"Origin": "http://evil.example"}
+    r = httpx.get(f"{server.url}/galatea/characters", headers=evil, timeout=10)
+    assert "access-control-allow-origin" not in r.headers  # the browser withholds the answer
+    character = httpx.get(f"{server.url}/galatea/characters", timeout=10).json()[0]["id"]
+    before = len(httpx.get(f"{server.url}/galatea/characters/{character}/chats", timeout=10).json())
+    r = httpx.post(f"{server.url}/galatea/characters/{character}/chats", content="x",
+                   headers={**evil, "content-type": "text/plain"}, timeout=10)  # a form-like post: no preflight
+    assert r.status_code == 403
+    r = httpx.post(f"{server.url}/galatea/characters/{character}/chats", headers={"Sec-Fetch-Site": "cross-site"},
+                   timeout=10)
+    assert r.status_code == 403
+    assert len(httpx.get(f"{server.url}/galatea/characters/{character}/chats", timeout=10).json()) == before
+    same = {"Origin": server.url}
+    assert httpx.post(f"{server.url}/galatea/characters/{character}/chats", headers=same,
+                      timeout=10).status_code == 200
+    r = httpx.get(f"{server.url}/api/v1/model", headers={"Origin": "https://lite.koboldai.net"}, timeout=10)
+    assert r.headers.get("access-control-allow-origin") == "*"  # KoboldAI Lite calls from its own site
+
+
+def test_the_body_limit_holds_for_chunked_uploads(server):
+    def chunks():
+        block = b" " * (1 << 20)
+        yield b'{"prompt": "'
+        for _ in range(40):  # 40 MB, no Content-Length
+            yield block
+        yield b'"}'
+
+    r = httpx.post(f"{server.url}/api/v1/generate", content=chunks(), headers={"content-type": "application/json"},
+                   timeout=60)
+    assert r.status_code == 413 and "32 MB" in r.text
+
+
+def test_a_keyed_server_serves_its_page_and_takes_the_key_as_a_cookie(tmp_path):
+    s = Server(tmp_path, "--api-key", "s3cret")
+    try:
+        assert httpx.get(f"{s.url}/", timeout=5).status_code == 200  # the page's shell, which asks for the key
+        assert httpx.get(f"{s.url}/galatea/characters", timeout=5).status_code == 401
+        r = httpx.get(f"{s.url}/galatea/characters", cookies={"galatea_key": "s3cret"}, timeout=5)
+        assert r.status_code == 200
+        assert httpx.get(f"{s.url}/api/v1/model", cookies={"galatea_key": "s3cret"}, timeout=5).status_code == 401
+    finally:
+        s.stop()

@@ -123,17 +123,22 @@ def _open_safetensors(path: Path) -> tuple[dict[str, Any], int, mmap.mmap]:
     return header, data_start, mm
 
 
+def torch_load_error(path: Path, e: BaseException) -> GalateaError:
+    """One line for a pickle torch.load(weights_only=True) refused or could not read; never
+    torch's own message, which advises loading with weights_only=False (running its code)."""
+    text = str(e).strip()
+    if "weights_only" in text or "Unsupported global" in text or "Weights only load failed" in text:
+        return GalateaError(f"{path}: this pickle wants to run code when loaded, and Galatea refuses to execute "
+                            "it; use a safetensors copy or convert it with a tool you trust")
+    first = text.splitlines()[0] if text else type(e).__name__
+    return GalateaError(f"{path}: corrupt or truncated pytorch file ({first}); download it again")
+
+
 def _torch_load(path: Path) -> dict[str, Tensor]:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except pickle.UnpicklingError as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
-        if "weights_only" in str(e) or "Unsupported global" in str(e) or "Weights only load failed" in first:
-            raise GalateaError(
-                f"{path}: this pickle wants to run code when loaded, and Galatea refuses to execute it; "
-                "use a safetensors copy of the model or convert it with a tool you trust"
-            ) from None
-        raise GalateaError(f"{path}: corrupt pytorch file ({first}); download it again") from None
+        raise torch_load_error(path, e) from None
     except RuntimeError as e:
         msg = str(e).splitlines()[0]
         if "mmap" in msg and "zip" in msg:  # legacy (pre-1.6) torch.save format cannot be mapped
@@ -149,5 +154,5 @@ def _torch_load(path: Path) -> dict[str, Tensor]:
 def _torch_load_unmapped(path: Path) -> dict[str, Tensor]:
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # any failure here means an unreadable file
-        raise GalateaError(f"{path}: corrupt or truncated pytorch file ({e}); download it again") from None
+    except Exception as e:  # any failure here means an unreadable (or refused) file
+        raise torch_load_error(path, e) from None

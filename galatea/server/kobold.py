@@ -90,7 +90,7 @@ def build_router(engine: Engine) -> APIRouter:
         results = []
         async with watch(request) as gone:
             for _ in range(req.n):
-                ids = serving.kobold_prompt(req, engine)
+                ids = await asyncio.to_thread(serving.kobold_prompt, req, engine)  # off the event loop
                 params = serving.kobold_params(req, engine, len(ids))
                 text, finish, result = "", "stop", {}
                 async for chunk in engine.generate(ids, params, req.genkey, gone):
@@ -109,7 +109,7 @@ def build_router(engine: Engine) -> APIRouter:
 
     @r.post("/api/extra/generate/stream")
     async def stream(req: KoboldGenerate, request: Request) -> StreamingResponse:
-        ids = serving.kobold_prompt(req, engine)
+        ids = await asyncio.to_thread(serving.kobold_prompt, req, engine)  # a 10 MB prompt: seconds
         params = serving.kobold_params(req, engine, len(ids))
 
         async def events() -> AsyncIterator[str]:

@@ -3,6 +3,7 @@ accept, and the token endpoints SillyTavern calls for those back ends."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import time
 import uuid
@@ -76,7 +77,7 @@ def build_router(engine: Engine) -> APIRouter:
 
     @r.post("/v1/completions")
     async def completions(req: CompletionRequest, request: Request) -> Any:
-        ids = serving.completion_prompt(req, engine)
+        ids = await asyncio.to_thread(serving.completion_prompt, req, engine)  # off the event loop
         serving.completion_params(req, engine, len(ids))  # refuse an over-long prompt before streaming
         rid, created = f"cmpl-{uuid.uuid4().hex[:24]}", int(time.time())
         if req.stream:
@@ -101,7 +102,7 @@ def build_router(engine: Engine) -> APIRouter:
 
     @r.post("/v1/chat/completions")
     async def chat(req: ChatCompletionRequest, request: Request) -> Any:
-        ids, char, user = serving.chat_prompt(req, engine)
+        ids, char, user = await asyncio.to_thread(serving.chat_prompt, req, engine)
         stops = serving.chat_stops(char, user, req)
         serving.completion_params(req, engine, len(ids), 512, stops)
         rid, created = f"chatcmpl-{uuid.uuid4().hex[:24]}", int(time.time())

@@ -26,6 +26,7 @@ import torch
 from torch import Tensor, nn
 
 from galatea.errors import GalateaError
+from galatea.model.hf_folder import torch_load_error
 from galatea.model.quant import Int4Linear, Int8Linear
 
 PREFIX = "base_model.model."
@@ -200,7 +201,7 @@ class Adapter:
             try:
                 tensors = torch.load(bin_, map_location="cpu", weights_only=True)
             except Exception as e:
-                raise GalateaError(f"{bin_}: cannot be read safely ({e})") from None
+                raise torch_load_error(bin_, e) from None
         else:
             raise GalateaError(f"{self.folder}: adapter_model.safetensors is missing")
         a, b = {}, {}

@@ -3,8 +3,22 @@
 const $ = (id) => document.getElementById(id);
 const state = { character: null, chat: null, busy: false };
 
+// A server started with --api-key: ask for the key once, keep it in a cookie only this page's
+// own API reads (SameSite=Strict), and try again.
+async function authFetch(url, options = {}) {
+  let r = await fetch(url, options);
+  if (r.status === 401) {
+    const key = window.prompt("This Galatea server needs its API key (galatea serve --api-key):");
+    if (key) {
+      document.cookie = `galatea_key=${encodeURIComponent(key)}; path=/galatea; SameSite=Strict`;
+      r = await fetch(url, options);
+    }
+  }
+  return r;
+}
+
 async function api(path, options = {}) {
-  const r = await fetch("/galatea" + path, options);
+  const r = await authFetch("/galatea" + path, options);
   if (!r.ok) {
     let msg = r.statusText;
     try { const e = await r.json(); msg = (e.error && e.error.message) || (e.detail && e.detail.msg) || msg; } catch (_) {}
@@ -115,7 +129,7 @@ async function generate(kind, body) {
     const live = messageView({ id: 0, is_user: false, name: $("character").selectedOptions[0].text, text: "", swipes: 1, swipe: 0 }, false);
     live.classList.add("streaming");
     if (kind !== "continue") $("messages").appendChild(live);
-    const r = await fetch(`/galatea/chats/${chatId}/${kind}`, post(body || {}));
+    const r = await authFetch(`/galatea/chats/${chatId}/${kind}`, post(body || {}));
     if (!r.ok) { const e = await r.json(); throw new Error((e.error && e.error.message) || r.statusText); }
     const reader = r.body.getReader();
     const decoder = new TextDecoder();
