@@ -17,6 +17,7 @@ import binascii
 import copy
 import io
 import json
+import math
 import re
 from dataclasses import dataclass, field
 from typing import Any
@@ -115,7 +116,7 @@ def read_card(data: bytes, where: str = "card") -> Character:
     """Parse any supported card from the bytes of a file."""
     image = None
     if png_text.is_png(data):
-        texts = png_text.read_text_chunks(data, where)
+        texts = png_text.read_text_chunks(data, where, keys={"ccv3", "chara"})
         raw = texts.get("ccv3") or texts.get("chara")
         if raw is None:
             raise GalateaError(f"{where}: this PNG carries no character card (no 'ccv3' or 'chara' text chunk)")
@@ -136,11 +137,34 @@ def read_card(data: bytes, where: str = "card") -> Character:
     return char
 
 
+MAX_DEPTH = 64  # cards nest a few levels; deeper is a malformed or hostile file
+
+
+def _depth(obj: Any, limit: int = MAX_DEPTH) -> int:
+    """How deeply `obj` nests (iteratively, so a hostile file cannot exhaust the stack)."""
+    deepest, stack = 0, [(obj, 1)]
+    while stack:
+        item, d = stack.pop()
+        deepest = max(deepest, d)
+        if deepest > limit:
+            return deepest
+        if isinstance(item, dict):
+            stack.extend((v, d + 1) for v in item.values())
+        elif isinstance(item, list):
+            stack.extend((v, d + 1) for v in item)
+    return deepest
+
+
 def _parse_json(text: str, where: str) -> Any:
     try:
-        return json.loads(text)
+        obj = json.loads(text)
     except json.JSONDecodeError as e:
         raise GalateaError(f"{where}: card JSON is invalid ({e.msg} at line {e.lineno} column {e.colno})") from None
+    except RecursionError:
+        raise GalateaError(f"{where}: card JSON nests too deeply; not a character card") from None
+    if _depth(obj) > MAX_DEPTH:
+        raise GalateaError(f"{where}: card JSON nests over {MAX_DEPTH} levels; not a character card")
+    return obj
 
 
 def _parse_text(text: str, where: str) -> Any:
@@ -150,9 +174,17 @@ def _parse_text(text: str, where: str) -> Any:
     import yaml
 
     try:
-        return yaml.safe_load(text)
+        # aliases let 500 bytes expand to gigabytes ("billion laughs"); cards never need them
+        if any(isinstance(event, yaml.AliasEvent) for event in yaml.parse(text, Loader=yaml.SafeLoader)):
+            raise GalateaError(f"{where}: YAML aliases (*name) are not accepted in cards; write the text out")
+        obj = yaml.safe_load(text)
     except yaml.YAMLError as e:
         raise GalateaError(f"{where}: neither JSON nor YAML ({str(e).splitlines()[0]})") from None
+    except RecursionError:
+        raise GalateaError(f"{where}: card YAML nests too deeply; not a character card") from None
+    if _depth(obj) > MAX_DEPTH:
+        raise GalateaError(f"{where}: card YAML nests over {MAX_DEPTH} levels; not a character card")
+    return obj
 
 
 def from_object(obj: Any, where: str = "card") -> Character:
@@ -267,8 +299,29 @@ def _clean_book(book: dict[str, Any], where: str) -> dict[str, Any]:
         e["secondary_keys"] = _list(entry.get("secondary_keys", entry.get("keysecondary")),
                                     f"character_book.entries[{i}].secondary_keys", where, split_commas=True)
         e["content"] = _text(entry.get("content"), f"character_book.entries[{i}].content", where)
+        for key in ("insertion_order", "priority"):
+            if key in entry:
+                e[key] = _whole(entry[key], f"character_book.entries[{i}].{key}", where)
         clean["entries"].append(e)
+    for key in ("scan_depth", "token_budget"):
+        if key in book:
+            clean[key] = _whole(book[key], f"character_book.{key}", where)
     return clean
+
+
+def _whole(value: Any, name: str, where: str) -> int | None:
+    """A lorebook number as the prompt uses it (a whole number, or absent)."""
+    if value is None or value == "":
+        return None
+    if isinstance(value, bool) or not isinstance(value, int | float | str):
+        raise GalateaError(f"{where}: field '{name}' should be a whole number, not {type(value).__name__}")
+    try:
+        number = float(value)
+    except ValueError:
+        raise GalateaError(f"{where}: field '{name}' should be a whole number, not {value!r}") from None
+    if not math.isfinite(number) or abs(number) > 2**31:
+        raise GalateaError(f"{where}: field '{name}' is out of range ({value!r})")
+    return int(number)
 
 
 # ---- where characters come from ----------------------------------------------------------------

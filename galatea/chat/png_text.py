@@ -9,12 +9,15 @@ from __future__ import annotations
 
 import struct
 import zlib
-from collections.abc import Iterator
+from collections.abc import Container, Iterator
 
 from galatea.errors import GalateaError
 
 SIGNATURE = b"\x89PNG\r\n\x1a\n"
-MAX_TEXT = 64 << 20  # a card's JSON is kilobytes; refuse absurd chunks instead of inflating them
+# A card's JSON is kilobytes (a large lorebook: a few MB); refuse absurd chunks instead of
+# inflating them, and stop once the chunks read add up to MAX_TOTAL.
+MAX_TEXT = 16 << 20
+MAX_TOTAL = 32 << 20
 
 
 def is_png(data: bytes) -> bool:
@@ -38,11 +41,13 @@ def _chunks(data: bytes, where: str) -> Iterator[tuple[bytes, bytes]]:
     raise GalateaError(f"{where}: truncated PNG (no IEND chunk); the file is incomplete")
 
 
-def read_text_chunks(data: bytes, where: str = "PNG") -> dict[str, str]:
-    """keyword (lower-cased) -> text, from tEXt, zTXt and iTXt chunks; the first of a keyword wins."""
+def read_text_chunks(data: bytes, where: str = "PNG", keys: Container[str] | None = None) -> dict[str, str]:
+    """keyword (lower-cased) -> text, from tEXt, zTXt and iTXt chunks; the first of a keyword
+    wins. With `keys`, only those keywords are decoded (the others are never inflated)."""
     if not is_png(data):
         raise GalateaError(f"{where}: not a PNG file")
     out: dict[str, str] = {}
+    total = 0
     for kind, body in _chunks(data, where):
         if kind not in (b"tEXt", b"zTXt", b"iTXt"):
             continue
@@ -50,11 +55,16 @@ def read_text_chunks(data: bytes, where: str = "PNG") -> dict[str, str]:
         if not sep:
             continue
         key = keyword.decode("latin-1").lower()
+        if key in out or (keys is not None and key not in keys):
+            continue
         try:
             text = _decode(kind, rest)
         except (zlib.error, UnicodeDecodeError, ValueError) as e:
             raise GalateaError(f"{where}: PNG text chunk {key!r} is corrupt ({e})") from None
-        out.setdefault(key, text)
+        total += len(text)
+        if total > MAX_TOTAL:
+            raise GalateaError(f"{where}: the PNG's text chunks hold over {MAX_TOTAL >> 20} MiB; not a card file")
+        out[key] = text
     return out
 
 

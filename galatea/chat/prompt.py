@@ -147,7 +147,7 @@ def activate_lore(char: Character, turns: Sequence[tuple[str, str]], user: str) 
     the last `scan_depth` messages (default 2, as SillyTavern). Selective entries also need one
     of their secondary keys."""
     book = char.character_book or {}
-    depth = int(book.get("scan_depth") or 2)
+    depth = _int(book.get("scan_depth"), 2)
     scan = "\n".join(f"{s}: {t}" for s, t in turns[-depth:])
     out = []
     for i, e in enumerate(book.get("entries") or []):
@@ -159,7 +159,7 @@ def activate_lore(char: Character, turns: Sequence[tuple[str, str]], user: str) 
         if hit:
             label = str(e.get("name") or e.get("comment") or (e.get("keys") or [f"entry {i}"])[0])
             out.append(LoreEntry(label, substitute(str(e["content"]).strip(), char.name, user),
-                                 int(e.get("insertion_order") or 0), int(e.get("priority") or 0)))
+                                 _int(e.get("insertion_order"), 0), _int(e.get("priority"), 0)))
     return out
 
 
@@ -177,7 +177,7 @@ def _fit_lore(entries: list[LoreEntry], char: Character, context: int, tokenizer
     priority first, rendered in insertion order."""
     if not entries:
         return "", []
-    budget = int((char.character_book or {}).get("token_budget") or context // 4)
+    budget = _int((char.character_book or {}).get("token_budget"), context // 4)
     chosen: list[LoreEntry] = []
     used = 0
     for e in sorted(entries, key=lambda e: (-e.priority, e.order)):
@@ -187,3 +187,12 @@ def _fit_lore(entries: list[LoreEntry], char: Character, context: int, tokenizer
             used += cost
     chosen.sort(key=lambda e: e.order)
     return "".join(e.content + "\n" for e in chosen), [e.label for e in chosen]
+
+
+def _int(value: object, default: int) -> int:
+    """A lorebook number; a card stored by an older version may hold text there: the default."""
+    try:
+        number = float(value)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        return default
+    return int(number) if number == number and abs(number) < 2**31 and number != 0 else default

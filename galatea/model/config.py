@@ -30,6 +30,19 @@ class ModelConfig:
     bad_words_ids: tuple[int, ...] = field(default_factory=tuple)
 
     def __post_init__(self) -> None:
+        # sane bounds before anything is allocated from these numbers (a hostile or corrupt
+        # file: heads 0, a negative width, 2^31 layers, a context of 2^40 positions)
+        bounds = {"vocab_size": (1, 1 << 24), "hidden_size": (1, 1 << 17), "intermediate_size": (1, 1 << 19),
+                  "num_hidden_layers": (1, 1024), "num_attention_heads": (1, 1024), "num_key_value_heads": (1, 1024),
+                  "max_position_embeddings": (1, 1 << 24)}
+        for name, (low, high) in bounds.items():
+            value = getattr(self, name)
+            if not isinstance(value, int) or not low <= value <= high:
+                raise GalateaError(f"config: {name} = {value!r} is outside {low}..{high}; the checkpoint's "
+                                   "config is corrupt")
+        if self.hidden_size % self.num_attention_heads and self.head_dim == 0:
+            raise GalateaError(f"config: hidden size {self.hidden_size} is not a multiple of "
+                               f"{self.num_attention_heads} heads; the checkpoint's config is inconsistent")
         if self.head_dim == 0:
             object.__setattr__(self, "head_dim", self.hidden_size // self.num_attention_heads)
         if self.num_attention_heads % self.num_key_value_heads:

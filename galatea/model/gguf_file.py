@@ -11,6 +11,7 @@ one place, so the model keeps HF's rotate-half layout.
 
 from __future__ import annotations
 
+import math
 import mmap
 import re
 import struct
@@ -233,28 +234,39 @@ def unpermute(w: Tensor, n_heads: int) -> Tensor:
 
 
 def _parse(buf: mmap.mmap) -> tuple[dict[str, Any], list[TensorInfo]]:
+    """Every count and length is checked against the bytes left before it is used: a corrupt
+    or hostile header fails with ValueError, never with a huge allocation or a deep recursion."""
     version, n_tensors, n_kv = struct.unpack_from("<IQQ", buf, 4)
     if version not in (2, 3):
         raise ValueError(f"GGUF version {version} is not supported (2 or 3)")
+    size = len(buf)
+    if n_kv * 12 > size or n_tensors * 24 > size:
+        raise ValueError(f"{n_kv} metadata entries and {n_tensors} tensors cannot fit in {size} bytes")
     pos = 24
 
     def string(p: int) -> tuple[str, int]:
         (n,) = struct.unpack_from("<Q", buf, p)
+        if p + 8 + n > size:
+            raise ValueError(f"a string of {n} bytes runs past the end of the file")
         return buf[p + 8 : p + 8 + n].decode("utf-8", errors="replace"), p + 8 + n
 
-    def value(kind: int, p: int) -> tuple[Any, int]:
+    def value(kind: int, p: int, depth: int = 0) -> tuple[Any, int]:
         if kind == 8:
             return string(p)
         if kind == 9:
+            if depth >= 4:
+                raise ValueError("metadata arrays nest more than 4 deep")
             sub, n = struct.unpack_from("<IQ", buf, p)
             p += 12
+            if n > size - p:
+                raise ValueError(f"an array of {n} items runs past the end of the file")
             if sub in _NUMPY:
                 dt = np.dtype(_NUMPY[sub])
                 arr = np.frombuffer(buf, dtype=dt, count=n, offset=p)
                 return arr.tolist(), p + n * dt.itemsize
             items = []
             for _ in range(n):
-                item, p = value(sub, p)
+                item, p = value(sub, p, depth + 1)
                 items.append(item)
             return items, p
         fmt = _SCALAR.get(kind)
@@ -272,11 +284,17 @@ def _parse(buf: mmap.mmap) -> tuple[dict[str, Any], list[TensorInfo]]:
     for _ in range(n_tensors):
         name, pos = string(pos)
         (n_dims,) = struct.unpack_from("<I", buf, pos)
+        if not 1 <= n_dims <= 4:
+            raise ValueError(f"tensor {name!r} has {n_dims} dimensions (GGUF allows 1 to 4)")
         dims = struct.unpack_from(f"<{n_dims}Q", buf, pos + 4)
+        if any(d == 0 or d > size * 64 for d in dims):  # no element is smaller than 1/64 byte
+            raise ValueError(f"tensor {name!r} has dimensions {list(dims)} that cannot be in this file")
         type_id, offset = struct.unpack_from("<IQ", buf, pos + 4 + 8 * n_dims)
         pos += 4 + 8 * n_dims + 12
         infos.append((name, tuple(int(d) for d in reversed(dims)), type_id, offset))
-    align = int(meta.get("general.alignment", 32))
+    align = meta.get("general.alignment", 32)
+    if not isinstance(align, int) or not 0 < align <= 1 << 16 or align & (align - 1):
+        raise ValueError(f"general.alignment {align!r} is not a power of two up to 65536")
     data_start = (pos + align - 1) // align * align
     tensors = [TensorInfo(name, shape, tid, data_start + off, _nbytes(shape, tid)) for name, shape, tid, off in infos]
     return meta, tensors
@@ -287,5 +305,5 @@ def _nbytes(shape: tuple[int, ...], type_id: int) -> int:
         block, size = GGML_QUANT_SIZES[Q(type_id)]
     except (ValueError, KeyError):
         return 0  # unknown type: rejected when the tensor is read, with its name
-    n = int(np.prod(shape)) if shape else 1
+    n = math.prod(shape)  # Python integers: no wrap-around for hostile dimensions
     return n // block * size

@@ -31,6 +31,7 @@ from galatea.model.checkpoint import LoadedModel
 # tile serves 8 rows, at 1.3x the cost of one (7B Q4_0 from memory); a second pass, for rows
 # 9-16, is compute and costs 2.7x in all. Drafts only fill the first.
 STEP_ROWS = 8
+DEFAULT_CONTEXT = 32768
 
 
 @dataclass
@@ -73,7 +74,9 @@ class Engine:
         scheduler on its main thread and the HTTP server beside it."""
         self.lm = lm
         trained = lm.config.max_position_embeddings
-        self.context = min(max_context or trained, trained)
+        # without --max-context, at most DEFAULT_CONTEXT positions: a slot is allocated whole,
+        # and a file claiming a million positions would ask for terabytes
+        self.context = min(max_context or min(trained, DEFAULT_CONTEXT), trained)
         self.name = name or (f"{lm.path.stem}+{lm.lora_name}" if lm.lora_name else lm.path.stem)
         self.perf = Perf()
         # Every client re-sending a growing prompt reuses its slot; slots are allocated on first
