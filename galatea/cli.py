@@ -164,6 +164,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "seraphina.jsonl) through the Kobold API, with and without speculative decoding")
     p.add_argument("--replay-max-length", type=int, metavar="N",
                    help="with --replay: reply length instead of the recorded one")
+    p.add_argument("--replay-temperature", type=float, metavar="T",
+                   help="with --replay: this temperature instead of the recorded one (0: greedy)")
     _speculative_arg(p)
     p.set_defaults(func=cmd_bench)
 
@@ -555,6 +557,10 @@ def cmd_bench(args: argparse.Namespace) -> int:
         from galatea.server.replay import format_table, read_session, replay
 
         turns = read_session(Path(args.replay))
+        if args.replay_temperature is not None:
+            if not 0 <= args.replay_temperature <= 100:
+                raise GalateaError("bench: --replay-temperature must be between 0 and 100")
+            turns = [{**t, "body": {**t["body"], "temperature": args.replay_temperature}} for t in turns]
         on = replay(lm, turns, speculative=True, max_length=args.replay_max_length)
         off = replay(lm, turns, speculative=False, max_length=args.replay_max_length)
         print(format_table(on, off), file=sys.stderr)

@@ -197,3 +197,16 @@ def test_a_keyed_server_serves_its_page_and_takes_the_key_as_a_cookie(tmp_path):
         assert httpx.get(f"{s.url}/api/v1/model", cookies={"galatea_key": "s3cret"}, timeout=5).status_code == 401
     finally:
         s.stop()
+
+
+def test_chat_settings_from_the_page_are_validated_and_kept(server):
+    chat = new_chat(server)
+    url = f"{server.url}/galatea/chats/{chat}/settings"
+    r = httpx.put(url, json={"max_new_tokens": 5, "mirostat": 2, "dry_multiplier": 0.8}, timeout=10)
+    assert r.status_code == 200 and r.json()["mirostat"] == 2
+    got = httpx.get(url, timeout=10).json()
+    assert got["max_new_tokens"] == 5 and got["dry_multiplier"] == 0.8 and got["temperature"] == 0.7
+    for bad in ({"temperature": 50}, {"mirostat": 7}, {"top_p": "nan"}, {"max_new_tokens": 0}):
+        r = httpx.put(url, json=bad, timeout=10)
+        assert 400 <= r.status_code < 500, (bad, r.text)
+    assert httpx.get(url, timeout=10).json() == got  # nothing of a refused change was kept

@@ -67,6 +67,24 @@ def test_chat_page(browser, tmp_path):
         page.set_viewport_size({"width": 1280, "height": 800})
         page.screenshot(path=str(ARTIFACTS / "web-chat-desktop.png"))
 
+        # the settings panel: change this chat's reply length and DRY, and the next reply obeys
+        page.click("#open-settings")
+        page.wait_for_selector("#settings-dialog[open]")
+        assert page.input_value("input[name='temperature']") == "0.7"  # the chat's current settings
+        page.fill("input[name='max_new_tokens']", "6")
+        page.fill("input[name='dry_multiplier']", "0.8")
+        page.select_option("select[name='mirostat']", "2")
+        page.click("#save-settings")
+        page.wait_for_selector("#status:has-text('settings saved')")
+        saved = page.evaluate("fetch(`/galatea/chats/${state.chat}/settings`).then(r => r.json())")
+        assert saved["max_new_tokens"] == 6 and saved["dry_multiplier"] == 0.8 and saved["mirostat"] == 2
+        page.evaluate("document.querySelector('#status').textContent = ''")
+        page.fill("#input", "Sing me a long song, please.")
+        page.keyboard.press("Enter")
+        page.wait_for_function("document.querySelector('#status').textContent.includes('tok/s')", timeout=120_000)
+        reply_tokens = int(page.inner_text("#status").split("reply ")[1].split(" tok")[0])
+        assert 1 <= reply_tokens <= 6
+
         # importing a PNG card (what a drop on the page does) selects the new character
         card = tmp_path / "mira.png"
         card.write_bytes(Character(name="Mira", description="A witch.", first_mes="Who goes there?").to_png())

@@ -219,6 +219,7 @@ class Engine:
                                  self.context, slot, self.speculative)
             except BaseException as e:  # handed to the request; never kills the worker
                 job.emit(e)
+                job.ended.set()
                 continue
             active.append((job, gen))
             self.running.append(job)

@@ -34,6 +34,25 @@ class Step(RequestBody):
     step: int = Field(ge=-1000, le=1000)
 
 
+class Settings(RequestBody):
+    """A chat's sampling settings, as the page's panel and the terminal's /set change them."""
+
+    max_new_tokens: int | None = Field(default=None, ge=1, le=4096)
+    temperature: float | None = Field(default=None, ge=0, le=5)
+    top_p: float | None = Field(default=None, ge=0, le=1)
+    top_k: int | None = Field(default=None, ge=0, le=1000)
+    min_p: float | None = Field(default=None, ge=0, le=1)
+    repetition_penalty: float | None = Field(default=None, ge=1, le=3)
+    repetition_penalty_range: int | None = Field(default=None, ge=0, le=65536)
+    dry_multiplier: float | None = Field(default=None, ge=0, le=5)
+    xtc_probability: float | None = Field(default=None, ge=0, le=1)
+    xtc_threshold: float | None = Field(default=None, ge=0, le=0.5)
+    mirostat: int | None = Field(default=None, ge=0, le=2)
+    mirostat_tau: float | None = Field(default=None, gt=0, le=20)
+    dynatemp_range: float | None = Field(default=None, ge=0, le=5)
+    smoothing_factor: float | None = Field(default=None, ge=0, le=10)
+
+
 class Abort(RequestBody):
     chat_id: int | None = Field(default=None, ge=0, le=2**63 - 1)
 
@@ -176,6 +195,18 @@ def build_router(engine: Engine, store: Store) -> APIRouter:
     def continue_(chat_id: RowId, request: Request) -> StreamingResponse:
         s = session(chat_id)
         return sse(s.continue_last, s, request)
+
+    @r.get("/chats/{chat_id}/settings")
+    def settings(chat_id: RowId) -> dict:
+        """The settings a reply in this chat is generated with (defaults and the chat's own)."""
+        return session(chat_id).settings
+
+    @r.put("/chats/{chat_id}/settings")
+    def set_settings(chat_id: RowId, body: Settings) -> dict:
+        s = session(chat_id)
+        changed = body.model_dump(exclude_none=True)
+        store.set_settings(chat_id, {**s.info.settings, **changed})  # kept with the chat
+        return session(chat_id).settings
 
     @r.get("/chats/{chat_id}/prompt")
     def prompt(chat_id: RowId) -> dict:

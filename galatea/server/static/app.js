@@ -185,6 +185,26 @@ $("input").addEventListener("keydown", (ev) => {
 $("regen").onclick = () => generate("regenerate");
 $("continue").onclick = () => generate("continue");
 $("stop").onclick = () => api("/abort", post({ chat_id: state.chat }));  // only this chat's reply
+// The chat's sampling settings: read into the form, saved (only what the form holds) on Save.
+$("open-settings").onclick = async () => {
+  if (!state.chat) return;
+  const current = await api(`/chats/${state.chat}/settings`);
+  for (const field of $("settings-form").elements) {
+    if (field.name && current[field.name] !== undefined) field.value = current[field.name];
+  }
+  $("settings-dialog").showModal();
+};
+$("settings-dialog").addEventListener("close", async () => {
+  if ($("settings-dialog").returnValue !== "save") return;
+  const body = {};
+  for (const field of $("settings-form").elements) {
+    if (field.name && field.value !== "") body[field.name] = Number(field.value);
+  }
+  try {
+    await api(`/chats/${state.chat}/settings`, { ...post(body), method: "PUT" });
+    status("settings saved for this chat");
+  } catch (e) { status(`settings not saved: ${e.message}`); }
+});
 $("show-prompt").onclick = async () => {
   const p = await api(`/chats/${state.chat}/prompt`);
   $("prompt-text").textContent = `(${p.tokens} tokens)\n\n` + p.prompt;
