@@ -192,5 +192,23 @@ def test_a_banned_phrase_is_never_written_and_the_text_before_it_stays(lm, specu
     chunks = [c.text for c in stream_generate(lm.model, lm.tokenizer, ids, banned, speculative=speculative)]
     out = "".join(chunks)
     assert "six seven" not in out.lower() and "nine ten. again?" not in out.lower(), out
-    assert out[:at] == text[:at], (out, text)
+    # the token that began the phrase (` six`, its space included) was undone; all before it stays
+    assert out.startswith(text[: text.lower().find(" six seven")]), (out, text)
     assert len(lm.tokenizer.encode(out, add_bos=False)) >= 20  # it went on after the rewinds
+
+
+def test_a_phrase_starting_inside_a_token_never_shows_part_of_it(lm):
+    """`ix sev` starts inside the token ` six`: that whole token is held back and undone, so the
+    streamed text is exactly the final text (nothing shown is taken back), and each token's
+    log probability arrives once, with the chunk that made it final."""
+    ids = lm.tokenizer.encode(COUNT)
+    plain = S.SamplingParams(max_new_tokens=24, temperature=0, repetition_penalty=1.0)
+    text = generate(lm.model, lm.tokenizer, ids, plain, speculative=False)[0]
+    params = S.SamplingParams(max_new_tokens=24, temperature=0, repetition_penalty=1.0, banned_phrases=("ix sev",),
+                              logprobs=2)
+    chunks = list(stream_generate(lm.model, lm.tokenizer, ids, params, speculative=False))
+    out = "".join(c.text for c in chunks)
+    assert "ix sev" not in out and out.startswith(text[: text.find(" six")]), out
+    streamed = [e for c in chunks for e in (c.new_logprobs or [])]
+    assert [e.token for e in streamed] == [e.token for e in chunks[-1].logprobs]
+    assert lm.tokenizer.decode([e.token for e in streamed]) == out

@@ -282,7 +282,7 @@ def test_banned_phrases_on_both_api_families(server):
     openai = post(server, "/v1/completions", {"prompt": prompt, "max_tokens": 16, "temperature": 0,
                                               "banned_strings": ["six seven"]}).json()["choices"][0]["text"]
     for text in (kobold, openai):
-        assert "six seven" not in text.lower() and text.startswith(plain[: plain.find("six seven")]), text
+        assert "six seven" not in text.lower() and text.startswith(plain[: plain.find(" six seven")]), text
 
 
 def test_logprobs_in_the_shapes_each_dialect_reads(server):
@@ -312,3 +312,15 @@ def test_perf_and_version_speak_koboldcpp(server):
     p = perf(server)
     assert p["last_token_count"] == 20
     assert 0.5 < p["last_eval"] < 1000 and 0.05 < p["last_process"] < 1000  # ms: ~5-20 and ~1 here
+
+
+def test_streamed_logprobs_arrive_with_their_tokens(server):
+    body = {"prompt": "You: Hello!\nAria:", "max_tokens": 8, "temperature": 0, "ignore_eos": True, "logprobs": 1,
+            "stream": True, "banned_strings": ["Hello"]}
+    with httpx.stream("POST", f"{server.url}/v1/completions", json=body, timeout=60) as r:
+        events = [json.loads(line[6:]) for line in r.iter_lines() if line.startswith("data: {")]
+    text = "".join(e["choices"][0]["text"] for e in events)
+    tokens = [t for e in events if e["choices"][0]["logprobs"] for t in e["choices"][0]["logprobs"]["tokens"]]
+    assert "".join(tokens) == text and len(tokens) == 8 and "hello" not in text.lower()
+    offsets = [o for e in events if e["choices"][0]["logprobs"] for o in e["choices"][0]["logprobs"]["text_offset"]]
+    assert offsets == sorted(offsets) and offsets[0] == 0

@@ -54,6 +54,9 @@ class Chunk:
     # closing chunk, when SamplingParams.logprobs asked: every generated token with its log
     # probability and the top alternatives, under the model's distribution (before samplers)
     logprobs: list[TokenLogprob] | None = None
+    # every chunk, when logprobs were asked: the entries of tokens that became final with it
+    # (a token held back as a possible banned phrase is final only once its text is shown)
+    new_logprobs: list[TokenLogprob] | None = None
 
 
 @dataclass
@@ -102,10 +105,10 @@ class Generation:
         # banned phrases: the reply's text length after each new token, and the tokens banned
         # at a position (the first token of a banned phrase that was written there and undone)
         self.guard = PhraseGuard(params.banned_phrases)
-        self.ends: list[int] = []
         self.bans: dict[int, set[int]] = {}
         self.rewinds = 0
         self.logprob_log: list[TokenLogprob] = []
+        self.logprobs_sent = 0  # entries handed out with chunks (tokens that can no longer be undone)
         self.tokens = list(prompt_ids)
         self.n_prompt = n_prompt
         self.read = todo[0][0]  # prompt positions before this one have their keys/values in the cache
@@ -207,35 +210,38 @@ class Generation:
         if token in self.eos_ids and not self.params.ban_eos:
             self.finish = "stop"
             return None
-        piece = self.detok.add(token)
-        if self.guard.pattern is not None:
-            self.ends.append(len(self.guard.text) + len(piece))
-            piece, hit = self.guard.feed(piece)
-            if hit is not None and self.rewinds < MAX_REWINDS:
-                self._rewind(hit)
-                return None
-            if hit is not None:  # out of rewinds: let it through
-                piece = self.guard.flush()
+        piece, hit = self.guard.feed(self.detok.add(token))
+        if hit is not None and self.rewinds < MAX_REWINDS:
+            self._rewind(hit)
+            return None
+        if hit is not None:  # out of rewinds: let it through
+            piece = self.guard.flush()
         text, stopped = self.stops.feed(piece)
         if stopped:
             self.finish = "stop"
         elif self.n_new >= self.budget:
             self.finish = "length"  # no forward pass for a token nobody will read
-        return Chunk(text, token)
+        return Chunk(text, token, new_logprobs=self._new_logprobs(self.guard.final))
 
-    def _rewind(self, at: int) -> None:
-        """A banned phrase starts at character `at` of the reply: undo the tokens from the one
-        that wrote that character, ban that token at its position, and compute the position
-        again (KoboldCpp's phrase banning). Nothing of the phrase was shown: it was held back."""
-        i = next(k for k, end in enumerate(self.ends) if end > at)
+    def _new_logprobs(self, final: int) -> list[TokenLogprob] | None:
+        """The log probabilities not yet handed out of the first `final` tokens (for streams)."""
+        if self.params.logprobs is None:
+            return None
+        new = self.logprob_log[self.logprobs_sent : final]
+        self.logprobs_sent = max(self.logprobs_sent, final)
+        return new
+
+    def _rewind(self, i: int) -> None:
+        """A banned phrase starts in the reply's token i: undo the tokens from it on, ban it at
+        its position, and compute the position again (KoboldCpp's phrase banning). Nothing of
+        those tokens was shown: their text was held back."""
         pos = self.n_prompt + i
         self.bans.setdefault(pos, set()).add(self.tokens[pos])
         self.rewinds += 1
         del self.tokens[pos:]
-        del self.ends[i:]
         del self.logprob_log[i:]
         self.n_new = i
-        self.guard.rewind(self.ends[-1] if self.ends else 0)
+        self.guard.rewind(i)
         self.detok = IncrementalDetokenizer(self.tokenizer, self.tokens[: self.n_prompt])
         for t in self.tokens[self.n_prompt :]:
             self.detok.add(t)
@@ -300,7 +306,8 @@ class Generation:
         if self.stops.matched is None:  # nothing after a stop is shown; otherwise release what was held
             held, hit = self.guard.feed(self.detok.flush())
             if hit is not None:  # completed by the last bytes: too late to rewind, so cut it
-                held += self.guard.text[self.guard.released : hit]
+                match = self.guard.pattern.search(self.guard.text, self.guard.released)
+                held += self.guard.text[self.guard.released : match.start() if match else None]
                 self.guard.released = len(self.guard.text)
             tail, _ = self.stops.feed(held + self.guard.flush())
             tail += self.stops.flush()
@@ -312,6 +319,7 @@ class Generation:
             stop_string=self.stops.matched, seed=self.sampler.seed, cached_tokens=self.reused,
             shifted_tokens=self.shifted, drafted_tokens=self.drafted, accepted_tokens=self.accepted,
             logprobs=list(self.logprob_log) if self.params.logprobs is not None else None,
+            new_logprobs=self._new_logprobs(len(self.logprob_log)),
         )
 
 

@@ -93,32 +93,54 @@ class StopMatcher:
 class PhraseGuard:
     """Banned phrases (KoboldCpp's "banned_tokens" strings, text-generation-webui's
     "banned_strings"; case-insensitive): holds back the text that could still become one, and
-    reports where one appeared so that generation can rewind to it (see Generation.sample)."""
+    reports where one appeared so that generation can rewind to it (see Generation.sample).
+
+    It is fed one token's text at a time and holds back whole tokens: a token whose text may
+    start a banned phrase is not shown in part, so undoing it never takes back shown text."""
 
     def __init__(self, phrases: Sequence[str]) -> None:
         self.phrases = [p for p in dict.fromkeys(phrases) if p]
         self.pattern = re.compile("|".join(re.escape(p) for p in self.phrases), re.IGNORECASE) \
             if self.phrases else None
         self.text = ""  # all the reply's text so far
-        self.released = 0  # how much of it was passed on
+        self.starts: list[int] = []  # where each token's text starts in `text`
+        self.released = 0  # how much of it was passed on (always where a token starts, or the end)
 
     def feed(self, piece: str) -> tuple[str, int | None]:
-        """(text safe to pass on now, offset in `text` where a banned phrase starts, or None)."""
+        """One more token's text: (text safe to pass on now, the index of the token where a
+        banned phrase starts, or None)."""
+        self.starts.append(len(self.text))
         self.text += piece
         if self.pattern is None:
-            out, self.released = self.text[self.released :], len(self.text)
-            return out, None
+            return self.flush(), None
         hit = self.pattern.search(self.text, self.released)
         if hit is not None:
-            return "", hit.start()
+            return "", self.token_at(hit.start())
         hold = self._held_suffix(self.text[self.released :])
-        end = len(self.text) - hold
-        out, self.released = self.text[self.released : end], end
+        end = len(self.text) if hold == 0 else self.starts[self.token_at(len(self.text) - hold)]
+        out, self.released = self.text[self.released : end], max(end, self.released)
         return out, None
 
-    def rewind(self, length: int) -> None:
-        """Forget the text after `length` characters (never text already passed on)."""
-        self.text = self.text[: max(length, self.released)]
+    def token_at(self, offset: int) -> int:
+        """The token that wrote the character at `offset` (the first of the tokens whose bytes
+        make that character, when one is split over several)."""
+        k = max(i for i, start in enumerate(self.starts) if start <= offset)
+        while k > 0 and self.starts[k - 1] == self.starts[k]:
+            k -= 1
+        return k
+
+    @property
+    def final(self) -> int:
+        """How many tokens can no longer be undone (their text was all passed on)."""
+        return sum(1 for i, start in enumerate(self.starts)
+                   if (self.starts[i + 1] if i + 1 < len(self.starts) else len(self.text)) <= self.released
+                   and start < self.released) if self.pattern is not None else len(self.starts)
+
+    def rewind(self, tokens: int) -> None:
+        """Keep only the first `tokens` tokens' text (never text already passed on)."""
+        if tokens < len(self.starts):
+            self.text = self.text[: max(self.starts[tokens], self.released)]
+            del self.starts[tokens:]
 
     def flush(self) -> str:
         out, self.released = self.text[self.released :], len(self.text)

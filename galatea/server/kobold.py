@@ -99,7 +99,7 @@ def build_router(engine: Engine) -> APIRouter:
                         finish = "length" if chunk.finish_reason == "length" else "stop"
                         if chunk.logprobs is not None:
                             result["logprobs"] = {
-                                "content": serving.logprobs_content(engine.tokenizer, ids, chunk.logprobs)}
+                                "content": serving.logprobs_content(engine.tokenizer, ids[-1], chunk.logprobs)}
                 results.append({"text": text, "finish_reason": finish, **result})
                 if gone.is_set():
                     break

@@ -14,6 +14,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import StreamingResponse
 
 from galatea.engine.generate import Chunk
+from galatea.model.tokenizer import Tokenizer
 from galatea.server import serving
 from galatea.server.disconnect import watch
 from galatea.server.engine import Engine
@@ -22,6 +23,35 @@ from galatea.server.schemas import ChatCompletionRequest, CompletionRequest, Enc
 
 def _sse(obj: Any) -> str:
     return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
+
+
+class StreamedLogprobs:
+    """Per choice of a stream: the token before the next entries and the text offset so far,
+    so that each chunk carries the log probabilities of the tokens that became final with it."""
+
+    def __init__(self, tokenizer: Tokenizer, prompt_last: int) -> None:
+        self.tokenizer, self.prompt_last = tokenizer, prompt_last
+        self.prev: dict[int, int] = {}
+        self.offset: dict[int, int] = {}
+
+    def _take(self, index: int, chunk: Chunk) -> tuple[int, list] | None:
+        if not chunk.new_logprobs:
+            return None
+        prev = self.prev.get(index, self.prompt_last)
+        self.prev[index] = chunk.new_logprobs[-1].token
+        return prev, chunk.new_logprobs
+
+    def legacy(self, index: int, chunk: Chunk) -> dict | None:
+        taken = self._take(index, chunk)
+        if taken is None:
+            return None
+        out = serving.logprobs_legacy(self.tokenizer, taken[0], taken[1], self.offset.get(index, 0))
+        self.offset[index] = self.offset.get(index, 0) + sum(len(t) for t in out["tokens"])
+        return out
+
+    def content(self, index: int, chunk: Chunk) -> dict | None:
+        taken = self._take(index, chunk)
+        return None if taken is None else {"content": serving.logprobs_content(self.tokenizer, *taken)}
 
 
 def build_router(engine: Engine) -> APIRouter:
@@ -82,11 +112,13 @@ def build_router(engine: Engine) -> APIRouter:
         rid, created = f"cmpl-{uuid.uuid4().hex[:24]}", int(time.time())
         if req.stream:
             async def events() -> AsyncIterator[str]:
+                streamed = StreamedLogprobs(engine.tokenizer, ids[-1])
                 async for index, chunk in generations(ids, req, request):
                     text, reason = chunk.text, chunk.finish_reason
-                    if text or reason is not None:
+                    logprobs = streamed.legacy(index, chunk)
+                    if text or reason is not None or logprobs:
                         yield _sse({"id": rid, "object": "text_completion", "created": created, "model": engine.name,
-                                    "choices": [{"index": index, "text": text, "logprobs": None,
+                                    "choices": [{"index": index, "text": text, "logprobs": logprobs,
                                                  "finish_reason": None if reason is None else finish(reason)}]})
                 yield "data: [DONE]\n\n"
 
@@ -96,7 +128,7 @@ def build_router(engine: Engine) -> APIRouter:
         return {"id": rid, "object": "text_completion", "created": created, "model": engine.name,
                 "choices": [{"index": i, "text": t, "finish_reason": reasons[i],
                              "logprobs": None if logprobs[i] is None else
-                             serving.logprobs_legacy(engine.tokenizer, ids, logprobs[i])}
+                             serving.logprobs_legacy(engine.tokenizer, ids[-1], logprobs[i])}
                             for i, t in enumerate(texts)],
                 "usage": {"prompt_tokens": len(ids), "completion_tokens": used, "total_tokens": len(ids) + used}}
 
@@ -109,8 +141,10 @@ def build_router(engine: Engine) -> APIRouter:
         if req.stream:
             async def events() -> AsyncIterator[str]:
                 started: set[int] = set()
+                streamed = StreamedLogprobs(engine.tokenizer, ids[-1])
                 async for index, chunk in generations(ids, req, request, stops):
                     text, reason = chunk.text, chunk.finish_reason
+                    logprobs = streamed.content(index, chunk)
                     delta: dict[str, Any] = {}
                     if index not in started:
                         started.add(index)
@@ -118,10 +152,10 @@ def build_router(engine: Engine) -> APIRouter:
                         text = text.lstrip()  # the Pygmalion reply starts with a space
                     if text:
                         delta["content"] = text
-                    if delta or reason is not None:
+                    if delta or reason is not None or logprobs:
                         yield _sse({"id": rid, "object": "chat.completion.chunk", "created": created,
                                     "model": engine.name,
-                                    "choices": [{"index": index, "delta": delta,
+                                    "choices": [{"index": index, "delta": delta, "logprobs": logprobs,
                                                  "finish_reason": None if reason is None else finish(reason)}]})
                 yield "data: [DONE]\n\n"
 
@@ -132,7 +166,7 @@ def build_router(engine: Engine) -> APIRouter:
                 "choices": [{"index": i, "message": {"role": "assistant", "content": serving.chat_text(t, char, user)},
                              "finish_reason": reasons[i],
                              "logprobs": None if logprobs[i] is None else
-                             {"content": serving.logprobs_content(engine.tokenizer, ids, logprobs[i])}}
+                             {"content": serving.logprobs_content(engine.tokenizer, ids[-1], logprobs[i])}}
                             for i, t in enumerate(texts)],
                 "usage": {"prompt_tokens": len(ids), "completion_tokens": used, "total_tokens": len(ids) + used}}
 

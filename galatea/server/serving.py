@@ -221,9 +221,10 @@ def _token_text(tokenizer: Tokenizer, prev: int, token: int) -> str:
     return tokenizer.decode([prev, token])[len(tokenizer.decode([prev])) :]
 
 
-def logprobs_content(tokenizer: Tokenizer, prompt_ids: list[int], log: list[TokenLogprob]) -> list[dict]:
-    """OpenAI chat's (and KoboldCpp's) shape: [{token, logprob, top_logprobs: [{token, logprob}]}]."""
-    out, prev = [], prompt_ids[-1]
+def logprobs_content(tokenizer: Tokenizer, prev: int, log: list[TokenLogprob]) -> list[dict]:
+    """OpenAI chat's (and KoboldCpp's) shape: [{token, logprob, top_logprobs: [{token, logprob}]}].
+    `prev`: the token before the first entry (the prompt's last, or the last one streamed)."""
+    out = []
     for entry in log:
         out.append({"token": _token_text(tokenizer, prev, entry.token), "logprob": entry.logprob,
                     "top_logprobs": [{"token": _token_text(tokenizer, prev, t), "logprob": lp} for t, lp in entry.top]})
@@ -231,10 +232,11 @@ def logprobs_content(tokenizer: Tokenizer, prompt_ids: list[int], log: list[Toke
     return out
 
 
-def logprobs_legacy(tokenizer: Tokenizer, prompt_ids: list[int], log: list[TokenLogprob]) -> dict:
-    """OpenAI completions' shape: parallel lists, alternatives as {token: logprob}."""
-    content = logprobs_content(tokenizer, prompt_ids, log)
-    offsets, at = [], 0
+def logprobs_legacy(tokenizer: Tokenizer, prev: int, log: list[TokenLogprob], offset: int = 0) -> dict:
+    """OpenAI completions' shape: parallel lists, alternatives as {token: logprob}; text offsets
+    count from `offset` (the text already streamed)."""
+    content = logprobs_content(tokenizer, prev, log)
+    offsets, at = [], offset
     for c in content:
         offsets.append(at)
         at += len(c["token"])
