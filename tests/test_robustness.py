@@ -20,15 +20,12 @@ from galatea.chat.cards import load_character
 from galatea.chat.session import ChatSession
 from galatea.chat.store import Store
 from galatea.model.checkpoint import load
-from tests.test_server import Server
+from tests.test_server import Server, running_server
 
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    s = Server(tmp_path_factory.mktemp("data"))
-    yield s
-    log = s.stop()
-    assert "Traceback" not in log, log
+    yield from running_server(tmp_path_factory)
 
 
 def new_chat(server) -> int:

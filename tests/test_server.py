@@ -70,14 +70,19 @@ class Server:
         return out
 
 
+def running_server(tmp_path_factory, *extra: str):
+    """A module's server: started once, and at the end its log must hold no traceback."""
+    s = Server(tmp_path_factory.mktemp("data"), *extra)
+    yield s
+    log = s.stop()
+    assert "Traceback" not in log, log
+
+
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     # One prompt cache slot, so fresh_cache() below really empties it (test_batching.py runs the
     # default slots and batches).
-    s = Server(tmp_path_factory.mktemp("data"), "--cache-slots", "1")
-    yield s
-    log = s.stop()
-    assert "Traceback" not in log, log
+    yield from running_server(tmp_path_factory, "--cache-slots", "1")
 
 
 def post(server, path, body, **kw):

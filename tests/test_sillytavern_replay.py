@@ -18,7 +18,7 @@ import pytest
 
 from galatea.model.checkpoint import embedded_model_path, load_tokenizer
 from tests.checkpoints import ROOT
-from tests.test_server import Server
+from tests.test_server import running_server
 
 SESSION = ROOT.parent / "shared" / "data" / "sillytavern-session" / "seraphina.jsonl"
 
@@ -36,10 +36,7 @@ def really_new(previous: list[int], prompt: list[int]) -> int:
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    s = Server(tmp_path_factory.mktemp("data"), "--cache-slots", "1")
-    yield s
-    log = s.stop()
-    assert "Traceback" not in log, log
+    yield from running_server(tmp_path_factory, "--cache-slots", "1")
 
 
 def test_each_turn_reads_only_what_changed(server):

@@ -20,7 +20,7 @@ from galatea.engine.text_stream import IncrementalDetokenizer
 from galatea.model.checkpoint import embedded_model_path, load_tokenizer
 from galatea.server.schemas import ChatCompletionRequest
 from galatea.server.serving import chat_stops
-from tests.test_server import Server, post
+from tests.test_server import Server, post, running_server
 from tests.test_sillytavern_replay import turns as session_turns
 
 LONG = {"max_length": 2000, "ban_eos_token": True}
@@ -28,10 +28,7 @@ LONG = {"max_length": 2000, "ban_eos_token": True}
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    s = Server(tmp_path_factory.mktemp("data"))
-    yield s
-    log = s.stop()
-    assert "Traceback" not in log, log
+    yield from running_server(tmp_path_factory)
 
 
 def perf(server) -> dict:

@@ -18,6 +18,7 @@ from typing import Any
 from galatea.chat.prompt import Prompt, Turn, build_prompt, substitute
 from galatea.chat.store import Message, Store
 from galatea.engine.generate import Chunk, stream_generate
+from galatea.engine.modern_samplers import dry_breaker_ids
 from galatea.engine.prompt_cache import PromptCache
 from galatea.engine.sampling import SamplingParams
 from galatea.errors import GalateaError
@@ -31,7 +32,6 @@ DEFAULT_SETTINGS: dict[str, Any] = {
     "dry_multiplier": 0.0, "xtc_probability": 0.0, "xtc_threshold": 0.1, "mirostat": 0, "mirostat_tau": 5.0,
     "dynatemp_range": 0.0, "smoothing_factor": 0.0,
 }
-DRY_BREAKERS = ("\n", ":", "\"", "*")  # SillyTavern's default
 
 
 def _number(value: Any) -> bool:
@@ -177,7 +177,7 @@ class ChatSession:
             repetition_penalty_range=int(s["repetition_penalty_range"]), stop=stops,
             seed=seed if seed is not None else s.get("seed"),
             dry_multiplier=float(s.get("dry_multiplier", 0.0)),
-            dry_sequence_breakers=tuple({self.lm.tokenizer.encode("a" + b, add_bos=False)[-1] for b in DRY_BREAKERS}),
+            dry_sequence_breakers=dry_breaker_ids(self.lm.tokenizer),
             xtc_probability=float(s.get("xtc_probability", 0.0)), xtc_threshold=float(s.get("xtc_threshold", 0.1)),
             mirostat=int(s.get("mirostat", 0)), mirostat_tau=float(s.get("mirostat_tau", 5.0)),
             dynatemp_range=float(s.get("dynatemp_range", 0.0)), smoothing_factor=float(s.get("smoothing_factor", 0.0)),

@@ -22,11 +22,19 @@ from __future__ import annotations
 
 import math
 from collections.abc import Container, Sequence
+from typing import Any
 
 import torch
 from torch import Tensor
 
 NEG_INF = float("-inf")
+DRY_BREAKERS = ("\n", ":", "\"", "*")  # SillyTavern's and KoboldCpp's default sequence breakers
+
+
+def dry_breaker_ids(tokenizer: Any, breakers: Sequence[str] = DRY_BREAKERS) -> tuple[int, ...]:
+    """Each breaker as the token the model writes for it after a letter (as text-generation-webui
+    maps them), so `\n` or `:` glued to a word still counts."""
+    return tuple(sorted({tokenizer.encode("a" + b, add_bos=False)[-1] for b in breakers if b}))
 
 
 def dry(logits: Tensor, context: Sequence[int], multiplier: float, base: float, allowed_length: int,

@@ -12,6 +12,7 @@ from galatea.chat.cards import Character
 from galatea.chat.prompt import Turn, build_prompt
 from galatea.chat.session import clean_reply, reply_stops
 from galatea.engine.generate import TokenLogprob
+from galatea.engine.modern_samplers import DRY_BREAKERS, dry_breaker_ids
 from galatea.engine.sampling import SamplingParams
 from galatea.errors import GalateaError
 from galatea.model.tokenizer import Tokenizer
@@ -47,9 +48,6 @@ def _bias(raw: dict[str, float], vocab: int) -> dict[int, float]:
     return out
 
 
-DRY_BREAKERS = ("\n", ":", "\"", "*")  # SillyTavern's and KoboldCpp's default
-
-
 def refuse_unsupported(mirostat: int, grammar: str) -> None:
     """The same answer on every route for what Galatea does not do (rather than ignoring it)."""
     if mirostat not in (0, 1, 2):
@@ -60,13 +58,11 @@ def refuse_unsupported(mirostat: int, grammar: str) -> None:
 
 def newer_samplers(req: NewerSamplers, engine: Engine, mirostat: int) -> dict:
     """SamplingParams fields for DRY, XTC, dynamic temperature, smoothing, Mirostat and banned
-    phrases. DRY's
-    breakers are strings; each becomes the token the model writes for it after a letter (as
-    text-generation-webui does), so `\n` or `:` glued to a word still counts."""
+    phrases (DRY's breakers, strings, as token ids: modern_samplers.dry_breaker_ids)."""
     breakers = DRY_BREAKERS if req.dry_sequence_breakers is None else req.dry_sequence_breakers
-    ids = {engine.tokenize("a" + b, add_bos=False)[-1] for b in breakers if b}
+    ids = dry_breaker_ids(engine.tokenizer, breakers)
     extra: dict = {"dry_multiplier": req.dry_multiplier, "dry_base": req.dry_base,
-                   "dry_allowed_length": req.dry_allowed_length, "dry_sequence_breakers": tuple(sorted(ids)),
+                   "dry_allowed_length": req.dry_allowed_length, "dry_sequence_breakers": ids,
                    "dry_range": max(0, req.dry_penalty_last_n), "xtc_threshold": req.xtc_threshold,
                    "xtc_probability": req.xtc_probability, "dynatemp_range": req.dynatemp_range,
                    "dynatemp_exponent": req.dynatemp_exponent, "smoothing_factor": req.smoothing_factor,
