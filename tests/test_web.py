@@ -3,31 +3,11 @@ server: pick the bundled character, send, see the streamed reply, regenerate, sw
 
 from __future__ import annotations
 
-import shutil
-from pathlib import Path
-
-import pytest
-
 from galatea.chat.cards import Character
 from tests.checkpoints import ROOT
 from tests.test_server import Server
 
 ARTIFACTS = ROOT / "test-artifacts"
-CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                 "--disable-background-networking", "--disable-component-update", "--disable-sync"]
-
-
-@pytest.fixture(scope="module")
-def browser():
-    from playwright.sync_api import sync_playwright
-
-    exe = shutil.which("chromium") or "/usr/bin/chromium"
-    if not Path(exe).exists():
-        raise AssertionError("Debian chromium is needed: apt-get install chromium (.ci/run installs it)")
-    with sync_playwright() as p:
-        b = p.chromium.launch(executable_path=exe, args=CHROMIUM_ARGS)
-        yield b
-        b.close()
 
 
 def test_chat_page(browser, tmp_path):
