@@ -4,7 +4,7 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: chat test setup setup-test lint bench
+.PHONY: chat test test-fast setup setup-test lint bench
 
 chat: setup
 	$(BIN)/galatea chat
@@ -21,6 +21,12 @@ test: setup-test
 	$(BIN)/python -m pytest -q
 	GALATEA_KERNELS=avx2 $(BIN)/python -m pytest -q $(PATH_TESTS)
 	GALATEA_KERNELS=torch $(BIN)/python -m pytest -q $(PATH_TESTS)
+
+# The quick tier while working (about a minute): no server processes, browser, training runs or
+# slow model tests. `make test` (what CI runs) still runs everything.
+test-fast: setup-test
+	$(BIN)/ruff check galatea tests bench setup.py
+	$(BIN)/python -m pytest -q -m "not slow and not server and not browser and not training"
 
 bench: setup
 	$(BIN)/galatea bench

@@ -26,3 +26,22 @@ def browser():
         b = p.chromium.launch(executable_path=exe, args=CHROMIUM_ARGS)
         yield b
         b.close()
+
+
+@pytest.fixture(scope="session")
+def embedded_lm():
+    """The embedded SmolLM2 as `galatea chat` loads it (its GGUF types, the best kernels)."""
+    from galatea.model.checkpoint import load
+
+    return load(None)
+
+
+@pytest.fixture(scope="session")
+def embedded_lm_exact():
+    """The embedded SmolLM2 dequantized to float32: exact compute, where a test compares two
+    ways of computing the same thing (batched or not, reused cache or not) token for token."""
+    import torch
+
+    from galatea.model.checkpoint import load
+
+    return load(None, dtype=torch.float32, quant="none")

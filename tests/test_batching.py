@@ -4,31 +4,24 @@ independent, and cancelling one leaves the others untouched."""
 from __future__ import annotations
 
 import json
-import threading
-import time
+from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import pytest
 import torch
 
 from galatea.engine.generate import generate
-from galatea.engine.sampling import SamplingParams
+from galatea.engine.scheduler import Scheduler
 from galatea.model.checkpoint import load
-from galatea.server.engine import Engine
-from tests.test_kernels import PATHS
-from tests.test_server import Server
+from tests.helpers import PATHS, Server, greedy, run_clients
 
 PROMPTS = [f"You: Tell me about the {w} of the kingdom.\nAria:" for w in
            ("dragons", "bakers", "rivers", "old kings", "lighthouses", "goats", "weddings", "storms")]
 
 
-@pytest.fixture(scope="module")
-def lm():
-    return load(None, dtype=torch.float32, quant="none")  # exact float compute: batching changes nothing
-
-
-def greedy(n: int) -> SamplingParams:
-    return SamplingParams(max_new_tokens=n, temperature=0, repetition_penalty=1.0, ban_eos=True)
+@pytest.fixture
+def lm(embedded_lm_exact):
+    return embedded_lm_exact  # exact float compute: batching changes nothing
 
 
 def test_decode_batch_equals_sequential_decoding(lm):
@@ -71,37 +64,11 @@ def test_native_decode_batch_equals_sequential_decoding_exactly(path):
     assert out == alone
 
 
-def run_clients(engine: Engine, prompts: list[list[int]], params: SamplingParams, cancel_at: dict[int, int]):
-    results: list[list[int]] = [[] for _ in prompts]
-    finish: list[str | None] = [None] * len(prompts)
-    first_token_at: list[float] = [0.0] * len(prompts)
-    done_at: list[float] = [0.0] * len(prompts)
-
-    def client(i: int) -> None:
-        cancel = threading.Event()
-        for chunk in engine.generate_sync(prompts[i], params, cancel):
-            if chunk.token is not None:
-                results[i].append(chunk.token)
-                first_token_at[i] = first_token_at[i] or time.perf_counter()
-                if len(results[i]) == cancel_at.get(i):
-                    cancel.set()
-            if chunk.finish_reason:
-                finish[i] = chunk.finish_reason
-        done_at[i] = time.perf_counter()
-
-    threads = [threading.Thread(target=client, args=(i,)) for i in range(len(prompts))]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(timeout=300)
-    return results, finish, first_token_at, done_at
-
-
 def test_eight_streams_are_batched_independent_and_cancellable(lm):
     tok = lm.tokenizer
     prompts = [tok.encode(p) for p in PROMPTS]
     alone = [generate(lm.model, tok, p, greedy(16))[2] for p in prompts]
-    engine = Engine(lm, max_context=256, max_batch=8)
+    engine = Scheduler(lm, max_context=256, max_batch=8)
     try:
         results, finish, first, done = run_clients(engine, prompts, greedy(16), cancel_at={3: 4})
     finally:
@@ -118,7 +85,7 @@ def test_eight_streams_are_batched_independent_and_cancellable(lm):
 def test_more_requests_than_the_batch_wait_their_turn(lm):
     tok = lm.tokenizer
     prompts = [tok.encode(p) for p in PROMPTS[:5]]
-    engine = Engine(lm, max_context=256, max_batch=2, cache_slots=2)
+    engine = Scheduler(lm, max_context=256, max_batch=2, cache_slots=2)
     try:
         results, finish, _, _ = run_clients(engine, prompts, greedy(6), cancel_at={})
     finally:
@@ -127,29 +94,32 @@ def test_more_requests_than_the_batch_wait_their_turn(lm):
     assert results == [generate(lm.model, tok, p, greedy(6))[2] for p in prompts]
 
 
+@pytest.mark.server
 def test_server_streams_eight_clients_at_once(tmp_path):
     server = Server(tmp_path, "--quant", "none", "--dtype", "float32")
-    try:
-        def complete(prompt: str, stream: bool) -> str:
-            body = {"prompt": prompt, "max_tokens": 12, "temperature": 0, "stream": stream}
+    # generous: a busy machine is slow, and a client that gives up must fail as a timeout, not
+    # come back as an empty text
+    timeout = 600
+
+    def complete(prompt: str, stream: bool) -> str:
+        body = {"prompt": prompt, "max_tokens": 12, "temperature": 0, "stream": stream}
+        try:
             if not stream:
-                return httpx.post(f"{server.url}/v1/completions", json=body, timeout=120).json()["choices"][0]["text"]
+                r = httpx.post(f"{server.url}/v1/completions", json=body, timeout=timeout)
+                return r.json()["choices"][0]["text"]
             text = ""
-            with httpx.stream("POST", f"{server.url}/v1/completions", json=body, timeout=120) as r:
+            with httpx.stream("POST", f"{server.url}/v1/completions", json=body, timeout=timeout) as r:
                 for line in r.iter_lines():
                     if line.startswith("data: ") and line != "data: [DONE]":
-
                         text += json.loads(line[6:])["choices"][0]["text"]
             return text
+        except httpx.TimeoutException:
+            raise AssertionError(f"timed out: no answer within {timeout} s (the machine is too busy?)") from None
 
+    try:
         alone = [complete(p, stream=False) for p in PROMPTS]  # one at a time
-        together: list[str] = [""] * 8
-        threads = [threading.Thread(target=lambda i=i: together.__setitem__(i, complete(PROMPTS[i], True)))
-                   for i in range(8)]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join(timeout=300)
+        with ThreadPoolExecutor(8) as pool:  # .result() re-raises a client's failure
+            together = [f.result() for f in [pool.submit(complete, p, True) for p in PROMPTS]]
         assert together == alone
         assert all(alone)
     finally:

@@ -10,12 +10,11 @@ import pytest
 from galatea.chat.cards import load_character
 from galatea.chat.session import ChatSession, clean_reply, reply_stops
 from galatea.chat.store import Store
-from galatea.model.checkpoint import load
 
 
-@pytest.fixture(scope="module")
-def lm():
-    return load(None)
+@pytest.fixture
+def lm(embedded_lm):
+    return embedded_lm
 
 
 @pytest.fixture

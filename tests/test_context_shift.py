@@ -14,8 +14,7 @@ from galatea.chat.session import ChatSession
 from galatea.chat.store import Store
 from galatea.engine.generate import stream_generate
 from galatea.engine.prompt_cache import MIN_SHIFT, PromptCache, PromptCachePool, plan_reuse
-from galatea.engine.sampling import SamplingParams
-from galatea.model.checkpoint import load
+from tests.helpers import greedy
 
 PERSONA = ("Aria's Persona: Aria is a cheerful travelling bard with a battered lute and a pet ferret "
            "called Pip. She loves old ballads, bad puns and warm bread.\n<START>\n")
@@ -35,9 +34,9 @@ def chat_text(turns) -> str:
     return PERSONA + "".join(f"{who}: {text}\n" for who, text in turns)
 
 
-@pytest.fixture(scope="module")
-def lm():
-    return load(None, dtype=torch.float32, quant="none")
+@pytest.fixture
+def lm(embedded_lm_exact):
+    return embedded_lm_exact
 
 
 def test_plan_finds_the_surviving_turns_after_the_persona():
@@ -95,10 +94,6 @@ def test_shift_keeps_the_persona_and_re_rotates_the_survivors(lm):
     (src_at, _, length), = plan.moves
     src = slice(src_at, src_at + length)
     assert (before_k[0, :, :, src] - fresh.keys[0, :, :, span]).abs().max() > 1e-2
-
-
-def greedy(n: int) -> SamplingParams:
-    return SamplingParams(max_new_tokens=n, temperature=0, repetition_penalty=1.0, ban_eos=True)
 
 
 def run(lm, ids, slot, n=8):

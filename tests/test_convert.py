@@ -15,7 +15,7 @@ from safetensors.torch import load_file
 from galatea.cli import main
 from galatea.model.checkpoint import embedded_model_path, load
 from tests.checkpoints import hf_model, shared_vocab, write_bin_shards, write_gguf, write_safetensors
-from tests.test_golden_tiny import hf_logits, our_logits
+from tests.helpers import hf_logits, our_logits
 
 Q = gguf.GGMLQuantizationType
 TEXTS = ["Aria's Persona: A cheerful bard.\n<START>\nYou: Hello there, 123 friends!\nAria:",

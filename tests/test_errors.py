@@ -150,8 +150,8 @@ def test_a_lora_pickle_that_runs_code_is_refused_in_one_line(tmp_path):
     """The adapter's .bin and the legacy (unmapped) path give the same one line, never torch's
     advice to load with weights_only=False."""
     from galatea.errors import GalateaError
+    from galatea.model.adapter import Adapter
     from galatea.model.hf_folder import _torch_load_unmapped
-    from galatea.train.lora import Adapter
 
     marker = tmp_path / "pwned"
     exploit = _Exploit()

@@ -6,29 +6,10 @@ import gguf
 import pytest
 import torch
 
-from galatea.model.checkpoint import load
 from tests.checkpoints import hf_model, write_bin_shards, write_gguf, write_safetensors
+from tests.helpers import hf_logits, our_logits
 
 Q = gguf.GGMLQuantizationType
-TOKENS = [1, 15043, 3186, 29892, 920, 526, 366, 29973, 13, 3492, 29901, 10994, 29991, 2266, 338, 263, 1243, 29889]
-
-
-def hf_logits(model, ids=TOKENS) -> torch.Tensor:
-    with torch.no_grad():
-        return model(torch.tensor([ids])).logits[0].float()  # [T, V]
-
-
-def our_logits(path, ids=TOKENS, chunk: int | None = None, dtype: torch.dtype = torch.float32,
-               quant: str = "none") -> torch.Tensor:
-    """All positions' logits, read through the KV cache: in chunks of `chunk` tokens
-    (prefill path), or one token per step (decode path) when chunk == 1."""
-    lm = load(path, dtype=dtype, quant=quant)
-    cache = lm.model.make_cache(1, 64)
-    chunk = chunk or len(ids)
-    out = []
-    for i in range(0, len(ids), chunk):
-        out.append(lm.model(torch.tensor([ids[i : i + chunk]]), i, cache, all_logits=True)[0])
-    return torch.cat(out)
 
 
 @pytest.fixture(scope="module", params=["gqa", "mha"])

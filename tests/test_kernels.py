@@ -29,20 +29,12 @@ from gguf import GGMLQuantizationType as Q
 
 from galatea.kernels import native
 from galatea.model.tiled import TiledLinear, TiledWeight
+from tests.helpers import PATHS
 
 TYPES = [Q.Q4_0, Q.Q4_1, Q.Q5_0, Q.Q5_1, Q.Q8_0, Q.Q4_K, Q.Q5_K, Q.Q6_K]
 # byte offsets of each block's fp16 scales (d, and dmin for K-quants)
 SCALES = {Q.Q4_0: (0,), Q.Q4_1: (0, 2), Q.Q5_0: (0,), Q.Q5_1: (0, 2), Q.Q8_0: (0,), Q.Q4_K: (0, 2),
           Q.Q5_K: (0, 2), Q.Q6_K: (208,)}
-
-
-def cpu_paths() -> list[str]:
-    """Every native path this CPU can run (AVX-512 VNNI implies AVX2)."""
-    best = native.cpu_isa()
-    return {"avx512": ["avx512", "avx2"], "avx2": ["avx2"]}.get(best or "", [])
-
-
-PATHS = cpu_paths()
 
 
 def kernels(path: str) -> native.Kernels:

@@ -15,13 +15,16 @@ import pytest
 import torch
 
 from galatea.cli import main
+from galatea.model.adapter import LoraSettings
 from galatea.model.checkpoint import load
 from galatea.train.data import encode_example, read_jsonl, tokenize_rows
-from galatea.train.lora import LoraSettings, add_lora
-from galatea.train.trainer import _collate, _nll_sum
+from galatea.train.lora import add_lora
+from galatea.train.trainer import collate, nll_sum
 from tests import persona_data
 from tests.checkpoints import hf_model, write_gguf, write_safetensors
-from tests.test_golden_tiny import TOKENS, hf_logits, our_logits
+from tests.helpers import TOKENS, hf_logits, our_logits
+
+pytestmark = pytest.mark.training
 
 
 @pytest.fixture(scope="module")
@@ -142,13 +145,13 @@ def _galatea_step(lm, data: Path, rows: int, seed: int) -> tuple[torch.Tensor, t
     """One batch through Galatea's training forward and backward, the adapter set to random
     non-zero values (so A's gradient is non-zero too). Returns ids, labels, loss, adapter params."""
     samples = tokenize_rows(lm.tokenizer, read_jsonl(data)[:rows], 256, str(data), lm.path)
-    ids, labels = _collate(samples, 2, torch.device("cpu"))
+    ids, labels = collate(samples, 2, torch.device("cpu"))
     torch.manual_seed(seed)
     ours = {n: p for n, p in lm.model.named_parameters() if "lora_" in n}
     with torch.no_grad():
         for p in ours.values():
             p.normal_(0, 0.05)
-    loss = _nll_sum(lm.model, ids, labels, checkpointing=True) / int((labels != -100).sum())
+    loss = nll_sum(lm.model, ids, labels, checkpointing=True) / int((labels != -100).sum())
     loss.backward()
     return ids, labels, float(loss), ours
 
@@ -233,7 +236,7 @@ def test_serve_with_lora_answers_like_peft(trained, tmp_path):
     transformers + peft's greedy continuation."""
     import httpx
 
-    from tests.test_server import Server
+    from tests.helpers import Server
 
     prompt = "Captain Brine's Persona: a sea captain.\n<START>\nYou: Hello!\nCaptain Brine:"
     lm = load(trained["base"], dtype=torch.float32, quant="none")

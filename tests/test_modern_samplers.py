@@ -24,7 +24,6 @@ import torch
 from galatea.engine import sampling as S
 from galatea.engine.generate import generate, stream_generate
 from galatea.engine.modern_samplers import Mirostat
-from galatea.model.checkpoint import load
 
 V = 300
 
@@ -155,9 +154,9 @@ def test_mirostat_v2_truncates_by_surprise_and_moves_mu():
     assert math.isclose(m.mu, 2.5 - 0.5 * (math.log2(3) - 3.0), rel_tol=1e-6)
 
 
-@pytest.fixture(scope="module")
-def lm():
-    return load(None)
+@pytest.fixture
+def lm(embedded_lm):
+    return embedded_lm
 
 
 def test_dry_breaks_a_loop_that_greedy_decoding_falls_into(lm):

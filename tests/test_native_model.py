@@ -13,7 +13,7 @@ import torch
 from galatea.model.checkpoint import load
 from galatea.model.tiled import TiledEmbedding, TiledLinear
 from tests.checkpoints import hf_model, write_gguf
-from tests.test_kernels import PATHS
+from tests.helpers import PATHS
 
 Q = gguf.GGMLQuantizationType
 TOKENS = [1, 15043, 3186, 29892, 920, 526, 366, 29973, 13, 3492, 29901, 10994, 29991, 2266, 338, 263, 1243, 29889]
@@ -125,9 +125,9 @@ def _add_kv(w: gguf.GGUFWriter, key: str, value) -> None:
         w.add_uint32(key, value)
 
 
-@pytest.fixture(scope="module")
-def exact_smollm2():
-    return load(None, dtype=torch.float32, quant="none")
+@pytest.fixture
+def exact_smollm2(embedded_lm_exact):
+    return embedded_lm_exact
 
 
 @pytest.mark.parametrize("path", [*PATHS, "torch"])

@@ -9,8 +9,8 @@ import pytest
 
 from galatea.engine.generate import generate, stream_generate
 from galatea.engine.prompt_cache import PromptCache
-from galatea.engine.sampling import SamplingParams
 from galatea.model.checkpoint import load
+from tests.helpers import greedy
 
 TURN1 = "Aria's Persona: A cheerful bard.\n<START>\nYou: Hello! Who are you?\nAria:"
 
@@ -18,10 +18,6 @@ TURN1 = "Aria's Persona: A cheerful bard.\n<START>\nYou: Hello! Who are you?\nAr
 @pytest.fixture(scope="module")
 def lm():
     return load(None, quant="none")  # exact float compute, so reuse must change nothing
-
-
-def greedy(n: int) -> SamplingParams:
-    return SamplingParams(max_new_tokens=n, temperature=0, repetition_penalty=1.0, ban_eos=True)
 
 
 def test_growing_chat_reuses_the_prefix_and_matches_a_fresh_run(lm):

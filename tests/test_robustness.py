@@ -19,8 +19,9 @@ import pytest
 from galatea.chat.cards import load_character
 from galatea.chat.session import ChatSession
 from galatea.chat.store import Store
-from galatea.model.checkpoint import load
-from tests.test_server import Server, running_server
+from tests.helpers import Server, running_server
+
+pytestmark = pytest.mark.server
 
 
 @pytest.fixture(scope="module")
@@ -128,11 +129,11 @@ def test_ids_beyond_sqlites_range_are_refused(server, path):
     assert 400 <= r.status_code < 500, r.text
 
 
-def test_a_stored_nan_setting_is_reported_and_ignored(tmp_path):
+def test_a_stored_nan_setting_is_reported_and_ignored(tmp_path, embedded_lm):
     store = Store(tmp_path / "g.db")
     chat = store.new_chat(store.add_character(load_character(None)))
     store.set_settings(chat, {"temperature": float("nan"), "max_new_tokens": 4})
-    session = ChatSession(store, load(None), chat)
+    session = ChatSession(store, embedded_lm, chat)
     assert session.ignored == ["temperature"] and session.settings["temperature"] == 0.7
     assert "".join(session.send("Hi")) is not None and not math.isnan(session.settings["temperature"])
 

@@ -18,7 +18,9 @@ import pytest
 
 from galatea.model.checkpoint import embedded_model_path, load_tokenizer
 from tests.checkpoints import ROOT
-from tests.test_server import running_server
+from tests.helpers import running_server
+
+pytestmark = pytest.mark.server
 
 SESSION = ROOT.parent / "shared" / "data" / "sillytavern-session" / "seraphina.jsonl"
 

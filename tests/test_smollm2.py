@@ -29,9 +29,9 @@ def reference():
     return tok, model
 
 
-@pytest.fixture(scope="module")
-def ours():
-    return load(None, dtype=torch.float32, quant="none")
+@pytest.fixture
+def ours(embedded_lm_exact):
+    return embedded_lm_exact
 
 
 def test_same_prompt_ids_as_transformers(reference, ours):

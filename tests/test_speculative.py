@@ -10,11 +10,10 @@ import torch
 from galatea.engine import speculative
 from galatea.engine.generate import Generation, generate
 from galatea.engine.sampling import Sampler, SamplingParams
+from galatea.engine.scheduler import Scheduler
 from galatea.engine.speculative import DraftLength, PromptLookup
 from galatea.model.checkpoint import load
-from galatea.server.engine import Engine
-from tests.test_batching import run_clients
-from tests.test_kernels import PATHS
+from tests.helpers import PATHS, greedy, run_clients
 
 PROMPTS = [
     # repeats itself: drafts are found and mostly right
@@ -29,10 +28,6 @@ PROMPTS = [
 ]
 
 
-def greedy(n: int) -> SamplingParams:
-    return SamplingParams(max_new_tokens=n, temperature=0, repetition_penalty=1.0)
-
-
 @pytest.fixture(scope="module", params=PATHS)
 def lm(request):
     return load(None, kernels=request.param)
@@ -42,7 +37,8 @@ def test_greedy_speculative_output_is_plain_output(lm):
     drafted = accepted = 0
     for prompt in PROMPTS:
         ids = lm.tokenizer.encode(prompt)
-        for params in (greedy(80), SamplingParams(max_new_tokens=60, temperature=0, repetition_penalty=1.15)):
+        penalized = SamplingParams(max_new_tokens=60, temperature=0, repetition_penalty=1.15)
+        for params in (greedy(80, ban_eos=False), penalized):
             _, _, plain = generate(lm.model, lm.tokenizer, ids, params, speculative=False)
             _, last, fast = generate(lm.model, lm.tokenizer, ids, params, speculative=True)
             assert fast == plain, prompt
@@ -54,14 +50,16 @@ def test_greedy_speculative_streams_in_a_batch_are_plain_output(lm):
     """Four streams at once through the server's engine: each with its own drafts, all verified
     in one pass per step, each giving what it gives alone without drafts."""
     prompts = [lm.tokenizer.encode(p) for p in PROMPTS]
-    alone = [generate(lm.model, lm.tokenizer, p, greedy(40), speculative=False)[2] for p in prompts]
-    engine = Engine(lm, max_context=512, max_batch=4)
+    alone = [generate(lm.model, lm.tokenizer, p, greedy(40, ban_eos=False), speculative=False)[2] for p in prompts]
+    engine = Scheduler(lm, max_context=512, max_batch=4)
+    finished = []
+    engine.finished.append(finished.append)
     try:
-        results, finish, _, _ = run_clients(engine, prompts, greedy(40), cancel_at={})
+        results, finish, _, _ = run_clients(engine, prompts, greedy(40, ban_eos=False), cancel_at={})
     finally:
         engine.close()
     assert results == alone and all(f == "length" for f in finish)
-    assert engine.perf.total_gens == 4
+    assert [c.finish_reason for c in finished] == ["length"] * 4  # each job told its listeners it ended
 
 
 def test_prompt_lookup_takes_the_longest_most_recent_match():

@@ -20,8 +20,10 @@ from galatea.engine.text_stream import IncrementalDetokenizer
 from galatea.model.checkpoint import embedded_model_path, load_tokenizer
 from galatea.server.schemas import ChatCompletionRequest
 from galatea.server.serving import chat_stops
-from tests.test_server import Server, post, running_server
+from tests.helpers import Server, post, running_server
 from tests.test_sillytavern_replay import turns as session_turns
+
+pytestmark = pytest.mark.server
 
 LONG = {"max_length": 2000, "ban_eos_token": True}
 
@@ -208,9 +210,9 @@ def test_a_failure_inside_a_stream_reaches_the_client_as_an_error_event(tmp_path
 
     from galatea.chat.store import Store
     from galatea.engine import generate
+    from galatea.engine.scheduler import Scheduler
     from galatea.model.checkpoint import load
     from galatea.server.app import create_app
-    from galatea.server.engine import Engine
 
     sample, calls = generate.Generation.sample, {"n": 0}
 
@@ -221,7 +223,7 @@ def test_a_failure_inside_a_stream_reaches_the_client_as_an_error_event(tmp_path
         return sample(self)
 
     monkeypatch.setattr(generate.Generation, "sample", failing)
-    engine = Engine(load(None), cache_slots=1)
+    engine = Scheduler(load(None), cache_slots=1)
     sock = socket.create_server(("127.0.0.1", 0))
     url = f"http://127.0.0.1:{sock.getsockname()[1]}"
     server = uvicorn.Server(uvicorn.Config(create_app(engine, Store(tmp_path / "db")), log_level="critical"))

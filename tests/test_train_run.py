@@ -27,7 +27,9 @@ from galatea.train.data import read_jsonl
 from galatea.train.trainer import Trainer, TrainSettings
 from tests import persona_data
 from tests.checkpoints import write_tokenizer_model
-from tests.test_golden_tiny import hf_logits, our_logits
+from tests.helpers import hf_logits, our_logits
+
+pytestmark = pytest.mark.training
 
 
 @pytest.fixture(scope="module")
@@ -250,7 +252,7 @@ def test_lora_on_an_int4_base_learns_and_loads_in_peft(tiny, tmp_path):
     expected = hf_logits(pm)
     got = load(tiny["base"], dtype=torch.float32, quant="none", lora=run / "adapter")
     cache = got.model.make_cache(1, 64)
-    from tests.test_golden_tiny import TOKENS
+    from tests.helpers import TOKENS
 
     torch.testing.assert_close(got.model(torch.tensor([TOKENS]), 0, cache, all_logits=True)[0], expected,
                                atol=1e-4, rtol=1e-4)

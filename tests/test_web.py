@@ -3,9 +3,13 @@ server: pick the bundled character, send, see the streamed reply, regenerate, sw
 
 from __future__ import annotations
 
+import pytest
+
 from galatea.chat.cards import Character
 from tests.checkpoints import ROOT
-from tests.test_server import Server
+from tests.helpers import Server
+
+pytestmark = [pytest.mark.browser, pytest.mark.server]
 
 ARTIFACTS = ROOT / "test-artifacts"
 

@@ -12,7 +12,9 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import httpx
 import pytest
 
-from tests.test_server import Server, running_server
+from tests.helpers import Server, running_server
+
+pytestmark = [pytest.mark.browser, pytest.mark.server]
 
 # What a hostile page tries against http://127.0.0.1:PORT (`target`), each attempt reported.
 ATTACKS = """async ({target, chat, character}) => {

@@ -24,7 +24,7 @@ from galatea.errors import GalateaError
 from galatea.weights import xor
 from galatea.weights.manifest import load_manifest
 from tests.checkpoints import hf_model, write_bin_shards
-from tests.test_golden_tiny import hf_logits, our_logits
+from tests.helpers import hf_logits, our_logits
 
 
 def _xor_file(dst: Path, src: Path, base: Path, compress_out: bool, gzip_in: bool) -> None:

@@ -142,3 +142,11 @@ def import_textgen(store: Store, text: str, character_id: int, user_name: str = 
         if b:
             store.add_message_swipes(chat_id, False, char.name, [Swipe(b, gen_finished=now)])
     return chat_id
+
+
+def import_chat(store: Store, text: str, character_id: int, where: str = "chat file") -> int:
+    """A chat file of either kind, told apart by its content: SillyTavern JSONL has messages
+    with a "mes" field; anything else is read as a text-generation-webui history."""
+    if any("mes" in row for row in json_lines(text)):
+        return import_sillytavern(store, text, character_id, where=where)
+    return import_textgen(store, text, character_id, where=where)

@@ -20,15 +20,14 @@ from galatea.chat.store import Message, Store
 from galatea.engine.generate import Chunk, stream_generate
 from galatea.engine.modern_samplers import dry_breaker_ids
 from galatea.engine.prompt_cache import PromptCache
-from galatea.engine.sampling import SamplingParams
+from galatea.engine.sampling import PYGMALION_PRESET, SamplingParams
 from galatea.errors import GalateaError
 from galatea.model.checkpoint import LoadedModel
 
-# PygmalionAI's recommended settings (temperature 0.5-0.9, top_p 0.9, repetition penalty 1.1-1.2).
-# The newer samplers (DRY, XTC, Mirostat, dynamic temperature, smoothing) start off.
+# The Pygmalion preset; the newer samplers (DRY, XTC, Mirostat, dynamic temperature, smoothing)
+# start off.
 DEFAULT_SETTINGS: dict[str, Any] = {
-    "max_new_tokens": 160, "temperature": 0.7, "top_p": 0.9, "top_k": 0, "min_p": 0.0,
-    "repetition_penalty": 1.1, "repetition_penalty_range": 1024,
+    **PYGMALION_PRESET,
     "dry_multiplier": 0.0, "xtc_probability": 0.0, "xtc_threshold": 0.1, "mirostat": 0, "mirostat_tau": 5.0,
     "dynatemp_range": 0.0, "smoothing_factor": 0.0,
 }

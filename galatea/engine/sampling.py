@@ -11,7 +11,7 @@ truncation instead of the order's. The newer samplers live in modern_samplers.py
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -22,6 +22,13 @@ from galatea.errors import GalateaError
 
 # KoboldAI's default order: penalties, then truncation, then temperature last.
 DEFAULT_ORDER = (6, 0, 1, 3, 4, 2, 5)
+# PygmalionAI's recommended settings (temperature 0.5-0.9, top_p 0.9, repetition penalty 1.1-1.2),
+# and the reply length the chat budgets for: the defaults of `galatea chat`, `generate`, `prompt`
+# and the page.
+PYGMALION_PRESET: dict[str, int | float] = {
+    "max_new_tokens": 160, "temperature": 0.7, "top_p": 0.9, "top_k": 0, "min_p": 0.0,
+    "repetition_penalty": 1.1, "repetition_penalty_range": 1024,
+}
 NEG_INF = float("-inf")
 
 
@@ -116,6 +123,31 @@ class Sampler:
         self.mirostat = Mirostat(params.mirostat, params.mirostat_tau, params.mirostat_eta) \
             if params.mirostat and not params.greedy else None
         self.dry_breakers = frozenset(params.dry_sequence_breakers)
+        self.chain = self._chain()
+
+    def _chain(self) -> list[Callable[[Tensor, Sequence[int]], Tensor]]:
+        """The steps of `sampler_order` (KoboldAI ids), built once per generation: 6 penalties,
+        0 top-k, 1 top-a, 2 top-p + min-p, 3 tail-free, 4 typical, 5 smoothing + temperature.
+        Greedy decoding keeps only the penalties: truncation and temperature cannot change the
+        argmax."""
+        p = self.params
+
+        def temperature(x: Tensor, _: Sequence[int]) -> Tensor:
+            x = smoothing(x, p.smoothing_factor)
+            if p.dynatemp_range > 0:
+                return dynamic_temperature(x, p.temperature, p.dynatemp_range, p.dynatemp_exponent)
+            return x / p.temperature if p.temperature != 1.0 else x
+
+        steps: dict[int, Callable[[Tensor, Sequence[int]], Tensor]] = {
+            6: self.penalties,
+            0: lambda x, _: top_k(x, p.top_k),
+            1: lambda x, _: top_a(x, p.top_a),
+            2: lambda x, _: min_p(top_p(x, p.top_p), p.min_p),
+            3: lambda x, _: tail_free(x, p.tfs),
+            4: lambda x, _: typical(x, p.typical_p),
+            5: temperature,
+        }
+        return [steps[i] for i in p.sampler_order if i in steps and (i == 6 or not p.greedy)]
 
     def __call__(self, logits: Tensor, context: Sequence[int]) -> int:
         """logits: [V] float32 for the next position; context: every token id so far."""
@@ -140,27 +172,8 @@ class Sampler:
         if self.mirostat is not None:
             logits = self.penalties(logits, context)
             return self.mirostat.truncate(logits / p.temperature)
-        for step in p.sampler_order:
-            if step == 6:
-                logits = self.penalties(logits, context)
-            elif p.greedy:
-                continue  # truncation and temperature cannot change the argmax
-            elif step == 0:
-                logits = top_k(logits, p.top_k)
-            elif step == 1:
-                logits = top_a(logits, p.top_a)
-            elif step == 2:
-                logits = min_p(top_p(logits, p.top_p), p.min_p)
-            elif step == 3:
-                logits = tail_free(logits, p.tfs)
-            elif step == 4:
-                logits = typical(logits, p.typical_p)
-            elif step == 5:
-                logits = smoothing(logits, p.smoothing_factor)
-                if p.dynatemp_range > 0:
-                    logits = dynamic_temperature(logits, p.temperature, p.dynatemp_range, p.dynatemp_exponent)
-                elif p.temperature != 1.0:
-                    logits = logits / p.temperature
+        for step in self.chain:
+            logits = step(logits, context)
         if not p.greedy:
             logits = xtc(logits, p.xtc_threshold, p.xtc_probability, self.rng)
         return _keep_one(logits, biased)

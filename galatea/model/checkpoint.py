@@ -141,7 +141,7 @@ def load(path: str | Path | None, dtype: torch.dtype | None = None, device: torc
     note = native.describe(kern, why)
     adapter = None
     if lora is not None:
-        from galatea.train.lora import Adapter
+        from galatea.model.adapter import Adapter
 
         adapter = Adapter(lora)
     if p.is_dir():

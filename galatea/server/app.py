@@ -21,11 +21,14 @@ from fastapi.staticfiles import StaticFiles
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from galatea import __version__
+from galatea.chat.cards import load_character
 from galatea.chat.store import Store
+from galatea.engine.scheduler import Scheduler
 from galatea.server import galatea_api, kobold, openai_api
-from galatea.server.engine import Engine
 from galatea.server.guard import Guard, OpenCORS
-from galatea.server.serving import BadRequest, error_body
+from galatea.server.perf import Perf
+from galatea.server.schemas import BadRequest
+from galatea.server.serving import error_body
 
 STATIC = Path(__file__).parent / "static"
 
@@ -58,7 +61,7 @@ class JSONBodies:
         await self.app(scope, receive, send)
 
 
-def create_app(engine: Engine, store: Store | None = None, api_key: str | None = None,
+def create_app(engine: Scheduler, store: Store | None = None, api_key: str | None = None,
                hosts: frozenset[str] | None = None) -> FastAPI:
     """`hosts`: the host names requests may be addressed to (`galatea serve` on a loopback address:
     the loopback names; None: any)."""
@@ -84,10 +87,14 @@ def create_app(engine: Engine, store: Store | None = None, api_key: str | None =
     def health() -> dict:
         return {"status": "ok", "model": engine.name, "queue": engine.queued}
 
-    app.include_router(kobold.build_router(engine))
-    app.include_router(openai_api.build_router(engine))
+    app.state.perf, app.state.turns = Perf(), galatea_api.ChatTurns()
+    engine.finished.append(app.state.perf.record)
+    app.include_router(kobold.router)
+    app.include_router(openai_api.router)
     if store is not None:  # the chat page and its API work on the chat store
-        app.include_router(galatea_api.build_router(engine, store))
+        if not store.characters():  # a first start: the bundled character, so the page has someone
+            store.add_character(load_character(None))
+        app.include_router(galatea_api.router)
         app.mount("/static", StaticFiles(directory=STATIC), name="static")
 
         @app.get("/", include_in_schema=False)

@@ -6,24 +6,24 @@ through the engine's queue; replies stream as SSE `data: {"text": ...}` events a
 from __future__ import annotations
 
 import asyncio
-import json
 import threading
 from collections.abc import AsyncIterator, Callable, Iterator
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Request
+from fastapi import APIRouter, Depends, Request
 from fastapi import Path as PathParam
 from fastapi.responses import Response, StreamingResponse
 from pydantic import Field
 
-from galatea.chat.cards import load_character, placeholder_png, read_card
+from galatea.chat.cards import placeholder_png, read_card
 from galatea.chat.session import ChatSession
 from galatea.chat.store import Store
+from galatea.engine.scheduler import Scheduler
 from galatea.errors import GalateaError
+from galatea.server import sse
+from galatea.server.deps import ChatStore, Engine
 from galatea.server.disconnect import watch
-from galatea.server.engine import Engine
-from galatea.server.schemas import RequestBody
-from galatea.server.serving import BadRequest
+from galatea.server.schemas import BadRequest, RequestBody
 
 
 class Text(RequestBody):
@@ -61,187 +61,198 @@ BUSY_WAIT_S = 3.0
 RowId = Annotated[int, PathParam(ge=0, le=2**63 - 1)]  # SQLite's integer range: larger ids cannot exist
 
 
-def build_router(engine: Engine, store: Store) -> APIRouter:
-    r = APIRouter(prefix="/galatea", tags=["Galatea"])
-    # One reply at a time per chat; a request for a busy chat waits BUSY_WAIT_S at most, then
-    # is told so, rather than holding a server thread until the reply ends (40 waiting requests
-    # whose clients gave up once took every thread and stalled the whole server).
-    chat_locks: dict[int, threading.Lock] = {}
-    locks_guard = threading.Lock()
-    generating: dict[int, threading.Event] = {}  # chat id -> its running generation's cancel
+class ChatTurns:
+    """One reply at a time per chat: a request for a busy chat waits BUSY_WAIT_S at most, then is
+    told so, rather than holding a server thread until the reply ends (40 waiting requests whose
+    clients gave up once took every thread and stalled the whole server). Also which chats have
+    a reply running, for the page's Stop. One per app (`create_app`)."""
 
-    def chat_lock(chat_id: int) -> threading.Lock:
-        with locks_guard:
-            return chat_locks.setdefault(chat_id, threading.Lock())
+    def __init__(self) -> None:
+        self._locks: dict[int, threading.Lock] = {}
+        self._guard = threading.Lock()
+        self.generating: dict[int, threading.Event] = {}  # chat id -> its running reply's cancel
 
-    if not store.characters():  # a first start: the bundled character, so the page has someone
-        store.add_character(load_character(None))
+    def lock(self, chat_id: int) -> threading.Lock:
+        with self._guard:
+            return self._locks.setdefault(chat_id, threading.Lock())
 
-    def session(chat_id: int) -> ChatSession:
+
+def _turns(request: Request) -> ChatTurns:
+    return request.app.state.turns
+
+
+Turns = Annotated[ChatTurns, Depends(_turns)]
+router = APIRouter(prefix="/galatea", tags=["Galatea"])
+
+
+def session(engine: Scheduler, store: Store, chat_id: int) -> ChatSession:
+    try:
+        return ChatSession(store, engine.lm, chat_id, max_context=engine.context, generate=engine.generate_sync)
+    except GalateaError as e:
+        raise BadRequest(str(e), "not_found", 404) from None
+
+def messages(store: Store, chat_id: int) -> list[dict[str, Any]]:
+    return [{"id": m.id, "number": i, "is_user": m.is_user, "name": m.name, "text": m.text,
+             "swipe": m.active, "swipes": len(m.swipes)} for i, m in enumerate(store.messages(chat_id), 1)]
+
+def reply_stream(turns: ChatTurns, make: Callable[[threading.Event], Iterator[str]], s: ChatSession,
+                 request: Request) -> StreamingResponse:
+    """The reply as SSE. `cancel` is set when the client leaves (also while the request waits
+    for a busy chat, or before its reply began: nothing is then written), on the page's Stop,
+    or at the end."""
+
+    def events(cancel: threading.Event) -> Iterator[str]:
+        lock, waited = turns.lock(s.chat_id), 0.0
+        while not lock.acquire(timeout=0.1):
+            waited += 0.1
+            if cancel.is_set():
+                return
+            if waited >= BUSY_WAIT_S:
+                busy = "this chat is busy with another reply; wait for it or press Stop"
+                yield sse.event({"done": True, "error": busy})
+                return
+        turns.generating[s.chat_id] = cancel
         try:
-            return ChatSession(store, engine.lm, chat_id, max_context=engine.context, generate=engine.generate_sync)
+            if cancel.is_set():
+                return
+            for text in make(cancel):
+                yield sse.event({"text": text})
+            last = s.last
+            status = {} if last is None else {
+                "prompt_tokens": last.prompt_tokens, "reply_tokens": last.reply_tokens,
+                "tok_s": round(last.decode_tok_s, 1), "finish_reason": last.finish_reason}
+            yield sse.event({"done": True, "status": status})
         except GalateaError as e:
-            raise BadRequest(str(e), "not_found", 404) from None
+            yield sse.event({"done": True, "error": str(e)})
+        finally:
+            cancel.set()
+            if turns.generating.get(s.chat_id) is cancel:
+                del turns.generating[s.chat_id]
+            lock.release()
 
-    def messages(chat_id: int) -> list[dict[str, Any]]:
-        return [{"id": m.id, "number": i, "is_user": m.is_user, "name": m.name, "text": m.text,
-                 "swipe": m.active, "swipes": len(m.swipes)} for i, m in enumerate(store.messages(chat_id), 1)]
-
-    def sse(make: Callable[[threading.Event], Iterator[str]], s: ChatSession, request: Request) -> StreamingResponse:
-        """The reply as SSE. `cancel` is set when the client leaves (also while the request waits
-        for a busy chat, or before its reply began: nothing is then written), on the page's Stop,
-        or at the end."""
-
-        def events(cancel: threading.Event) -> Iterator[str]:
-            lock, waited = chat_lock(s.chat_id), 0.0
-            while not lock.acquire(timeout=0.1):
-                waited += 0.1
-                if cancel.is_set():
-                    return
-                if waited >= BUSY_WAIT_S:
-                    busy = "this chat is busy with another reply; wait for it or press Stop"
-                    yield f"data: {json.dumps({'done': True, 'error': busy})}\n\n"
-                    return
-            generating[s.chat_id] = cancel
+    async def stream() -> AsyncIterator[str]:
+        async with watch(request) as gone:
+            it = events(gone)
             try:
-                if cancel.is_set():
-                    return
-                for text in make(cancel):
-                    yield f"data: {json.dumps({'text': text}, ensure_ascii=False)}\n\n"
-                last = s.last
-                status = {} if last is None else {
-                    "prompt_tokens": last.prompt_tokens, "reply_tokens": last.reply_tokens,
-                    "tok_s": round(last.decode_tok_s, 1), "finish_reason": last.finish_reason}
-                yield f"data: {json.dumps({'done': True, 'status': status})}\n\n"
-            except GalateaError as e:
-                yield f"data: {json.dumps({'done': True, 'error': str(e)})}\n\n"
+                while (event := await asyncio.to_thread(next, it, None)) is not None:
+                    yield event
             finally:
-                cancel.set()
-                if generating.get(s.chat_id) is cancel:
-                    del generating[s.chat_id]
-                lock.release()
+                gone.set()
+                await asyncio.to_thread(it.close)  # its `finally`: the chat's lock is released
 
-        async def stream() -> AsyncIterator[str]:
-            async with watch(request) as gone:
-                it = events(gone)
-                try:
-                    while (event := await asyncio.to_thread(next, it, None)) is not None:
-                        yield event
-                finally:
-                    gone.set()
-                    await asyncio.to_thread(it.close)  # its `finally`: the chat's lock is released
+    return sse.response(stream())
 
-        return StreamingResponse(stream(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+@router.get("/characters")
+def characters(store: ChatStore) -> list[dict]:
+    out = []
+    for cid, name in store.characters():
+        char = store.character(cid)[1]
+        out.append({"id": cid, "name": name, "description": char.description[:200],
+                    "last_chat": store.last_chat(cid)})
+    return out
 
-    @r.get("/characters")
-    def characters() -> list[dict]:
-        out = []
-        for cid, name in store.characters():
-            char = store.character(cid)[1]
-            out.append({"id": cid, "name": name, "description": char.description[:200],
-                        "last_chat": store.last_chat(cid)})
-        return out
+@router.post("/characters")
+async def import_character(request: Request, store: ChatStore) -> dict:
+    data = await request.body()
+    if not data:
+        raise BadRequest("send the card file (JSON, PNG or YAML) as the request body")
+    try:
+        char = read_card(data, where="uploaded card")
+    except GalateaError as e:
+        raise BadRequest(str(e), "bad_card") from None
+    return {"id": store.add_character(char), "name": char.name}
 
-    @r.post("/characters")
-    async def import_character(request: Request) -> dict:
-        data = await request.body()
-        if not data:
-            raise BadRequest("send the card file (JSON, PNG or YAML) as the request body")
-        try:
-            char = read_card(data, where="uploaded card")
-        except GalateaError as e:
-            raise BadRequest(str(e), "bad_card") from None
-        return {"id": store.add_character(char), "name": char.name}
+@router.get("/characters/{character_id}/image")
+def image(character_id: RowId, store: ChatStore) -> Response:
+    try:
+        _, char = store.character(character_id)
+    except GalateaError as e:
+        raise BadRequest(str(e), "not_found", 404) from None
+    return Response(char.image or placeholder_png(char.name), media_type="image/png")
 
-    @r.get("/characters/{character_id}/image")
-    def image(character_id: RowId) -> Response:
-        try:
-            _, char = store.character(character_id)
-        except GalateaError as e:
-            raise BadRequest(str(e), "not_found", 404) from None
-        return Response(char.image or placeholder_png(char.name), media_type="image/png")
+@router.get("/characters/{character_id}/chats")
+def chats(character_id: RowId, store: ChatStore) -> list[dict]:
+    return [{"id": c.id, "title": c.title, "messages": c.messages, "updated_at": c.updated_at}
+            for c in store.chats(character_id)]
 
-    @r.get("/characters/{character_id}/chats")
-    def chats(character_id: RowId) -> list[dict]:
-        return [{"id": c.id, "title": c.title, "messages": c.messages, "updated_at": c.updated_at}
-                for c in store.chats(character_id)]
+@router.post("/characters/{character_id}/chats")
+def new_chat(character_id: RowId, store: ChatStore) -> dict:
+    try:
+        return {"id": store.new_chat(character_id)}
+    except GalateaError as e:
+        raise BadRequest(str(e), "not_found", 404) from None
 
-    @r.post("/characters/{character_id}/chats")
-    def new_chat(character_id: RowId) -> dict:
-        try:
-            return {"id": store.new_chat(character_id)}
-        except GalateaError as e:
-            raise BadRequest(str(e), "not_found", 404) from None
+@router.get("/chats/{chat_id}")
+def chat(chat_id: RowId, engine: Engine, store: ChatStore) -> dict:
+    s = session(engine, store, chat_id)
+    return {"id": chat_id, "title": s.info.title, "user": s.user, "character": {"id": s.character_id,
+            "name": s.char.name}, "messages": messages(store, chat_id)}
 
-    @r.get("/chats/{chat_id}")
-    def chat(chat_id: RowId) -> dict:
-        s = session(chat_id)
-        return {"id": chat_id, "title": s.info.title, "user": s.user, "character": {"id": s.character_id,
-                "name": s.char.name}, "messages": messages(chat_id)}
+@router.post("/chats/{chat_id}/send")
+def send(chat_id: RowId, body: Text, request: Request, engine: Engine, store: ChatStore,
+         turns: Turns) -> StreamingResponse:
+    if not body.text.strip():
+        raise BadRequest("the message is empty")
+    s = session(engine, store, chat_id)
+    return reply_stream(turns, lambda c: s.send(body.text, c), s, request)
 
-    @r.post("/chats/{chat_id}/send")
-    def send(chat_id: RowId, body: Text, request: Request) -> StreamingResponse:
-        if not body.text.strip():
-            raise BadRequest("the message is empty")
-        s = session(chat_id)
-        return sse(lambda c: s.send(body.text, c), s, request)
+@router.post("/chats/{chat_id}/regenerate")
+def regenerate(chat_id: RowId, request: Request, engine: Engine, store: ChatStore,
+               turns: Turns) -> StreamingResponse:
+    s = session(engine, store, chat_id)
+    return reply_stream(turns, s.regenerate, s, request)
 
-    @r.post("/chats/{chat_id}/regenerate")
-    def regenerate(chat_id: RowId, request: Request) -> StreamingResponse:
-        s = session(chat_id)
-        return sse(s.regenerate, s, request)
+@router.post("/chats/{chat_id}/continue")
+def continue_(chat_id: RowId, request: Request, engine: Engine, store: ChatStore,
+              turns: Turns) -> StreamingResponse:
+    s = session(engine, store, chat_id)
+    return reply_stream(turns, s.continue_last, s, request)
 
-    @r.post("/chats/{chat_id}/continue")
-    def continue_(chat_id: RowId, request: Request) -> StreamingResponse:
-        s = session(chat_id)
-        return sse(s.continue_last, s, request)
+@router.get("/chats/{chat_id}/settings")
+def settings(chat_id: RowId, engine: Engine, store: ChatStore) -> dict:
+    """The settings a reply in this chat is generated with (defaults and the chat's own)."""
+    return session(engine, store, chat_id).settings
 
-    @r.get("/chats/{chat_id}/settings")
-    def settings(chat_id: RowId) -> dict:
-        """The settings a reply in this chat is generated with (defaults and the chat's own)."""
-        return session(chat_id).settings
+@router.put("/chats/{chat_id}/settings")
+def set_settings(chat_id: RowId, body: Settings, engine: Engine, store: ChatStore) -> dict:
+    s = session(engine, store, chat_id)
+    changed = body.model_dump(exclude_none=True)
+    store.set_settings(chat_id, {**s.info.settings, **changed})  # kept with the chat
+    return session(engine, store, chat_id).settings
 
-    @r.put("/chats/{chat_id}/settings")
-    def set_settings(chat_id: RowId, body: Settings) -> dict:
-        s = session(chat_id)
-        changed = body.model_dump(exclude_none=True)
-        store.set_settings(chat_id, {**s.info.settings, **changed})  # kept with the chat
-        return session(chat_id).settings
+@router.get("/chats/{chat_id}/prompt")
+def prompt(chat_id: RowId, engine: Engine, store: ChatStore) -> dict:
+    p = session(engine, store, chat_id).prompt()
+    return {"prompt": p.text, "tokens": p.tokens, "messages_dropped": p.messages_dropped,
+            "examples_dropped": p.examples_dropped}
 
-    @r.get("/chats/{chat_id}/prompt")
-    def prompt(chat_id: RowId) -> dict:
-        p = session(chat_id).prompt()
-        return {"prompt": p.text, "tokens": p.tokens, "messages_dropped": p.messages_dropped,
-                "examples_dropped": p.examples_dropped}
+@router.post("/messages/{message_id}/swipe")
+def swipe(message_id: RowId, body: Step, store: ChatStore) -> dict:
+    try:
+        return {"swipe": store.swipe(message_id, body.step)}
+    except GalateaError as e:
+        raise BadRequest(str(e), "not_found", 404) from None
 
-    @r.post("/messages/{message_id}/swipe")
-    def swipe(message_id: RowId, body: Step) -> dict:
-        try:
-            return {"swipe": store.swipe(message_id, body.step)}
-        except GalateaError as e:
-            raise BadRequest(str(e), "not_found", 404) from None
+@router.put("/messages/{message_id}")
+def edit(message_id: RowId, body: Text, store: ChatStore) -> dict:
+    try:
+        store.edit_message(message_id, body.text)
+    except GalateaError as e:
+        raise BadRequest(str(e), "not_found", 404) from None
+    return {"ok": True}
 
-    @r.put("/messages/{message_id}")
-    def edit(message_id: RowId, body: Text) -> dict:
-        try:
-            store.edit_message(message_id, body.text)
-        except GalateaError as e:
-            raise BadRequest(str(e), "not_found", 404) from None
-        return {"ok": True}
+@router.delete("/messages/{message_id}")
+def delete(message_id: RowId, store: ChatStore) -> dict:
+    store.delete_message(message_id)
+    return {"ok": True}
 
-    @r.delete("/messages/{message_id}")
-    def delete(message_id: RowId) -> dict:
-        store.delete_message(message_id)
-        return {"ok": True}
+@router.post("/abort")
+def abort(turns: Turns, body: Abort | None = None) -> dict:
+    """Stop the page's generation in chat `chat_id` (every chat's without one). Never an API
+    client's: those stop through their own routes."""
+    chats = [body.chat_id] if body is not None and body.chat_id is not None else list(turns.generating)
+    stopped = [c for c in chats if (cancel := turns.generating.get(c)) is not None and not cancel.is_set()]
+    for c in stopped:
+        turns.generating[c].set()
+    return {"stopped": bool(stopped)}
 
-    @r.post("/abort")
-    def abort(body: Abort | None = None) -> dict:
-        """Stop the page's generation in chat `chat_id` (every chat's without one). Never an API
-        client's: those stop through their own routes."""
-        chats = [body.chat_id] if body is not None and body.chat_id is not None else list(generating)
-        stopped = [c for c in chats if (cancel := generating.get(c)) is not None and not cancel.is_set()]
-        for c in stopped:
-            generating[c].set()
-        return {"stopped": bool(stopped)}
-
-    return r

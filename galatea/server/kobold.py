@@ -16,7 +16,6 @@ API request (KoboldCpp's "stop the current generation"; never the chat page's), 
 from __future__ import annotations
 
 import asyncio
-import json
 import time
 from collections.abc import AsyncIterator, Callable
 from typing import Any
@@ -24,9 +23,19 @@ from typing import Any
 from fastapi import APIRouter, Request
 from fastapi.responses import StreamingResponse
 
-from galatea.server import serving
+from galatea.server import serving, sse
+from galatea.server.deps import Counters, Engine
 from galatea.server.disconnect import watch
-from galatea.server.engine import Engine
+from galatea.server.responses import (
+    KoboldAbort,
+    KoboldGeneration,
+    KoboldGenerations,
+    KoboldPerf,
+    KoboldResult,
+    KoboldValue,
+    KoboldVersion,
+    TokenCount,
+)
 from galatea.server.schemas import KoboldGenerate, KoboldGenkey, KoboldTokenCount
 from galatea.server.serving import error_body
 
@@ -36,132 +45,150 @@ UNITED_VERSION = "1.2.5"
 
 def sse_event(token: str, finish_reason: str | None) -> str:
     """Exactly `event: message\\ndata: <one-line JSON>\\n\\n` (KoboldAI Lite parses it with a regex)."""
-    data = json.dumps({"token": token, "finish_reason": finish_reason or "null"}, ensure_ascii=False)
-    return f"event: message\ndata: {data}\n\n"
+    return sse.event({"token": token, "finish_reason": finish_reason or "null"}, "message")
 
 
 def sse_error(message: str, kind: str = "server_error") -> str:
     """A failure after the stream began: an `error` event carrying both error shapes."""
-    data = json.dumps(error_body("/api", message, kind), ensure_ascii=False)
-    return f"event: error\ndata: {data}\n\n"
+    return sse.event(error_body("/api", message, kind), "error")
 
 
 ABORT_WAIT_S = 15.0  # how long an abort waits for its generations to stop before answering
 
 
-def build_router(engine: Engine) -> APIRouter:
-    r = APIRouter(tags=["KoboldAI"])
+router = APIRouter(tags=["KoboldAI"])
 
-    def both(path: str, endpoint: Callable[..., Any], method: str = "GET") -> None:
-        """The route under /api/v1 and its /api/latest alias, each with its own operation id."""
+
+def both(path: str, method: str = "GET", **kw: Any) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """Register a route under /api/v1 and its /api/latest alias, each with its own operation id."""
+
+    def register(endpoint: Callable[..., Any]) -> Callable[..., Any]:
         for prefix in ("/api/v1", "/api/latest"):
             op = (prefix + path).strip("/").replace("/", "_")
-            r.add_api_route(prefix + path, endpoint, methods=[method], operation_id=f"{method.lower()}_{op}")
+            router.add_api_route(prefix + path, endpoint, methods=[method], operation_id=f"{method.lower()}_{op}",
+                                 **kw)
+        return endpoint
+    return register
 
-    both("/model", lambda: {"result": f"galatea/{engine.name}"})
-    both("/info/version", lambda: {"result": UNITED_VERSION})
-    both("/config/max_length", lambda: {"value": min(512, engine.context // 2)})
-    both("/config/max_context_length", lambda: {"value": engine.context})
 
-    @r.get("/api/extra/version")
-    def version() -> dict:
-        return {"result": "KoboldCpp", "version": KOBOLDCPP_VERSION, "protected": False, "txt2img": False,
-                "vision": False, "transcribe": False, "multiplayer": False, "websearch": False}
+@both("/model")
+def model(engine: Engine) -> KoboldResult:
+    return KoboldResult(result=f"galatea/{engine.name}")
 
-    @r.get("/api/extra/true_max_context_length")
-    def true_max() -> dict:
-        return {"value": engine.context}
 
-    @r.get("/api/extra/perf")
-    def perf() -> dict:
-        p = engine.perf
-        return {"last_process": round(p.last_process, 3), "last_eval": round(p.last_eval, 3),
-                "last_token_count": p.last_token_count, "last_input_count": p.last_input_count,
-                "last_cached_count": p.last_cached_count,
-                "last_shifted_count": p.last_shifted_count,
-                "last_recomputed_count": p.last_recomputed_count,
-                "last_drafted_count": p.last_drafted_count,
-                "last_accepted_count": p.last_accepted_count,
-                "last_seed": p.last_seed, "total_gens": p.total_gens, "stop_reason": p.stop_reason,
-                "queue": engine.queued, "idle": int(engine.current is None),
-                "uptime": round(time.time() - p.started, 1)}
+@both("/info/version")
+def united_version() -> KoboldResult:
+    return KoboldResult(result=UNITED_VERSION)
 
-    async def run(req: KoboldGenerate, request: Request) -> dict:
-        results = []
-        async with watch(request) as gone:
-            for _ in range(req.n):
-                ids = await asyncio.to_thread(serving.kobold_prompt, req, engine)  # off the event loop
-                params = serving.kobold_params(req, engine, len(ids))
-                text, finish, result = "", "stop", {}
-                async for chunk in engine.generate(ids, params, req.genkey, gone):
-                    text += chunk.text
-                    if chunk.finish_reason is not None:
-                        finish = "length" if chunk.finish_reason == "length" else "stop"
-                        if chunk.logprobs is not None:
-                            result["logprobs"] = {
-                                "content": serving.logprobs_content(engine.tokenizer, ids[-1], chunk.logprobs)}
-                results.append({"text": text, "finish_reason": finish, **result})
-                if gone.is_set():
-                    break
-        return {"results": results}
 
-    both("/generate", run, "POST")
+@both("/config/max_length")
+def max_length(engine: Engine) -> KoboldValue:
+    return KoboldValue(value=min(512, engine.context // 2))
 
-    @r.post("/api/extra/generate/stream")
-    async def stream(req: KoboldGenerate, request: Request) -> StreamingResponse:
-        ids = await asyncio.to_thread(serving.kobold_prompt, req, engine)  # a 10 MB prompt: seconds
-        params = serving.kobold_params(req, engine, len(ids))
 
-        async def events() -> AsyncIterator[str]:
-            try:
-                async with watch(request) as gone:
-                    async for chunk in engine.generate(ids, params, req.genkey, gone):
-                        if chunk.finish_reason is None:
-                            if chunk.text:
-                                yield sse_event(chunk.text, None)
-                        else:
-                            yield sse_event(chunk.text, "length" if chunk.finish_reason == "length" else "stop")
-            except Exception as e:  # the status line is sent: say it in the stream, then end it
-                yield sse_error(f"generation failed: {e}")
+@both("/config/max_context_length")
+def max_context_length(engine: Engine) -> KoboldValue:
+    return KoboldValue(value=engine.context)
 
-        return StreamingResponse(events(), media_type="text/event-stream",
-                                 headers={"Cache-Control": "no-cache", "Connection": "keep-alive"})
 
-    @r.get("/api/extra/generate/check", operation_id="get_api_extra_generate_check")
-    @r.post("/api/extra/generate/check", operation_id="post_api_extra_generate_check")
-    async def check(request: Request) -> dict:
-        genkey = ""
-        if request.method == "POST":
-            try:
-                genkey = KoboldGenkey.model_validate(await request.json()).genkey
-            except ValueError:
-                genkey = ""
-        job = engine.find(genkey)
-        text = job.text if job is not None else ""
-        return {"results": [{"text": text}]}
+@router.get("/api/extra/version")
+def version() -> KoboldVersion:
+    return KoboldVersion(result="KoboldCpp", version=KOBOLDCPP_VERSION)
 
-    @r.post("/api/extra/abort")
-    async def abort(request: Request) -> dict:
-        genkey = None
+
+@router.get("/api/extra/true_max_context_length")
+def true_max(engine: Engine) -> KoboldValue:
+    return KoboldValue(value=engine.context)
+
+
+@router.get("/api/extra/perf")
+def perf_counters(engine: Engine, p: Counters) -> KoboldPerf:
+    return KoboldPerf(last_process=round(p.last_process, 3), last_eval=round(p.last_eval, 3),
+                      last_token_count=p.last_token_count, last_input_count=p.last_input_count,
+                      last_cached_count=p.last_cached_count, last_shifted_count=p.last_shifted_count,
+                      last_recomputed_count=p.last_recomputed_count, last_drafted_count=p.last_drafted_count,
+                      last_accepted_count=p.last_accepted_count, last_seed=p.last_seed, total_gens=p.total_gens,
+                      stop_reason=p.stop_reason, queue=engine.queued, idle=int(engine.current is None),
+                      uptime=round(time.time() - p.started, 1))
+
+
+@both("/generate", "POST", response_model_exclude_none=True)
+async def generate(req: KoboldGenerate, request: Request, engine: Engine) -> KoboldGenerations:
+    results = []
+    async with watch(request) as gone:
+        for _ in range(req.n):
+            ids = await asyncio.to_thread(serving.kobold_prompt, req, engine)  # off the event loop
+            params = req.to_sampling_params(engine, len(ids), serving.kobold_context(req, engine))
+            text, finish, logprobs = "", "stop", None
+            async for chunk in engine.generate(ids, params, req.genkey, gone):
+                text += chunk.text
+                if chunk.finish_reason is not None:
+                    finish = "length" if chunk.finish_reason == "length" else "stop"
+                    if chunk.logprobs is not None:
+                        logprobs = {"content": serving.logprobs_content(engine.tokenizer, ids[-1], chunk.logprobs)}
+            results.append(KoboldGeneration(text=text, finish_reason=finish, logprobs=logprobs))
+            if gone.is_set():
+                break
+    return KoboldGenerations(results=results)
+
+
+@router.post("/api/extra/generate/stream")
+async def stream(req: KoboldGenerate, request: Request, engine: Engine) -> StreamingResponse:
+    ids = await asyncio.to_thread(serving.kobold_prompt, req, engine)  # a 10 MB prompt: seconds
+    params = req.to_sampling_params(engine, len(ids), serving.kobold_context(req, engine))
+
+    async def events() -> AsyncIterator[str]:
         try:
-            genkey = KoboldGenkey.model_validate(await request.json()).genkey or None
+            async with watch(request) as gone:
+                async for chunk in engine.generate(ids, params, req.genkey, gone):
+                    if chunk.finish_reason is None:
+                        if chunk.text:
+                            yield sse_event(chunk.text, None)
+                    else:
+                        yield sse_event(chunk.text, "length" if chunk.finish_reason == "length" else "stop")
+        except Exception as e:  # the status line is sent: say it in the stream, then end it
+            yield sse_error(f"generation failed: {e}")
+
+    return sse.response(events())
+
+
+@router.get("/api/extra/generate/check", operation_id="get_api_extra_generate_check", response_model_exclude_none=True)
+@router.post("/api/extra/generate/check", operation_id="post_api_extra_generate_check",
+             response_model_exclude_none=True)
+async def check(request: Request, engine: Engine) -> KoboldGenerations:
+    genkey = ""
+    if request.method == "POST":
+        try:
+            genkey = KoboldGenkey.model_validate(await request.json()).genkey
         except ValueError:
-            pass
-        jobs = engine.abort(genkey)
-        ended = await asyncio.to_thread(lambda: all(j.ended.wait(ABORT_WAIT_S) for j in jobs))
-        return {"success": "true" if jobs else "false", "done": "true" if jobs and ended else "false"}
+            genkey = ""
+    job = engine.find(genkey)
+    return KoboldGenerations(results=[KoboldGeneration(text=job.text if job is not None else "")])
 
-    @r.get("/api/extra/preloadstory")
-    def preloadstory() -> dict:
-        return {}  # KoboldCpp without --preloadstory; Lite asks on connect
 
-    @r.get("/sdapi/v1/sd-models")
-    def sd_models() -> list:
-        return []  # no image generation here; Lite asks on connect
+@router.post("/api/extra/abort")
+async def abort(request: Request, engine: Engine) -> KoboldAbort:
+    genkey = None
+    try:
+        genkey = KoboldGenkey.model_validate(await request.json()).genkey or None
+    except ValueError:
+        pass
+    jobs = engine.abort(genkey)
+    ended = await asyncio.to_thread(lambda: all(j.ended.wait(ABORT_WAIT_S) for j in jobs))
+    return KoboldAbort(success="true" if jobs else "false", done="true" if jobs and ended else "false")
 
-    @r.post("/api/extra/tokencount")
-    def tokencount(req: KoboldTokenCount) -> dict:
-        ids = engine.tokenize(req.prompt)  # as the prompt will be read: BOS per the model
-        return {"value": len(ids), "ids": ids}
 
-    return r
+@router.get("/api/extra/preloadstory")
+def preloadstory() -> dict:
+    return {}  # KoboldCpp without --preloadstory; Lite asks on connect
+
+
+@router.get("/sdapi/v1/sd-models")
+def sd_models() -> list:
+    return []  # no image generation here; Lite asks on connect
+
+
+@router.post("/api/extra/tokencount")
+def tokencount(req: KoboldTokenCount, engine: Engine) -> TokenCount:
+    ids = engine.tokenize(req.prompt)  # as the prompt will be read: BOS per the model
+    return TokenCount(value=len(ids), ids=ids)

@@ -149,11 +149,7 @@ def file_conversations(path: Path, char: Character | None) -> tuple[list[Convers
     memory = Store(":memory:")  # the importers of `galatea chats import`, into a throwaway store
     try:
         cid = memory.add_character(char)
-        is_st = rows and any("mes" in r for r in rows)
-        if is_st:
-            chat_id = chatfiles.import_sillytavern(memory, text, cid, where=str(path))
-        else:
-            chat_id = chatfiles.import_textgen(memory, text, cid, where=str(path))
+        chat_id = chatfiles.import_chat(memory, text, cid, where=str(path))
         turns = [Turn(m.is_user, m.text) for m in memory.messages(chat_id)]
     finally:
         memory.close()
@@ -269,7 +265,7 @@ def build(conversations: Iterable[Conversation], rendered: list[dict[str, Any]],
 
 
 def write_jsonl(path: Path, examples: Sequence[Example]) -> None:
-    from galatea.weights.files import atomic_write
+    from galatea.files import atomic_write
 
     body = "".join(json.dumps(e.to_json(), ensure_ascii=False) + "\n" for e in examples).encode()
     atomic_write(path, lambda f: f.write(body))

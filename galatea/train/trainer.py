@@ -37,9 +37,12 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from galatea.errors import GalateaError
+from galatea.model.adapter import DEFAULT_TARGETS, LoraSettings
+from galatea.progress import step_bar
 from galatea.train import memory
 from galatea.train.data import IGNORE, Sample, read_jsonl, tokenize_rows
-from galatea.train.lora import DEFAULT_TARGETS, LoraSettings, add_lora, save_adapter
+from galatea.train.export import plot_losses, save_full_model
+from galatea.train.lora import add_lora, save_adapter
 
 PRECISIONS = ("auto", "bf16", "fp32")
 
@@ -103,6 +106,30 @@ class Result:
     total_steps: int
     output: Path | None  # the adapter or model folder, when done
     final_eval_loss: float | None
+
+
+@dataclass
+class Run:
+    """A prepared run: what the loop needs (Trainer.prepare builds it)."""
+
+    path: Path  # the base model
+    lm: Any
+    model: nn.Module
+    params: list[Tensor]  # the trainable ones
+    opt: torch.optim.Optimizer
+    sched: Any
+    train: list[Sample]
+    val: list[Sample]
+    dev: torch.device
+    bf16: bool
+    checkpointing: bool
+    pad: int
+    start: int  # the step to start from (a resumed run's checkpoint)
+    total: int
+    mb_per_epoch: int
+    eval_every: int
+    save_every: int
+    orders: dict[int, list[list[int]]] = field(default_factory=dict)  # epoch -> its micro-batches
 
 
 def lr_factor(step: int, total: int, warmup: int) -> float:
@@ -208,9 +235,9 @@ class Trainer:
 
     # ---- the run ---------------------------------------------------------------------------------
 
-    def run(self, stop: threading.Event | None = None, on_step: Callable[[int], None] | None = None) -> Result:
-        """Train until done or until `stop` is set (then a checkpoint is written at the step
-        boundary and the result says "stopped"). `on_step(step)` runs after each step."""
+    def prepare(self) -> Run:
+        """Everything before the first step: the folder, the data, the memory check, the model
+        with its trainable parameters, the optimizer and schedule, a checkpoint when resuming."""
         from galatea.model.checkpoint import load, load_tokenizer, resolve_model_path
         from galatea.model.inspect import read_config
 
@@ -236,7 +263,6 @@ class Trainer:
         warmup = s.warmup_steps if s.warmup_steps is not None else max(1, round(0.05 * total))
         peak = s.lr or (1e-5 if s.full else 2e-4)
         eval_every = s.eval_every or max(1, math.ceil(total / 5))
-        save_every = s.save_every or eval_every
         self.echo(f"{'full fine-tuning' if s.full else 'LoRA'} on {len(train)} examples ({len(val)} for validation), "
                   f"{total} steps of {s.batch_size}x{s.grad_accum}, lr {peak:g}, "
                   f"{'bf16' if bf16 else 'fp32'} on {dev.type}" + (f", base in {s.quant}" if s.quant != "none" else ""))
@@ -256,87 +282,90 @@ class Trainer:
             info = {"settings": asdict(s), "total_steps": total, "warmup_steps": warmup, "lr": peak,
                     "train_examples": len(train), "validation_examples": len(val), "base": str(path)}
             (self.out / "run.json").write_text(json.dumps(info, indent=2))
-        params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-        decay = [p for n, p in params if p.ndim >= 2]
-        no_decay = [p for n, p in params if p.ndim < 2]
-        opt = torch.optim.AdamW([{"params": decay, "weight_decay": s.weight_decay},
-                                 {"params": no_decay, "weight_decay": 0.0}], lr=peak, betas=(0.9, 0.999),
-                                foreach=True)
+        params = [p for p in model.parameters() if p.requires_grad]
+        opt = torch.optim.AdamW([{"params": [p for p in params if p.ndim >= 2], "weight_decay": s.weight_decay},
+                                 {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}],
+                                lr=peak, betas=(0.9, 0.999), foreach=True)
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda st: lr_factor(st, total, warmup))
         if start:
             self._load_checkpoint(self.out / f"checkpoint-{start:06d}", model, opt, sched, dev)
             self.echo(f"resuming at step {start} of {total}")
             _truncate_metrics(self.out / "metrics.jsonl", start)
+        return Run(path, lm, model, params, opt, sched, train, val, dev, bf16, checkpointing,
+                   pad=tok.eos_id if tok.eos_id is not None else 0, start=start, total=total,
+                   mb_per_epoch=mb_per_epoch, eval_every=eval_every, save_every=s.save_every or eval_every)
 
-        autocast = torch.autocast(dev.type, dtype=torch.bfloat16, enabled=bf16)
-        pad = tok.eos_id if tok.eos_id is not None else 0
-        orders: dict[int, list[list[int]]] = {}
-
-        def micro_batch(m: int) -> list[Sample]:
-            epoch, j = divmod(m, mb_per_epoch)
-            if epoch not in orders:
-                orders[epoch] = epoch_batches([len(x.ids) for x in train], s.batch_size, s.seed, epoch)
-            return [train[i] for i in orders[epoch][j]]
-
-        bar = _progress(self.show_progress, total, start)
+    def run(self, stop: threading.Event | None = None, on_step: Callable[[int], None] | None = None) -> Result:
+        """Train until done or until `stop` is set (then a checkpoint is written at the step
+        boundary and the result says "stopped"). `on_step(step)` runs after each step."""
+        r = self.prepare()
+        bar = step_bar(self.show_progress, r.total, r.start)
         metrics = (self.out / "metrics.jsonl").open("a")
 
         def validate(step: int) -> float:
-            loss = evaluate(model, val, pad, dev, s.batch_size, bf16)
+            loss = evaluate(r.model, r.val, r.pad, r.dev, self.s.batch_size, r.bf16)
             ppl = math.exp(min(loss, 50))
             _log(metrics, {"step": step, "eval_loss": round(loss, 6), "eval_perplexity": round(ppl, 4)})
-            bar.write(f"step {step}/{total}: validation loss {loss:.4f} (perplexity {ppl:.2f})")
+            bar.write(f"step {step}/{r.total}: validation loss {loss:.4f} (perplexity {ppl:.2f})")
             return loss
 
-        t0, last_eval, status = time.perf_counter(), None, "done"
+        t0, last_eval, status, step = time.perf_counter(), None, "done", r.start
         try:
-            step = start
-            if val and start == 0:  # the base model's score: what the curve starts from
+            if r.val and step == 0:  # the base model's score: what the curve starts from
                 last_eval = validate(0)
-            while step < total:
-                batches = [micro_batch(step * s.grad_accum + k) for k in range(s.grad_accum)]
-                n_target = sum(v != IGNORE for b in batches for x in b for v in x.labels)
-                n_tokens = sum(len(x.ids) for b in batches for x in b)
-                opt.zero_grad(set_to_none=True)
-                loss_sum = 0.0
-                tic = time.perf_counter()
-                for b in batches:
-                    ids, labels = _collate(b, pad, dev)
-                    with autocast:
-                        nll = _nll_sum(model, ids, labels, checkpointing)
-                    (nll / n_target).backward()
-                    loss_sum += float(nll.detach())
-                grad_norm = float(torch.nn.utils.clip_grad_norm_([p for _, p in params], s.max_grad_norm))
-                lr = opt.param_groups[0]["lr"]
-                opt.step()
-                sched.step()
+            while step < r.total:
+                row = self._step(r, step)
                 step += 1
-                dt = time.perf_counter() - tic
-                loss = loss_sum / n_target
-                _log(metrics, {"step": step, "epoch": round(step * s.grad_accum / mb_per_epoch, 4),
-                               "loss": round(loss, 6), "lr": lr, "grad_norm": round(grad_norm, 6),
-                               "tokens": n_tokens, "tokens_per_s": round(n_tokens / dt, 1),
-                               "elapsed_s": round(time.perf_counter() - t0, 2)})
+                _log(metrics, {"step": step, **row, "elapsed_s": round(time.perf_counter() - t0, 2)})
                 bar.update(1)
-                bar.set_postfix(loss=f"{loss:.3f}", lr=f"{lr:.2e}", tok_s=f"{n_tokens / dt:.0f}")
-                if val and (step % eval_every == 0 or step == total):
+                bar.set_postfix(loss=f"{row['loss']:.3f}", lr=f"{row['lr']:.2e}", tok_s=f"{row['tokens_per_s']:.0f}")
+                if r.val and (step % r.eval_every == 0 or step == r.total):
                     last_eval = validate(step)
                 stopping = stop is not None and stop.is_set()
-                if step % save_every == 0 or step == total or stopping:
-                    self._save_checkpoint(step, model, opt, sched, dev)
+                if step % r.save_every == 0 or step == r.total or stopping:
+                    self._save_checkpoint(step, r.model, r.opt, r.sched, r.dev)
                     plot_losses(self.out / "metrics.jsonl", self.out / "loss.png")
                 if on_step is not None:
                     on_step(step)
-                if stopping and step < total:
+                if stopping and step < r.total:
                     status = "stopped"
                     break
         finally:
             bar.close()
             metrics.close()
-        output = None
-        if status == "done":
-            output = self._save_result(model, lm, path, bf16)
-        return Result(status, step, total, output, last_eval)
+        output = self._save_result(r.model, r.lm, r.path, r.bf16) if status == "done" else None
+        return Result(status, step, r.total, output, last_eval)
+
+    def _step(self, r: Run, step: int) -> dict[str, Any]:
+        """One optimizer step (its `grad_accum` micro-batches); returns its metrics row. The loss
+        is the mean over the reply tokens of the whole step."""
+        s = self.s
+        batches = [self._micro_batch(r, step * s.grad_accum + k) for k in range(s.grad_accum)]
+        n_target = sum(v != IGNORE for b in batches for x in b for v in x.labels)
+        n_tokens = sum(len(x.ids) for b in batches for x in b)
+        r.opt.zero_grad(set_to_none=True)
+        loss_sum, tic = 0.0, time.perf_counter()
+        for b in batches:
+            ids, labels = collate(b, r.pad, r.dev)
+            with torch.autocast(r.dev.type, dtype=torch.bfloat16, enabled=r.bf16):
+                nll = nll_sum(r.model, ids, labels, r.checkpointing)
+            (nll / n_target).backward()
+            loss_sum += float(nll.detach())
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(r.params, s.max_grad_norm))
+        lr = r.opt.param_groups[0]["lr"]
+        r.opt.step()
+        r.sched.step()
+        dt = time.perf_counter() - tic
+        return {"epoch": round((step + 1) * s.grad_accum / r.mb_per_epoch, 4), "loss": round(loss_sum / n_target, 6),
+                "lr": lr, "grad_norm": round(grad_norm, 6), "tokens": n_tokens,
+                "tokens_per_s": round(n_tokens / dt, 1)}
+
+    def _micro_batch(self, r: Run, m: int) -> list[Sample]:
+        """Micro-batch `m` of the run: epoch e's order is a pure function of (seed, e)."""
+        epoch, j = divmod(m, r.mb_per_epoch)
+        if epoch not in r.orders:
+            r.orders[epoch] = epoch_batches([len(x.ids) for x in r.train], self.s.batch_size, self.s.seed, epoch)
+        return [r.train[i] for i in r.orders[epoch][j]]
 
     # ---- checkpoints -----------------------------------------------------------------------------
 
@@ -429,13 +458,7 @@ def _log(f: Any, row: dict[str, Any]) -> None:
     f.flush()
 
 
-def _progress(enabled: bool, total: int, start: int) -> Any:
-    from tqdm import tqdm
-
-    return tqdm(total=total, initial=start, unit="step", disable=not enabled, dynamic_ncols=True, desc="train")
-
-
-def _collate(batch: list[Sample], pad: int, dev: torch.device) -> tuple[Tensor, Tensor]:
+def collate(batch: list[Sample], pad: int, dev: torch.device) -> tuple[Tensor, Tensor]:
     """Right-padded [B, T] ids and labels. Causal attention means padding at the end cannot
     change the real positions, so no attention mask is needed; pads carry no loss."""
     width = max(len(x.ids) for x in batch)
@@ -447,7 +470,7 @@ def _collate(batch: list[Sample], pad: int, dev: torch.device) -> tuple[Tensor, 
     return ids.to(dev), labels.to(dev)
 
 
-def _nll_sum(model: nn.Module, ids: Tensor, labels: Tensor, checkpointing: bool) -> Tensor:
+def nll_sum(model: nn.Module, ids: Tensor, labels: Tensor, checkpointing: bool) -> Tensor:
     """Summed cross-entropy over the labelled positions. The [C, V] output projection runs only
     on those rows: most of a persona prompt carries no loss."""
     h = model.hidden_states(ids, checkpoint=checkpointing)  # [B, T, C]
@@ -464,57 +487,8 @@ def evaluate(model: nn.Module, samples: list[Sample], pad: int, dev: torch.devic
     total, count = 0.0, 0
     with torch.no_grad(), torch.autocast(dev.type, dtype=torch.bfloat16, enabled=bf16):
         for i in range(0, len(samples), batch_size):
-            ids, labels = _collate(samples[i : i + batch_size], pad, dev)
-            total += float(_nll_sum(model, ids, labels, False))
+            ids, labels = collate(samples[i : i + batch_size], pad, dev)
+            total += float(nll_sum(model, ids, labels, False))
             count += int((labels != IGNORE).sum())
     model.train(was_training)
     return total / max(1, count)
-
-
-def plot_losses(metrics: Path, png: Path) -> None:
-    """The loss curve: training loss per step, validation loss at each evaluation."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    rows = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()]
-    train = [(r["step"], r["loss"]) for r in rows if "loss" in r]
-    val = [(r["step"], r["eval_loss"]) for r in rows if "eval_loss" in r]
-    fig, ax = plt.subplots(figsize=(7, 4), dpi=100)
-    if train:
-        ax.plot(*zip(*train, strict=True), label="training loss", linewidth=1)
-    if val:
-        ax.plot(*zip(*val, strict=True), "o-", label="validation loss")
-    ax.set_xlabel("step")
-    ax.set_ylabel("cross-entropy per reply token")
-    ax.grid(alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    tmp = png.with_name(f".{png.name}.partial.png")
-    fig.savefig(tmp)
-    plt.close(fig)
-    tmp.replace(png)
-
-
-def save_full_model(model: nn.Module, lm: Any, base: Path, folder: Path, dtype: torch.dtype) -> None:
-    """A fully fine-tuned model as an HF folder: safetensors, config and tokenizer files."""
-    from galatea.model import hf_folder
-    from galatea.model.gguf_file import GGUFFile
-    from galatea.weights.convert import DEFAULT_SHARD, SIDE_FILES, TensorPlan, write_gguf_side_files, write_safetensors
-    from galatea.weights.files import atomic_write
-
-    folder.mkdir(parents=True, exist_ok=True)
-    tied = lm.config.tie_word_embeddings
-    state = [(n, p.detach()) for n, p in model.named_parameters() if not (tied and n == "lm_head.weight")]
-    plan = [TensorPlan(n, tuple(t.shape), dtype) for n, t in state]
-    write_safetensors(folder, plan, iter(state), DEFAULT_SHARD)
-    if base.is_dir():
-        for side in SIDE_FILES:
-            if (base / side).is_file():
-                atomic_write(folder / side, lambda f, side=side: f.write((base / side).read_bytes()))
-        config = hf_folder.read_json(base / "config.json")
-    else:
-        config = write_gguf_side_files(base, GGUFFile(base).metadata, lm.config, tied, folder, dtype)
-    config["torch_dtype"] = str(dtype).removeprefix("torch.")
-    atomic_write(folder / "config.json", lambda f: f.write(json.dumps(config, indent=2).encode()))

@@ -30,11 +30,13 @@ from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFWriter
 from gguf.quants import quantize
 from torch import Tensor
 
+from galatea import progress
 from galatea.errors import GalateaError
+from galatea.files import atomic_write, write_then_rename
 from galatea.model import hf_folder
 from galatea.model.config import ModelConfig
 from galatea.model.gguf_file import NAME_TABLE, GGUFFile
-from galatea.weights.files import atomic_write, write_then_rename
+from galatea.progress import Progress
 
 Q = GGMLQuantizationType
 GGUF_TYPES = {"f32": Q.F32, "f16": Q.F16, "q8_0": Q.Q8_0, "q4_0": Q.Q4_0, "q4_1": Q.Q4_1}
@@ -46,7 +48,6 @@ SIDE_FILES = ("tokenizer.model", "tokenizer.json", "tokenizer_config.json", "spe
               "generation_config.json", "added_tokens.json", "chat_template.jinja")
 DEFAULT_SHARD = 5 * 10**9  # transformers' default max_shard_size
 
-Progress = Callable[[int], None] | None
 # Applied to each (name, tensor) on its way to the output (a LoRA merge: `train merge`).
 Transform = Callable[[str, Tensor], Tensor] | None
 
@@ -126,7 +127,7 @@ def _nbytes(p: TensorPlan) -> int:
 
 
 def write_safetensors(dst: Path, plan: list[TensorPlan], tensors: Iterator[tuple[str, Tensor]],
-                      max_shard: int, progress: Progress = None) -> list[str]:
+                      max_shard: int, progress: Progress | None = None) -> list[str]:
     """Stream `tensors` (in `plan` order) into safetensors shards; returns the file names.
     The header is known from the plan, so each tensor is converted, written and dropped."""
     shards = _shards(plan, max_shard)
@@ -196,7 +197,7 @@ def hf_to_safetensors(src: Path, dst: Path, dtype: torch.dtype | None = None, ma
     plan = _hf_plan(files, dtype)
     total = sum(_nbytes(p) for p in plan)
     _prepare_dst(dst, True, total, force)
-    with _bar(progress_factory, "convert", total) as bar:
+    with progress.bar(progress_factory, "convert", total) as bar:
         names = write_safetensors(dst, plan, _transformed(_hf_tensors(files), transform), max_shard, bar)
     for side in SIDE_FILES:
         if (src / side).is_file():
@@ -234,7 +235,7 @@ def gguf_to_hf(src: Path, dst: Path, dtype: torch.dtype | None = None, max_shard
         plan.append(TensorPlan(name, t.shape, dtype))
     total = sum(_nbytes(p) for p in plan)
     _prepare_dst(dst, True, total, force)
-    with _bar(progress_factory, "convert", total) as bar:
+    with progress.bar(progress_factory, "convert", total) as bar:
         tensors = g.iter_tensors(cfg.num_attention_heads, cfg.num_key_value_heads)
         names = write_safetensors(dst, plan, _transformed(tensors, transform), max_shard, bar)
 
@@ -357,7 +358,7 @@ def hf_to_gguf(src: Path, dst: Path, qtype: str = "f16", force: bool = False,
             w.write_header_to_file(path=tmp)
             w.write_kv_data_to_file()
             w.write_ti_data_to_file()
-            with _bar(progress_factory, "convert", needed) as bar:
+            with progress.bar(progress_factory, "convert", needed) as bar:
                 for hf, t in _hf_tensors(files):
                     if hf not in kinds:
                         continue
@@ -472,15 +473,3 @@ def _gguf_tokenizer(w: GGUFWriter, src: Path, cfg: ModelConfig) -> None:
     w.add_add_eos_token(False)
     if tok_cfg.get("chat_template"):
         w.add_chat_template(tok_cfg["chat_template"])
-
-
-class _bar:
-    def __init__(self, factory: Any, label: str, total: int) -> None:
-        self.bar = factory(label, total) if factory else None
-
-    def __enter__(self) -> Progress:
-        return self.bar.update if self.bar else None
-
-    def __exit__(self, *exc: Any) -> None:
-        if self.bar:
-            self.bar.close()

@@ -10,6 +10,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+from galatea import progress
 from galatea.errors import GalateaError
 from galatea.model import prequantized
 from galatea.weights import convert as cv
@@ -27,7 +28,7 @@ def quantize(src: Path, dst: Path, mode: str = "auto", force: bool = False, prog
     plan = [cv.TensorPlan(name, tuple(t.shape), t.dtype) for name, t in tensors]
     total = sum(cv._nbytes(p) for p in plan)
     cv._prepare_dst(dst, True, total, force)
-    with cv._bar(progress_factory, "write", total) as bar:
+    with progress.bar(progress_factory, "write", total) as bar:
         cv.write_safetensors(dst, plan, iter(tensors), cv.DEFAULT_SHARD, bar)
     dtype = lm.model.model.norm.weight.dtype
     if kind == "gguf":

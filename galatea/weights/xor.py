@@ -26,8 +26,10 @@ from typing import IO, Any
 
 import numpy as np
 
+from galatea import progress
 from galatea.errors import GalateaError
-from galatea.weights.files import atomic_write
+from galatea.files import atomic_write
+from galatea.progress import Progress
 from galatea.weights.manifest import (
     ALGORITHMS,
     MANIFEST_NAME,
@@ -44,7 +46,6 @@ CHUNK = 16 << 20  # bytes per XOR step: large enough that numpy and syscalls dom
 _GZIP_MAGIC = b"\x1f\x8b\x08"
 _MAX_JSON = 256 << 20
 
-Progress = Callable[[int], None]
 
 
 @dataclass
@@ -229,7 +230,7 @@ def apply(payload_dir: Path, base_dir: Path, out_dir: Path, *, force: bool = Fal
         expected = {pf.name: chosen.base[pf.name] for pf in xored if pf.name in chosen.base}
         if expected:
             total = sum((base_dir / n).stat().st_size for n in expected)
-            with _progress(progress_factory, "checking base", total) as bar:
+            with progress.bar(progress_factory, "checking base", total) as bar:
                 result.base_checks = verify_folder(base_dir, expected, chosen.base_hint, progress=bar)
             bad = [c for c in result.base_checks if not c.ok]
             if bad:
@@ -237,7 +238,7 @@ def apply(payload_dir: Path, base_dir: Path, out_dir: Path, *, force: bool = Fal
 
     _prepare_out(out_dir, [pf.name for pf in files], sum(pf.size for pf in files), force)
     total = sum(pf.size for pf in files)
-    with ThreadPoolExecutor(max_workers=len(ALGORITHMS)) as pool, _progress(progress_factory, "xor", total) as bar:
+    with ThreadPoolExecutor(max_workers=len(ALGORITHMS)) as pool, progress.bar(progress_factory, "xor", total) as bar:
         for pf in files:
             algos = needed_algorithms(chosen.output.get(pf.name) if chosen else None)
 
@@ -299,7 +300,7 @@ def create(finetune_dir: Path, base_dir: Path, out_dir: Path, *, compress: bool 
                         base_hint=f"the payload was made against {base_dir.name}; use exactly those files")
     payload: dict[str, dict[str, Any]] = {}
     with ThreadPoolExecutor(max_workers=len(ALGORITHMS)) as pool, \
-            _progress(progress_factory, "xor", needed) as bar:
+            progress.bar(progress_factory, "xor", needed) as bar:
         for src_path in sources:
             gz = compress and src_path.name not in copies  # JSON stays plain, as PygmalionAI's codec had it
 
@@ -323,17 +324,3 @@ def create(finetune_dir: Path, base_dir: Path, out_dir: Path, *, compress: bool 
                 manifest.base[src_path.name] = digests(base_dir / src_path.name)
     (out_dir / MANIFEST_NAME).write_text(manifest.to_json(payload), encoding="utf-8")
     return manifest
-
-
-class _progress:
-    """A progress bar from `factory(label, total)` (anything with update(n) and close()), or none."""
-
-    def __init__(self, factory: Callable[[str, int], Any] | None, label: str, total: int) -> None:
-        self.bar = factory(label, total) if factory else None
-
-    def __enter__(self) -> Progress | None:
-        return self.bar.update if self.bar else None
-
-    def __exit__(self, *exc: Any) -> None:
-        if self.bar:
-            self.bar.close()

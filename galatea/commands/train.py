@@ -1,4 +1,4 @@
-"""The `galatea train ...` and `galatea eval` subcommands (parsers and handlers)."""
+"""`galatea train`: fine-tune on your chats (LoRA or full); `train data build|stats`, `train merge`."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ from typing import Any
 from galatea.errors import GalateaError
 
 
-def add_parsers(sub: Any, model_args: Any) -> None:
+def add_parser(sub: Any) -> None:
     p = sub.add_parser("train", help="fine-tune a model on your chats (LoRA or full); `train data`, `train merge`",
                        description="Fine-tune: galatea train --model BASE --data data.jsonl --out RUN_DIR. "
                                    "Datasets: galatea train data build|stats. Merge an adapter: galatea train merge.")
@@ -53,7 +53,7 @@ def add_parsers(sub: Any, model_args: Any) -> None:
     p.add_argument("--device", help="cpu or cuda (default: cuda when present)")
     p.add_argument("--threads", type=int, help="CPU threads")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
-    p.set_defaults(func=cmd_train)
+    p.set_defaults(func=run)
     tsub = p.add_subparsers(dest="train_command", metavar="{data,merge}")
 
     d = tsub.add_parser("data", help="datasets: build from chats, print statistics")
@@ -73,12 +73,12 @@ def add_parsers(sub: Any, model_args: Any) -> None:
     b.add_argument("--skip-long", action="store_true", help="leave out replies that cannot fit the context")
     b.add_argument("--force", action="store_true", help="overwrite --out")
     b.add_argument("--data-dir", help="where Galatea chats are kept")
-    b.set_defaults(func=cmd_data_build)
+    b.set_defaults(func=data_build)
     st = dsub.add_parser("stats", help="counts, token lengths and how much history the window dropped")
     st.add_argument("dataset")
     st.add_argument("--model", help="count tokens with this model's tokenizer (default: the counts stored at build)")
     st.add_argument("--json", action="store_true")
-    st.set_defaults(func=cmd_data_stats)
+    st.set_defaults(func=data_stats)
 
     m = tsub.add_parser("merge", help="base + LoRA adapter -> one HF safetensors folder")
     m.add_argument("base", help="the base model the adapter was trained on (HF folder or GGUF)")
@@ -87,19 +87,10 @@ def add_parsers(sub: Any, model_args: Any) -> None:
     m.add_argument("--dtype", choices=("float32", "float16", "bfloat16"),
                    help="stored dtype (default: the base's; float16 for a quantized GGUF)")
     m.add_argument("--force", action="store_true", help="overwrite a non-empty destination")
-    m.set_defaults(func=cmd_merge)
-
-    e = sub.add_parser("eval", help="perplexity on a dataset's character replies (compare a fine-tune with its base)")
-    model_args(e)
-    e.add_argument("--data", required=True, help="dataset JSONL")
-    e.add_argument("--split", choices=("auto", "validation", "train", "all"), default="auto",
-                   help="auto: the validation split when there is one, else all")
-    e.add_argument("--batch-size", type=int, default=4)
-    e.add_argument("--json", action="store_true")
-    e.set_defaults(func=cmd_eval)
+    m.set_defaults(func=merge)
 
 
-def cmd_train(args: argparse.Namespace) -> int:
+def run(args: argparse.Namespace) -> int:
     import torch
 
     from galatea.train.trainer import Trainer, TrainSettings
@@ -143,7 +134,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_data_build(args: argparse.Namespace) -> int:
+def data_build(args: argparse.Namespace) -> int:
     from galatea.chat.cards import load_character
     from galatea.model.checkpoint import load_tokenizer, resolve_model_path
     from galatea.model.inspect import read_config
@@ -181,7 +172,7 @@ def cmd_data_build(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_data_stats(args: argparse.Namespace) -> int:
+def data_stats(args: argparse.Namespace) -> int:
     from galatea.model.checkpoint import load_tokenizer, resolve_model_path
     from galatea.train import data
 
@@ -206,14 +197,14 @@ def cmd_data_stats(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_merge(args: argparse.Namespace) -> int:
+def merge(args: argparse.Namespace) -> int:
     import torch
 
+    from galatea.model.adapter import Adapter
     from galatea.model.checkpoint import resolve_model_path
     from galatea.model.config import ModelConfig
     from galatea.model.inspect import read_config
     from galatea.model.llama import Llama
-    from galatea.train.lora import Adapter
     from galatea.weights.convert import gguf_to_hf, hf_to_safetensors
 
     base = resolve_model_path(args.base)
@@ -229,19 +220,4 @@ def cmd_merge(args: argparse.Namespace) -> int:
         gguf_to_hf(base, dst, dtype, force=args.force, transform=adapter.merge)
     print(f"wrote {dst}: {base.name} with the adapter {Path(args.adapter).name} merged ({len(adapter.pairs)} "
           "matrices); next: galatea convert --to gguf, or galatea xor create", file=sys.stderr)
-    return 0
-
-
-def cmd_eval(args: argparse.Namespace) -> int:
-    from galatea.cli import _load
-    from galatea.train.evaluate import perplexity
-
-    lm = _load(args)
-    result = perplexity(lm, Path(args.data).expanduser(), args.split, args.batch_size)
-    result = {"model": str(lm.path), "lora": args.lora, **result}
-    if args.json:
-        print(json.dumps(result))
-    else:
-        print(f"{result['examples']} examples ({result['split']}), {result['reply_tokens']} reply tokens: "
-              f"loss {result['loss']:.4f}, perplexity {result['perplexity']:.3f}")
     return 0

@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 
-from galatea.engine.bench import TEXT, bench, bench_chat_turn, bench_concurrent, chat_turn_prompts
+from galatea.bench.generation import TEXT, bench, bench_chat_turn, bench_concurrent, chat_turn_prompts
 from galatea.model.checkpoint import LoadedModel
 
 
@@ -59,7 +59,7 @@ def run_suite(lm: LoadedModel, load_s: float, context: int = 2048, prompt_tokens
 
 
 def _run_llama_cpp(python: str, spec: dict[str, Any]) -> dict[str, Any]:
-    script = Path(__file__).with_name("llama_cpp_bench.py")
+    script = Path(__file__).with_name("run_llama_cpp.py")
     with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as f:
         json.dump(spec, f)
     try:

@@ -23,10 +23,10 @@ import httpx
 import uvicorn
 
 from galatea.chat.store import Store
+from galatea.engine.scheduler import Scheduler
 from galatea.errors import GalateaError
 from galatea.model.checkpoint import LoadedModel
 from galatea.server.app import create_app
-from galatea.server.engine import Engine
 
 
 def read_session(path: Path) -> list[dict[str, Any]]:
@@ -47,7 +47,7 @@ def really_new(previous: list[int], prompt: list[int]) -> int:
 def replay(lm: LoadedModel, turns: list[dict[str, Any]], speculative: bool = True,
            max_length: int | None = None) -> dict[str, Any]:
     """Every turn's figures, the server serving on a thread, the engine on this one."""
-    engine = Engine(lm, max_context=None, cache_slots=1, max_batch=1, start=False, speculative=speculative)
+    engine = Scheduler(lm, max_context=None, cache_slots=1, max_batch=1, start=False, speculative=speculative)
     with tempfile.TemporaryDirectory() as tmp:
         app = create_app(engine, Store(Path(tmp) / "replay.db"))
         sock = socket.create_server(("127.0.0.1", 0))
@@ -78,7 +78,7 @@ def replay(lm: LoadedModel, turns: list[dict[str, Any]], speculative: bool = Tru
 
 
 def _client(url: str, turns: list[dict[str, Any]], lm: LoadedModel, max_length: int | None,
-            rows: list[dict[str, Any]], failure: list[BaseException], engine: Engine) -> None:
+            rows: list[dict[str, Any]], failure: list[BaseException], engine: Scheduler) -> None:
     try:
         previous: list[int] | None = None
         with httpx.Client(timeout=3600) as http:

@@ -2,11 +2,12 @@
 side-by-side table of `galatea bench --suite`.
 
 A standalone script (it imports nothing from Galatea, so it runs under any interpreter that has
-`llama_cpp`): `galatea bench --suite --llama-cpp-python PYTHON` runs it there. llama-cpp-python is
+`llama_cpp`; named so that its own folder on sys.path does not shadow `llama_cpp`):
+`galatea bench --suite --llama-cpp-python PYTHON` runs it there. llama-cpp-python is
 benchmark-only, never a Galatea dependency; build it from source for a fair comparison:
     pip install --no-binary llama-cpp-python llama-cpp-python
 
-    python llama_cpp_bench.py SPEC.json   ->  one JSON object on stdout
+    python run_llama_cpp.py SPEC.json   ->  one JSON object on stdout
 
 SPEC: {"model": path, "threads": n, "prompt_tokens": n, "gen_tokens": n, "text": str,
        "chat_turn": {"previous": str, "new": str, "context": n} (optional)}

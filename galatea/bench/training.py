@@ -16,9 +16,10 @@ from typing import Any
 
 import torch
 
+from galatea.model.adapter import LoraSettings
 from galatea.train.data import IGNORE
-from galatea.train.lora import LoraSettings, add_lora
-from galatea.train.trainer import _nll_sum
+from galatea.train.lora import add_lora
+from galatea.train.trainer import nll_sum
 
 
 def _batches(vocab: int, steps: int, batch: int, seq: int, target: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -74,7 +75,7 @@ def _ours(m: Any, batches: list[tuple[torch.Tensor, torch.Tensor]], settings: Lo
     def step(ids: torch.Tensor, labels: torch.Tensor) -> None:
         ids, labels = ids.to(dev), labels.to(dev)
         with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=bf16):
-            loss = _nll_sum(m, ids, labels, checkpointing=False) / int((labels != IGNORE).sum())
+            loss = nll_sum(m, ids, labels, checkpointing=False) / int((labels != IGNORE).sum())
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)

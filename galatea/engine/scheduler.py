@@ -39,31 +39,14 @@ class Job:
     prompt_ids: list[int]
     params: SamplingParams
     emit: Callable[[Chunk | BaseException], None]  # hands a chunk (or the failure) to the requester
-    genkey: str = ""
+    key: str = ""  # the client's name for this job, to find or abort it (KoboldCpp's genkey)
     cancel: threading.Event = field(default_factory=threading.Event)
     text: str = ""  # what has been generated so far (for /api/extra/generate/check)
     origin: str = "api"  # "api": the Kobold and OpenAI routes; "page": the chat page's sessions
     ended: threading.Event = field(default_factory=threading.Event)  # set once it produces nothing more
 
 
-@dataclass
-class Perf:
-    last_process: float = 0.0  # milliseconds per prompt token read, last generation (KoboldCpp's unit)
-    last_eval: float = 0.0  # milliseconds per generated token, last generation (KoboldCpp's unit)
-    last_token_count: int = 0
-    last_input_count: int = 0
-    last_cached_count: int = 0  # prompt tokens reused from the prompt cache
-    last_shifted_count: int = 0  # of those, moved to new positions (context shift, chunk reuse)
-    last_recomputed_count: int = 0  # prompt tokens read (computed) for the last generation
-    last_drafted_count: int = 0  # speculative decoding: tokens drafted in the last generation
-    last_accepted_count: int = 0  # of those, kept
-    last_seed: int = -1
-    total_gens: int = 0
-    stop_reason: int = -1  # KoboldCpp: 0 length, 1 EOS/stop string, 2 custom stopper (abort)
-    started: float = field(default_factory=time.time)
-
-
-class Engine:
+class Scheduler:
     def __init__(self, lm: LoadedModel, max_context: int | None = None, name: str | None = None,
                  cache_slots: int = 4, cache_memory: int | None = None, context_shift: bool = True,
                  max_batch: int = 8, prefill_chunk: int = 256, start: bool = True, speculative: bool = True) -> None:
@@ -78,7 +61,9 @@ class Engine:
         # and a file claiming a million positions would ask for terabytes
         self.context = min(max_context or min(trained, DEFAULT_CONTEXT), trained)
         self.name = name or (f"{lm.path.stem}+{lm.lora_name}" if lm.lora_name else lm.path.stem)
-        self.perf = Perf()
+        self.started = time.time()
+        # called with each job's last chunk (its totals) when it ends: the server's perf counters
+        self.finished: list[Callable[[Chunk], None]] = []
         # Every client re-sending a growing prompt reuses its slot; slots are allocated on first
         # use, each a full-context KV cache, as many as `cache_memory` bytes allow.
         cfg = lm.config
@@ -110,13 +95,13 @@ class Engine:
     def tokenize(self, text: str, add_bos: bool | None = None) -> list[int]:
         return self.lm.tokenizer.encode(text, add_bos=add_bos)
 
-    async def generate(self, prompt_ids: Sequence[int], params: SamplingParams, genkey: str = "",
+    async def generate(self, prompt_ids: Sequence[int], params: SamplingParams, key: str = "",
                        cancel: threading.Event | None = None) -> AsyncIterator[Chunk]:
         """Chunks as the worker produces them; stopping iteration early cancels the job."""
         loop = asyncio.get_running_loop()
         out: asyncio.Queue = asyncio.Queue()
         job = self._submit(prompt_ids, params, lambda item: loop.call_soon_threadsafe(out.put_nowait, item),
-                           genkey, cancel)
+                           key, cancel)
         try:
             while True:
                 chunk = _chunk_or_raise(await out.get())
@@ -141,9 +126,9 @@ class Engine:
             job.cancel.set()
 
     def _submit(self, prompt_ids: Sequence[int], params: SamplingParams,
-                emit: Callable[[Chunk | BaseException], None], genkey: str, cancel: threading.Event | None,
+                emit: Callable[[Chunk | BaseException], None], key: str, cancel: threading.Event | None,
                 origin: str = "api") -> Job:
-        job = Job(list(prompt_ids), params, emit, genkey, cancel or threading.Event(), origin=origin)
+        job = Job(list(prompt_ids), params, emit, key, cancel or threading.Event(), origin=origin)
         self._jobs.put(job)
         return job
 
@@ -153,21 +138,21 @@ class Engine:
         running = list(self.running)
         return running[0] if running else None
 
-    def find(self, genkey: str = "") -> Job | None:
-        """The running job with this genkey; without one, the oldest running job."""
+    def find(self, key: str = "") -> Job | None:
+        """The running job with this key; without one, the oldest running job."""
         running = list(self.running)
-        if not genkey:
+        if not key:
             return running[0] if running else None
-        return next((j for j in running if j.genkey == genkey), None)
+        return next((j for j in running if j.key == key), None)
 
-    def abort(self, genkey: str | None = None) -> list[Job]:
-        """Cancel the API job with `genkey` (running or queued); without a genkey, every running
+    def abort(self, key: str | None = None) -> list[Job]:
+        """Cancel the API job with `key` (running or queued); without a key, every running
         API job (KoboldCpp's rule: stop the current generation). The chat page's generations are
         never stopped from here: the page stops its own (`cancel` of its request). Returns the
         jobs cancelled; each one's `ended` is set once it produces nothing more."""
         queued = [j for j in list(self._jobs.queue) if j is not None]
-        if genkey:
-            jobs = [j for j in [*self.running, *queued] if j.genkey == genkey]
+        if key:
+            jobs = [j for j in [*self.running, *queued] if j.key == key]
         else:
             jobs = list(self.running)
         jobs = [j for j in jobs if j.origin == "api"]
@@ -301,18 +286,8 @@ class Engine:
         self.running.remove(job)
         job.emit(last)
         job.ended.set()
-        p = self.perf
-        p.last_input_count, p.last_token_count = last.prompt_tokens, last.generated_tokens
-        p.last_cached_count, p.last_shifted_count = last.cached_tokens, last.shifted_tokens
-        p.last_drafted_count, p.last_accepted_count = last.drafted_tokens, last.accepted_tokens
-        read = last.prompt_tokens - last.cached_tokens
-        p.last_recomputed_count = read
-        # KoboldCpp divides the reading time by the whole prompt's tokens
-        p.last_process = 1000.0 * read / last.prefill_tok_s / last.prompt_tokens if last.prefill_tok_s else 0.0
-        p.last_eval = 1000.0 / last.decode_tok_s if last.decode_tok_s else 0.0
-        p.last_seed = last.seed if last.seed is not None else -1
-        p.total_gens += 1
-        p.stop_reason = {"length": 0, "stop": 1}.get(last.finish_reason or "", 2)
+        for listener in self.finished:
+            listener(last)
 
 
 def default_cache_memory() -> int:

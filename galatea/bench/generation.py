@@ -152,14 +152,14 @@ def bench_concurrent(lm: LoadedModel, streams: tuple[int, ...] = (1, 4, 8), gen_
     import threading
 
     from galatea.engine.sampling import SamplingParams
-    from galatea.server.engine import Engine
+    from galatea.engine.scheduler import Scheduler
 
     params = SamplingParams(max_new_tokens=gen_tokens, temperature=0, repetition_penalty=1.0, ban_eos=True)
     out: dict[str, Any] = {"bench": "concurrent streams", "model": str(lm.path), "quant": lm.quant,
                            "gen_tokens": gen_tokens, "speculative": speculative}
 
     def run(n: int) -> float:
-        engine = Engine(lm, max_context=512, max_batch=max(n, 1), cache_slots=max(n, 1), start=False,
+        engine = Scheduler(lm, max_context=512, max_batch=max(n, 1), cache_slots=max(n, 1), start=False,
                         speculative=speculative)
         prompts = [lm.tokenizer.encode(f"You: Tell me story number {i} about a dragon.\nAria:") for i in range(n)]
         counts = [0] * n

@@ -1,0 +1,55 @@
+"""`galatea prompt`: print the exact Pygmalion prompt a message would send."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from typing import Any
+
+from galatea.commands.common import data_dir_arg, open_store
+from galatea.engine.sampling import PYGMALION_PRESET
+
+
+def add_parser(sub: Any) -> None:
+    p = sub.add_parser("prompt", help="print the exact Pygmalion prompt a message would send")
+    p.add_argument("--model", help="GGUF file or HF folder: its tokenizer and context size are used")
+    p.add_argument("--character", help="card file (JSON, PNG, YAML) or bundled name (default: aria)")
+    p.add_argument("--message", help="the user's new message (default: none, the reply to the greeting)")
+    p.add_argument("--user", default="You", help="the user's display name (Pygmalion was trained on 'You')")
+    p.add_argument("--max-new-tokens", "-n", type=int, default=PYGMALION_PRESET["max_new_tokens"],
+                   help="reply budget kept free in the context (default: the chat's, 160)")
+    p.add_argument("--max-context", type=int, help="context size (default: the model's)")
+    p.add_argument("--chat", type=int, help="the prompt for this saved chat (its character and history)")
+    p.add_argument("--json", action="store_true", help="also print token counts and what was dropped")
+    data_dir_arg(p)
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from dataclasses import asdict
+
+    from galatea.chat.cards import load_character
+    from galatea.chat.prompt import Turn, build_prompt
+    from galatea.model.checkpoint import load_tokenizer, resolve_model_path
+    from galatea.model.inspect import describe
+
+    user = args.user
+    if args.chat is not None:
+        store = open_store(args)
+        info = store.chat(args.chat)
+        char = store.character(info.character_id)[1]
+        history = [Turn(m.is_user, m.text) for m in store.messages(args.chat)]
+        user = info.user_name if args.user == "You" else args.user
+    else:
+        char = load_character(args.character)
+        history = [Turn(False, char.first_mes)] if char.first_mes.strip() else []
+    path = resolve_model_path(args.model)
+    tok = load_tokenizer(path)
+    context = args.max_context or int(describe(path)["context_length"])
+    result = build_prompt(char, history, args.message, tok, context, args.max_new_tokens, user=user)
+    if args.json:
+        print(json.dumps({"prompt": result.text, **{k: v for k, v in asdict(result).items() if k != "text"},
+                          "context": context, "max_new_tokens": args.max_new_tokens}, ensure_ascii=False))
+    else:
+        print(result.text)
+    return 0

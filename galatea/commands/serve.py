@@ -1,0 +1,92 @@
+"""`galatea serve`: the KoboldAI, KoboldCpp and OpenAI APIs and the chat page on one port."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import socket
+import sys
+import threading
+from typing import Any
+
+from galatea.commands.common import data_dir_arg, load_from_args, model_args, open_store, shift_arg, speculative_arg
+from galatea.errors import GalateaError
+
+
+def add_parser(sub: Any) -> None:
+    p = sub.add_parser("serve", help="KoboldAI / KoboldCpp and OpenAI-compatible APIs on one port")
+    model_args(p)
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default: loopback only)")
+    p.add_argument("--port", type=int, default=5001, help="port (default 5001, KoboldCpp's)")
+    p.add_argument("--api-key", help="require 'Authorization: Bearer KEY' on every route but /health")
+    p.add_argument("--max-context", type=int, help="context size (default: the model's)")
+    p.add_argument("--max-batch", type=int, default=8,
+                   help="requests decoded together in one batched step (default 8); more wait in line")
+    p.add_argument("--cache-slots", type=int, default=4,
+                   help="prompt caches kept for different chats/clients, least recently used evicted (default 4)")
+    p.add_argument("--cache-memory", type=float,
+                   help="GiB the prompt cache slots may use (default: a quarter of the machine's memory)")
+    shift_arg(p)
+    speculative_arg(p)
+    data_dir_arg(p)
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from galatea.engine.scheduler import Scheduler
+    from galatea.server.app import create_app
+
+    if not 0 < args.port < 65536:
+        raise GalateaError(f"--port {args.port}: must be between 1 and 65535")
+    lm = load_from_args(args)
+    if args.cache_slots < 1 or args.max_batch < 1:
+        raise GalateaError("--cache-slots and --max-batch must be at least 1")
+    engine = Scheduler(lm, args.max_context, cache_slots=args.cache_slots,
+                    cache_memory=int(args.cache_memory * 2**30) if args.cache_memory else None,
+                    context_shift=not args.no_context_shift, max_batch=args.max_batch, start=False,
+                    speculative=not args.no_speculative)
+    from galatea.server.guard import LOOPBACK_NAMES
+
+    # served on loopback: only requests addressed to a loopback name (no DNS rebinding)
+    hosts = LOOPBACK_NAMES if args.host in LOOPBACK_NAMES else None
+    app = create_app(engine, open_store(args), api_key=args.api_key, hosts=hosts)
+    try:
+        sock = socket.create_server((args.host, args.port))
+    except OSError as e:  # e.g. the port is taken
+        raise GalateaError(f"cannot serve on {args.host}:{args.port} ({e.strerror}); pick another --port") from None
+    # timeout_graceful_shutdown: on SIGTERM, connections get a second to end (their
+    # generations are cancelled at once) before they are closed
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=1))
+    # The HTTP server on a thread, the model on this one (see Engine: kernels are fastest on the
+    # thread that loaded the model).
+    http = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, name="galatea-http", daemon=True)
+    http.start()
+    print(f"galatea: serving {engine.name} (context {engine.context}) on http://{args.host}:{args.port} "
+          f"- KoboldAI at /api, OpenAI at /v1; prompt cache: {engine.cache_slots} slot(s) of "
+          f"{engine.slot_bytes / 2**20:.0f} MiB, context shift {'off' if args.no_context_shift else 'on'}, "
+          f"batches of up to {engine.max_batch}", file=sys.stderr, flush=True)
+    stop = threading.Thread(target=lambda: (http.join(), engine.close()), daemon=True)
+    stop.start()  # the HTTP server ending (it failed) stops the engine too
+    def terminate(*_: object) -> None:  # SIGTERM: stop accepting, cancel what runs, exit
+        server.should_exit = True
+        engine.close()
+        # A 7B reads a 256-token prompt chunk for seconds and is only cancelled after it: exit
+        # anyway within the 2 s a service manager waits. Nothing acknowledged is lost (every
+        # store change is its own committed transaction; a reply is stored when complete).
+        watchdog = threading.Timer(1.5, lambda: os._exit(0))
+        watchdog.daemon = True  # a clean exit before then does not wait for it
+        watchdog.start()
+
+    signal.signal(signal.SIGTERM, terminate)
+    try:
+        engine.run()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server.should_exit = True
+        http.join(timeout=2)
+        sock.close()
+    return 0
