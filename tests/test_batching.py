@@ -15,6 +15,8 @@ from galatea.engine.scheduler import Scheduler
 from galatea.model.checkpoint import load
 from tests.helpers import PATHS, Server, greedy, run_clients
 
+pytestmark = pytest.mark.slow
+
 PROMPTS = [f"You: Tell me about the {w} of the kingdom.\nAria:" for w in
            ("dragons", "bakers", "rivers", "old kings", "lighthouses", "goats", "weddings", "storms")]
 

@@ -137,6 +137,7 @@ def test_characters_and_chats_commands(capsys, tmp_path):
     assert "no chat" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_bench_suite_reports_every_scenario(capsys):
     assert main(["bench", "--suite", "--context", "512", "--prompt-tokens", "64", "--gen-tokens", "8"]) == 0
     captured = capsys.readouterr()
@@ -169,6 +170,7 @@ def test_bench_replay_names_a_missing_session(capsys):
     assert "no-such-session.jsonl: not a recorded session" in capsys.readouterr().err
 
 
+@pytest.mark.training
 def test_bench_train_against_transformers_peft(tmp_path, capsys):
     from tests.checkpoints import hf_model, write_safetensors
 

@@ -16,6 +16,8 @@ from galatea.engine.generate import stream_generate
 from galatea.engine.prompt_cache import MIN_SHIFT, PromptCache, PromptCachePool, plan_reuse
 from tests.helpers import greedy
 
+pytestmark = pytest.mark.slow
+
 PERSONA = ("Aria's Persona: Aria is a cheerful travelling bard with a battered lute and a pet ferret "
            "called Pip. She loves old ballads, bad puns and warm bread.\n<START>\n")
 TURNS = [

@@ -17,6 +17,8 @@ from galatea.model.checkpoint import embedded_model_path, load
 from tests.checkpoints import hf_model, shared_vocab, write_bin_shards, write_gguf, write_safetensors
 from tests.helpers import hf_logits, our_logits
 
+pytestmark = pytest.mark.slow
+
 Q = gguf.GGMLQuantizationType
 TEXTS = ["Aria's Persona: A cheerful bard.\n<START>\nYou: Hello there, 123 friends!\nAria:",
          "  leading spaces, tabs\tand ünïcödé — 🎻", "You: What's 2+2?\nAria: It's 4."]

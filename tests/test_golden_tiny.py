@@ -57,6 +57,7 @@ def test_kv_cache_decode_and_chunked_prefill(reference, tmp_path, chunk):
     assert (our_logits(folder, chunk=chunk) - hf_logits(model)).abs().max() < 1e-4
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("qtype", [Q.F16, Q.Q8_0, Q.Q4_0, Q.Q4_1, Q.Q4_K, Q.Q5_K, Q.Q6_K], ids=lambda q: q.name)
 def test_quantized_gguf_matches_transformers_reading_it(qtype, tmp_path):
     """transformers dequantizes GGUF on load: the same file must give the same logits."""

@@ -45,6 +45,7 @@ def peak_rss_mb(code: str) -> tuple[float, str]:
     return rss, run.stdout
 
 
+@pytest.mark.slow
 def test_png_text_bombs_are_never_inflated(tmp_path):
     """24 zTXt chunks of 60 MB each (1.4 GB inflated, 1.5 MB on disk) beside a real card: the
     card imports, and the other chunks are never inflated (peak RSS bounded)."""

@@ -13,6 +13,8 @@ import pytest
 
 from tests.checkpoints import ROOT, write_gguf, write_safetensors
 
+pytestmark = pytest.mark.slow
+
 Q = gguf.GGMLQuantizationType
 
 MEASURE = textwrap.dedent("""

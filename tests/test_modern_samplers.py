@@ -122,6 +122,7 @@ def test_smoothing_factor_is_quadratic_around_the_top():
     assert torch.allclose(got[:4], expect[:4]) and got[4] == float("-inf")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("version", [1, 2])
 @pytest.mark.parametrize("tau", [2.0, 4.0])
 def test_mirostat_holds_the_surprise_at_tau(version, tau):

@@ -15,6 +15,8 @@ from galatea.model.tiled import TiledEmbedding, TiledLinear
 from tests.checkpoints import hf_model, write_gguf
 from tests.helpers import PATHS
 
+pytestmark = pytest.mark.slow
+
 Q = gguf.GGMLQuantizationType
 TOKENS = [1, 15043, 3186, 29892, 920, 526, 366, 29973, 13, 3492, 29901, 10994, 29991, 2266, 338, 263, 1243, 29889]
 TEXT = ("Aria's Persona: Aria is a cheerful travelling bard who tells stories about distant lands, "

@@ -12,6 +12,8 @@ from galatea.engine.prompt_cache import PromptCache
 from galatea.model.checkpoint import load
 from tests.helpers import greedy
 
+pytestmark = pytest.mark.slow
+
 TURN1 = "Aria's Persona: A cheerful bard.\n<START>\nYou: Hello! Who are you?\nAria:"
 
 

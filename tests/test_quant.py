@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gguf
 import numpy as np
+import pytest
 import torch
 
 from galatea.model.quant import Int4Linear, Int8Linear, auto_mode
@@ -60,6 +61,7 @@ def test_auto_mode_follows_the_file():
     assert auto_mode({"Q4_0": 200}, torch.device("cuda")) == "none"
 
 
+@pytest.mark.slow
 def test_gguf_q4_loads_straight_into_int4_groups_bit_for_bit(tmp_path):
     """Q4_0/Q4_1 blocks parsed into int4 groups dequantize to exactly gguf-py's values, q/k rows
     un-permuted like the float path; Q4_K (random super-blocks) to the same values up to float

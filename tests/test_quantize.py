@@ -16,6 +16,8 @@ from galatea.model.quant import Int4Linear, Int8Linear, int4_block_n
 from galatea.model.tiled import TiledEmbedding, TiledLinear
 from tests.checkpoints import hf_model, write_safetensors
 
+pytestmark = pytest.mark.slow
+
 TEXT = "Aria's Persona: A cheerful bard.\n<START>\nYou: Hello! Who are you?\nAria:"
 
 

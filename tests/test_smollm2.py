@@ -9,6 +9,8 @@ from galatea.engine.generate import generate
 from galatea.engine.sampling import SamplingParams
 from galatea.model.checkpoint import embedded_model_path, load
 
+pytestmark = pytest.mark.slow
+
 PROMPT = (
     "Aria's Persona: Aria is a cheerful travelling bard who loves stories and songs.\n"
     "<START>\n"

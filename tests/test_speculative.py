@@ -15,6 +15,8 @@ from galatea.engine.speculative import DraftLength, PromptLookup
 from galatea.model.checkpoint import load
 from tests.helpers import PATHS, greedy, run_clients
 
+pytestmark = pytest.mark.slow
+
 PROMPTS = [
     # repeats itself: drafts are found and mostly right
     "Aria's Persona: Aria is a cheerful bard. She often says *smiles warmly*.\n<START>\nYou: Hello!\n"

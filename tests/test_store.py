@@ -146,6 +146,7 @@ def _write_many(db: str, chat: int, n: int) -> None:
                    capture_output=True)
 
 
+@pytest.mark.slow
 def test_concurrent_writers_do_not_corrupt(tmp_path):
     db = tmp_path / "g.db"
     s = Store(db)

@@ -47,6 +47,7 @@ def test_smollm2_vocab_matches_llama_cpp(smol_tok, index):
     assert smol_tok.encode(CORPUS[index], add_bos=False) == RECORDED["vocabs"]["smollm2"][index]
 
 
+@pytest.mark.slow
 def test_smollm2_vocab_matches_transformers(smol_tok):
     from transformers import AutoTokenizer
 
@@ -88,6 +89,7 @@ def test_hf_folder_tokenizer_model_equals_gguf_vocab(llama_tok, tmp_path):
         assert folder_tok.encode(text) == llama_tok.encode(text)
 
 
+@pytest.mark.slow
 def test_hf_tokenizer_json_folder(tmp_path):
     """A folder with only tokenizer.json (SmolLM2's own layout) loads through `tokenizers` and
     gives transformers' ids for that same file."""

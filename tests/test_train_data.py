@@ -19,6 +19,8 @@ from galatea.train.data import IGNORE, encode_example, labels_for, read_jsonl
 from tests import persona_data
 from tests.checkpoints import hf_model, write_safetensors
 
+pytestmark = pytest.mark.slow
+
 
 @pytest.fixture(scope="module")
 def base(tmp_path_factory) -> Path:

@@ -10,7 +10,11 @@ import select
 import sys
 import time
 
+import pytest
+
 from tests.checkpoints import ROOT
+
+pytestmark = pytest.mark.slow
 
 ANSI = re.compile(r"\x1b\[[0-9;?]*[a-zA-Z]")
 

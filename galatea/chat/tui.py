@@ -138,6 +138,8 @@ class TerminalChat:
                 self.say(f"\n{self.c.dim}(stopped){self.c.reset}")
 
     def command(self, line: str) -> str | None:
+        """Run one slash command; "quit" ends the chat. Long by design: one short branch per
+        command, read as a table in one place rather than scattered over twenty methods."""
         name, _, rest = line[1:].partition(" ")
         rest = rest.strip()
         name = name.lower()

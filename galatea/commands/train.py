@@ -15,6 +15,7 @@ from galatea.errors import GalateaError
 
 
 def add_parser(sub: Any) -> None:
+    """`galatea train` and its `data build|stats` and `merge` (long: one line per flag)."""
     p = sub.add_parser("train", help="fine-tune a model on your chats (LoRA or full); `train data`, `train merge`",
                        description="Fine-tune: galatea train --model BASE --data data.jsonl --out RUN_DIR. "
                                    "Datasets: galatea train data build|stats. Merge an adapter: galatea train merge.")

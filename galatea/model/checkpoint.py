@@ -20,6 +20,7 @@ from galatea.kernels import native
 from galatea.kernels.native import Kernels
 from galatea.kernels.qtypes import FOUR_BIT, NAMES, Q8_0
 from galatea.model import hf_folder, prequantized, tokenizer
+from galatea.model.adapter import Adapter
 from galatea.model.config import ModelConfig
 from galatea.model.gguf_file import GGUFFile
 from galatea.model.llama import Llama
@@ -139,58 +140,16 @@ def load(path: str | Path | None, dtype: torch.dtype | None = None, device: torc
     if kern is not None:
         kern.set_threads(torch.get_num_threads())
     note = native.describe(kern, why)
-    adapter = None
-    if lora is not None:
-        from galatea.model.adapter import Adapter
-
-        adapter = Adapter(lora)
-    if p.is_dir():
-        raw = _hf_config_dict(p, required=True)
-        cfg = ModelConfig.from_hf(raw)
-        tok = tokenizer.from_hf_folder(p, raw)
-        qc = prequantized.quantization_config(raw)
-        if qc is not None:  # written by `galatea quantize`: kernels' layout, loaded by mmap
-            if adapter is not None:
-                raise GalateaError(f"{p}: a quantized folder cannot take --lora (its weights are packed); use the "
-                                   "model it was quantized from, or merge first with `galatea train merge`")
-            stored = str(qc.get("mode"))
-            if quant not in ("auto", stored):
-                raise GalateaError(f"{p}: this folder is stored as {stored}; --quant {quant} needs the original "
-                                   "weights (use --quant auto, or the model it was quantized from)")
-            tiled = qc.get("format") == 2
-            model = prequantized.load(p, raw, cfg, dt, dev, kern if tiled else None, why)
-            model.cache_dtype = None if kv_cache == "auto" else getattr(torch, kv_cache)
-            if not tiled:
-                kern, note = None, native.describe(None, "a format-1 quantized folder holds torch's int4 layout")
-            return LoadedModel(model, tok, cfg, p, "hf", {f"galatea-{stored}": 1}, quant=stored,
-                               kernels=kern.isa if kern is not None else "torch", kernels_note=note)
-        types = {str(raw.get("torch_dtype") or raw.get("dtype") or "unknown"): 1}
-        mode = _quant_mode(quant, types, dev)
-        tensors = hf_folder.iter_tensors(hf_folder.weight_files(p))
-    else:
-        gguf = GGUFFile(p)
-        tok = tokenizer.from_gguf_metadata(gguf.metadata)
-        cfg = ModelConfig.from_gguf(gguf.metadata, vocab_size=tok.vocab_size)
-        if not gguf.has_tensor("output.weight"):
-            cfg = _tied(cfg)
-        if not gguf.tensors:
-            raise GalateaError(f"{p}: this GGUF holds only a vocabulary, no weights; it can tokenize but not generate")
-        types = gguf.tensor_types
-        mode = _quant_mode(quant, types, dev)
-        # Quantized matrices keep their blocks (native kernels) or go straight into int4 groups
-        # (the torch fallback, when int4 is the mode): no float copy. With an adapter they arrive
-        # as float: it is merged first, then quantized like any weight.
-        tiled = None
-        if kern is not None and mode != "none" and adapter is None:
-            keep = frozenset(NAMES) if quant == "auto" else FOUR_BIT if mode == "int4" else frozenset({Q8_0})
-            tiled = (kern, keep)
-        tensors = gguf.iter_tensors(cfg.num_attention_heads, cfg.num_key_value_heads, dt,
-                                    int4=mode == "int4" and adapter is None and kern is None, tiled=tiled)
+    adapter = Adapter(lora) if lora is not None else None
+    raw = _hf_config_dict(p, required=True) if p.is_dir() else {}
+    if p.is_dir() and prequantized.quantization_config(raw) is not None:
+        return _load_quantized_folder(p, raw, quant, kv_cache, dt, dev, kern, why, note, adapter)
+    tok, cfg, types, mode, tensors = (_hf_source(p, raw, quant, dev) if p.is_dir() else
+                                      _gguf_source(p, quant, dt, dev, kern, adapter))
     if adapter is not None:
         with torch.device("meta"):
             adapter.check_names({n for n, _ in Llama(cfg).named_parameters()})
         tensors = ((name, adapter.merge(name, t)) for name, t in tensors)
-
     if mode == "none":
         kern, note = None, native.describe(None, "the weights are not quantized")
 
@@ -206,6 +165,65 @@ def load(path: str | Path | None, dtype: torch.dtype | None = None, device: torc
     model.cache_dtype = None if kv_cache == "auto" else getattr(torch, kv_cache)
     return LoadedModel(model, tok, cfg, p, "hf" if p.is_dir() else "gguf", types, quant=mode,
                        lora=adapter.folder if adapter is not None else None,
+                       kernels=kern.isa if kern is not None else "torch", kernels_note=note)
+
+
+Tensors = Iterable[tuple[str, Tensor | Int4Groups | TiledWeight]]
+
+
+def _hf_source(p: Path, raw: dict, quant: str, dev: torch.device
+               ) -> tuple[Tokenizer, ModelConfig, dict[str, int], str, Tensors]:
+    """An HF folder's (tokenizer, config, tensor types, quantization mode, tensors)."""
+    cfg = ModelConfig.from_hf(raw)
+    types = {str(raw.get("torch_dtype") or raw.get("dtype") or "unknown"): 1}
+    return (tokenizer.from_hf_folder(p, raw), cfg, types, _quant_mode(quant, types, dev),
+            hf_folder.iter_tensors(hf_folder.weight_files(p)))
+
+
+def _gguf_source(p: Path, quant: str, dt: torch.dtype, dev: torch.device, kern: Kernels | None,
+                 adapter: Adapter | None) -> tuple[Tokenizer, ModelConfig, dict[str, int], str, Tensors]:
+    """A GGUF file's (tokenizer, config, tensor types, quantization mode, tensors). Quantized
+    matrices keep their blocks (native kernels) or go straight into int4 groups (the torch
+    fallback, when int4 is the mode): no float copy. With an adapter they arrive as float: it is
+    merged first, then quantized like any weight."""
+    gguf = GGUFFile(p)
+    tok = tokenizer.from_gguf_metadata(gguf.metadata)
+    cfg = ModelConfig.from_gguf(gguf.metadata, vocab_size=tok.vocab_size)
+    if not gguf.has_tensor("output.weight"):
+        cfg = _tied(cfg)
+    if not gguf.tensors:
+        raise GalateaError(f"{p}: this GGUF holds only a vocabulary, no weights; it can tokenize but not generate")
+    types = gguf.tensor_types
+    mode = _quant_mode(quant, types, dev)
+    tiled = None
+    if kern is not None and mode != "none" and adapter is None:
+        keep = frozenset(NAMES) if quant == "auto" else FOUR_BIT if mode == "int4" else frozenset({Q8_0})
+        tiled = (kern, keep)
+    tensors = gguf.iter_tensors(cfg.num_attention_heads, cfg.num_key_value_heads, dt,
+                                int4=mode == "int4" and adapter is None and kern is None, tiled=tiled)
+    return tok, cfg, types, mode, tensors
+
+
+def _load_quantized_folder(p: Path, raw: dict, quant: str, kv_cache: str, dt: torch.dtype, dev: torch.device,
+                           kern: Kernels | None, why: str, note: str, adapter: Adapter | None) -> LoadedModel:
+    """A folder written by `galatea quantize`: the kernels' layout, loaded by mmap. Its modules
+    are already packed, so it is built by prequantized.load, not by assemble()."""
+    qc = prequantized.quantization_config(raw)
+    assert qc is not None
+    if adapter is not None:
+        raise GalateaError(f"{p}: a quantized folder cannot take --lora (its weights are packed); use the "
+                           "model it was quantized from, or merge first with `galatea train merge`")
+    stored = str(qc.get("mode"))
+    if quant not in ("auto", stored):
+        raise GalateaError(f"{p}: this folder is stored as {stored}; --quant {quant} needs the original "
+                           "weights (use --quant auto, or the model it was quantized from)")
+    tiled = qc.get("format") == 2
+    cfg = ModelConfig.from_hf(raw)
+    model = prequantized.load(p, raw, cfg, dt, dev, kern if tiled else None, why)
+    model.cache_dtype = None if kv_cache == "auto" else getattr(torch, kv_cache)
+    if not tiled:
+        kern, note = None, native.describe(None, "a format-1 quantized folder holds torch's int4 layout")
+    return LoadedModel(model, tokenizer.from_hf_folder(p, raw), cfg, p, "hf", {f"galatea-{stored}": 1}, quant=stored,
                        kernels=kern.isa if kern is not None else "torch", kernels_note=note)
 
 

@@ -235,7 +235,8 @@ def unpermute(w: Tensor, n_heads: int) -> Tensor:
 
 def _parse(buf: mmap.mmap) -> tuple[dict[str, Any], list[TensorInfo]]:
     """Every count and length is checked against the bytes left before it is used: a corrupt
-    or hostile header fails with ValueError, never with a huge allocation or a deep recursion."""
+    or hostile header fails with ValueError, never with a huge allocation or a deep recursion.
+    One pass over the header, each check beside the value it guards (hence its length)."""
     version, n_tensors, n_kv = struct.unpack_from("<IQQ", buf, 4)
     if version not in (2, 3):
         raise ValueError(f"GGUF version {version} is not supported (2 or 3)")

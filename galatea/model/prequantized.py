@@ -92,7 +92,8 @@ def state(model: Llama) -> tuple[list[tuple[str, Tensor]], dict[str, Any]]:
 def load(folder: Path, raw: dict[str, Any], cfg: ModelConfig, dtype: torch.dtype, device: torch.device,
          kernels: Kernels | None, why: str = "") -> Llama:
     """The model of a quantized folder; format 2 needs the native `kernels` (`why` they are
-    missing, for the error)."""
+    missing, for the error). One pass over the packed modules, then the plain tensors, each
+    checked where it is set (hence its length)."""
     qc = quantization_config(raw)
     assert qc is not None
     if qc.get("format") not in FORMATS:
