@@ -132,7 +132,7 @@ def test_characters_and_chats_commands(capsys, tmp_path):
         assert [m.text for m in store.messages(imported)] == ["Welcome.", "Hi!", "Hello."]
     assert main(["prompt", "--chat", str(chat), "--message", "Bye", "--model", str(shared_vocab()), *data]) == 0
     assert capsys.readouterr().out.endswith("Mira: Hello.\nYou: Bye\nMira:\n")
-    assert main(["characters", "delete", "Mira", *data]) == 0
+    assert main(["characters", "delete", "Mira", "--yes", *data]) == 0
     assert main(["chats", "show", str(chat), *data]) == 2
     assert "no chat" in capsys.readouterr().err
 
@@ -149,6 +149,7 @@ def test_bench_suite_reports_every_scenario(capsys):
     assert g["shifted_tokens"] > 100 and g["new_tokens"] < 60  # the window slid: the survivors were moved
     assert g["ttft_shift_s"] < g["ttft_recompute_s"]
     assert "8 streams, aggregate (tok/s)" in captured.err  # the table
+    assert "bench: a new chat turn" in captured.err  # it says what it measures while it runs
     llama = result["llama.cpp"]
     if importlib.util.find_spec("llama_cpp") is not None:
         assert llama["decode_tok_s"] > 0 and llama["prefill_tok_s"] > 0
@@ -180,3 +181,50 @@ def test_bench_train_against_transformers_peft(tmp_path, capsys):
     result = json.loads(capsys.readouterr().out)
     assert result["galatea_tok_s"] > 0 and result["reference_tok_s"] > 0
     assert result["reference"].startswith("transformers") and result["lora"]["r"] == 8
+
+
+def test_the_library_commands_a_new_user_trips_over(capsys, tmp_path, monkeypatch):
+    """Issue 15's CLI findings: a PNG given to `chats import` is one line, not a traceback;
+    `prompt --character NAME` finds a library character as `chat` does; `characters delete`
+    asks first; `train data build --all-chats` skips a chat with no reply yet."""
+    from galatea.chat.store import Store
+
+    data = ["--data-dir", str(tmp_path / "data")]
+    card = tmp_path / "mira.json"
+    card.write_text(json.dumps({"name": "Mira", "description": "A witch of the marsh.", "first_mes": "Welcome."}))
+    assert main(["characters", "import", str(card), *data]) == 0
+    png = tmp_path / "mira.png"
+    assert main(["characters", "export", "Mira", str(png), *data]) == 0
+    capsys.readouterr()
+
+    assert main(["chats", "import", str(png), "--character", "Mira", *data]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "not a chat file" in err and "galatea characters import" in err
+
+    assert main(["prompt", "--character", "Mira", "--model", str(shared_vocab()), *data]) == 0
+    assert capsys.readouterr().out.startswith("Mira's Persona: A witch of the marsh.")
+
+    store = Store(tmp_path / "data" / "galatea.db")
+    replied = store.new_chat(1)
+    store.add_message(replied, True, "You", "Hi!")
+    store.add_message(replied, False, "Mira", "Hello, traveller.")
+    store.new_chat(1)  # opened, nothing said yet
+    out = tmp_path / "d.jsonl"
+    assert main(["train", "data", "build", "--all-chats", "--out", str(out), "--model", str(shared_vocab()),
+                 *data]) == 0
+    assert "1 chats without a reply yet skipped" in capsys.readouterr().err
+    assert [json.loads(line)["generation"] for line in out.read_text().splitlines()] == [" Hello, traveller."]
+
+    monkeypatch.setattr("sys.stdin.isatty", lambda: False)
+    assert main(["characters", "delete", "Mira", *data]) == 2  # a script must say --yes
+    assert "pass --yes" in capsys.readouterr().err
+    monkeypatch.setattr("sys.stdin.isatty", lambda: True)
+    monkeypatch.setattr("builtins.input", lambda question: "n")
+    assert main(["characters", "delete", "Mira", *data]) == 1
+    assert store.character("Mira")[1].name == "Mira"  # nothing deleted
+    asked: list[str] = []
+    monkeypatch.setattr("builtins.input", lambda question: asked.append(question) or "y")
+    assert main(["characters", "delete", "Mira", *data]) == 0
+    assert asked == ["delete Mira (id 1) and its 2 chats? [y/N] "]
+    assert capsys.readouterr().out == "nothing deleted\ndeleted Mira and its 2 chats\n"
+    assert main(["characters", "list", *data]) == 0 and capsys.readouterr().out == ""

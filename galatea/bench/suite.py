@@ -28,18 +28,26 @@ def peak_rss_mb() -> float:
     return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
 
 
+def say(step: str) -> None:
+    """What is being measured now: the suite takes minutes on a 7B, and says so as it goes."""
+    print(f"bench: {step}...", file=sys.stderr, flush=True)
+
+
 def run_suite(lm: LoadedModel, load_s: float, context: int = 2048, prompt_tokens: int = 512,
               gen_tokens: int = 128, llama_python: str | None = None) -> dict[str, Any]:
     rss_after_load = peak_rss_mb()
+    say(f"prefill ({prompt_tokens} tokens) and decode ({gen_tokens} tokens)")
     galatea: dict[str, Any] = {"engine": "galatea", "kernels": lm.kernels_note, "load_s": round(load_s, 2),
                                "peak_rss_after_load_mb": rss_after_load}
     galatea.update({k: v for k, v in bench(lm, prompt_tokens, gen_tokens).items()
                     if k in ("prefill_tok_s", "decode_tok_s", "quant", "dtype", "threads")})
     galatea["peak_rss_single_stream_mb"] = peak_rss_mb()  # one chat: the model and one cache
+    say(f"a new chat turn at a full context of {context}: recompute, prefix reuse, context shift")
     turn = bench_chat_turn(lm, context)
     galatea.update({k: turn[k] for k in ("ttft_recompute_s", "ttft_prefix_reuse_s", "ttft_shift_s",
                                          "prefill_only_new_s", "new_tokens", "shifted_tokens",
                                          "top1_agreement_vs_fresh")})
+    say("1, 4 and 8 streams at once")
     galatea.update({k: v for k, v in bench_concurrent(lm).items() if k.startswith("streams_")})
     galatea["peak_rss_mb"] = peak_rss_mb()
     out: dict[str, Any] = {"model": str(lm.path), "context": context, "prompt_tokens": prompt_tokens,
@@ -50,6 +58,7 @@ def run_suite(lm: LoadedModel, load_s: float, context: int = 2048, prompt_tokens
         spec = {"model": str(lm.path), "threads": torch.get_num_threads(), "prompt_tokens": prompt_tokens,
                 "gen_tokens": gen_tokens, "text": TEXT * (prompt_tokens // 8 + 1),
                 "chat_turn": {"previous": prev, "new": new, "context": context}}
+        say(f"llama.cpp, the same scenarios ({python})")
         out["llama.cpp"] = _run_llama_cpp(python, spec)
         out["ratios"] = _ratios(galatea, out["llama.cpp"])
     else:

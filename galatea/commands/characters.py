@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from typing import Any
 
 from galatea.commands.common import data_dir_arg, open_store
@@ -21,7 +22,8 @@ def add_parser(sub: Any) -> None:
     c = csub.add_parser("export", help="write a card as V2 JSON or PNG (by the file's extension)")
     c.add_argument("character", help="name or id")
     c.add_argument("out", help="file.json or file.png")
-    c = csub.add_parser("delete", help="remove a character and its chats")
+    c = csub.add_parser("delete", help="remove a character and its chats (asks first)")
+    c.add_argument("--yes", "-y", action="store_true", help="do not ask (scripts)")
     c.add_argument("character", help="name or id")
     for c in csub.choices.values():
         data_dir_arg(c)
@@ -56,6 +58,14 @@ def run(args: argparse.Namespace) -> int:
         print(f"wrote {out}")
     elif args.action == "delete":
         cid, char = store.character(args.character)
+        n = len(store.chats(cid))
+        if not args.yes:
+            question = f"delete {char.name} (id {cid}) and its {n} chat{'s' if n != 1 else ''}? [y/N] "
+            if not sys.stdin.isatty():
+                raise GalateaError(f"deleting {char.name} also deletes its {n} chats; pass --yes to confirm")
+            if input(question).strip().lower() not in ("y", "yes"):
+                print("nothing deleted")
+                return 1
         store.delete_character(cid)
-        print(f"deleted {char.name} and its chats")
+        print(f"deleted {char.name} and its {n} chats")
     return 0

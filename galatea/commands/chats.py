@@ -53,6 +53,12 @@ def run(args: argparse.Namespace) -> int:
         if not path.is_file():
             raise GalateaError(f"{path}: no such file")
         cid, _ = store.character(args.character)
-        chat_id = chatfiles.import_chat(store, path.read_text(encoding="utf-8-sig"), cid, where=str(path))
+        try:
+            text = path.read_text(encoding="utf-8-sig")
+        except UnicodeDecodeError:
+            raise GalateaError(f"{path}: not a chat file (binary data, e.g. a PNG card); chats are SillyTavern .jsonl "
+                               "or text-generation-webui .json files, and cards go to `galatea characters import`") \
+                from None
+        chat_id = chatfiles.import_chat(store, text, cid, where=str(path))
         print(f"imported as chat {chat_id}")
     return 0

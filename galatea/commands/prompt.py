@@ -13,7 +13,8 @@ from galatea.engine.sampling import PYGMALION_PRESET
 def add_parser(sub: Any) -> None:
     p = sub.add_parser("prompt", help="print the exact Pygmalion prompt a message would send")
     p.add_argument("--model", help="GGUF file or HF folder: its tokenizer and context size are used")
-    p.add_argument("--character", help="card file (JSON, PNG, YAML) or bundled name (default: aria)")
+    p.add_argument("--character", help="library name or id, card file (JSON, PNG, YAML) or bundled name "
+                                       "(default: aria)")
     p.add_argument("--message", help="the user's new message (default: none, the reply to the greeting)")
     p.add_argument("--user", default="You", help="the user's display name (Pygmalion was trained on 'You')")
     p.add_argument("--max-new-tokens", "-n", type=int, default=PYGMALION_PRESET["max_new_tokens"],
@@ -25,10 +26,23 @@ def add_parser(sub: Any) -> None:
     p.set_defaults(func=run)
 
 
+def library_or_card(args: argparse.Namespace) -> Any:
+    """--character as `galatea chat` reads it: a character of the library by name or id, else
+    a card file or a bundled name (default: the bundled Aria)."""
+    from galatea.chat.cards import load_character
+    from galatea.errors import GalateaError
+
+    if args.character:
+        try:
+            return open_store(args).character(args.character)[1]
+        except GalateaError:
+            pass
+    return load_character(args.character)
+
+
 def run(args: argparse.Namespace) -> int:
     from dataclasses import asdict
 
-    from galatea.chat.cards import load_character
     from galatea.chat.prompt import Turn, build_prompt
     from galatea.model.checkpoint import load_tokenizer, resolve_model_path
     from galatea.model.inspect import describe
@@ -41,7 +55,7 @@ def run(args: argparse.Namespace) -> int:
         history = [Turn(m.is_user, m.text) for m in store.messages(args.chat)]
         user = info.user_name if args.user == "You" else args.user
     else:
-        char = load_character(args.character)
+        char = library_or_card(args)
         history = [Turn(False, char.first_mes)] if char.first_mes.strip() else []
     path = resolve_model_path(args.model)
     tok = load_tokenizer(path)

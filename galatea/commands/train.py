@@ -163,13 +163,14 @@ def data_build(args: argparse.Namespace) -> int:
         ids = [c.id for c in store.chats()] if args.all_chats else args.chat
         if not ids:
             raise GalateaError("there are no saved Galatea chats; chat first, or pass chat files")
-        conversations += list(data.store_conversations(store, ids))
+        conversations += list(data.store_conversations(store, ids, optional=args.all_chats))
     report = data.build(conversations, rendered, tok, context, args.val_fraction, args.seed, args.user, args.skip_long)
     data.write_jsonl(out, report.examples)
     n_val = sum(e.split == "validation" for e in report.examples)
     print(f"wrote {len(report.examples)} examples to {out} ({len(report.examples) - n_val} train, {n_val} validation) "
           f"from {report.conversations} chats and {len(rendered)} PygmalionAI lines; "
-          f"{report.duplicates} duplicates removed, {report.skipped} too long skipped", file=sys.stderr)
+          f"{report.duplicates} duplicates removed, {report.skipped} too long skipped"
+          + (f", {report.empty} chats without a reply yet skipped" if report.empty else ""), file=sys.stderr)
     return 0
 
 

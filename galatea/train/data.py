@@ -41,6 +41,7 @@ class Conversation:
     char: Character
     turns: list[Turn]
     source: str  # where it came from, for messages and stats
+    optional: bool = False  # one of --all-chats: without a reply yet it is skipped, not an error
 
 
 @dataclass
@@ -113,12 +114,13 @@ def labels_for(ids: Sequence[int], n_prompt: int) -> list[int]:
 
 # ---- sources -----------------------------------------------------------------------------------
 
-def store_conversations(store: Any, chat_ids: Iterable[int]) -> Iterator[Conversation]:
+def store_conversations(store: Any, chat_ids: Iterable[int], optional: bool = False) -> Iterator[Conversation]:
+    """Galatea chats; `optional` (every chat, --all-chats): one without a reply yet is skipped."""
     for chat_id in chat_ids:
         info = store.chat(chat_id)
         _, char = store.character(info.character_id)
         turns = [Turn(m.is_user, m.text) for m in store.messages(chat_id)]
-        yield Conversation(char, turns, f"galatea chat {chat_id}")
+        yield Conversation(char, turns, f"galatea chat {chat_id}", optional)
 
 
 def file_conversations(path: Path, char: Character | None) -> tuple[list[Conversation], list[dict[str, Any]]]:
@@ -231,16 +233,20 @@ class BuildReport:
     duplicates: int
     skipped: int
     conversations: int
+    empty: int = 0  # optional conversations without a reply to learn from (skipped)
 
 
 def build(conversations: Iterable[Conversation], rendered: list[dict[str, Any]], tok: Tokenizer, context: int,
           val_fraction: float = 0.1, seed: int = 0, user: str = DEFAULT_USER, skip_long: bool = False) -> BuildReport:
     """All examples, deduplicated, with a deterministic train/validation split."""
     examples: list[Example] = []
-    skipped = n_conv = 0
+    skipped = n_conv = empty = 0
     for conv in conversations:
         n_conv += 1
         got, s = conversation_examples(conv, tok, context, user, skip_long)
+        if not got and not s and conv.optional:
+            empty += 1
+            continue
         if not got and not s:
             raise GalateaError(f"{conv.source}: has no character reply to a user message; nothing to learn from it")
         examples += got
@@ -261,7 +267,7 @@ def build(conversations: Iterable[Conversation], rendered: list[dict[str, Any]],
     ranked = sorted(kept, key=lambda e: hashlib.sha256(f"{seed}\0{e.key()}".encode()).hexdigest())
     for e in ranked[:n_val]:
         e.split = "validation"
-    return BuildReport(kept, len(examples) - len(kept), skipped, n_conv)
+    return BuildReport(kept, len(examples) - len(kept), skipped, n_conv - empty, empty)
 
 
 def write_jsonl(path: Path, examples: Sequence[Example]) -> None:
