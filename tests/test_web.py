@@ -3,6 +3,9 @@ server: pick the bundled character, send, see the streamed reply, regenerate, sw
 
 from __future__ import annotations
 
+import json
+
+import httpx
 import pytest
 
 from galatea.chat.cards import Character
@@ -76,6 +79,66 @@ def test_chat_page(browser, tmp_path):
         page.wait_for_selector("#status:has-text('imported Mira')")
         page.wait_for_selector(".msg.char .text:has-text('Who goes there?')")
         assert page.locator("#character").evaluate("s => s.selectedOptions[0].text") == "Mira"
+        assert not errors, errors
+    finally:
+        log = server.stop()
+    assert "Traceback" not in log, log
+
+
+HOSTILE = ('*waves* "Hello <img src=x onerror=\'window.pwned = 2\'>" **bold** '
+           '[click](javascript:window.pwned=3) `<b>code</b>` <script>window.pwned = 1</script>')
+
+
+def test_messages_are_formatted_and_nothing_from_a_card_executes(browser, tmp_path):
+    """SillyTavern's formatting (*actions*, "speech", **bold**, `code`) on a hostile card: its
+    tags, handlers and javascript: links must stay text. Avatars, timestamps, the message
+    menu and editing in place."""
+    server = Server(tmp_path)
+    errors: list[str] = []
+    try:
+        card = {"name": "Eve", "description": "<script>window.pwned = 5</script>A trickster.", "first_mes": HOSTILE}
+        assert httpx.post(f"{server.url}/galatea/characters", content=json.dumps(card), timeout=10).status_code == 200
+        page = browser.new_page(viewport={"width": 1100, "height": 800})
+        page.on("pageerror", lambda e: errors.append(str(e)))
+        page.on("dialog", lambda d: (errors.append(f"dialog: {d.message}"), d.dismiss()))
+        page.goto(server.url + "/")
+        page.wait_for_selector("#character option:text('Eve')", state="attached")
+        page.select_option("#character", label="Eve")
+        page.wait_for_selector(".msg.char .text:has-text('[click]')")
+        greeting = page.locator(".msg.char .text").first
+        assert greeting.locator("em").inner_text() == "waves"
+        assert greeting.locator(".speech").inner_text() == '"Hello <img src=x onerror=\'window.pwned = 2\'>"'
+        assert greeting.locator("strong").inner_text() == "bold"
+        assert greeting.locator("code").inner_text() == "<b>code</b>"
+        assert "[click](javascript:window.pwned=3)" in greeting.inner_text()
+        assert page.locator("#messages img:not(.avatar), #messages script, #messages a, #messages b").count() == 0
+        assert page.evaluate("window.pwned") is None
+
+        char = page.locator(".msg.char").first
+        assert "/galatea/characters/" in char.locator("img.avatar").get_attribute("src")
+        assert char.locator("time").inner_text().strip()  # when it was written
+
+        page.fill("#input", 'I *smile*. "Hi <b>there</b>!"')
+        page.keyboard.press("Enter")
+        page.wait_for_function("document.querySelector('#status').textContent.includes('tok/s')", timeout=120_000)
+        mine = page.locator(".msg.user").last
+        assert mine.locator(".avatar").inner_text() == "Y" and mine.locator("em").inner_text() == "smile"
+        assert mine.locator(".speech").inner_text() == '"Hi <b>there</b>!"'
+
+        # edit the greeting in place, from its menu
+        char.locator("details.menu summary").click()
+        char.locator("button[title='Edit this message']").click()
+        box = char.locator("textarea.edit")
+        assert box.input_value() == HOSTILE  # the raw text, marks and all
+        box.fill("*bows* Welcome back.")
+        char.locator("button[title='Save the edit']").click()
+        page.wait_for_selector(".msg.char .text em:text('bows')")
+        chat = page.evaluate("state.chat")
+        stored = httpx.get(f"{server.url}/galatea/chats/{chat}", timeout=10).json()["messages"][0]["text"]
+        assert stored == "*bows* Welcome back."
+        ARTIFACTS.mkdir(exist_ok=True)
+        page.screenshot(path=str(ARTIFACTS / "web-formatting.png"))
+        assert page.evaluate("window.pwned") is None
         assert not errors, errors
     finally:
         log = server.stop()

@@ -93,7 +93,10 @@ def session(engine: Scheduler, store: Store, chat_id: int) -> ChatSession:
 
 def messages(store: Store, chat_id: int) -> list[dict[str, Any]]:
     return [{"id": m.id, "number": i, "is_user": m.is_user, "name": m.name, "text": m.text,
-             "swipe": m.active, "swipes": len(m.swipes)} for i, m in enumerate(store.messages(chat_id), 1)]
+             "swipe": m.active, "swipes": len(m.swipes),
+             # when the shown text was written: its swipe's generation end, else the message's
+             "time": m.swipes[m.active].gen_finished or m.created_at}
+            for i, m in enumerate(store.messages(chat_id), 1)]
 
 def reply_stream(turns: ChatTurns, make: Callable[[threading.Event], Iterator[str]], s: ChatSession,
                  request: Request) -> StreamingResponse:

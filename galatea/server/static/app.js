@@ -74,15 +74,60 @@ function render(messages) {
   box.scrollTop = box.scrollHeight;
 }
 
+// Message text as SillyTavern shows it: *actions* in italics, "speech" highlighted, **bold** and
+// `code`. Safe by construction: the text is HTML-escaped first, and only then are these marks
+// turned into tags written here, so no tag, attribute or URL from the model or a card ever
+// reaches the page (Markdown links and images stay plain text).
+const ESCAPES = { "&": "&amp;", "<": "&lt;", ">": "&gt;", '"': "&quot;", "'": "&#39;" };
+function escapeHtml(text) { return text.replace(/[&<>"']/g, (c) => ESCAPES[c]); }
+function formatMessage(text) {
+  return text.split(/(`[^`\n]+`)/).map((part, i) => {
+    if (i % 2) return `<code>${escapeHtml(part.slice(1, -1))}</code>`;
+    return escapeHtml(part)
+      .replace(/\*\*([^*\n]+)\*\*/g, "<strong>$1</strong>")
+      .replace(/\*([^*\n]+)\*/g, "<em>$1</em>")
+      .replace(/&quot;([^\n]*?)&quot;/g, '<span class="speech">&quot;$1&quot;</span>')
+      .replace(/\u201c([^\u201d\n]*)\u201d/g, '<span class="speech">\u201c$1\u201d</span>');
+  }).join("");
+}
+
+function avatarView(m) {
+  if (!m.is_user) {
+    const img = document.createElement("img");
+    img.className = "avatar"; img.alt = ""; img.src = `/galatea/characters/${state.character}/image`;
+    return img;
+  }
+  const you = document.createElement("div");  // the user: their initial
+  you.className = "avatar"; you.textContent = (m.name || "You").trim().charAt(0).toUpperCase();
+  return you;
+}
+
+function timeText(seconds) {
+  if (!seconds) return "";
+  const d = new Date(seconds * 1000);
+  const sameDay = d.toDateString() === new Date().toDateString();
+  return sameDay ? d.toLocaleTimeString([], { hour: "2-digit", minute: "2-digit" })
+                 : d.toLocaleString([], { dateStyle: "short", timeStyle: "short" });
+}
+
 function messageView(m, isLast) {
   const div = document.createElement("div");
   div.className = "msg " + (m.is_user ? "user" : "char");
   div.dataset.id = m.id;
+  const body = document.createElement("div");
+  body.className = "body";
+  const head = document.createElement("div");
+  head.className = "head";
   const name = document.createElement("span");
-  name.className = "name"; name.textContent = m.name + ":";
-  const text = document.createElement("span");
-  text.className = "text"; text.textContent = m.text;
-  div.append(name, text);
+  name.className = "name"; name.textContent = m.name;
+  const time = document.createElement("time");
+  time.textContent = timeText(m.time);
+  if (m.time) time.dateTime = new Date(m.time * 1000).toISOString();
+  head.append(name, time);
+  const text = document.createElement("div");
+  text.className = "text"; text.innerHTML = formatMessage(m.text);
+  text.dataset.raw = m.text;
+  body.append(head, text);
   const tools = document.createElement("div");
   tools.className = "tools";
   if (!m.is_user && m.swipes > 1 || (!m.is_user && isLast)) {
@@ -93,8 +138,18 @@ function messageView(m, isLast) {
       isLast && m.swipe + 1 === m.swipes && m.number > 1 ? generate("regenerate") : swipe(m.id, 1));
     tools.append(prev, count, next);
   }
-  tools.append(button("✎", "Edit", () => edit(m)), button("✕", "Delete", () => del(m)));
-  div.appendChild(tools);
+  if (m.id) {  // a stored message: its actions, in a menu
+    const menu = document.createElement("details");
+    menu.className = "menu";
+    const summary = document.createElement("summary");
+    summary.textContent = "⋯"; summary.title = "Message actions";
+    menu.append(summary, button("Edit", "Edit this message", () => { menu.open = false; editInPlace(div, m); }),
+                button("Copy", "Copy the text", () => { menu.open = false; navigator.clipboard?.writeText(m.text); }),
+                button("Delete", "Delete this message", () => { menu.open = false; del(m); }));
+    head.append(menu);
+  }
+  if (tools.childElementCount) body.appendChild(tools);
+  div.append(avatarView(m), body);
   return div;
 }
 
@@ -104,11 +159,28 @@ function button(label, title, onclick) {
   return b;
 }
 
-async function swipe(id, step) { await api(`/messages/${id}/swipe`, post({ step })); await openChat(state.chat); }
-async function edit(m) {
-  const text = prompt("Edit message", m.text);
-  if (text !== null) { await api(`/messages/${m.id}`, { ...post({ text }), method: "PUT" }); await openChat(state.chat); }
+// Edit a message where it is: its text becomes a text box; Save stores it, Escape cancels.
+function editInPlace(div, m) {
+  const text = div.querySelector(".text");
+  const box = document.createElement("textarea");
+  box.className = "edit"; box.value = m.text; box.rows = Math.min(12, m.text.split("\n").length + 1);
+  const save = button("Save", "Save the edit", async () => {
+    await api(`/messages/${m.id}`, { ...post({ text: box.value }), method: "PUT" });
+    await openChat(state.chat);
+  });
+  const cancel = button("Cancel", "Keep the message as it was", () => openChat(state.chat));
+  box.addEventListener("keydown", (ev) => {
+    if (ev.key === "Escape") cancel.click();
+    if (ev.key === "Enter" && (ev.ctrlKey || ev.metaKey)) save.click();
+  });
+  const editor = document.createElement("div");
+  editor.className = "editor";
+  editor.append(box, save, cancel);
+  text.replaceWith(editor);
+  box.focus();
 }
+
+async function swipe(id, step) { await api(`/messages/${id}/swipe`, post({ step })); await openChat(state.chat); }
 async function del(m) {
   if (confirm("Delete this message?")) { await api(`/messages/${m.id}`, { method: "DELETE" }); await openChat(state.chat); }
 }
@@ -124,9 +196,10 @@ async function generate(kind, body) {
   try {
     if (kind === "send") {
       const box = $("messages");
-      box.appendChild(messageView({ id: 0, is_user: true, name: "You", text: body.text, swipes: 1, swipe: 0 }, false));
+      box.appendChild(messageView({ id: 0, is_user: true, name: "You", text: body.text, swipes: 1, swipe: 0, time: Date.now() / 1000 }, false));
     }
-    const live = messageView({ id: 0, is_user: false, name: $("character").selectedOptions[0].text, text: "", swipes: 1, swipe: 0 }, false);
+    const live = messageView({ id: 0, is_user: false, name: $("character").selectedOptions[0].text, text: "", swipes: 1,
+                              swipe: 0, time: Date.now() / 1000 }, false);
     live.classList.add("streaming");
     if (kind !== "continue") $("messages").appendChild(live);
     const r = await authFetch(`/galatea/chats/${chatId}/${kind}`, post(body || {}));
@@ -144,7 +217,11 @@ async function generate(kind, body) {
         const line = buffer.slice(0, cut); buffer = buffer.slice(cut + 2);
         if (!line.startsWith("data: ")) continue;
         const event = JSON.parse(line.slice(6));
-        if (event.text) { target.textContent += event.text; $("messages").scrollTop = $("messages").scrollHeight; }
+        if (event.text) {
+          target.dataset.raw = (target.dataset.raw || "") + event.text;
+          target.innerHTML = formatMessage(target.dataset.raw);
+          $("messages").scrollTop = $("messages").scrollHeight;
+        }
         if (event.done) done = event;
       }
     }
