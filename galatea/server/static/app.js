@@ -43,17 +43,22 @@ async function loadCharacters(select) {
   if (pick) { $("character").value = pick; await openCharacter(Number(pick)); }
 }
 
+// Each open checks, after every wait, that it is still the latest: a slow answer for a
+// character or chat the user has already left must not replace what is on screen.
 async function openCharacter(id) {
   state.character = id;
   $("avatar").src = `/galatea/characters/${id}/image`;
   let chats = await listChats(id);
+  if (state.character !== id) return;
   if (!chats.length) { await api(`/characters/${id}/chats`, { method: "POST" }); chats = await listChats(id); }
+  if (state.character !== id) return;
   await openChat(chats[0].id);
 }
 
 // Fill the chat picker (titles with message counts) for a character; returns its chats, newest first.
 async function listChats(characterId) {
   const chats = await api(`/characters/${characterId}/chats`);
+  if (state.character !== characterId) return chats;  // the user has moved on: leave the picker
   $("chat").innerHTML = "";
   for (const c of chats) $("chat").add(new Option(`${c.title} (${c.messages})`, c.id));
   if (state.chat) $("chat").value = state.chat;
@@ -64,7 +69,8 @@ async function openChat(id) {
   state.chat = id;
   $("chat").value = id;
   localStorage.setItem("galatea.chat", id);
-  render((await api(`/chats/${id}`)).messages);
+  const chat = await api(`/chats/${id}`);
+  if (state.chat === id) render(chat.messages);
 }
 
 function render(messages) {
