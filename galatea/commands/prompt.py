@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+from pathlib import Path
 from typing import Any
 
 from galatea.commands.common import data_dir_arg, open_store
@@ -32,7 +33,7 @@ def library_or_card(args: argparse.Namespace) -> Any:
     from galatea.chat.cards import load_character
     from galatea.errors import GalateaError
 
-    if args.character:
+    if args.character and not Path(args.character).expanduser().is_file():  # a file never opens the store
         try:
             return open_store(args).character(args.character)[1]
         except GalateaError:
