@@ -74,15 +74,31 @@ def test_stopped_reply_keeps_what_was_written(session):
     assert session.messages()[-1].text == clean_reply("".join(parts), "Aria", "Aria", "You")
 
 
+def test_a_reply_stopped_before_its_first_token_leaves_no_message(session):
+    """The page's Stop pressed while the prompt is still read: the user's message stays, no
+    empty reply is stored, and a regenerate after it keeps the old reply's swipes intact."""
+    stopped = threading.Event()
+    stopped.set()
+    assert "".join(session.send("Hello there.", stopped)) == ""
+    msgs = session.messages()
+    assert session.last.finish_reason == "cancelled" and msgs[-1].is_user and msgs[-1].text == "Hello there."
+    session.settings["max_new_tokens"] = 4
+    "".join(session.reply())
+    before = session.messages()[-1]
+    assert "".join(session.regenerate(stopped)) == ""
+    after = session.messages()[-1]
+    assert len(after.swipes) == len(before.swipes) == 1 and after.text == before.text
+
+
 def test_the_newer_samplers_reach_the_chat(session, monkeypatch):
     """`/set dry_multiplier 0.8` (or mirostat, xtc_probability, ...) changes the parameters the
     reply is generated with."""
     seen = []
     real = session._run
 
-    def spy(ids, params, cancel):
+    def spy(ids, params, cancel, progress):
         seen.append(params)
-        return real(ids, params, cancel)
+        return real(ids, params, cancel, progress)
 
     monkeypatch.setattr(session, "_run", spy)
     session.settings.update(dry_multiplier=0.8, mirostat=2, mirostat_tau=3.0, xtc_probability=0.5, max_new_tokens=8)

@@ -4,6 +4,7 @@ server: pick the bundled character, send, see the streamed reply, regenerate, sw
 from __future__ import annotations
 
 import json
+import time
 
 import httpx
 import pytest
@@ -141,6 +142,86 @@ def test_messages_are_formatted_and_nothing_from_a_card_executes(browser, tmp_pa
         ARTIFACTS.mkdir(exist_ok=True)
         page.screenshot(path=str(ARTIFACTS / "web-formatting.png"))
         assert page.evaluate("window.pwned") is None
+        assert not errors, errors
+    finally:
+        log = server.stop()
+    assert "Traceback" not in log, log
+
+
+def _settings(server: Server, chat: int, **values: object) -> None:
+    r = httpx.put(f"{server.url}/galatea/chats/{chat}/settings", json=values, timeout=10)
+    assert r.status_code == 200, r.text
+
+
+def _wait_idle(server: Server, chat: int, within: float = 120) -> dict:
+    deadline = time.time() + within
+    while (state := httpx.get(f"{server.url}/galatea/chats/{chat}", timeout=10).json())["live"] is not None:
+        assert time.time() < deadline, f"timed out: the reply in chat {chat} still runs after {within} s"
+        time.sleep(0.2)
+    return state
+
+
+def test_a_reply_survives_its_tab_and_stop_before_the_first_token_leaves_nothing(browser, tmp_path):
+    """A long persona: the page shows how far the prompt is read; Stop while it is read keeps
+    the user's message and stores no empty reply; a reply whose tab closes mid-stream goes on,
+    is stored whole (the same greedy reply an uninterrupted chat gets) and streams again in
+    the reopened page."""
+    server = Server(tmp_path)
+    errors: list[str] = []
+    try:
+        lore = " ".join(f"Lyra remembers verse {i} of the song of the old north road." for i in range(220))
+        card = {"name": "Lyra", "description": f"A wandering bard. {lore}", "first_mes": "*tunes her lute* Hello."}
+        lyra = httpx.post(f"{server.url}/galatea/characters", content=json.dumps(card), timeout=10).json()["id"]
+        chat, reference = (httpx.post(f"{server.url}/galatea/characters/{lyra}/chats", timeout=10).json()["id"]
+                           for _ in range(2))
+        for c in (chat, reference):
+            _settings(server, c, temperature=0, max_new_tokens=500, repetition_penalty=1.0)
+        tabs = browser.new_context(viewport={"width": 1100, "height": 800})  # one browser profile
+        page = tabs.new_page()
+        page.on("pageerror", lambda e: errors.append(str(e)))
+        page.goto(server.url + "/")
+        page.wait_for_selector(".msg.char .text:has-text('Well met')")  # the first load has ended
+        page.evaluate(f"localStorage.setItem('galatea.chat', {chat})")
+        page.reload()
+        page.wait_for_selector(".msg.char .text:has-text('Hello.')")
+        assert page.evaluate("state.chat") == chat
+
+        page.fill("#input", "Sing me the song of the road, all of it.")
+        page.keyboard.press("Enter")
+        page.wait_for_selector("#status:has-text('reading the prompt')", timeout=60_000)
+        read, total = page.inner_text("#status").split(": ")[1].split(" tokens")[0].split(" / ")
+        assert 0 < int(read) < int(total) and int(total) > 2000
+        assert "reading the prompt" in page.locator(".msg.streaming .text").inner_text()
+        ARTIFACTS.mkdir(exist_ok=True)
+        page.screenshot(path=str(ARTIFACTS / "web-prompt-progress.png"))
+        page.click("#stop")
+        page.wait_for_selector("#status:has-text('stopped')", timeout=60_000)
+        msgs = _wait_idle(server, chat)["messages"]
+        assert [m["is_user"] for m in msgs] == [False, True], msgs  # no empty reply stored
+        assert page.locator(".msg").count() == 2
+
+        page.click("#regen")  # the last message is the user's: a reply to it
+        page.wait_for_selector(".msg.streaming .text[data-raw]", timeout=120_000)  # reply text, not progress
+        seen = page.locator(".msg.streaming .text").get_attribute("data-raw")
+        page.close()  # mid-reply
+        assert httpx.get(f"{server.url}/galatea/chats/{chat}", timeout=10).json()["live"] is not None, \
+            "the reply had already ended: the test proves nothing (make the reply longer)"
+
+        page = tabs.new_page()
+        page.on("pageerror", lambda e: errors.append(str(e)))
+        page.goto(server.url + "/")  # the saved chat opens, and the running reply streams in it
+        page.wait_for_selector(".msg.streaming .text[data-raw]", timeout=30_000)
+        page.wait_for_function("document.querySelector('#status').textContent.includes('tok/s')", timeout=120_000)
+        stored = _wait_idle(server, chat)["messages"]
+        assert len(stored) == 3 and not stored[2]["is_user"]
+        assert page.locator(".msg:last-child .text").get_attribute("data-raw") == stored[2]["text"]
+
+        with httpx.stream("POST", f"{server.url}/galatea/chats/{reference}/send",
+                          json={"text": "Sing me the song of the road, all of it."}, timeout=120) as r:
+            events = [json.loads(line[6:]) for line in r.iter_lines() if line.startswith("data: ")]
+        assert events[-1]["done"] and events[-1]["status"]["finish_reason"] != "cancelled", events[-1]
+        whole = _wait_idle(server, reference)["messages"][2]["text"]
+        assert stored[2]["text"] == whole and len(whole) > len(seen.strip())
         assert not errors, errors
     finally:
         log = server.stop()

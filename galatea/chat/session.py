@@ -70,7 +70,14 @@ class Turnout:
     shifted_tokens: int = 0
 
 
-Generate = Callable[[list[int], SamplingParams, threading.Event | None], Iterator[Chunk]]
+def _stopped_empty(out: Turnout, text: str) -> bool:
+    """Stopped before it wrote anything: nothing to keep (an empty message would only be in the
+    way, and a blank swipe would hide the reply the user had)."""
+    return out.finish_reason == "cancelled" and not text
+
+
+Progress = Callable[[int, int], None]  # (prompt tokens read, prompt tokens), while a prompt is read
+Generate = Callable[[list[int], SamplingParams, threading.Event | None, Progress | None], Iterator[Chunk]]
 
 
 class ChatSession:
@@ -85,7 +92,7 @@ class ChatSession:
         self.overrides, self.context_shift, self.speculative = dict(settings or {}), context_shift, speculative
         # each turn re-reads only what changed since the last, even once old turns drop out
         self.prompt_cache = PromptCache(context_shift)
-        self._run = generate or (lambda ids, params, cancel: stream_generate(
+        self._run = generate or (lambda ids, params, cancel, progress: stream_generate(
             lm.model, lm.tokenizer, ids, params, cancel, self.context, self.prompt_cache, speculative))
         self.info = store.chat(chat_id)
         self.character_id, self.char = store.character(self.info.character_id)
@@ -98,6 +105,7 @@ class ChatSession:
         self.context = max_context or lm.config.max_position_embeddings
         self.last_prompt: Prompt | None = None
         self.last: Turnout | None = None
+        self.progress: Progress | None = None  # told how far a long prompt is read (the page's)
 
     @property
     def user(self) -> str:
@@ -138,6 +146,8 @@ class ChatSession:
         seed = None if self.settings.get("seed") is None else int(self.settings["seed"]) + len(target.swipes)
         out = yield from self._generate(prompt, reply_stops(self.char.name, self.user), cancel, seed)
         text = clean_reply(out.text, self.char.name, self.char.name, self.user)
+        if _stopped_empty(out, text):
+            return
         self.store.add_swipe(target.id, text, out.seed, started, time.time())
         out.message_id = target.id
 
@@ -163,6 +173,8 @@ class ChatSession:
         started = time.time()
         out = yield from self._generate(prompt, reply_stops(self.char.name, self.user), cancel)
         text = clean_reply(out.text, self.char.name, self.char.name, self.user)
+        if _stopped_empty(out, text):
+            return
         out.message_id = self.store.add_message(self.chat_id, False, self.char.name, text, out.seed,
                                                 started, time.time())
 
@@ -184,7 +196,7 @@ class ChatSession:
         ids = self.lm.tokenizer.encode(prompt.text)
         parts: list[str] = []
         last: Chunk | None = None
-        for chunk in self._run(ids, params, cancel):
+        for chunk in self._run(ids, params, cancel, self.progress):
             if chunk.text:
                 parts.append(chunk.text)
                 yield chunk.text

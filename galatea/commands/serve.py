@@ -89,4 +89,5 @@ def run(args: argparse.Namespace) -> int:
         server.should_exit = True
         http.join(timeout=2)
         sock.close()
+        app.state.replies.close()  # the page's replies, cancelled by the engine's close, are stored
     return 0

@@ -44,6 +44,8 @@ class Job:
     text: str = ""  # what has been generated so far (for /api/extra/generate/check)
     origin: str = "api"  # "api": the Kobold and OpenAI routes; "page": the chat page's sessions
     ended: threading.Event = field(default_factory=threading.Event)  # set once it produces nothing more
+    # told (prompt positions read, prompt length) after each chunk of a long prompt, from the worker
+    progress: Callable[[int, int], None] | None = None
 
 
 class Scheduler:
@@ -112,10 +114,12 @@ class Scheduler:
             job.cancel.set()  # no-op when finished; stops the work when the client went away
 
     def generate_sync(self, prompt_ids: Sequence[int], params: SamplingParams,
-                      cancel: threading.Event | None = None) -> Iterator[Chunk]:
+                      cancel: threading.Event | None = None,
+                      progress: Callable[[int, int], None] | None = None) -> Iterator[Chunk]:
         """The same, for code running in a thread (the chat sessions of the web page)."""
         out: queue.Queue = queue.Queue()
         job = self._submit(prompt_ids, params, out.put, "", cancel, origin="page")
+        job.progress = progress
         try:
             while True:
                 chunk = _chunk_or_raise(out.get())
@@ -223,6 +227,8 @@ class Scheduler:
                 # in chunks, so that running streams keep flowing between them and an abort or a
                 # hang-up takes effect within one chunk's time
                 self._guard(active, [(job, gen)], lambda: gen.prefill_step(self.prefill_chunk))
+                if job.progress is not None and not gen.done:
+                    job.progress(gen.read, gen.n_prompt)
         ready = [(j, g) for j, g in active if g.prefilled and not g.done and g.logits is not None]
         for job, gen in ready:
             while (job, gen) in active and not gen.done and gen.logits is not None:  # every accepted draft

@@ -26,6 +26,7 @@ from galatea.chat.store import Store
 from galatea.engine.scheduler import Scheduler
 from galatea.server import galatea_api, kobold, openai_api
 from galatea.server.guard import Guard, OpenCORS
+from galatea.server.live import LiveReplies
 from galatea.server.perf import Perf
 from galatea.server.schemas import BadRequest
 from galatea.server.serving import error_body
@@ -87,7 +88,7 @@ def create_app(engine: Scheduler, store: Store | None = None, api_key: str | Non
     def health() -> dict:
         return {"status": "ok", "model": engine.name, "queue": engine.queued}
 
-    app.state.perf, app.state.turns = Perf(), galatea_api.ChatTurns()
+    app.state.perf, app.state.replies = Perf(), LiveReplies()
     engine.finished.append(app.state.perf.record)
     app.include_router(kobold.router)
     app.include_router(openai_api.router)

@@ -1,11 +1,11 @@
 """Galatea's own API, behind the web chat page: characters, chats and every chat operation, all
 through the same chat store as the terminal (so both see the same chats). Generation goes
-through the engine's queue; replies stream as SSE `data: {"text": ...}` events and end with a
-`{"done": true, ...}` event carrying the status line."""
+through the engine's queue; a reply runs on the server whether or not its tab stays (live.py) and
+streams as SSE `data: {"text": ...}` events (`{"progress": ...}` while a long prompt is read),
+ending with a `{"done": true, ...}` event carrying the status line."""
 
 from __future__ import annotations
 
-import asyncio
 import threading
 from collections.abc import AsyncIterator, Callable, Iterator
 from typing import Annotated, Any
@@ -22,7 +22,7 @@ from galatea.engine.scheduler import Scheduler
 from galatea.errors import GalateaError
 from galatea.server import sse
 from galatea.server.deps import ChatStore, Engine
-from galatea.server.disconnect import watch
+from galatea.server.live import Busy, LiveReplies, LiveReply
 from galatea.server.schemas import BadRequest, RequestBody
 
 
@@ -57,31 +57,14 @@ class Abort(RequestBody):
     chat_id: int | None = Field(default=None, ge=0, le=2**63 - 1)
 
 
-BUSY_WAIT_S = 3.0
 RowId = Annotated[int, PathParam(ge=0, le=2**63 - 1)]  # SQLite's integer range: larger ids cannot exist
 
 
-class ChatTurns:
-    """One reply at a time per chat: a request for a busy chat waits BUSY_WAIT_S at most, then is
-    told so, rather than holding a server thread until the reply ends (40 waiting requests whose
-    clients gave up once took every thread and stalled the whole server). Also which chats have
-    a reply running, for the page's Stop. One per app (`create_app`)."""
-
-    def __init__(self) -> None:
-        self._locks: dict[int, threading.Lock] = {}
-        self._guard = threading.Lock()
-        self.generating: dict[int, threading.Event] = {}  # chat id -> its running reply's cancel
-
-    def lock(self, chat_id: int) -> threading.Lock:
-        with self._guard:
-            return self._locks.setdefault(chat_id, threading.Lock())
+def _replies(request: Request) -> LiveReplies:
+    return request.app.state.replies
 
 
-def _turns(request: Request) -> ChatTurns:
-    return request.app.state.turns
-
-
-Turns = Annotated[ChatTurns, Depends(_turns)]
+Replies = Annotated[LiveReplies, Depends(_replies)]
 router = APIRouter(prefix="/galatea", tags=["Galatea"])
 
 
@@ -98,52 +81,34 @@ def messages(store: Store, chat_id: int) -> list[dict[str, Any]]:
              "time": m.swipes[m.active].gen_finished or m.created_at}
             for i, m in enumerate(store.messages(chat_id), 1)]
 
-def reply_stream(turns: ChatTurns, make: Callable[[threading.Event], Iterator[str]], s: ChatSession,
-                 request: Request) -> StreamingResponse:
-    """The reply as SSE. `cancel` is set when the client leaves (also while the request waits
-    for a busy chat, or before its reply began: nothing is then written), on the page's Stop,
-    or at the end."""
+def start_reply(replies: LiveReplies, s: ChatSession, kind: str,
+                make: Callable[[threading.Event], Iterator[str]]) -> StreamingResponse:
+    """Start the reply on the server (it goes on if this client leaves) and stream it as SSE."""
 
-    def events(cancel: threading.Event) -> Iterator[str]:
-        lock, waited = turns.lock(s.chat_id), 0.0
-        while not lock.acquire(timeout=0.1):
-            waited += 0.1
-            if cancel.is_set():
-                return
-            if waited >= BUSY_WAIT_S:
-                busy = "this chat is busy with another reply; wait for it or press Stop"
-                yield sse.event({"done": True, "error": busy})
-                return
-        turns.generating[s.chat_id] = cancel
-        try:
-            if cancel.is_set():
-                return
-            for text in make(cancel):
-                yield sse.event({"text": text})
-            last = s.last
-            status = {} if last is None else {
-                "prompt_tokens": last.prompt_tokens, "reply_tokens": last.reply_tokens,
-                "tok_s": round(last.decode_tok_s, 1), "finish_reason": last.finish_reason}
-            yield sse.event({"done": True, "status": status})
-        except GalateaError as e:
-            yield sse.event({"done": True, "error": str(e)})
-        finally:
-            cancel.set()
-            if turns.generating.get(s.chat_id) is cancel:
-                del turns.generating[s.chat_id]
-            lock.release()
+    def run(reply: LiveReply) -> dict[str, Any]:
+        s.progress = lambda read, total: reply.publish({"progress": {"read": read, "total": total}})
+        for text in make(reply.cancel):
+            reply.publish({"text": text})
+        last = s.last
+        return {"done": True, "status": {} if last is None else {
+            "prompt_tokens": last.prompt_tokens, "reply_tokens": last.reply_tokens,
+            "tok_s": round(last.decode_tok_s, 1), "finish_reason": last.finish_reason}}
 
-    async def stream() -> AsyncIterator[str]:
-        async with watch(request) as gone:
-            it = events(gone)
-            try:
-                while (event := await asyncio.to_thread(next, it, None)) is not None:
-                    yield event
-            finally:
-                gone.set()
-                await asyncio.to_thread(it.close)  # its `finally`: the chat's lock is released
+    try:
+        reply = replies.start(s.chat_id, kind, run)
+    except Busy:
+        raise BadRequest("this chat is busy with another reply; wait for it or press Stop", "busy", 409) from None
+    return follow(reply)
 
-    return sse.response(stream())
+def follow(reply: LiveReply | None) -> StreamingResponse:
+    async def events() -> AsyncIterator[str]:
+        if reply is None:
+            yield sse.event({"done": True, "status": {}})
+            return
+        async for event in reply.follow():
+            yield sse.event(event)
+
+    return sse.response(events())
 
 @router.get("/characters")
 def characters(store: ChatStore) -> list[dict]:
@@ -186,30 +151,34 @@ def new_chat(character_id: RowId, store: ChatStore) -> dict:
         raise BadRequest(str(e), "not_found", 404) from None
 
 @router.get("/chats/{chat_id}")
-def chat(chat_id: RowId, engine: Engine, store: ChatStore) -> dict:
+def chat(chat_id: RowId, engine: Engine, store: ChatStore, replies: Replies) -> dict:
     s = session(engine, store, chat_id)
+    running = replies.get(chat_id)
     return {"id": chat_id, "title": s.info.title, "user": s.user, "character": {"id": s.character_id,
-            "name": s.char.name}, "messages": messages(store, chat_id)}
+            "name": s.char.name}, "messages": messages(store, chat_id),
+            "live": None if running is None else {"kind": running.kind}}
 
 @router.post("/chats/{chat_id}/send")
-def send(chat_id: RowId, body: Text, request: Request, engine: Engine, store: ChatStore,
-         turns: Turns) -> StreamingResponse:
+def send(chat_id: RowId, body: Text, engine: Engine, store: ChatStore, replies: Replies) -> StreamingResponse:
     if not body.text.strip():
         raise BadRequest("the message is empty")
     s = session(engine, store, chat_id)
-    return reply_stream(turns, lambda c: s.send(body.text, c), s, request)
+    return start_reply(replies, s, "send", lambda cancel: s.send(body.text, cancel))
 
 @router.post("/chats/{chat_id}/regenerate")
-def regenerate(chat_id: RowId, request: Request, engine: Engine, store: ChatStore,
-               turns: Turns) -> StreamingResponse:
+def regenerate(chat_id: RowId, engine: Engine, store: ChatStore, replies: Replies) -> StreamingResponse:
     s = session(engine, store, chat_id)
-    return reply_stream(turns, s.regenerate, s, request)
+    return start_reply(replies, s, "regenerate", s.regenerate)
 
 @router.post("/chats/{chat_id}/continue")
-def continue_(chat_id: RowId, request: Request, engine: Engine, store: ChatStore,
-              turns: Turns) -> StreamingResponse:
+def continue_(chat_id: RowId, engine: Engine, store: ChatStore, replies: Replies) -> StreamingResponse:
     s = session(engine, store, chat_id)
-    return reply_stream(turns, s.continue_last, s, request)
+    return start_reply(replies, s, "continue", s.continue_last)
+
+@router.get("/chats/{chat_id}/live")
+def live(chat_id: RowId, replies: Replies) -> StreamingResponse:
+    """The chat's running reply from its start (a reopened chat); just the end when none runs."""
+    return follow(replies.get(chat_id))
 
 @router.get("/chats/{chat_id}/settings")
 def settings(chat_id: RowId, engine: Engine, store: ChatStore) -> dict:
@@ -250,12 +219,7 @@ def delete(message_id: RowId, store: ChatStore) -> dict:
     return {"ok": True}
 
 @router.post("/abort")
-def abort(turns: Turns, body: Abort | None = None) -> dict:
-    """Stop the page's generation in chat `chat_id` (every chat's without one). Never an API
+def abort(replies: Replies, body: Abort | None = None) -> dict:
+    """Stop the page's reply in chat `chat_id` (every chat's without one). Never an API
     client's: those stop through their own routes."""
-    chats = [body.chat_id] if body is not None and body.chat_id is not None else list(turns.generating)
-    stopped = [c for c in chats if (cancel := turns.generating.get(c)) is not None and not cancel.is_set()]
-    for c in stopped:
-        turns.generating[c].set()
-    return {"stopped": bool(stopped)}
-
+    return {"stopped": replies.stop(None if body is None else body.chat_id)}

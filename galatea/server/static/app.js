@@ -66,11 +66,16 @@ async function listChats(characterId) {
 }
 
 async function openChat(id) {
+  if (state.following && state.following.chatId !== id) state.following.stop.abort();
+  if (state.following && state.chat === id) return;  // on screen and streaming: it re-renders at its end
   state.chat = id;
   $("chat").value = id;
   localStorage.setItem("galatea.chat", id);
   const chat = await api(`/chats/${id}`);
-  if (state.chat === id) render(chat.messages);
+  if (state.chat !== id) return;
+  render(chat.messages);
+  // a reply still running on the server (started before a reload, or in another tab): follow it
+  if (chat.live && !state.busy) streamReply(chat.live.kind, id, (signal) => authFetch(`/galatea/chats/${id}/live`, { signal }));
 }
 
 function render(messages) {
@@ -192,23 +197,32 @@ async function del(m) {
 }
 function post(body) { return { method: "POST", headers: { "Content-Type": "application/json" }, body: JSON.stringify(body) }; }
 
-// Stream a reply: the server sends `data: {"text": ...}` events and a final `{"done": true}`.
+// Start a reply. It runs on the server, which stores it whether or not this tab stays open.
 async function generate(kind, body) {
   if (state.busy) return;
+  const chatId = state.chat;
+  if (kind === "send") {
+    $("messages").appendChild(messageView({ id: 0, is_user: true, name: "You", text: body.text, swipes: 1, swipe: 0,
+                                            time: Date.now() / 1000 }, false));
+  }
+  await streamReply(kind, chatId, (signal) => authFetch(`/galatea/chats/${chatId}/${kind}`, { ...post(body || {}), signal }));
+}
+
+// Show a reply as it streams: the server sends what was written so far, then `data: {"text": ...}`
+// events (and `{"progress": {"read", "total"}}` while it reads a long prompt), and a last
+// `{"done": true}`. `open(signal)` makes the request: a new reply, or following one already
+// running. Leaving the chat stops following it (the reply itself goes on, on the server).
+async function streamReply(kind, chatId, open) {
   setBusy(true);
   status("…");
-  const chatId = state.chat;
+  const following = state.following = { chatId, stop: new AbortController() };
   let summary = "";
   try {
-    if (kind === "send") {
-      const box = $("messages");
-      box.appendChild(messageView({ id: 0, is_user: true, name: "You", text: body.text, swipes: 1, swipe: 0, time: Date.now() / 1000 }, false));
-    }
-    const live = messageView({ id: 0, is_user: false, name: $("character").selectedOptions[0].text, text: "", swipes: 1,
-                              swipe: 0, time: Date.now() / 1000 }, false);
+    const live = messageView({ id: 0, is_user: false, name: $("character").selectedOptions[0].text, text: "",
+                               swipes: 1, swipe: 0, time: Date.now() / 1000 }, false);
     live.classList.add("streaming");
     if (kind !== "continue") $("messages").appendChild(live);
-    const r = await authFetch(`/galatea/chats/${chatId}/${kind}`, post(body || {}));
+    const r = await open(following.stop.signal);
     if (!r.ok) { const e = await r.json(); throw new Error((e.error && e.error.message) || r.statusText); }
     const reader = r.body.getReader();
     const decoder = new TextDecoder();
@@ -223,7 +237,13 @@ async function generate(kind, body) {
         const line = buffer.slice(0, cut); buffer = buffer.slice(cut + 2);
         if (!line.startsWith("data: ")) continue;
         const event = JSON.parse(line.slice(6));
+        if (event.progress && !target.dataset.raw) {  // a long prompt is read: how far, in the bubble too
+          const { read, total } = event.progress;
+          status(`reading the prompt: ${read} / ${total} tokens`);
+          target.innerHTML = `<span class="pending">reading the prompt… ${Math.floor(100 * read / total)}%</span>`;
+        }
         if (event.text) {
+          if (!target.dataset.raw) status("…");
           target.dataset.raw = (target.dataset.raw || "") + event.text;
           target.innerHTML = formatMessage(target.dataset.raw);
           $("messages").scrollTop = $("messages").scrollHeight;
@@ -233,15 +253,17 @@ async function generate(kind, body) {
     }
     if (done && done.error) throw new Error(done.error);
     const s = done && done.status;
-    summary = s ? `prompt ${s.prompt_tokens} tok · reply ${s.reply_tokens} tok · ${s.tok_s} tok/s` +
-               (s.finish_reason === "cancelled" ? " · stopped" : "") : "";
+    summary = s && s.prompt_tokens !== undefined ?
+      `prompt ${s.prompt_tokens} tok · reply ${s.reply_tokens} tok · ${s.tok_s} tok/s` +
+      (s.finish_reason === "cancelled" ? " · stopped" : "") : "";
   } catch (e) {
-    summary = "error: " + e.message;
+    summary = following.stop.signal.aborted ? "" : "error: " + e.message;
   } finally {
     setBusy(false);
     // Re-render from the store first: the streamed text is replaced by the saved (cleaned) reply,
     // and only then does the summary appear, so "tok/s" on screen means the view is final.
-    await openChat(chatId);
+    if (state.following === following) state.following = null;
+    if (state.chat === chatId) await openChat(chatId);
     await listChats(state.character);  // message counts changed
     status(summary);
   }
