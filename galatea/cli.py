@@ -18,6 +18,7 @@ from galatea.commands import (
     eval,
     generate,
     inspect,
+    lorebooks,
     prompt,
     quantize,
     serve,
@@ -28,8 +29,8 @@ from galatea.commands import (
 from galatea.errors import GalateaError
 
 # in the order `galatea --help` lists them
-COMMANDS = (generate, tokenize, inspect, chat, serve, characters, chats, prompt, bench, xor, convert, quantize,
-            train, eval)
+COMMANDS = (generate, tokenize, inspect, chat, serve, characters, lorebooks, chats, prompt, bench, xor, convert,
+            quantize, train, eval)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -226,3 +226,141 @@ def test_a_reply_survives_its_tab_and_stop_before_the_first_token_leaves_nothing
     finally:
         log = server.stop()
     assert "Traceback" not in log, log
+
+
+def test_characters_lorebooks_and_chats_are_managed_from_the_page(browser, tmp_path):
+    """Issue 15, points 3 and 4, as a user clicks through them: the same card imported twice is
+    one character (unless asked for a copy); the character editor (fields, greetings, picture,
+    export, delete); SillyTavern world info imported, attached, edited and seen in the prompt;
+    a chat renamed, searched, imported with its dates and a name warning, deleted."""
+    from io import BytesIO
+
+    from PIL import Image
+
+    server = Server(tmp_path)
+    errors: list[str] = []
+    dialogs: list[str] = []
+    answers: list[bool] = []
+    try:
+        page = browser.new_page(viewport={"width": 1280, "height": 900})
+        page.on("pageerror", lambda e: errors.append(str(e)))
+        page.on("dialog", lambda d: (dialogs.append(d.message), d.accept() if answers.pop(0) else d.dismiss()))
+        page.goto(server.url + "/")
+        page.wait_for_selector(".msg.char .text:has-text('Well met')")
+
+        card = tmp_path / "mira.json"
+        card.write_text(json.dumps({"name": "Mira", "description": "A witch.", "first_mes": "Who goes there?"}))
+        page.set_input_files("#import", str(card))
+        page.wait_for_selector("#status:has-text('imported Mira')")
+        answers.append(False)  # "import it as a copy anyway?" - no
+        page.set_input_files("#import", str(card))
+        page.wait_for_selector("#status:has-text('Mira is already in the library')")
+        assert "already in the library" in dialogs[-1]
+        assert [c["name"] for c in httpx.get(f"{server.url}/galatea/characters", timeout=10).json()] == ["Aria", "Mira"]
+        mira = page.evaluate("state.character")
+
+        # the character editor
+        page.click("#edit-character")
+        page.wait_for_selector("#character-dialog[open]")
+        assert page.input_value("#character-form [name='first_mes']") == "Who goes there?"
+        page.fill("#character-form [name='description']", "A witch of the marsh, {{user}}'s old friend.")
+        page.fill("#character-form [name='tags']", "witch, marsh")
+        page.click("#add-greeting")
+        page.locator(".alt-greeting").last.fill("Back so soon?")
+        picture = tmp_path / "red.png"
+        Image.new("RGB", (48, 48), (200, 20, 20)).save(picture)
+        page.set_input_files("#card-picture-file", str(picture))
+        page.wait_for_function("document.querySelector('#card-picture').src.includes('?t=')")
+        with page.expect_download() as download:
+            page.click("#export-json")
+        ARTIFACTS.mkdir(exist_ok=True)
+        page.screenshot(path=str(ARTIFACTS / "web-character-editor.png"))
+        page.click("#save-character")
+        page.wait_for_selector("#status:has-text('saved Mira')")
+        saved = httpx.get(f"{server.url}/galatea/characters/{mira}", timeout=10).json()["card"]
+        assert saved["description"] == "A witch of the marsh, {{user}}'s old friend."
+        assert saved["alternate_greetings"] == ["Back so soon?"] and saved["tags"] == ["witch", "marsh"]
+        exported = json.loads(open(download.value.path()).read())  # exported before the save: the old card
+        assert exported["spec"] == "chara_card_v2" and exported["data"]["description"] == "A witch."
+        avatar = Image.open(BytesIO(httpx.get(f"{server.url}/galatea/characters/{mira}/image", timeout=10).content))
+        assert avatar.format == "PNG" and avatar.convert("RGB").getpixel((10, 10)) == (200, 20, 20)
+
+        page.click("#new-chat")  # the new greeting is the first message's second swipe
+        page.wait_for_selector(".msg.char .swipe-count:text('1/2')")
+
+        # a lorebook: SillyTavern world info, attached to this chat, edited, used in the prompt
+        page.click("#open-lorebooks")
+        page.set_input_files("#import-lorebook", str(ROOT / "tests" / "data" / "world-info-sillytavern.json"))
+        row = page.locator("#lorebook-list tbody tr", has_text="world-info-sillytavern")
+        row.wait_for()
+        assert row.locator("td").nth(1).inner_text() == "4"
+        row.locator("input[type=checkbox]").first.check()  # this chat
+        page.wait_for_selector("#status:has-text('attached')")
+        row.locator("button:text('Edit')").click()
+        first = page.locator("#entries .entry").first
+        first.locator("textarea").fill("{{char}} calls it the Singing Wood.")
+        page.screenshot(path=str(ARTIFACTS / "web-lorebooks.png"))
+        page.click("#save-lorebook")
+        page.wait_for_selector("#status:has-text('lorebook saved')")
+        page.keyboard.press("Escape")
+        page.fill("#input", "What lies in the forest?")
+        page.keyboard.press("Enter")
+        page.wait_for_function("document.querySelector('#status').textContent.includes('tok/s')", timeout=120_000)
+        page.click("#show-prompt")
+        page.wait_for_selector("#prompt-dialog[open]")
+        prompt = page.inner_text("#prompt-text")
+        # after the persona, lowest order first: the constant entry (50), then the edited one (100)
+        assert "old friend.\nOver Eldoria the moon is always full.\nMira calls it the Singing Wood.\n<START>" in prompt
+        assert "marsh, You's old friend" in prompt
+        page.keyboard.press("Escape")
+
+        # chats: rename, search, import with dates and a warning, delete
+        page.click("#chat-menu summary")
+        page.click("#rename-chat")
+        page.fill("#chat-title", "Forest talk")
+        page.click("#save-title")
+        page.wait_for_selector("#chat option:text-matches('^Forest talk')", state="attached")
+        page.click("#chat-menu summary")
+        page.click("#search-chats")
+        page.fill("#search-text", "FOREST")
+        page.keyboard.press("Enter")
+        hit = page.locator("#search-results li", has_text="Forest talk · #2")
+        hit.wait_for()
+        page.screenshot(path=str(ARTIFACTS / "web-search.png"))
+        hit.click()
+        talk = page.evaluate("state.chat")
+
+        st = tmp_path / "seraphina.jsonl"
+        lines = [{"user_name": "You", "character_name": "Seraphina", "create_date": "2024-05-14@21h33m19s"},
+                 {"name": "Seraphina", "is_user": False, "send_date": "May 14, 2024 9:33pm", "mes": "*smiles* Hello."},
+                 {"name": "You", "is_user": True, "send_date": "May 14, 2024 9:35pm", "mes": "Where am I?"}]
+        st.write_text("\n".join(json.dumps(x) for x in lines))
+        page.click("#chat-menu summary")
+        page.set_input_files("#import-chat", str(st))
+        page.wait_for_selector("#status:has-text(\"was with 'Seraphina', not 'Mira'\")")
+        page.wait_for_selector(".msg.user .text:has-text('Where am I?')")
+        assert page.locator(".msg time").first.get_attribute("datetime").startswith("2024-05-14")
+        imported = page.evaluate("state.chat")
+        answers.append(True)  # "Delete the chat ...?" - yes
+        page.click("#chat-menu summary")
+        page.click("#delete-chat")
+        page.wait_for_selector("#status:has-text('chat deleted')")
+        left = [c["id"] for c in httpx.get(f"{server.url}/galatea/characters/{mira}/chats", timeout=10).json()]
+        assert imported not in left and talk in left
+
+        page.set_viewport_size({"width": 390, "height": 844})  # a phone: the same screens fit
+        page.click("#chat-menu summary")
+        assert page.locator("#delete-chat").bounding_box()["x"] + 100 < 390
+        page.screenshot(path=str(ARTIFACTS / "web-phone-chat-menu.png"))
+        page.click("#chat-menu summary")
+        page.click("#edit-character")  # delete the character, after saying yes
+        answers.append(True)
+        page.click("#delete-character")
+        page.wait_for_selector("#status:has-text('deleted Mira')")
+        assert "Delete Mira and its 3 chats?" in dialogs[-1]
+        assert [c["name"] for c in httpx.get(f"{server.url}/galatea/characters", timeout=10).json()] == ["Aria"]
+        assert page.locator("#character option").count() == 1
+        assert not errors, errors
+    finally:
+        log = server.stop()
+    assert "Traceback" not in log, log

@@ -124,7 +124,7 @@ def read_card(data: bytes, where: str = "card") -> Character:
             text = base64.b64decode(raw.strip(), validate=False).decode("utf-8")
         except (binascii.Error, ValueError, UnicodeDecodeError) as e:
             raise GalateaError(f"{where}: the card in the PNG is not valid base64 UTF-8 ({e})") from None
-        obj = _parse_json(text, where)
+        obj = parse_json(text, where)
         image = data
     else:
         try:
@@ -155,7 +155,7 @@ def _depth(obj: Any, limit: int = MAX_DEPTH) -> int:
     return deepest
 
 
-def _parse_json(text: str, where: str) -> Any:
+def parse_json(text: str, where: str) -> Any:
     try:
         obj = json.loads(text)
     except json.JSONDecodeError as e:
@@ -170,7 +170,7 @@ def _parse_json(text: str, where: str) -> Any:
 def _parse_text(text: str, where: str) -> Any:
     stripped = text.lstrip()
     if stripped.startswith(("{", "[")):
-        return _parse_json(text, where)
+        return parse_json(text, where)
     import yaml
 
     try:
@@ -226,7 +226,7 @@ def _from_v2_data(data: dict[str, Any], fmt: str, where: str) -> Character:
         **fields,
         alternate_greetings=_list(data.get("alternate_greetings"), "alternate_greetings", where),
         tags=_list(data.get("tags"), "tags", where, split_commas=True),
-        character_book=_clean_book(book, where) if book else None,
+        character_book=clean_book(book, where) if book else None,
         extensions=extensions, extra=extra, source_format=fmt,
     )
 
@@ -281,7 +281,7 @@ def _list(value: Any, name: str, where: str, split_commas: bool = False) -> list
     raise GalateaError(f"{where}: field {name!r} should be a list of text, not {type(value).__name__}")
 
 
-def _clean_book(book: dict[str, Any], where: str) -> dict[str, Any]:
+def clean_book(book: dict[str, Any], where: str) -> dict[str, Any]:
     """The book as written, with each entry's keys and content readable as text/lists."""
     entries = book.get("entries") or []
     if isinstance(entries, dict):  # SillyTavern world files key entries by id

@@ -36,6 +36,32 @@ def _from_iso(value: Any) -> float | None:
         return None
 
 
+def _st_time(value: Any) -> float | None:
+    """A SillyTavern date as it has written them over the years: "November 30, 2026 10:05am",
+    ISO 8601, "2026-11-30@10h05m03s" (create_date), or epoch milliseconds."""
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        return value / 1000 if value > 1e11 else float(value)
+    text = str(value or "").strip()
+    for fmt in ("%B %d, %Y %I:%M%p", "%B %d, %Y %I:%M %p", "%Y-%m-%d@%Hh%Mm%Ss", "%Y-%m-%d @%Hh %Mm %Ss %fms"):
+        try:
+            return datetime.strptime(text, fmt).timestamp()
+        except ValueError:
+            pass
+    return _from_iso(text)
+
+
+def character_name(text: str) -> str | None:
+    """Whom a chat file says the chat is with (SillyTavern's `character_name`, else the first
+    character message's name); None when it does not say (text-generation-webui histories)."""
+    rows = json_lines(text)
+    if not any("mes" in row for row in rows):
+        return None
+    meta = rows[0] if "mes" not in rows[0] else {}
+    name = meta.get("character_name") or next((r.get("name") for r in rows if "mes" in r and not r.get("is_user")),
+                                              None)
+    return str(name) if name else None
+
+
 def export_sillytavern(store: Store, chat_id: int) -> str:
     info = store.chat(chat_id)
     _, char = store.character(info.character_id)
@@ -77,9 +103,11 @@ def import_sillytavern(store: Store, text: str, character_id: int, where: str = 
     meta = rows[0] if "mes" not in rows[0] else {}
     messages = [r for r in rows if "mes" in r and not r.get("is_system")]
     user = str(meta.get("user_name") or next((r["name"] for r in messages if r.get("is_user")), "You"))
-    chat_id = store.new_chat(character_id, user_name=user, greeting=False,
+    dates = [_st_time(r.get("send_date")) for r in messages]
+    began = _st_time(meta.get("create_date")) or next((d for d in dates if d), None)
+    chat_id = store.new_chat(character_id, user_name=user, greeting=False, created_at=began,
                              title=f"{meta.get('character_name', 'chat')} (imported)")
-    for r in messages:
+    for r, date in zip(messages, dates, strict=True):
         swipes = r.get("swipes") if isinstance(r.get("swipes"), list) and r.get("swipes") else [r.get("mes", "")]
         infos = r.get("swipe_info") if isinstance(r.get("swipe_info"), list) else []
         built = []
@@ -92,7 +120,7 @@ def import_sillytavern(store: Store, text: str, character_id: int, where: str = 
         active = r.get("swipe_id") if isinstance(r.get("swipe_id"), int) else 0
         active = max(0, min(active, len(built) - 1))
         name = str(r.get("name") or (user if r.get("is_user") else "?"))
-        store.add_message_swipes(chat_id, bool(r.get("is_user")), name, built, active)
+        store.add_message_swipes(chat_id, bool(r.get("is_user")), name, built, active, created_at=date)
     return chat_id
 
 

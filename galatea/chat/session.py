@@ -15,6 +15,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
+from galatea.chat.lorebooks import with_lorebooks
 from galatea.chat.prompt import Prompt, Turn, build_prompt, substitute
 from galatea.chat.store import Message, Store
 from galatea.engine.generate import Chunk, stream_generate
@@ -117,7 +118,9 @@ class ChatSession:
     def prompt(self, new_message: str | None = None, end: str = "char", upto: int | None = None) -> Prompt:
         msgs = self.messages()[:upto]
         history = [Turn(m.is_user, m.text) for m in msgs]
-        return build_prompt(self.char, history, new_message, self.lm.tokenizer, self.context,
+        # the card's own lorebook, then the books attached to this character or chat
+        char = with_lorebooks(self.char, [book for _, book in self.store.chat_lorebooks(self.chat_id)])
+        return build_prompt(char, history, new_message, self.lm.tokenizer, self.context,
                             int(self.settings["max_new_tokens"]), user=self.user, end=end)
 
     # ---- operations ----------------------------------------------------------------------------

@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from galatea.chat.cards import Character, from_object
+from galatea.chat.lorebooks import Lorebook
 from galatea.errors import GalateaError
 
 SCHEMA = """
@@ -64,6 +65,18 @@ CREATE TABLE IF NOT EXISTS swipes (
     UNIQUE (message_id, idx)
 );
 CREATE INDEX IF NOT EXISTS chats_by_character ON chats (character_id, updated_at);
+CREATE TABLE IF NOT EXISTS lorebooks (
+    id INTEGER PRIMARY KEY,
+    name TEXT NOT NULL,
+    book TEXT NOT NULL,            -- a Character Card V2 character_book, JSON
+    created_at REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS lorebook_links (   -- a book used by a character's chats, or by one chat
+    lorebook_id INTEGER NOT NULL REFERENCES lorebooks(id) ON DELETE CASCADE,
+    character_id INTEGER REFERENCES characters(id) ON DELETE CASCADE,
+    chat_id INTEGER REFERENCES chats(id) ON DELETE CASCADE,
+    CHECK ((character_id IS NULL) != (chat_id IS NULL))
+);
 """
 
 
@@ -181,8 +194,27 @@ class Store:
     def add_character(self, char: Character) -> int:
         with self._write() as db:
             cur = db.execute("INSERT INTO characters (name, card, image, created_at) VALUES (?, ?, ?, ?)",
-                             (char.name, json.dumps(char.to_v2(), ensure_ascii=False), char.image, time.time()))
+                             (char.name, _card_json(char), char.image, time.time()))
             return int(cur.lastrowid)
+
+    def find_character(self, char: Character) -> int | None:
+        """The library's copy of exactly this card (every field and the picture), if any: importing
+        the same card twice gives the same character, not an indistinguishable twin."""
+        row = self.db.execute("SELECT id FROM characters WHERE card = ? AND image IS ? ORDER BY id",
+                              (_card_json(char), char.image)).fetchone()
+        return None if row is None else int(row[0])
+
+    def update_character(self, character_id: int, char: Character) -> None:
+        """The card's fields (and picture, when `char.image` is set); chats keep going with it."""
+        with self._write() as db:
+            cur = db.execute("UPDATE characters SET name = ?, card = ?, image = coalesce(?, image) WHERE id = ?",
+                             (char.name, _card_json(char), char.image, character_id))
+            if cur.rowcount == 0:
+                raise GalateaError(f"no character {character_id}; see `galatea characters list`")
+
+    def character_created(self, character_id: int) -> float:
+        row = self.db.execute("SELECT created_at FROM characters WHERE id = ?", (character_id,)).fetchone()
+        return 0.0 if row is None else float(row[0])
 
     def characters(self) -> list[tuple[int, str]]:
         return [(r[0], r[1]) for r in self.db.execute("SELECT id, name FROM characters ORDER BY name, id")]
@@ -207,10 +239,11 @@ class Store:
     # ---- chats ---------------------------------------------------------------------------------
 
     def new_chat(self, character_id: int, user_name: str = "You", title: str | None = None,
-                 greeting: bool = True) -> int:
-        """A new chat; the character's greeting is its first message, alternate greetings its swipes."""
+                 greeting: bool = True, created_at: float | None = None) -> int:
+        """A new chat; the character's greeting is its first message, alternate greetings its swipes.
+        `created_at`: when it began (an imported chat's own date)."""
         _, char = self.character(character_id)
-        now = time.time()
+        now = created_at or time.time()
         with self._write() as db:
             cur = db.execute("INSERT INTO chats (character_id, title, user_name, created_at, updated_at) "
                              "VALUES (?, ?, ?, ?, ?)",
@@ -245,6 +278,23 @@ class Store:
         with self._write() as db:
             db.execute("DELETE FROM chats WHERE id = ?", (chat_id,))
 
+    def rename_chat(self, chat_id: int, title: str) -> None:
+        with self._write() as db:
+            if db.execute("UPDATE chats SET title = ? WHERE id = ?", (title, chat_id)).rowcount == 0:
+                raise GalateaError(f"no chat {chat_id}; see `galatea chats list`")
+
+    def search(self, text: str, character_id: int | None = None, limit: int = 50) -> list[tuple[int, int, str]]:
+        """Messages whose text (any swipe) contains `text`, case-insensitively, newest chats
+        first: (chat id, message position, the matching text)."""
+        pattern = "%" + text.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_") + "%"
+        where = "AND c.character_id = ?" if character_id is not None else ""
+        args: tuple[Any, ...] = (pattern, character_id, limit) if character_id is not None else (pattern, limit)
+        rows = self.db.execute(
+            "SELECT DISTINCT c.id, m.position, s.text FROM swipes s JOIN messages m ON m.id = s.message_id "
+            f"JOIN chats c ON c.id = m.chat_id WHERE s.text LIKE ? ESCAPE '\\' {where} "
+            "ORDER BY c.updated_at DESC, m.position LIMIT ?", args).fetchall()
+        return [(int(r[0]), int(r[1]), r[2]) for r in rows]
+
     def rename_user(self, chat_id: int, user_name: str) -> None:
         """The user's display name in this chat; their past messages take the new name too."""
         with self._write() as db:
@@ -277,16 +327,16 @@ class Store:
                                         [Swipe(text, seed, gen_started, gen_finished, extra or {})])
 
     def add_message_swipes(self, chat_id: int, is_user: bool, name: str, swipes: list[Swipe],
-                           active: int = 0) -> int:
-        """A message with all its alternatives at once (imports)."""
+                           active: int = 0, created_at: float | None = None) -> int:
+        """A message with all its alternatives at once (imports, with their own dates)."""
         with self._write() as db:
-            return self._insert_message(db, chat_id, is_user, name, swipes, active)
+            return self._insert_message(db, chat_id, is_user, name, swipes, active, created_at)
 
     def _insert_message(self, db: sqlite3.Connection, chat_id: int, is_user: bool, name: str,
-                        swipes: list[Swipe], active: int = 0) -> int:
+                        swipes: list[Swipe], active: int = 0, created_at: float | None = None) -> int:
         (pos,) = db.execute("SELECT coalesce(max(position), -1) + 1 FROM messages WHERE chat_id = ?",
                             (chat_id,)).fetchone()
-        now = time.time()
+        now = created_at or time.time()
         cur = db.execute("INSERT INTO messages (chat_id, position, is_user, name, active_swipe, created_at) "
                          "VALUES (?, ?, ?, ?, ?, ?)", (chat_id, pos, int(is_user), name, active, now))
         mid = int(cur.lastrowid)
@@ -364,9 +414,81 @@ class Store:
                                                           info.user_name, json.dumps(info.settings), now, now))
             new_id = int(cur.lastrowid)
             for m in msgs[: upto + 1]:
-                self._insert_message(db, new_id, m.is_user, m.name, m.swipes, m.active)
+                self._insert_message(db, new_id, m.is_user, m.name, m.swipes, m.active, m.created_at)
             return new_id
 
     def _touch(self, db: sqlite3.Connection, message_id: int) -> None:
         db.execute("UPDATE chats SET updated_at = ? WHERE id = (SELECT chat_id FROM messages WHERE id = ?)",
                    (time.time(), message_id))
+
+    # ---- lorebooks -----------------------------------------------------------------------------
+
+    def add_lorebook(self, book: Lorebook) -> int:
+        with self._write() as db:
+            cur = db.execute("INSERT INTO lorebooks (name, book, created_at) VALUES (?, ?, ?)",
+                             (book.name, json.dumps(book.book, ensure_ascii=False), time.time()))
+            return int(cur.lastrowid)
+
+    def lorebooks(self) -> list[tuple[int, Lorebook]]:
+        rows = self.db.execute("SELECT id, name, book FROM lorebooks ORDER BY name, id").fetchall()
+        return [(int(r[0]), Lorebook(r[1], json.loads(r[2]))) for r in rows]
+
+    def lorebook(self, key: int | str) -> tuple[int, Lorebook]:
+        """By id, or by name (case-insensitive; the newest of that name)."""
+        if isinstance(key, int) or str(key).isdigit():
+            row = self.db.execute("SELECT id, name, book FROM lorebooks WHERE id = ?", (int(key),)).fetchone()
+        else:
+            row = self.db.execute("SELECT id, name, book FROM lorebooks WHERE lower(name) = lower(?) "
+                                  "ORDER BY id DESC", (key,)).fetchone()
+        if row is None:
+            raise GalateaError(f"no lorebook {key!r}; see `galatea lorebooks list`")
+        return int(row[0]), Lorebook(row[1], json.loads(row[2]))
+
+    def update_lorebook(self, lorebook_id: int, book: Lorebook) -> None:
+        with self._write() as db:
+            cur = db.execute("UPDATE lorebooks SET name = ?, book = ? WHERE id = ?",
+                             (book.name, json.dumps(book.book, ensure_ascii=False), lorebook_id))
+            if cur.rowcount == 0:
+                raise GalateaError(f"no lorebook {lorebook_id}; see `galatea lorebooks list`")
+
+    def delete_lorebook(self, lorebook_id: int) -> None:
+        with self._write() as db:
+            db.execute("DELETE FROM lorebooks WHERE id = ?", (lorebook_id,))
+
+    def attach_lorebook(self, lorebook_id: int, *, character_id: int | None = None, chat_id: int | None = None,
+                        attached: bool = True) -> None:
+        """Use the book in every chat with a character, or in one chat (`attached=False`: stop)."""
+        if (character_id is None) == (chat_id is None):
+            raise GalateaError("attach a lorebook to a character or to a chat (one of the two)")
+        self.lorebook(lorebook_id)  # each must exist: a clear error rather than a foreign-key one
+        if character_id is not None:
+            self.character(character_id)
+        else:
+            self.chat(chat_id)  # type: ignore[arg-type]
+        with self._write() as db:
+            db.execute("DELETE FROM lorebook_links WHERE lorebook_id = ? AND character_id IS ? AND chat_id IS ?",
+                       (lorebook_id, character_id, chat_id))
+            if attached:
+                db.execute("INSERT INTO lorebook_links (lorebook_id, character_id, chat_id) VALUES (?, ?, ?)",
+                           (lorebook_id, character_id, chat_id))
+
+    def lorebook_links(self, lorebook_id: int) -> dict[str, list[int]]:
+        rows = self.db.execute("SELECT character_id, chat_id FROM lorebook_links WHERE lorebook_id = ? "
+                               "ORDER BY rowid", (lorebook_id,)).fetchall()
+        return {"characters": [r[0] for r in rows if r[0] is not None],
+                "chats": [r[1] for r in rows if r[1] is not None]}
+
+    def chat_lorebooks(self, chat_id: int) -> list[tuple[int, Lorebook]]:
+        """The books a chat reads: those attached to its character, then its own (each once)."""
+        rows = self.db.execute(
+            "SELECT l.id, l.name, l.book FROM lorebooks l JOIN lorebook_links k ON k.lorebook_id = l.id "
+            "WHERE k.chat_id = ? OR k.character_id = (SELECT character_id FROM chats WHERE id = ?) "
+            "ORDER BY k.chat_id IS NOT NULL, k.rowid", (chat_id, chat_id)).fetchall()
+        seen: dict[int, Lorebook] = {}
+        for r in rows:
+            seen.setdefault(int(r[0]), Lorebook(r[1], json.loads(r[2])))
+        return list(seen.items())
+
+
+def _card_json(char: Character) -> str:
+    return json.dumps(char.to_v2(), ensure_ascii=False)

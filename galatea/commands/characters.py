@@ -16,6 +16,7 @@ def add_parser(sub: Any) -> None:
     csub = p.add_subparsers(dest="action", required=True)
     c = csub.add_parser("import", help="add cards (JSON, PNG, YAML; any supported format)")
     c.add_argument("files", nargs="+")
+    c.add_argument("--copy", action="store_true", help="add a card even when the same card is already there")
     c = csub.add_parser("list")
     c = csub.add_parser("show")
     c.add_argument("character", help="name or id")
@@ -42,6 +43,10 @@ def run(args: argparse.Namespace) -> int:
             if not path.is_file():
                 raise GalateaError(f"{path}: no such file")
             char = read_card(path.read_bytes(), where=str(path))
+            existing = None if args.copy else store.find_character(char)
+            if existing is not None:
+                print(f"{existing}\t{char.name}\t(already in the library: the same card; --copy adds another)")
+                continue
             print(f"{store.add_character(char)}\t{char.name}\t({char.source_format} from {path.name})")
     elif args.action == "list":
         for cid, name in store.characters():

@@ -1,8 +1,9 @@
-"""`galatea chats`: saved chats (list, show, export, import)."""
+"""`galatea chats`: saved chats (list, show, export, import, rename, delete, search)."""
 
 from __future__ import annotations
 
 import argparse
+import sys
 from typing import Any
 
 from galatea.commands.common import data_dir_arg, open_store
@@ -10,7 +11,7 @@ from galatea.errors import GalateaError
 
 
 def add_parser(sub: Any) -> None:
-    p = sub.add_parser("chats", help="saved chats: list, show, export, import")
+    p = sub.add_parser("chats", help="saved chats: list, show, export, import, rename, delete, search")
     csub = p.add_subparsers(dest="action", required=True)
     c = csub.add_parser("list")
     c.add_argument("--character", help="only this character's chats")
@@ -22,6 +23,15 @@ def add_parser(sub: Any) -> None:
     c = csub.add_parser("import", help="a SillyTavern .jsonl or text-generation-webui .json history")
     c.add_argument("file")
     c.add_argument("--character", required=True, help="the library character the chat is with")
+    c = csub.add_parser("rename")
+    c.add_argument("chat", type=int)
+    c.add_argument("title")
+    c = csub.add_parser("delete", help="remove a chat (asks first)")
+    c.add_argument("chat", type=int)
+    c.add_argument("--yes", "-y", action="store_true", help="do not ask (scripts)")
+    c = csub.add_parser("search", help="messages containing some text (any swipe, any case)")
+    c.add_argument("text")
+    c.add_argument("--character", help="only this character's chats")
     for c in csub.choices.values():
         data_dir_arg(c)
     p.set_defaults(func=run)
@@ -61,4 +71,27 @@ def run(args: argparse.Namespace) -> int:
                 from None
         chat_id = chatfiles.import_chat(store, text, cid, where=str(path))
         print(f"imported as chat {chat_id}")
+        said, name = chatfiles.character_name(text), store.character(cid)[1].name
+        if said is not None and said.strip().lower() != name.strip().lower():
+            print(f"warning: this chat was with {said!r}, not {name!r}; it was imported for {name} anyway",
+                  file=sys.stderr)
+    elif args.action == "rename":
+        store.rename_chat(args.chat, args.title)
+        print(f"chat {args.chat}: {args.title}")
+    elif args.action == "delete":
+        info = store.chat(args.chat)
+        if not args.yes:
+            if not sys.stdin.isatty():
+                raise GalateaError(f"deleting chat {info.id} ({info.messages} messages) cannot be undone; "
+                                   "pass --yes to confirm")
+            if input(f"delete chat {info.id} '{info.title}' ({info.messages} messages)? [y/N] ").strip().lower() \
+                    not in ("y", "yes"):
+                print("nothing deleted")
+                return 1
+        store.delete_chat(info.id)
+        print(f"deleted chat {info.id}")
+    elif args.action == "search":
+        cid = store.character(args.character)[0] if args.character else None
+        for chat_id, position, text in store.search(args.text, cid):
+            print(f"chat {chat_id} #{position + 1}: {' '.join(text.split())[:160]}")
     return 0

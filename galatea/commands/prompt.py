@@ -44,6 +44,7 @@ def library_or_card(args: argparse.Namespace) -> Any:
 def run(args: argparse.Namespace) -> int:
     from dataclasses import asdict
 
+    from galatea.chat.lorebooks import with_lorebooks
     from galatea.chat.prompt import Turn, build_prompt
     from galatea.model.checkpoint import load_tokenizer, resolve_model_path
     from galatea.model.inspect import describe
@@ -52,7 +53,8 @@ def run(args: argparse.Namespace) -> int:
     if args.chat is not None:
         store = open_store(args)
         info = store.chat(args.chat)
-        char = store.character(info.character_id)[1]
+        # with the lorebooks attached to the chat or its character, as the chat reads them
+        char = with_lorebooks(store.character(info.character_id)[1], [b for _, b in store.chat_lorebooks(args.chat)])
         history = [Turn(m.is_user, m.text) for m in store.messages(args.chat)]
         user = info.user_name if args.user == "You" else args.user
     else:

@@ -24,7 +24,7 @@ from galatea import __version__
 from galatea.chat.cards import load_character
 from galatea.chat.store import Store
 from galatea.engine.scheduler import Scheduler
-from galatea.server import galatea_api, kobold, openai_api
+from galatea.server import galatea_api, kobold, library_api, openai_api
 from galatea.server.guard import Guard, OpenCORS
 from galatea.server.live import LiveReplies
 from galatea.server.perf import Perf
@@ -96,6 +96,7 @@ def create_app(engine: Scheduler, store: Store | None = None, api_key: str | Non
         if not store.characters():  # a first start: the bundled character, so the page has someone
             store.add_character(load_character(None))
         app.include_router(galatea_api.router)
+        app.include_router(library_api.router)
         app.mount("/static", StaticFiles(directory=STATIC), name="static")
 
         @app.get("/", include_in_schema=False)

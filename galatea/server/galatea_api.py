@@ -10,12 +10,12 @@ import threading
 from collections.abc import AsyncIterator, Callable, Iterator
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Depends, Request
+from fastapi import APIRouter, Depends, Query, Request
 from fastapi import Path as PathParam
-from fastapi.responses import Response, StreamingResponse
+from fastapi.responses import StreamingResponse
 from pydantic import Field
 
-from galatea.chat.cards import placeholder_png, read_card
+from galatea.chat import chatfiles
 from galatea.chat.session import ChatSession
 from galatea.chat.store import Store
 from galatea.engine.scheduler import Scheduler
@@ -28,6 +28,14 @@ from galatea.server.schemas import BadRequest, RequestBody
 
 class Text(RequestBody):
     text: str
+
+
+class Title(RequestBody):
+    title: str = Field(min_length=1, max_length=200, pattern=r"\S")
+
+
+class At(RequestBody):
+    message_id: int = Field(ge=0, le=2**63 - 1)
 
 
 class Step(RequestBody):
@@ -110,34 +118,6 @@ def follow(reply: LiveReply | None) -> StreamingResponse:
 
     return sse.response(events())
 
-@router.get("/characters")
-def characters(store: ChatStore) -> list[dict]:
-    out = []
-    for cid, name in store.characters():
-        char = store.character(cid)[1]
-        out.append({"id": cid, "name": name, "description": char.description[:200],
-                    "last_chat": store.last_chat(cid)})
-    return out
-
-@router.post("/characters")
-async def import_character(request: Request, store: ChatStore) -> dict:
-    data = await request.body()
-    if not data:
-        raise BadRequest("send the card file (JSON, PNG or YAML) as the request body")
-    try:
-        char = read_card(data, where="uploaded card")
-    except GalateaError as e:
-        raise BadRequest(str(e), "bad_card") from None
-    return {"id": store.add_character(char), "name": char.name}
-
-@router.get("/characters/{character_id}/image")
-def image(character_id: RowId, store: ChatStore) -> Response:
-    try:
-        _, char = store.character(character_id)
-    except GalateaError as e:
-        raise BadRequest(str(e), "not_found", 404) from None
-    return Response(char.image or placeholder_png(char.name), media_type="image/png")
-
 @router.get("/characters/{character_id}/chats")
 def chats(character_id: RowId, store: ChatStore) -> list[dict]:
     return [{"id": c.id, "title": c.title, "messages": c.messages, "updated_at": c.updated_at}
@@ -149,6 +129,38 @@ def new_chat(character_id: RowId, store: ChatStore) -> dict:
         return {"id": store.new_chat(character_id)}
     except GalateaError as e:
         raise BadRequest(str(e), "not_found", 404) from None
+
+@router.post("/characters/{character_id}/chats/import")
+async def import_chat(character_id: RowId, request: Request, store: ChatStore) -> dict:
+    """A SillyTavern .jsonl or text-generation-webui .json chat as the body, kept with its dates.
+    `warning` when the file's chat is with someone else than this character."""
+    try:
+        text = (await request.body()).decode("utf-8-sig")
+    except UnicodeDecodeError:
+        raise BadRequest("not a chat file (binary data, e.g. a PNG card); chats are SillyTavern .jsonl or "
+                         "text-generation-webui .json files") from None
+    try:
+        _, char = store.character(character_id)
+        chat_id = chatfiles.import_chat(store, text, character_id, where="uploaded chat")
+    except GalateaError as e:
+        raise BadRequest(str(e), "bad_chat") from None
+    said = chatfiles.character_name(text)
+    warning = None if said is None or said.strip().lower() == char.name.strip().lower() else \
+        f"this chat was with {said!r}, not {char.name!r}; it was imported for {char.name} anyway"
+    return {"id": chat_id, "messages": len(store.messages(chat_id)), "warning": warning}
+
+@router.get("/search")
+def search(store: ChatStore, q: Annotated[str, Query(min_length=1, max_length=200)],
+           character_id: Annotated[int | None, Query(ge=0, le=2**63 - 1)] = None) -> list[dict]:
+    """Messages containing `q` (any swipe, case-insensitive), newest chats first."""
+    titles = {c.id: c.title for c in store.chats(character_id)}
+    return [{"chat_id": chat, "title": titles.get(chat, ""), "number": position + 1,
+             "text": _snippet(text, q)} for chat, position, text in store.search(q, character_id)]
+
+def _snippet(text: str, q: str, width: int = 60) -> str:
+    at = max(text.lower().find(q.lower()), 0)
+    start = max(at - width, 0)
+    return ("…" if start else "") + text[start:at + len(q) + width] + ("…" if at + len(q) + width < len(text) else "")
 
 @router.get("/chats/{chat_id}")
 def chat(chat_id: RowId, engine: Engine, store: ChatStore, replies: Replies) -> dict:
@@ -179,6 +191,29 @@ def continue_(chat_id: RowId, engine: Engine, store: ChatStore, replies: Replies
 def live(chat_id: RowId, replies: Replies) -> StreamingResponse:
     """The chat's running reply from its start (a reopened chat); just the end when none runs."""
     return follow(replies.get(chat_id))
+
+@router.put("/chats/{chat_id}")
+def rename_chat(chat_id: RowId, body: Title, store: ChatStore) -> dict:
+    try:
+        store.rename_chat(chat_id, body.title.strip())
+    except GalateaError as e:
+        raise BadRequest(str(e), "not_found", 404) from None
+    return {"id": chat_id, "title": body.title.strip()}
+
+@router.delete("/chats/{chat_id}")
+def delete_chat(chat_id: RowId, store: ChatStore, replies: Replies) -> dict:
+    if replies.get(chat_id) is not None:
+        raise BadRequest("this chat has a reply running; press Stop first", "busy", 409)
+    store.delete_chat(chat_id)
+    return {"ok": True}
+
+@router.post("/chats/{chat_id}/branch")
+def branch(chat_id: RowId, body: At, store: ChatStore) -> dict:
+    """A new chat with this one's messages up to and including `message_id`."""
+    try:
+        return {"id": store.branch(chat_id, body.message_id)}
+    except GalateaError as e:
+        raise BadRequest(str(e), "not_found", 404) from None
 
 @router.get("/chats/{chat_id}/settings")
 def settings(chat_id: RowId, engine: Engine, store: ChatStore) -> dict:

@@ -38,7 +38,7 @@ function setBusy(busy) {
 async function loadCharacters(select) {
   const chars = await api("/characters");
   $("character").innerHTML = "";
-  for (const c of chars) $("character").add(new Option(c.name, c.id));
+  for (const c of chars) $("character").add(new Option(c.label || c.name, c.id));
   const pick = select || (state.character && chars.find((c) => c.id === state.character)?.id) || chars[0]?.id;
   if (pick) { $("character").value = pick; await openCharacter(Number(pick)); }
 }
@@ -269,13 +269,265 @@ async function streamReply(kind, chatId, open) {
   }
 }
 
-async function importCard(file) {
+async function importCard(file, copy = false) {
   try {
-    const c = await api("/characters", { method: "POST", body: await file.arrayBuffer() });
-    status(`imported ${c.name}`);
+    const body = await file.arrayBuffer();
+    const c = await api("/characters" + (copy ? "?copy=true" : ""), { method: "POST", body });
+    if (c.existing && confirm(`${c.name} is already in the library (the same card). Import it as a copy anyway?`)) {
+      return importCard(file, true);
+    }
+    status(c.existing ? `${c.name} is already in the library` : `imported ${c.name}`);
     await loadCharacters(c.id);
   } catch (e) { status("import failed: " + e.message); }
 }
+
+// ---- chats: rename, delete, search, import --------------------------------------------------
+function closeMenu() { $("chat-menu").open = false; }
+$("rename-chat").onclick = () => {
+  closeMenu();
+  $("chat-title").value = $("chat").selectedOptions[0]?.text.replace(/ \(\d+\)$/, "") || "";
+  $("rename-dialog").showModal();
+};
+$("rename-dialog").addEventListener("close", async () => {
+  if ($("rename-dialog").returnValue !== "save") return;
+  try {
+    await api(`/chats/${state.chat}`, { ...post({ title: $("chat-title").value }), method: "PUT" });
+    await listChats(state.character);
+    status("chat renamed");
+  } catch (e) { status("not renamed: " + e.message); }
+});
+$("delete-chat").onclick = async () => {
+  closeMenu();
+  const title = $("chat").selectedOptions[0]?.text;
+  if (!confirm(`Delete the chat "${title}"? Its messages cannot be brought back.`)) return;
+  try {
+    await api(`/chats/${state.chat}`, { method: "DELETE" });
+    state.chat = null;
+    status("chat deleted");
+    await openCharacter(state.character);
+  } catch (e) { status("not deleted: " + e.message); }
+};
+$("search-chats").onclick = () => { closeMenu(); $("search-results").innerHTML = ""; $("search-dialog").showModal(); };
+$("search-form").addEventListener("submit", async (ev) => {
+  ev.preventDefault();
+  const q = $("search-text").value.trim();
+  if (!q) return;
+  const scope = $("search-all").checked ? "" : `&character_id=${state.character}`;
+  const hits = await api(`/search?q=${encodeURIComponent(q)}${scope}`);
+  const list = $("search-results");
+  list.innerHTML = "";
+  if (!hits.length) list.textContent = "Nothing found.";
+  for (const h of hits) {
+    const li = document.createElement("li");
+    li.textContent = `${h.title} · #${h.number}: ${h.text}`;
+    li.onclick = async () => {
+      $("search-dialog").close();
+      const c = await api(`/chats/${h.chat_id}`);
+      if (c.character.id !== state.character) { $("character").value = c.character.id; state.character = c.character.id;
+        $("avatar").src = `/galatea/characters/${c.character.id}/image`; }
+      state.chat = h.chat_id;
+      await listChats(state.character);
+      await openChat(h.chat_id);
+      $("messages").children[h.number - 1]?.scrollIntoView({ block: "center" });
+    };
+    list.appendChild(li);
+  }
+});
+$("import-chat").onchange = async (ev) => {
+  closeMenu();
+  const file = ev.target.files[0];
+  ev.target.value = "";
+  if (!file) return;
+  try {
+    const r = await api(`/characters/${state.character}/chats/import`, { method: "POST", body: await file.arrayBuffer() });
+    state.chat = r.id;
+    await listChats(state.character);
+    await openChat(r.id);
+    status(r.warning ? "imported, but " + r.warning : `imported ${r.messages} messages`);
+  } catch (e) { status("import failed: " + e.message); }
+};
+
+// ---- the character editor -------------------------------------------------------------------
+const CARD_TEXT = ["name", "description", "personality", "scenario", "first_mes", "mes_example", "system_prompt",
+                   "post_history_instructions", "creator_notes", "creator", "character_version"];
+function greetingBox(text) {
+  const row = document.createElement("div");
+  row.className = "greeting";
+  const box = document.createElement("textarea");
+  box.rows = 2; box.value = text; box.className = "alt-greeting";
+  row.append(box, button("✕", "Remove this greeting", () => row.remove()));
+  $("add-greeting").before(row);
+}
+async function openCharacterEditor(id) {
+  const c = await api(`/characters/${id}`);
+  const form = $("character-form");
+  for (const name of CARD_TEXT) form.elements[name].value = c.card[name] || "";
+  form.elements.tags.value = (c.card.tags || []).join(", ");
+  for (const old of document.querySelectorAll("#greetings .greeting")) old.remove();
+  for (const g of c.card.alternate_greetings || []) greetingBox(g);
+  $("card-picture").src = `/galatea/characters/${id}/image?t=${Date.now()}`;
+  form.dataset.id = id;
+  form.dataset.chats = c.chats;
+  $("character-dialog").showModal();
+}
+$("edit-character").onclick = () => state.character && openCharacterEditor(state.character);
+$("add-greeting").onclick = () => greetingBox("");
+$("character-dialog").addEventListener("close", async () => {
+  if ($("character-dialog").returnValue !== "save") return;
+  const form = $("character-form");
+  const card = {};
+  for (const name of CARD_TEXT) card[name] = form.elements[name].value;
+  card.tags = form.elements.tags.value.split(",").map((t) => t.trim()).filter(Boolean);
+  card.alternate_greetings = [...document.querySelectorAll(".alt-greeting")].map((b) => b.value).filter((g) => g.trim());
+  try {
+    const id = Number(form.dataset.id);
+    await api(`/characters/${id}`, { ...post(card), method: "PUT" });
+    status(`saved ${card.name}`);
+    await loadCharacters(id);
+  } catch (e) { status("not saved: " + e.message); }
+});
+$("card-picture-file").onchange = async (ev) => {
+  const file = ev.target.files[0];
+  ev.target.value = "";
+  if (!file) return;
+  const id = $("character-form").dataset.id;
+  try {
+    await api(`/characters/${id}/image`, { method: "PUT", body: await file.arrayBuffer() });
+    const bust = `?t=${Date.now()}`;
+    $("card-picture").src = `/galatea/characters/${id}/image${bust}`;
+    $("avatar").src = `/galatea/characters/${id}/image${bust}`;
+  } catch (e) { alert("picture not saved: " + e.message); }
+};
+function download(url) { const a = document.createElement("a"); a.href = url; a.download = ""; a.click(); }
+$("export-png").onclick = () => download(`/galatea/characters/${$("character-form").dataset.id}/export?format=png`);
+$("export-json").onclick = () => download(`/galatea/characters/${$("character-form").dataset.id}/export?format=json`);
+$("new-character").onclick = async () => {
+  const card = JSON.stringify({ spec: "chara_card_v2", spec_version: "2.0", data: { name: "New character" } });
+  const c = await api("/characters?copy=true", { method: "POST", body: card });
+  $("character-dialog").close();
+  await loadCharacters(c.id);
+  await openCharacterEditor(c.id);
+};
+$("delete-character").onclick = async () => {
+  const form = $("character-form");
+  const name = form.elements.name.value;
+  const n = Number(form.dataset.chats);
+  if (!confirm(`Delete ${name} and ${n === 1 ? "its chat" : `its ${n} chats`}? This cannot be undone.`)) return;
+  try {
+    await api(`/characters/${form.dataset.id}`, { method: "DELETE" });
+    $("character-dialog").close();
+    state.character = null; state.chat = null;
+    status(`deleted ${name}`);
+    await loadCharacters();
+  } catch (e) { status("not deleted: " + e.message); }
+};
+
+// ---- lorebooks ------------------------------------------------------------------------------
+async function listLorebooks() {
+  const books = await api("/lorebooks");
+  const body = $("lorebook-list").tBodies[0];
+  body.innerHTML = "";
+  for (const b of books) {
+    const row = body.insertRow();
+    row.insertCell().textContent = b.name;
+    row.insertCell().textContent = b.entries;
+    for (const [scope, ids, id] of [["chat_id", b.chats, state.chat], ["character_id", b.characters, state.character]]) {
+      const box = document.createElement("input");
+      box.type = "checkbox"; box.checked = ids.includes(id); box.title = `attached to this ${scope.split("_")[0]}`;
+      box.onchange = () => api(`/lorebooks/${b.id}/links`, { ...post({ [scope]: id, attached: box.checked }), method: "PUT" })
+        .then(() => status(`${b.name} ${box.checked ? "attached" : "detached"}`), (e) => status(e.message));
+      row.insertCell().appendChild(box);
+    }
+    const tools = row.insertCell();
+    tools.append(button("Edit", "Edit its entries", () => editLorebook(b.id)),
+                 button("Export", "SillyTavern world-info JSON", () => download(`/galatea/lorebooks/${b.id}/export`)),
+                 button("Delete", "Delete this lorebook", async () => {
+                   if (!confirm(`Delete the lorebook ${b.name}?`)) return;
+                   await api(`/lorebooks/${b.id}`, { method: "DELETE" });
+                   await listLorebooks();
+                 }));
+  }
+}
+$("open-lorebooks").onclick = async () => {
+  document.querySelector("#lorebooks-dialog .char-name").textContent = $("character").selectedOptions[0]?.text || "";
+  $("lorebook-editor").hidden = true;
+  await listLorebooks();
+  $("lorebooks-dialog").showModal();
+};
+$("import-lorebook").onchange = async (ev) => {
+  const file = ev.target.files[0];
+  ev.target.value = "";
+  if (!file) return;
+  try {
+    const name = file.name.replace(/\.json$/i, "");
+    const b = await api(`/lorebooks?name=${encodeURIComponent(name)}`, { method: "POST", body: await file.arrayBuffer() });
+    status(`imported ${b.name} (${b.entries} entries)`);
+    await listLorebooks();
+  } catch (e) { status("import failed: " + e.message); alert("import failed: " + e.message); }
+};
+const ENTRY_FIELDS = [["keys", "Keys (comma-separated)"], ["secondary_keys", "Secondary keys"]];
+function entryView(e) {
+  const div = document.createElement("div");
+  div.className = "entry";
+  const field = (label, input, wide) => { const l = document.createElement("label"); l.textContent = label;
+    l.appendChild(input); if (wide) l.className = "wide"; div.appendChild(l); return input; };
+  const text = (value) => { const i = document.createElement("input"); i.value = value; return i; };
+  const number = (value) => { const i = document.createElement("input"); i.type = "number"; i.value = value; return i; };
+  const check = (label, value) => { const l = document.createElement("label"); l.className = "check";
+    const i = document.createElement("input"); i.type = "checkbox"; i.checked = value; l.append(i, " " + label);
+    div.appendChild(l); return i; };
+  const inputs = {};
+  inputs.comment = field("Name", text(e.comment || e.name || ""));
+  for (const [key, label] of ENTRY_FIELDS) inputs[key] = field(label, text((e[key] || []).join(", ")));
+  const content = document.createElement("textarea"); content.rows = 3; content.value = e.content || "";
+  inputs.content = field("Content", content, true);
+  const position = document.createElement("select");
+  position.add(new Option("before the character", "before_char")); position.add(new Option("after the character", "after_char"));
+  position.value = e.position === "after_char" ? "after_char" : "before_char";
+  inputs.position = field("Position", position);
+  inputs.insertion_order = field("Order", number(e.insertion_order ?? 100));
+  inputs.depth = field("Depth", number((e.extensions || {}).depth ?? 4));
+  inputs.enabled = check("enabled", e.enabled !== false);
+  inputs.constant = check("always on", !!e.constant);
+  inputs.selective = check("needs a secondary key", !!e.selective);
+  inputs.case_sensitive = check("case-sensitive", !!e.case_sensitive);
+  div.appendChild(button("Delete entry", "Remove this entry", () => div.remove()));
+  div.read = () => {
+    const list = (i) => i.value.split(",").map((k) => k.trim()).filter(Boolean);
+    return { ...e, comment: inputs.comment.value, name: inputs.comment.value, keys: list(inputs.keys),
+             secondary_keys: list(inputs.secondary_keys), content: inputs.content.value, position: inputs.position.value,
+             insertion_order: Number(inputs.insertion_order.value) || 0, enabled: inputs.enabled.checked,
+             constant: inputs.constant.checked, selective: inputs.selective.checked, case_sensitive: inputs.case_sensitive.checked,
+             extensions: { ...(e.extensions || {}), depth: Number(inputs.depth.value) || 0,
+                           // SillyTavern's own position number no longer holds once the position is changed here
+                           ...(inputs.position.value !== e.position ? { position: undefined } : {}) } };
+  };
+  return div;
+}
+async function editLorebook(id) {
+  const b = await api(`/lorebooks/${id}`);
+  const editor = $("lorebook-editor");
+  editor.dataset.id = id;
+  editor.book = b.book;
+  $("lorebook-name").value = b.name;
+  $("entries").innerHTML = "";
+  for (const e of b.book.entries || []) $("entries").appendChild(entryView(e));
+  editor.hidden = false;
+}
+$("add-entry").onclick = () => $("entries").appendChild(entryView({ keys: [], content: "", enabled: true }));
+$("close-editor").onclick = () => { $("lorebook-editor").hidden = true; };
+$("lorebook-editor").addEventListener("submit", async (ev) => {
+  ev.preventDefault();
+  const editor = $("lorebook-editor");
+  const entries = [...$("entries").children].map((d) => d.read());
+  try {
+    await api(`/lorebooks/${editor.dataset.id}`, { ...post({ name: $("lorebook-name").value, book: { ...editor.book, entries } }),
+                                                   method: "PUT" });
+    status("lorebook saved");
+    editor.hidden = true;
+    await listLorebooks();
+  } catch (e) { status("lorebook not saved: " + e.message); alert("not saved: " + e.message); }
+});
 
 $("composer").addEventListener("submit", (ev) => {
   ev.preventDefault();
@@ -323,7 +575,11 @@ $("new-chat").onclick = async () => {
   await listChats(state.character);
   await openChat(c.id);
 };
-$("import").onchange = (ev) => { if (ev.target.files[0]) importCard(ev.target.files[0]); };
+$("import").onchange = (ev) => {  // cleared after each pick, so the same file can be picked again
+  const file = ev.target.files[0];
+  ev.target.value = "";
+  if (file) importCard(file);
+};
 document.addEventListener("dragover", (ev) => { ev.preventDefault(); document.body.classList.add("dragging"); });
 document.addEventListener("dragleave", (ev) => { if (!ev.relatedTarget) document.body.classList.remove("dragging"); });
 document.addEventListener("drop", (ev) => {
