@@ -106,3 +106,21 @@ def test_the_newer_samplers_reach_the_chat(session, monkeypatch):
     p = seen[-1]
     assert reply and p.dry_multiplier == 0.8 and p.mirostat == 2 and p.mirostat_tau == 3.0
     assert p.xtc_probability == 0.5 and len(p.dry_sequence_breakers) == 4
+
+
+def test_settings_come_in_layers_and_bad_stored_values_are_ignored(lm, tmp_path):
+    from galatea.chat.settings import parse
+
+    store = Store(tmp_path / "g.db")
+    chat = store.new_chat(store.add_character(load_character(None)))
+    store.set_default_settings({"temperature": 0.3, "persona": "A bard's apprentice.", "max_context": 512})
+    store.set_settings(chat, {"temperature": 0.5, "top_p": float("nan"), "stop": "not a list"})
+    s = ChatSession(store, lm, chat, {"max_new_tokens": 7})
+    assert (s.settings["temperature"], s.settings["top_p"], s.settings["max_new_tokens"]) == (0.5, 0.9, 7)
+    assert s.settings["persona"] == "A bard's apprentice." and s.settings["stop"] == [] and s.context == 512
+    assert s.ignored == ["stop", "top_p"]
+    assert s.prompt().text.split("<START>")[0].endswith("\nA bard's apprentice.\n")
+    assert parse("stop", "Ann:|\\n\\n") == ["Ann:", "\n\n"] and parse("persona", "-") == ""
+    assert parse("max_context", "2048") == 2048 and parse("temperature", "0.8") == 0.8
+    with pytest.raises(Exception, match="not a finite number"):
+        parse("temperature", "inf")

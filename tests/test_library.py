@@ -56,13 +56,14 @@ def test_lorebooks_from_the_command_line_reach_the_prompt(capsys, tmp_path):
     store.add_message(chat, False, "Mira", "Old roads.")
     store.add_message(chat, True, "You", "What lies in the forest?")
     assert main(["prompt", "--chat", str(chat), "--model", str(shared_vocab()), *data]) == 0
-    # the Pygmalion prompt with the activated entries after the persona, lowest order first: the
-    # constant "moon" (50) and "eldoria" (its key "forest" is in the last two messages, SillyTavern's
-    # scan depth), {{char}} filled; "shadowfang" (its keys only further back) and the disabled one stay out
+    # SillyTavern's classic Pygmalion story string: "eldoria" (position 0, before the character;
+    # its key "forest" is in the last two messages, the scan depth; {{char}} filled), the persona,
+    # the constant "moon" (position 1, after); "shadowfang" (its keys only further back) and the
+    # disabled entry stay out
     assert capsys.readouterr().out == (
+        "Mira knows Eldoria as the Whispering Wood, where the three old roads meet.\n"
         "Mira's Persona: A witch of the marsh.\n"
         "Over Eldoria the moon is always full.\n"
-        "Mira knows Eldoria as the Whispering Wood, where the three old roads meet.\n"
         "<START>\n"
         "Mira: Welcome.\n"
         "You: Is a shadowfang about tonight?\n"

@@ -117,3 +117,22 @@ def test_lorebook_activation_and_budget(tok):
     book["token_budget"] = len(tok.encode("Dragons sleep in the north.\n", add_bos=False))
     small = build_prompt(char, [Turn(True, "I saw a Dragon near the castle")], "and my sword?", tok, 2048, 64)
     assert len(small.lore_used) == 1  # the budget holds one entry
+
+
+def test_system_prompt_persona_and_lore_places_follow_sillytavern(tok):
+    """SillyTavern's classic Pygmalion story string, written out by hand: `{{system}}`,
+    `{{wiBefore}}`, `{{char}}'s Persona: {{description}}`, `Scenario:`, `{{wiAfter}}`, `{{persona}}`,
+    each on its own line when set, then `<START>`. Entries without a position go after."""
+    book = {"entries": [
+        {"keys": ["tower"], "content": "Before: the tower is old.", "position": "before_char", "insertion_order": 1},
+        {"keys": ["tower"], "content": "After: the tower is tall.", "position": "after_char", "insertion_order": 2},
+        {"keys": ["tower"], "content": "Unplaced: the tower leans.", "insertion_order": 3},
+    ]}
+    char = Character(name="Ed", description="A clerk.", scenario="A rainy day.", system_prompt="Write as {{char}}.",
+                     character_book=book)
+    p = build_prompt(char, [], "The tower?", tok, 2048, 64, user="Ann", persona="{{user}} is a knight.")
+    assert p.text == ("Write as Ed.\nBefore: the tower is old.\nEd's Persona: A clerk.\nScenario: A rainy day.\n"
+                      "After: the tower is tall.\nUnplaced: the tower leans.\nAnn is a knight.\n<START>\n"
+                      "Ann: The tower?\nEd:")
+    override = build_prompt(char, [], "Hi", tok, 2048, 64, system="{{original}} Stay in character.")
+    assert override.text.startswith("Write as Ed. Stay in character.\nEd's Persona: A clerk.\n")

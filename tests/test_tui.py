@@ -111,6 +111,21 @@ def test_terminal_chat(tmp_path):
     assert "stopped]" in out
     t.type("/prompt\n")
     assert "Ann: Tell me a very long story about the sea.\nAria:" in t.read_until(r"--- end ---")
+    # the prompt settings the page has, from /set: a persona, a preset (only the samplers change)
+    t.type("/set persona {{user}} is a sailor.\n")
+    t.read_until(r"Ann> ")
+    t.type("/set preset min-p\n")
+    assert "(preset Min-P for this chat)" in t.read_until(r"Ann> ")
+    t.type("/set\n")
+    shown = t.read_until(r"Ann> ")
+    assert "min_p=0.1" in shown and "max_new_tokens=2000" in shown and "persona='{{user}} is a sailor.'" in shown
+    t.type("/set max_new_tokens 3\n")
+    t.read_until(r"Ann> ")
+    t.type("Ahoy!\n")
+    t.read_until(r"tok/s")
+    t.read_until(r"Ann> ")
+    t.type("/prompt\n")  # the prompt of that last reply
+    assert "\nAnn is a sailor.\n<START>" in t.read_until(r"--- end ---")
 
     t.type("/quit\n")
     assert t.close() == 0
@@ -120,5 +135,6 @@ def test_terminal_chat(tmp_path):
     screen = t.read_until(r"Ann> ")
     assert "#2 Ann: Hello there, bard!" in screen
     assert "[2/2]" in screen and "#4 Ann: Tell me a very long story about the sea." in screen
+    assert "Ann: Ahoy!" in screen
     t.type("\x04")  # Ctrl-D leaves too
     assert t.close() == 0

@@ -309,9 +309,9 @@ def test_characters_lorebooks_and_chats_are_managed_from_the_page(browser, tmp_p
         page.click("#show-prompt")
         page.wait_for_selector("#prompt-dialog[open]")
         prompt = page.inner_text("#prompt-text")
-        # after the persona, lowest order first: the constant entry (50), then the edited one (100)
-        assert "old friend.\nOver Eldoria the moon is always full.\nMira calls it the Singing Wood.\n<START>" in prompt
-        assert "marsh, You's old friend" in prompt
+        # SillyTavern's places: the edited entry before the character (position 0), the constant one after
+        assert ("Mira calls it the Singing Wood.\nMira's Persona: A witch of the marsh, You's old friend.\n"
+                "Over Eldoria the moon is always full.\n<START>") in prompt
         page.keyboard.press("Escape")
 
         # chats: rename, search, import with dates and a warning, delete
@@ -360,6 +360,89 @@ def test_characters_lorebooks_and_chats_are_managed_from_the_page(browser, tmp_p
         assert "Delete Mira and its 3 chats?" in dialogs[-1]
         assert [c["name"] for c in httpx.get(f"{server.url}/galatea/characters", timeout=10).json()] == ["Aria"]
         assert page.locator("#character option").count() == 1
+        assert not errors, errors
+    finally:
+        log = server.stop()
+    assert "Traceback" not in log, log
+
+
+def test_settings_presets_persona_stop_strings_context_and_defaults(browser, tmp_path):
+    """Issue 15, point 1: a preset fills the samplers; the user's name and persona, a stop string
+    and a smaller context reach the prompt and the reply; "make the default" carries them to a
+    new chat; a preset of the user's is kept."""
+    server = Server(tmp_path)
+    errors: list[str] = []
+    try:
+        page = browser.new_page(viewport={"width": 1280, "height": 900})
+        page.on("pageerror", lambda e: errors.append(str(e)))
+        page.goto(server.url + "/")
+        page.wait_for_selector(".msg.char .text:has-text('Well met')")
+        chat = page.evaluate("state.chat")
+
+        def settings(save: str = "#save-settings", **fields: str) -> None:
+            page.click("#open-settings")
+            page.wait_for_selector("#settings-dialog[open]")
+            for name, value in fields.items():
+                page.fill(f"#settings-form [name='{name}']", value)
+            page.click(save)
+            page.wait_for_selector("#status:has-text('settings saved')")
+            page.evaluate("document.querySelector('#status').textContent = ''")
+
+        def reply(action: str) -> str:
+            page.click(action) if action.startswith("#") else (page.fill("#input", action),
+                                                              page.keyboard.press("Enter"))
+            page.wait_for_function("document.querySelector('#status').textContent.includes('tok/s')",
+                                   timeout=120_000)
+            text = httpx.get(f"{server.url}/galatea/chats/{chat}", timeout=10).json()["messages"][-1]["text"]
+            page.evaluate("document.querySelector('#status').textContent = ''")
+            return text
+
+        page.click("#open-settings")
+        page.wait_for_selector("#settings-dialog[open]")
+        page.select_option("#preset", "Deterministic")
+        assert page.input_value("[name='temperature']") == "0"
+        assert page.input_value("[name='repetition_penalty']") == "1"
+        page.fill("[name='max_new_tokens']", "40")
+        page.fill("[name='user_name']", "Ann")
+        page.fill("[name='persona']", "{{user}} is a knight of the north.")
+        page.fill("#preset-name", "Knightly")
+        page.click("#save-preset")
+        page.wait_for_selector("#preset option:text('Knightly (yours)')", state="attached")
+        ARTIFACTS.mkdir(exist_ok=True)
+        page.screenshot(path=str(ARTIFACTS / "web-settings.png"))
+        page.click("#save-settings")
+        page.wait_for_selector("#status:has-text('settings saved')")
+
+        first = reply("Hello, who are you?")  # greedy: the same text every time
+        words = first.split()
+        assert len(words) >= 6, first
+        cut = words[len(words) // 2]
+        settings(stop=cut)
+        second = reply("#regen")
+        assert second == first[:first.index(cut)].strip(), (first, cut, second)  # ends before the stop string
+
+        page.click("#show-prompt")
+        page.wait_for_selector("#prompt-dialog[open]")
+        full = page.inner_text("#prompt-text")
+        assert "\nAnn is a knight of the north.\n<START>" in full and "\nAnn: Hello, who are you?\n" in full
+        full_tokens = int(full.split(" tokens")[0].strip("("))
+        page.keyboard.press("Escape")
+        settings(max_context=str(full_tokens + 40 - 10))  # 10 tokens short: an example block must go
+        page.click("#show-prompt")
+        page.wait_for_selector("#prompt-dialog[open]")
+        small = page.inner_text("#prompt-text")
+        assert int(small.split(" tokens")[0].strip("(")) <= full_tokens - 10
+        assert small.count("<START>") < full.count("<START>")
+        page.keyboard.press("Escape")
+
+        settings("#save-default", max_context="0")
+        page.click("#new-chat")
+        page.wait_for_function(f"state.chat !== {chat}")
+        fresh = httpx.get(f"{server.url}/galatea/chats/{page.evaluate('state.chat')}/settings", timeout=10).json()
+        assert fresh["temperature"] == 0 and fresh["persona"] == "{{user}} is a knight of the north."
+        assert fresh["stop"] == [cut] and fresh["max_new_tokens"] == 40
+        presets = {p["name"]: p for p in httpx.get(f"{server.url}/galatea/presets", timeout=10).json()}
+        assert presets["Knightly"]["settings"]["temperature"] == 0 and not presets["Knightly"]["builtin"]
         assert not errors, errors
     finally:
         log = server.stop()

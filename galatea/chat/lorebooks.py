@@ -11,8 +11,9 @@ Eldoria), the V3 standalone export (`{"spec": "lorebook_v3", "data": {...}}`), a
 selectiveLogic, ...) are kept in each entry's `extensions`, as SillyTavern itself does when it
 embeds a world in a card, so an export gives SillyTavern back what it wrote.
 
-The Pygmalion prompt has one place for lore (after the persona and scenario): an entry's
-position is kept and editable, and used by formats that have several places.
+Positions: `before_char` entries go before the persona, `after_char` ones after the scenario (as
+in SillyTavern's Pygmalion story string); SillyTavern's other places (author's note, at a depth)
+have no counterpart in this prompt and go after the scenario, their number kept for export.
 """
 
 from __future__ import annotations

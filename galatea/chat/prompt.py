@@ -1,9 +1,12 @@
 """The Pygmalion prompt, byte for byte, inside a token-accurate sliding window.
 
+    {system prompt}                     (only when set: the chat's, else the card's)
+    {lorebook entries before the char}  (activated ones, within their budget)
     {char}'s Persona: {description}
     Personality: {personality}          (only when non-empty)
     Scenario: {scenario}                (only when non-empty)
-    {lorebook entries}                  (activated ones, within their budget)
+    {lorebook entries after the char}
+    {user persona}                      (only when set: who the user is, SillyTavern's "persona")
     <START>
     {example block}                     (one <START> per block of mes_example)
     <START>
@@ -11,10 +14,13 @@
     {user}: {new message}
     {char}:
 
-With only a persona this is exactly the model card's format. When it does not fit in the
-context minus the reply budget, example blocks go first (whole blocks, the last first), then
-the oldest messages (whole messages); persona, scenario and the newest exchange always stay.
-Token counts come from the model's own tokenizer on the whole prompt, so they are exact.
+This is SillyTavern's classic Pygmalion story string (`{{system}}`, `{{wiBefore}}`, persona,
+personality, scenario, `{{wiAfter}}`, `{{persona}}`, then `<START>`); with only a persona it is
+exactly the model card's format. Entries without a position go after the character, as in
+SillyTavern. When it does not fit in the context minus the reply budget, example blocks go first
+(whole blocks, the last first), then the oldest messages (whole messages); persona, scenario and
+the newest exchange always stay. Token counts come from the model's own tokenizer on the whole
+prompt, so they are exact.
 """
 
 from __future__ import annotations
@@ -66,24 +72,30 @@ def example_blocks(mes_example: str) -> list[str]:
 
 
 def build_prompt(char: Character, history: Sequence[Turn], new_message: str | None, tokenizer: _Counter,
-                 context: int, max_new_tokens: int, user: str = DEFAULT_USER, end: str = "char") -> Prompt:
+                 context: int, max_new_tokens: int, user: str = DEFAULT_USER, end: str = "char",
+                 system: str | None = None, persona: str = "") -> Prompt:
     """The prompt for the character's next reply. `new_message` is the user's new line (None to
     reply to the history as it stands). `end`: "char" ends with `{char}:` (a reply), "user" with
     `{user}:` (impersonate: the model writes the user's line), "continue" with the last message
-    itself, unterminated, so the model carries on writing it."""
+    itself, unterminated, so the model carries on writing it. `system`: a system prompt in place
+    of the card's (`{{original}}` in it stands for the card's); `persona`: the user's."""
     budget = context - max_new_tokens
     if budget <= 0:
         raise GalateaError(f"max_new_tokens {max_new_tokens} leaves no room in a context of {context}; lower it")
     name = char.name
+    system = char.system_prompt if system is None else re.sub(r"\{\{original\}\}", lambda _: char.system_prompt,
+                                                               system, flags=re.IGNORECASE)
+    top = substitute(system, name, user).strip()
     header = _header(char, user)
+    bottom = substitute(persona, name, user).strip()
     examples = [substitute(b, name, user) for b in example_blocks(char.mes_example)]
     turns = [(user if t.is_user else name, substitute(t.text, name, user).strip()) for t in history]
     if new_message is not None:
         turns.append((user, substitute(new_message, name, user).strip()))
     lore = activate_lore(char, turns, user)
 
-    def render(n_examples: int, first_turn: int, lore_text: str) -> str:
-        parts = [header + lore_text]
+    def render(n_examples: int, first_turn: int, lore: tuple[str, str]) -> str:
+        parts = [f"{top}\n" if top else "", lore[0], header, lore[1], f"{bottom}\n" if bottom else ""]
         parts += [f"{START}\n{block}\n" for block in examples[:n_examples]]
         parts.append(f"{START}\n")
         parts += [f"{speaker}: {text}\n" for speaker, text in turns[first_turn:]]
@@ -95,7 +107,7 @@ def build_prompt(char: Character, history: Sequence[Turn], new_message: str | No
     def size(text: str) -> int:
         return len(tokenizer.encode(text))
 
-    lore_text, lore_names = _fit_lore(lore, char, context, tokenizer)
+    lore_text, lore_names = _fit_lore(lore, char, context, tokenizer)  # (before, after) the character
     n_ex = len(examples)
     while n_ex > 0 and size(render(n_ex, 0, lore_text)) > budget:
         n_ex -= 1
@@ -140,6 +152,7 @@ class LoreEntry:
     content: str
     order: int  # insertion_order: lower is inserted higher
     priority: int  # lower is dropped first when over budget
+    before: bool = False  # position "before_char" (SillyTavern's wiBefore); else after the scenario
 
 
 def activate_lore(char: Character, turns: Sequence[tuple[str, str]], user: str) -> list[LoreEntry]:
@@ -159,7 +172,8 @@ def activate_lore(char: Character, turns: Sequence[tuple[str, str]], user: str) 
         if hit:
             label = str(e.get("name") or e.get("comment") or (e.get("keys") or [f"entry {i}"])[0])
             out.append(LoreEntry(label, substitute(str(e["content"]).strip(), char.name, user),
-                                 _int(e.get("insertion_order"), 0), _int(e.get("priority"), 0)))
+                                 _int(e.get("insertion_order"), 0), _int(e.get("priority"), 0),
+                                 e.get("position") == "before_char"))
     return out
 
 
@@ -172,11 +186,12 @@ def _matches(keys: Sequence[Any], text: str, case_sensitive: bool) -> bool:
     return False
 
 
-def _fit_lore(entries: list[LoreEntry], char: Character, context: int, tokenizer: _Counter) -> tuple[str, list[str]]:
+def _fit_lore(entries: list[LoreEntry], char: Character, context: int,
+              tokenizer: _Counter) -> tuple[tuple[str, str], list[str]]:
     """The entries that fit the book's token budget (default a quarter of the context), higher
-    priority first, rendered in insertion order."""
+    priority first, rendered in insertion order: (the text before the character, after it)."""
     if not entries:
-        return "", []
+        return ("", ""), []
     budget = _int((char.character_book or {}).get("token_budget"), context // 4)
     chosen: list[LoreEntry] = []
     used = 0
@@ -186,7 +201,9 @@ def _fit_lore(entries: list[LoreEntry], char: Character, context: int, tokenizer
             chosen.append(e)
             used += cost
     chosen.sort(key=lambda e: e.order)
-    return "".join(e.content + "\n" for e in chosen), [e.label for e in chosen]
+    before = "".join(e.content + "\n" for e in chosen if e.before)
+    after = "".join(e.content + "\n" for e in chosen if not e.before)
+    return (before, after), [e.label for e in chosen]
 
 
 def _int(value: object, default: int) -> int:

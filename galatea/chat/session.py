@@ -7,7 +7,6 @@ model starts, and the reply when it ends, so a crash loses at most the reply in 
 
 from __future__ import annotations
 
-import math
 import re
 import threading
 import time
@@ -17,25 +16,14 @@ from typing import Any
 
 from galatea.chat.lorebooks import with_lorebooks
 from galatea.chat.prompt import Prompt, Turn, build_prompt, substitute
+from galatea.chat.settings import resolve
 from galatea.chat.store import Message, Store
 from galatea.engine.generate import Chunk, stream_generate
 from galatea.engine.modern_samplers import dry_breaker_ids
 from galatea.engine.prompt_cache import PromptCache
-from galatea.engine.sampling import PYGMALION_PRESET, SamplingParams
+from galatea.engine.sampling import SamplingParams
 from galatea.errors import GalateaError
 from galatea.model.checkpoint import LoadedModel
-
-# The Pygmalion preset; the newer samplers (DRY, XTC, Mirostat, dynamic temperature, smoothing)
-# start off.
-DEFAULT_SETTINGS: dict[str, Any] = {
-    **PYGMALION_PRESET,
-    "dry_multiplier": 0.0, "xtc_probability": 0.0, "xtc_threshold": 0.1, "mirostat": 0, "mirostat_tau": 5.0,
-    "dynatemp_range": 0.0, "smoothing_factor": 0.0,
-}
-
-
-def _number(value: Any) -> bool:
-    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def reply_stops(char: str, user: str) -> list[str]:
@@ -97,16 +85,17 @@ class ChatSession:
             lm.model, lm.tokenizer, ids, params, cancel, self.context, self.prompt_cache, speculative))
         self.info = store.chat(chat_id)
         self.character_id, self.char = store.character(self.info.character_id)
-        stored = self.info.settings
-        # a stored value that is not a finite number (an older version let `/set temperature nan`
-        # through) is reported and ignored, never fatal
-        self.ignored = sorted(k for k, v in stored.items() if k in DEFAULT_SETTINGS and not _number(v))
-        kept = {k: v for k, v in stored.items() if k not in self.ignored}
-        self.settings = {**DEFAULT_SETTINGS, **kept, **(settings or {})}
-        self.context = max_context or lm.config.max_position_embeddings
+        self.settings, self.ignored = resolve(store.default_settings(), self.info.settings, settings or {})
+        self.model_context = max_context or lm.config.max_position_embeddings  # the model's, or the server's
         self.last_prompt: Prompt | None = None
         self.last: Turnout | None = None
         self.progress: Progress | None = None  # told how far a long prompt is read (the page's)
+
+    @property
+    def context(self) -> int:
+        """The chat's context size (its `max_context` setting), within the model's."""
+        own = int(self.settings["max_context"])
+        return min(self.model_context, own) if own > 0 else self.model_context
 
     @property
     def user(self) -> str:
@@ -121,7 +110,12 @@ class ChatSession:
         # the card's own lorebook, then the books attached to this character or chat
         char = with_lorebooks(self.char, [book for _, book in self.store.chat_lorebooks(self.chat_id)])
         return build_prompt(char, history, new_message, self.lm.tokenizer, self.context,
-                            int(self.settings["max_new_tokens"]), user=self.user, end=end)
+                            int(self.settings["max_new_tokens"]), user=self.user, end=end,
+                            system=self.settings["system_prompt"] or None, persona=self.settings["persona"])
+
+    def stops(self, base: list[str]) -> list[str]:
+        """Where a reply ends: the format's stops and the chat's own."""
+        return list(dict.fromkeys([*base, *self.settings["stop"]]))
 
     # ---- operations ----------------------------------------------------------------------------
 
@@ -147,7 +141,7 @@ class ChatSession:
         started = time.time()
         # A fresh seed per swipe: a fixed chat seed would give the same reply again.
         seed = None if self.settings.get("seed") is None else int(self.settings["seed"]) + len(target.swipes)
-        out = yield from self._generate(prompt, reply_stops(self.char.name, self.user), cancel, seed)
+        out = yield from self._generate(prompt, self.stops(reply_stops(self.char.name, self.user)), cancel, seed)
         text = clean_reply(out.text, self.char.name, self.char.name, self.user)
         if _stopped_empty(out, text):
             return
@@ -160,7 +154,7 @@ class ChatSession:
         if not msgs or msgs[-1].is_user:
             raise GalateaError("there is no character message to continue; send a message first")
         prompt = self.prompt(end="continue")
-        out = yield from self._generate(prompt, reply_stops(self.char.name, self.user), cancel)
+        out = yield from self._generate(prompt, self.stops(reply_stops(self.char.name, self.user)), cancel)
         addition = substitute(out.text.rstrip(), self.char.name, self.user)
         self.store.append_to_message(msgs[-1].id, addition)
         out.message_id = msgs[-1].id
@@ -168,13 +162,13 @@ class ChatSession:
     def impersonate(self, cancel: threading.Event | None = None) -> Iterator[str]:
         """The model writes the user's next line (not saved: the user may send or edit it)."""
         prompt = self.prompt(end="user")
-        out = yield from self._generate(prompt, impersonate_stops(self.char.name, self.user), cancel)
+        out = yield from self._generate(prompt, self.stops(impersonate_stops(self.char.name, self.user)), cancel)
         out.text = clean_reply(out.text, self.user, self.char.name, self.user)
 
     def _reply(self, cancel: threading.Event | None) -> Iterator[str]:
         prompt = self.prompt()
         started = time.time()
-        out = yield from self._generate(prompt, reply_stops(self.char.name, self.user), cancel)
+        out = yield from self._generate(prompt, self.stops(reply_stops(self.char.name, self.user)), cancel)
         text = clean_reply(out.text, self.char.name, self.char.name, self.user)
         if _stopped_empty(out, text):
             return

@@ -65,6 +65,14 @@ CREATE TABLE IF NOT EXISTS swipes (
     UNIQUE (message_id, idx)
 );
 CREATE INDEX IF NOT EXISTS chats_by_character ON chats (character_id, updated_at);
+CREATE TABLE IF NOT EXISTS meta (              -- the library's own settings, e.g. settings for every chat
+    key TEXT PRIMARY KEY,
+    value TEXT NOT NULL             -- JSON
+);
+CREATE TABLE IF NOT EXISTS presets (           -- the user's named sampler presets
+    name TEXT PRIMARY KEY,
+    settings TEXT NOT NULL          -- JSON
+);
 CREATE TABLE IF NOT EXISTS lorebooks (
     id INTEGER PRIMARY KEY,
     name TEXT NOT NULL,
@@ -305,6 +313,29 @@ class Store:
         with self._write() as db:
             db.execute("UPDATE chats SET settings = ? WHERE id = ?", (json.dumps(settings), chat_id))
 
+    def default_settings(self) -> dict[str, Any]:
+        """Settings every chat starts from (its own override them)."""
+        row = self.db.execute("SELECT value FROM meta WHERE key = 'default_settings'").fetchone()
+        return {} if row is None else json.loads(row[0])
+
+    def set_default_settings(self, settings: dict[str, Any]) -> None:
+        with self._write() as db:
+            db.execute("INSERT INTO meta (key, value) VALUES ('default_settings', ?) "
+                       "ON CONFLICT (key) DO UPDATE SET value = excluded.value", (json.dumps(settings),))
+
+    def presets(self) -> dict[str, dict[str, Any]]:
+        return {r[0]: json.loads(r[1]) for r in self.db.execute("SELECT name, settings FROM presets ORDER BY name")}
+
+    def save_preset(self, name: str, settings: dict[str, Any]) -> None:
+        with self._write() as db:
+            db.execute("INSERT INTO presets (name, settings) VALUES (?, ?) "
+                       "ON CONFLICT (name) DO UPDATE SET settings = excluded.settings", (name, json.dumps(settings)))
+
+    def delete_preset(self, name: str) -> None:
+        with self._write() as db:
+            if db.execute("DELETE FROM presets WHERE name = ?", (name,)).rowcount == 0:
+                raise GalateaError(f"no preset {name!r} of yours (built-in presets cannot be deleted)")
+
     # ---- messages ------------------------------------------------------------------------------
 
     def messages(self, chat_id: int) -> list[Message]:
@@ -344,7 +375,8 @@ class Store:
             db.execute("INSERT INTO swipes (message_id, idx, text, seed, gen_started, gen_finished, extra) "
                        "VALUES (?, ?, ?, ?, ?, ?, ?)",
                        (mid, i, s.text, s.seed, s.gen_started, s.gen_finished, json.dumps(s.extra)))
-        db.execute("UPDATE chats SET updated_at = ? WHERE id = ?", (now, chat_id))
+        # the chat was active now, even when the message is an old one (imports, branches)
+        db.execute("UPDATE chats SET updated_at = ? WHERE id = ?", (time.time(), chat_id))
         return mid
 
     def add_swipe(self, message_id: int, text: str, seed: int | None = None, gen_started: float | None = None,

@@ -7,7 +7,6 @@ reply stops that reply (what was written is kept), not the program.
 
 from __future__ import annotations
 
-import math
 import os
 import signal
 import sys
@@ -28,7 +27,8 @@ HELP = """commands:
   /delete N           delete message N
   /undo               delete your last message and the replies after it
   /name NAME          change your name in this chat
-  /set [KEY VALUE]    show or change this chat's sampling settings (temperature, top_p, max_new_tokens, ...)
+  /set [KEY VALUE]    show or change this chat's settings (temperature, top_p, max_new_tokens, max_context,
+                      stop A|B, persona TEXT, system_prompt TEXT; `-` clears a text); /set preset NAME
   /branch [N]         a new chat with the messages up to N (default: all), and switch to it
   /new                start a new chat with this character
   /chats, /open ID    list this character's chats; switch to one
@@ -212,21 +212,24 @@ class TerminalChat:
         return None
 
     def _set(self, rest: str) -> None:
-        from galatea.chat.session import DEFAULT_SETTINGS
+        from galatea.chat.settings import BUILTIN_PRESETS, SAMPLERS, parse
 
         if not rest:
-            self.say("  ".join(f"{k}={v}" for k, v in self.s.settings.items()))
+            self.say("  ".join(f"{k}={v!r}" if isinstance(v, str | list) else f"{k}={v}"
+                               for k, v in self.s.settings.items()))
             return
         key, _, value = rest.partition(" ")
-        kinds = {**{k: type(v) for k, v in DEFAULT_SETTINGS.items()}, "seed": int}
-        if key not in kinds:
-            raise GalateaError(f"unknown setting {key!r}; one of {', '.join(kinds)}")
-        try:
-            parsed = kinds[key](value.strip())
-        except ValueError:
-            raise GalateaError(f"/set {key}: {value.strip()!r} is not a {kinds[key].__name__}") from None
-        if not math.isfinite(parsed):
-            raise GalateaError(f"/set {key}: {value.strip()!r} is not a finite number")
+        if key == "preset":  # a named set of sampler numbers: a built-in one or one saved from the page
+            presets = {**BUILTIN_PRESETS, **self.s.store.presets()}
+            match = next((n for n in presets if n.lower() == value.strip().lower()), None)
+            if match is None:
+                raise GalateaError(f"no preset {value.strip()!r}; one of {', '.join(presets)}")
+            chosen = {k: v for k, v in presets[match].items() if k in SAMPLERS}
+            self.s.settings.update(chosen)
+            self.s.store.set_settings(self.s.chat_id, {**self.s.store.chat(self.s.chat_id).settings, **chosen})
+            self.say(f"{self.c.dim}(preset {match} for this chat){self.c.reset}")
+            return
+        parsed = parse(key, value)
         self.s.settings[key] = parsed
         saved = {**self.s.store.chat(self.s.chat_id).settings, key: parsed}
         self.s.store.set_settings(self.s.chat_id, saved)  # kept with the chat
@@ -264,7 +267,7 @@ class TerminalChat:
 
     def _switch(self, chat_id: int) -> None:
         old = self.s
-        self.s = ChatSession(old.store, old.lm, chat_id, old.overrides, max_context=old.context,
+        self.s = ChatSession(old.store, old.lm, chat_id, old.overrides, max_context=old.model_context,
                              context_shift=old.context_shift, speculative=old.speculative)
         self.show_history()
         self._report_ignored()

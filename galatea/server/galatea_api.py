@@ -17,6 +17,7 @@ from pydantic import Field
 
 from galatea.chat import chatfiles
 from galatea.chat.session import ChatSession
+from galatea.chat.settings import BUILTIN_PRESETS, SAMPLERS, resolve
 from galatea.chat.store import Store
 from galatea.engine.scheduler import Scheduler
 from galatea.errors import GalateaError
@@ -42,8 +43,8 @@ class Step(RequestBody):
     step: int = Field(ge=-1000, le=1000)
 
 
-class Settings(RequestBody):
-    """A chat's sampling settings, as the page's panel and the terminal's /set change them."""
+class Samplers(RequestBody):
+    """Sampler numbers (a preset)."""
 
     max_new_tokens: int | None = Field(default=None, ge=1, le=4096)
     temperature: float | None = Field(default=None, ge=0, le=5)
@@ -59,6 +60,17 @@ class Settings(RequestBody):
     mirostat_tau: float | None = Field(default=None, gt=0, le=20)
     dynatemp_range: float | None = Field(default=None, ge=0, le=5)
     smoothing_factor: float | None = Field(default=None, ge=0, le=10)
+
+
+class Settings(Samplers):
+    """A chat's settings (or every chat's defaults), as the page's panel and the terminal's /set
+    change them; what is left out stays as it was."""
+
+    max_context: int | None = Field(default=None, ge=0, le=1 << 20, description="0: the model's")
+    stop: list[Annotated[str, Field(min_length=1, max_length=200)]] | None = Field(default=None, max_length=16)
+    persona: str | None = Field(default=None, max_length=20000, description="who the user is")
+    system_prompt: str | None = Field(default=None, max_length=20000, description="empty: the card's")
+    user_name: str | None = Field(default=None, min_length=1, max_length=60, pattern=r"\S")
 
 
 class Abort(RequestBody):
@@ -218,14 +230,51 @@ def branch(chat_id: RowId, body: At, store: ChatStore) -> dict:
 @router.get("/chats/{chat_id}/settings")
 def settings(chat_id: RowId, engine: Engine, store: ChatStore) -> dict:
     """The settings a reply in this chat is generated with (defaults and the chat's own)."""
-    return session(engine, store, chat_id).settings
+    s = session(engine, store, chat_id)
+    return {**s.settings, "user_name": s.user, "model_context": s.model_context}
 
 @router.put("/chats/{chat_id}/settings")
 def set_settings(chat_id: RowId, body: Settings, engine: Engine, store: ChatStore) -> dict:
     s = session(engine, store, chat_id)
     changed = body.model_dump(exclude_none=True)
+    if (name := changed.pop("user_name", None)) is not None:
+        store.rename_user(chat_id, name.strip())
     store.set_settings(chat_id, {**s.info.settings, **changed})  # kept with the chat
-    return session(engine, store, chat_id).settings
+    return settings(chat_id, engine, store)
+
+@router.get("/settings")
+def default_settings(store: ChatStore) -> dict:
+    """What every chat starts from (a chat's own settings override them)."""
+    return resolve(store.default_settings())[0]
+
+@router.put("/settings")
+def set_default_settings(body: Settings, store: ChatStore) -> dict:
+    changed = body.model_dump(exclude_none=True, exclude={"user_name"})
+    store.set_default_settings({**store.default_settings(), **changed})
+    return default_settings(store)
+
+@router.get("/presets")
+def presets(store: ChatStore) -> list[dict]:
+    """Named sampler presets: the built-in ones, then the user's."""
+    return [*({"name": n, "settings": p, "builtin": True} for n, p in BUILTIN_PRESETS.items()),
+            *({"name": n, "settings": p, "builtin": False} for n, p in store.presets().items())]
+
+@router.put("/presets/{name}")
+def save_preset(name: Annotated[str, PathParam(min_length=1, max_length=80, pattern=r"\S")], body: Samplers,
+                store: ChatStore) -> dict:
+    if name in BUILTIN_PRESETS:
+        raise BadRequest(f"{name!r} is a built-in preset; save yours under another name")
+    given = {k: v for k, v in body.model_dump(exclude_none=True).items() if k in SAMPLERS}  # samplers only
+    store.save_preset(name, {**SAMPLERS, **given})
+    return {"name": name}
+
+@router.delete("/presets/{name}")
+def delete_preset(name: Annotated[str, PathParam(min_length=1, max_length=80)], store: ChatStore) -> dict:
+    try:
+        store.delete_preset(name)
+    except GalateaError as e:
+        raise BadRequest(str(e), "not_found", 404) from None
+    return {"ok": True}
 
 @router.get("/chats/{chat_id}/prompt")
 def prompt(chat_id: RowId, engine: Engine, store: ChatStore) -> dict:

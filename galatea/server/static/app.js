@@ -542,24 +542,67 @@ $("input").addEventListener("keydown", (ev) => {
 $("regen").onclick = () => generate("regenerate");
 $("continue").onclick = () => generate("continue");
 $("stop").onclick = () => api("/abort", post({ chat_id: state.chat }));  // only this chat's reply
-// The chat's sampling settings: read into the form, saved (only what the form holds) on Save.
-$("open-settings").onclick = async () => {
-  if (!state.chat) return;
-  const current = await api(`/chats/${state.chat}/settings`);
+// The chat's settings: read into the form, saved (only what the form holds) on Save; "Save and
+// make the default" also makes them what every chat starts from. A preset fills the samplers.
+function fillSettings(values) {
   for (const field of $("settings-form").elements) {
-    if (field.name && current[field.name] !== undefined) field.value = current[field.name];
+    if (!field.name || values[field.name] === undefined) continue;
+    field.value = field.dataset.kind === "lines" ? values[field.name].join("\n") : values[field.name];
   }
-  $("settings-dialog").showModal();
-};
-$("settings-dialog").addEventListener("close", async () => {
-  if ($("settings-dialog").returnValue !== "save") return;
+}
+function readSettings() {
   const body = {};
   for (const field of $("settings-form").elements) {
-    if (field.name && field.value !== "") body[field.name] = Number(field.value);
+    if (!field.name) continue;
+    if (field.dataset.kind === "lines") body[field.name] = field.value.split("\n").filter((l) => l !== "");
+    else if (field.dataset.kind === "text") { if (field.name !== "user_name" || field.value.trim()) body[field.name] = field.value; }
+    else if (field.value !== "") body[field.name] = Number(field.value);
   }
+  return body;
+}
+async function loadPresets() {
+  const presets = await api("/presets");
+  const select = $("preset");
+  select.length = 1;
+  for (const p of presets) select.add(new Option(p.builtin ? p.name : `${p.name} (yours)`, p.name));
+  state.presets = Object.fromEntries(presets.map((p) => [p.name, p]));
+}
+$("open-settings").onclick = async () => {
+  if (!state.chat) return;
+  const [current] = await Promise.all([api(`/chats/${state.chat}/settings`), loadPresets()]);
+  fillSettings(current);
+  $("settings-form").elements.max_context.placeholder = current.model_context;
+  $("settings-dialog").showModal();
+};
+$("preset").onchange = () => { const p = state.presets[$("preset").value]; if (p) fillSettings(p.settings); };
+$("save-preset").onclick = async () => {
+  const name = $("preset-name").value.trim();
+  if (!name) { status("give the preset a name first"); $("preset-name").focus(); return; }
+  try {
+    await api(`/presets/${encodeURIComponent(name)}`, { ...post(readSettings()), method: "PUT" });
+    await loadPresets();
+    $("preset").value = name;
+    $("preset-name").value = "";
+    status(`preset ${name} saved`);
+  } catch (e) { status("preset not saved: " + e.message); }
+};
+$("delete-preset").onclick = async () => {
+  const p = state.presets[$("preset").value];
+  if (!p || p.builtin) { status("choose one of your presets to delete (built-in ones stay)"); return; }
+  if (!confirm(`Delete the preset ${p.name}?`)) return;
+  await api(`/presets/${encodeURIComponent(p.name)}`, { method: "DELETE" });
+  await loadPresets();
+};
+$("settings-dialog").addEventListener("close", async () => {
+  const how = $("settings-dialog").returnValue;
+  if (how !== "save" && how !== "default") return;
+  const body = readSettings();
   try {
     await api(`/chats/${state.chat}/settings`, { ...post(body), method: "PUT" });
-    status("settings saved for this chat");
+    if (how === "default") {
+      await api("/settings", { ...post(body), method: "PUT" });
+      status("settings saved for this chat and as the default for every chat");
+    } else status("settings saved for this chat");
   } catch (e) { status(`settings not saved: ${e.message}`); }
 });
 $("show-prompt").onclick = async () => {
