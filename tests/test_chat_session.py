@@ -106,6 +106,14 @@ def test_the_newer_samplers_reach_the_chat(session, monkeypatch):
     p = seen[-1]
     assert reply and p.dry_multiplier == 0.8 and p.mirostat == 2 and p.mirostat_tau == 3.0
     assert p.xtc_probability == 0.5 and len(p.dry_sequence_breakers) == 4
+    # and KoboldAI's older ones, with their order, as the page's "More samplers" sets them
+    session.settings.update(typical_p=0.9, tfs=0.95, top_a=0.2, repetition_penalty_slope=0.7, presence_penalty=0.3,
+                            frequency_penalty=0.1, top_k=40.0, sampler_order=[6, 5, 0, 1, 2, 3, 4])
+    "".join(session.send("Again."))
+    p = seen[-1]
+    assert (p.typical_p, p.tfs, p.top_a, p.repetition_penalty_slope, p.presence_penalty, p.frequency_penalty) == \
+        (0.9, 0.95, 0.2, 0.7, 0.3, 0.1)
+    assert p.top_k == 40 and isinstance(p.top_k, int) and tuple(p.sampler_order) == (6, 5, 0, 1, 2, 3, 4)
 
 
 def test_settings_come_in_layers_and_bad_stored_values_are_ignored(lm, tmp_path):

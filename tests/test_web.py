@@ -329,6 +329,13 @@ def test_characters_lorebooks_and_chats_are_managed_from_the_page(browser, tmp_p
         page.screenshot(path=str(ARTIFACTS / "web-search.png"))
         hit.click()
         talk = page.evaluate("state.chat")
+        first = page.locator(".msg").first  # branch from the greeting: a new chat with just it
+        first.locator("details.menu summary").click()
+        first.locator("button[title^='A new chat']").click()
+        page.wait_for_selector("#status:has-text('a branch from message #1')")
+        page.wait_for_function("[...document.querySelectorAll('#chat option')]"
+                               ".some(o => o.text === 'Forest talk (branch) (1)')")
+        assert page.evaluate("state.chat") != talk and page.locator(".msg").count() == 1
 
         st = tmp_path / "seraphina.jsonl"
         lines = [{"user_name": "You", "character_name": "Seraphina", "create_date": "2024-05-14@21h33m19s"},
@@ -353,11 +360,12 @@ def test_characters_lorebooks_and_chats_are_managed_from_the_page(browser, tmp_p
         assert page.locator("#delete-chat").bounding_box()["x"] + 100 < 390
         page.screenshot(path=str(ARTIFACTS / "web-phone-chat-menu.png"))
         page.click("#chat-menu summary")
+        n = len(httpx.get(f"{server.url}/galatea/characters/{mira}/chats", timeout=10).json())
         page.click("#edit-character")  # delete the character, after saying yes
         answers.append(True)
         page.click("#delete-character")
         page.wait_for_selector("#status:has-text('deleted Mira')")
-        assert "Delete Mira and its 3 chats?" in dialogs[-1]
+        assert f"Delete Mira and its {n} chats?" in dialogs[-1] and n >= 3
         assert [c["name"] for c in httpx.get(f"{server.url}/galatea/characters", timeout=10).json()] == ["Aria"]
         assert page.locator("#character option").count() == 1
         assert not errors, errors
@@ -413,13 +421,14 @@ def test_settings_presets_persona_stop_strings_context_and_defaults(browser, tmp
         page.click("#save-settings")
         page.wait_for_selector("#status:has-text('settings saved')")
 
-        first = reply("Hello, who are you?")  # greedy: the same text every time
-        words = first.split()
-        assert len(words) >= 6, first
-        cut = words[len(words) // 2]
+        first = reply("Hello, who are you?")  # greedy, 40 tokens
+        cut = "e"  # a stop string met within the first words (a reply is never empty of it for long)
+        assert len(first.split()) >= 3 and cut in first, first
         settings(stop=cut)
         second = reply("#regen")
-        assert second == first[:first.index(cut)].strip(), (first, cut, second)  # ends before the stop string
+        # greedy again, so the same start (later tokens may differ: the prompt cache's float16 keys
+        # can flip a near-tie), and it ends before the stop string
+        assert second and second == first[:first.index(cut)].strip(), (first, second)
 
         page.click("#show-prompt")
         page.wait_for_selector("#prompt-dialog[open]")

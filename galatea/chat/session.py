@@ -16,7 +16,7 @@ from typing import Any
 
 from galatea.chat.lorebooks import with_lorebooks
 from galatea.chat.prompt import Prompt, Turn, build_prompt, substitute
-from galatea.chat.settings import resolve
+from galatea.chat.settings import SAMPLERS, resolve
 from galatea.chat.store import Message, Store
 from galatea.engine.generate import Chunk, stream_generate
 from galatea.engine.modern_samplers import dry_breaker_ids
@@ -179,17 +179,13 @@ class ChatSession:
                   seed: int | None = None) -> Iterator[str]:
         self.last_prompt = prompt
         s = self.settings
+        # every sampler by its SamplingParams name; JSON may hold 40.0 where a count belongs
+        samplers = {k: type(default)(s[k]) for k, default in SAMPLERS.items()}
         params = SamplingParams(
-            max_new_tokens=int(s["max_new_tokens"]), temperature=float(s["temperature"]), top_p=float(s["top_p"]),
-            top_k=int(s["top_k"]), min_p=float(s["min_p"]), repetition_penalty=float(s["repetition_penalty"]),
-            repetition_penalty_range=int(s["repetition_penalty_range"]), stop=stops,
-            seed=seed if seed is not None else s.get("seed"),
-            dry_multiplier=float(s.get("dry_multiplier", 0.0)),
-            dry_sequence_breakers=dry_breaker_ids(self.lm.tokenizer),
-            xtc_probability=float(s.get("xtc_probability", 0.0)), xtc_threshold=float(s.get("xtc_threshold", 0.1)),
-            mirostat=int(s.get("mirostat", 0)), mirostat_tau=float(s.get("mirostat_tau", 5.0)),
-            dynatemp_range=float(s.get("dynatemp_range", 0.0)), smoothing_factor=float(s.get("smoothing_factor", 0.0)),
-        )
+            max_new_tokens=int(s["max_new_tokens"]), **samplers, sampler_order=tuple(s["sampler_order"]),
+            stop=stops, seed=seed if seed is not None else s.get("seed"),
+            dry_sequence_breakers=dry_breaker_ids(self.lm.tokenizer))
+        params.validate()
         ids = self.lm.tokenizer.encode(prompt.text)
         parts: list[str] = []
         last: Chunk | None = None

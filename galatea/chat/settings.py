@@ -1,15 +1,15 @@
 """A chat's settings: how its replies are sampled and how its prompt is built.
 
 Numbers: every sampler (starting from the Pygmalion preset; the newer ones off), the reply length
-and the context size (0: the model's, or the server's). Text: extra stop strings, the user's
-persona (who "You" are, SillyTavern's persona description) and a system prompt in place of the
-card's (`{{original}}` stands for the card's; empty: the card's).
+and the context size (0: the model's, or the server's); the samplers' KoboldAI order. Text: extra
+stop strings, the user's persona (who "You" are, SillyTavern's persona description) and a system
+prompt in place of the card's (`{{original}}` stands for the card's; empty: the card's).
 
 A chat reads, each over the one before: these defaults, the library's defaults (kept in the
 store, "for every chat"), the chat's own, and what the command line set.
 
-Presets are named sets of sampler numbers: the built-in ones below and the user's, kept in the
-store. Applying one changes only the samplers; reply length, context and texts stay.
+Presets are named sets of samplers (numbers and order): the built-in ones below and the user's,
+kept in the store. Applying one changes only the samplers; reply length, context and texts stay.
 """
 
 from __future__ import annotations
@@ -17,20 +17,25 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from galatea.engine.sampling import PYGMALION_PRESET
+from galatea.engine.sampling import DEFAULT_ORDER, PYGMALION_PRESET
 from galatea.errors import GalateaError
 
+# every sampler of the engine, by its SamplingParams name; the ones the Pygmalion preset leaves
+# out start off (neutral values)
 SAMPLERS: dict[str, Any] = {
     **{k: v for k, v in PYGMALION_PRESET.items() if k != "max_new_tokens"},
-    "dry_multiplier": 0.0, "xtc_probability": 0.0, "xtc_threshold": 0.1, "mirostat": 0, "mirostat_tau": 5.0,
-    "dynatemp_range": 0.0, "smoothing_factor": 0.0,
+    "typical_p": 1.0, "tfs": 1.0, "top_a": 0.0, "repetition_penalty_slope": 0.0, "presence_penalty": 0.0,
+    "frequency_penalty": 0.0, "dry_multiplier": 0.0, "dry_base": 1.75, "dry_allowed_length": 2,
+    "xtc_probability": 0.0, "xtc_threshold": 0.1, "mirostat": 0, "mirostat_tau": 5.0, "mirostat_eta": 0.1,
+    "dynatemp_range": 0.0, "dynatemp_exponent": 1.0, "smoothing_factor": 0.0,
 }
+ORDER_DEFAULT: list[int] = list(DEFAULT_ORDER)  # KoboldAI's sampler ids, in the order they apply
 DEFAULT_SETTINGS: dict[str, Any] = {"max_new_tokens": PYGMALION_PRESET["max_new_tokens"], **SAMPLERS, "max_context": 0}
-TEXT_DEFAULTS: dict[str, Any] = {"stop": [], "persona": "", "system_prompt": ""}
+TEXT_DEFAULTS: dict[str, Any] = {"stop": [], "persona": "", "system_prompt": "", "sampler_order": ORDER_DEFAULT}
 
 BUILTIN_PRESETS: dict[str, dict[str, Any]] = {
     # PygmalionAI's recommendation for Pygmalion 7B (and Galatea's default)
-    "Pygmalion (recommended)": dict(SAMPLERS),
+    "Pygmalion (recommended)": {**SAMPLERS, "sampler_order": ORDER_DEFAULT},
     # the same reply every time: for comparing prompts and models
     "Deterministic": {**SAMPLERS, "temperature": 0.0, "top_p": 1.0, "repetition_penalty": 1.0},
     # Min-P alone, the modern simple choice: truncation scaled by the top token's probability
@@ -50,7 +55,15 @@ def _number(value: Any) -> bool:
 def _text_ok(key: str, value: Any) -> bool:
     if key == "stop":
         return isinstance(value, list) and all(isinstance(s, str) and s for s in value)
+    if key == "sampler_order":
+        return isinstance(value, list) and order_ok(value)
     return isinstance(value, str)
+
+
+def order_ok(order: list[Any]) -> bool:
+    """A KoboldAI sampler order: ids 0..6, each at most once, at least one."""
+    ids = [i for i in order if isinstance(i, int) and not isinstance(i, bool) and 0 <= i <= 6]
+    return len(ids) == len(order) == len(set(ids)) > 0
 
 
 def resolve(*layers: dict[str, Any]) -> tuple[dict[str, Any], list[str]]:
@@ -75,6 +88,15 @@ def parse(key: str, value: str) -> Any:
     if key in TEXT_DEFAULTS:
         if value == "-":
             return TEXT_DEFAULTS[key]
+        if key == "sampler_order":
+            try:
+                order = [int(i) for i in value.replace(" ", "").split(",")]
+            except ValueError:
+                order = []
+            if not order_ok(order):
+                raise GalateaError(f"/set sampler_order: {value!r} is not a KoboldAI order (ids 0-6, comma-separated, "
+                                   "each once: 6,0,1,3,4,2,5)")
+            return order
         if key == "stop":
             return [s.replace("\\n", "\n") for s in value.split("|") if s]
         return value.replace("\\n", "\n")

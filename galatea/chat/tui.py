@@ -224,7 +224,7 @@ class TerminalChat:
             match = next((n for n in presets if n.lower() == value.strip().lower()), None)
             if match is None:
                 raise GalateaError(f"no preset {value.strip()!r}; one of {', '.join(presets)}")
-            chosen = {k: v for k, v in presets[match].items() if k in SAMPLERS}
+            chosen = {k: v for k, v in presets[match].items() if k in SAMPLERS or k == "sampler_order"}
             self.s.settings.update(chosen)
             self.s.store.set_settings(self.s.chat_id, {**self.s.store.chat(self.s.chat_id).settings, **chosen})
             self.say(f"{self.c.dim}(preset {match} for this chat){self.c.reset}")

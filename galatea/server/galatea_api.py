@@ -13,11 +13,11 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Depends, Query, Request
 from fastapi import Path as PathParam
 from fastapi.responses import StreamingResponse
-from pydantic import Field
+from pydantic import Field, field_validator
 
 from galatea.chat import chatfiles
 from galatea.chat.session import ChatSession
-from galatea.chat.settings import BUILTIN_PRESETS, SAMPLERS, resolve
+from galatea.chat.settings import BUILTIN_PRESETS, ORDER_DEFAULT, SAMPLERS, resolve
 from galatea.chat.store import Store
 from galatea.engine.scheduler import Scheduler
 from galatea.errors import GalateaError
@@ -60,6 +60,25 @@ class Samplers(RequestBody):
     mirostat_tau: float | None = Field(default=None, gt=0, le=20)
     dynatemp_range: float | None = Field(default=None, ge=0, le=5)
     smoothing_factor: float | None = Field(default=None, ge=0, le=10)
+    typical_p: float | None = Field(default=None, ge=0, le=1)
+    tfs: float | None = Field(default=None, ge=0, le=1)
+    top_a: float | None = Field(default=None, ge=0, le=1)
+    repetition_penalty_slope: float | None = Field(default=None, ge=0, le=10)
+    presence_penalty: float | None = Field(default=None, ge=-2, le=2)
+    frequency_penalty: float | None = Field(default=None, ge=-2, le=2)
+    dry_base: float | None = Field(default=None, ge=1, le=4)
+    dry_allowed_length: int | None = Field(default=None, ge=1, le=20)
+    mirostat_eta: float | None = Field(default=None, gt=0, le=1)
+    dynatemp_exponent: float | None = Field(default=None, gt=0, le=10)
+    sampler_order: list[Annotated[int, Field(ge=0, le=6)]] | None = Field(default=None, min_length=1, max_length=7,
+                                                                        description="KoboldAI sampler ids")
+
+    @field_validator("sampler_order")
+    @classmethod
+    def _each_once(cls, order: list[int] | None) -> list[int] | None:
+        if order is not None and len(set(order)) != len(order):
+            raise ValueError("each sampler id at most once")
+        return order
 
 
 class Settings(Samplers):
@@ -264,8 +283,8 @@ def save_preset(name: Annotated[str, PathParam(min_length=1, max_length=80, patt
                 store: ChatStore) -> dict:
     if name in BUILTIN_PRESETS:
         raise BadRequest(f"{name!r} is a built-in preset; save yours under another name")
-    given = {k: v for k, v in body.model_dump(exclude_none=True).items() if k in SAMPLERS}  # samplers only
-    store.save_preset(name, {**SAMPLERS, **given})
+    given = {k: v for k, v in body.model_dump(exclude_none=True).items() if k in SAMPLERS or k == "sampler_order"}
+    store.save_preset(name, {**SAMPLERS, "sampler_order": ORDER_DEFAULT, **given})  # the samplers only
     return {"name": name}
 
 @router.delete("/presets/{name}")

@@ -156,6 +156,7 @@ function messageView(m, isLast) {
     summary.textContent = "⋯"; summary.title = "Message actions";
     menu.append(summary, button("Edit", "Edit this message", () => { menu.open = false; editInPlace(div, m); }),
                 button("Copy", "Copy the text", () => { menu.open = false; navigator.clipboard?.writeText(m.text); }),
+                button("Branch", "A new chat with the messages up to this one", () => { menu.open = false; branch(m); }),
                 button("Delete", "Delete this message", () => { menu.open = false; del(m); }));
     head.append(menu);
   }
@@ -189,6 +190,15 @@ function editInPlace(div, m) {
   editor.append(box, save, cancel);
   text.replaceWith(editor);
   box.focus();
+}
+
+// A branch: a new chat holding this chat's messages up to this one (its title says "(branch)").
+async function branch(m) {
+  const c = await api(`/chats/${state.chat}/branch`, post({ message_id: m.id }));
+  state.chat = c.id;
+  await listChats(state.character);
+  await openChat(c.id);
+  status(`a branch from message #${m.number}`);
 }
 
 async function swipe(id, step) { await api(`/messages/${id}/swipe`, post({ step })); await openChat(state.chat); }
@@ -547,7 +557,9 @@ $("stop").onclick = () => api("/abort", post({ chat_id: state.chat }));  // only
 function fillSettings(values) {
   for (const field of $("settings-form").elements) {
     if (!field.name || values[field.name] === undefined) continue;
-    field.value = field.dataset.kind === "lines" ? values[field.name].join("\n") : values[field.name];
+    const kind = field.dataset.kind;
+    field.value = kind === "lines" ? values[field.name].join("\n") : kind === "ints" ? values[field.name].join(",")
+                : values[field.name];
   }
 }
 function readSettings() {
@@ -555,6 +567,7 @@ function readSettings() {
   for (const field of $("settings-form").elements) {
     if (!field.name) continue;
     if (field.dataset.kind === "lines") body[field.name] = field.value.split("\n").filter((l) => l !== "");
+    else if (field.dataset.kind === "ints") { if (field.value.trim()) body[field.name] = field.value.split(",").map(Number); }
     else if (field.dataset.kind === "text") { if (field.name !== "user_name" || field.value.trim()) body[field.name] = field.value; }
     else if (field.value !== "") body[field.name] = Number(field.value);
   }
