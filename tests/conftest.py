@@ -45,3 +45,13 @@ def embedded_lm_exact():
     from galatea.model.checkpoint import load
 
     return load(None, dtype=torch.float32, quant="none")
+
+
+@pytest.fixture(scope="session")
+def postgres():
+    """A real PostgreSQL (Debian's), started once for the session on a loopback port."""
+    from tests.helpers import Postgres
+
+    cluster = Postgres()
+    yield cluster
+    cluster.stop()

@@ -126,3 +126,55 @@ def run_clients(engine: Scheduler, prompts: list[list[int]], params: SamplingPar
     stuck = [i for i, t in enumerate(threads) if t.is_alive()]
     assert not stuck, f"timed out: clients {stuck} had no complete answer within 600 s"
     return results, finish, first_token_at, done_at
+
+
+class Postgres:
+    """A throwaway PostgreSQL cluster from Debian's packages: initdb and pg_ctl on a temporary
+    folder, listening on a loopback port. PostgreSQL refuses to run as root: as root, the
+    cluster runs as the `postgres` user the package creates. Each `database()` is a new, empty
+    database on it."""
+
+    def __init__(self) -> None:
+        import glob
+        import os
+        import shutil
+        import tempfile
+
+        found = sorted(glob.glob("/usr/lib/postgresql/*/bin/pg_ctl"))
+        bindir = os.path.dirname(found[-1]) if found else os.path.dirname(shutil.which("pg_ctl") or "")
+        if not bindir or not os.path.exists(os.path.join(bindir, "initdb")):
+            raise AssertionError("PostgreSQL is needed: apt-get install postgresql (`make test` installs it)")
+        self.root = tempfile.mkdtemp(prefix="galatea-pg-")
+        self.port = free_port()
+        self.as_owner: list[str] = []
+        if os.geteuid() == 0:
+            import pwd
+
+            owner = pwd.getpwnam("postgres")
+            os.chown(self.root, owner.pw_uid, owner.pw_gid)
+            self.as_owner = ["runuser", "-u", "postgres", "--"]
+        self.data = os.path.join(self.root, "data")
+        self.pg_ctl = os.path.join(bindir, "pg_ctl")
+        subprocess.run([*self.as_owner, os.path.join(bindir, "initdb"), "-D", self.data, "-U", "galatea",
+                        "--auth=trust", "-E", "UTF8", "--no-sync"], check=True, capture_output=True)
+        options = f"-p {self.port} -k {self.root} -c listen_addresses=127.0.0.1 -c fsync=off -c max_connections=200"
+        subprocess.run([*self.as_owner, self.pg_ctl, "-D", self.data, "-o", options, "-l",
+                        os.path.join(self.root, "log"), "-w", "start"], check=True, capture_output=True)
+        self.url = f"postgresql://galatea@127.0.0.1:{self.port}"
+        self._count = 0
+
+    def database(self) -> str:
+        """A new empty database; its URL."""
+        import psycopg
+
+        self._count += 1
+        name = f"t{self._count}"
+        with psycopg.connect(f"{self.url}/postgres", autocommit=True) as conn:
+            conn.execute(f"CREATE DATABASE {name}")
+        return f"{self.url}/{name}"
+
+    def stop(self) -> None:
+        import shutil
+
+        subprocess.run([*self.as_owner, self.pg_ctl, "-D", self.data, "-m", "immediate", "stop"], capture_output=True)
+        shutil.rmtree(self.root, ignore_errors=True)

@@ -1,9 +1,10 @@
-"""Characters, chats, messages and their alternatives (swipes), in SQLite.
+"""Characters, chats, messages and their alternatives (swipes), lorebooks and presets: in SQLite
+(a file, the default) or PostgreSQL (a URL several Galatea processes share), same schema.
 
-Every change is one transaction in WAL mode, so a crash or a kill at any moment leaves the
-database as it was before or after that change: at most the reply being generated is lost
-(it is written when it is complete). Several processes may use one database; writers wait
-for each other (busy timeout) instead of failing.
+Every change is one transaction, so a crash or a kill at any moment leaves the database as it
+was before or after that change: at most the reply being generated is lost (it is written when
+it is complete). Several processes may use one database; writers wait for each other (one write
+lock, database.py) instead of failing or interleaving.
 
 A message has one or more swipes; its text is the active swipe's. User messages have one.
 """
@@ -14,15 +15,13 @@ import json
 import os
 import sqlite3
 import sys
-import threading
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from galatea.chat.cards import Character, from_object
+from galatea.chat.database import Database, is_url
 from galatea.chat.lorebooks import Lorebook
 from galatea.errors import GalateaError
 
@@ -80,12 +79,15 @@ CREATE TABLE IF NOT EXISTS lorebooks (
     created_at REAL NOT NULL
 );
 CREATE TABLE IF NOT EXISTS lorebook_links (   -- a book used by a character's chats, or by one chat
+    id INTEGER PRIMARY KEY,
     lorebook_id INTEGER NOT NULL REFERENCES lorebooks(id) ON DELETE CASCADE,
     character_id INTEGER REFERENCES characters(id) ON DELETE CASCADE,
     chat_id INTEGER REFERENCES chats(id) ON DELETE CASCADE,
     CHECK ((character_id IS NULL) != (chat_id IS NULL))
 );
 """
+# Changes to the schema after version 1, one list of statements each (run once, in order).
+MIGRATIONS: list[list[str]] = [[]]
 
 
 @dataclass
@@ -136,79 +138,94 @@ def default_data_dir() -> Path:
 
 
 class Store:
-    """The chat database. Each thread that uses a Store gets its own SQLite connection (a server
-    answers from many threads; one shared connection interleaves their transactions: "cannot
-    start a transaction within a transaction", and a change reported failed could be kept)."""
+    """The chat database: SQLite at a path (the default), or PostgreSQL at a URL
+    (`postgresql://user@host/db`) that several Galatea processes may share. All SQL is here."""
 
-    def __init__(self, path: Path | str) -> None:
-        self.path = Path(path)
-        self._local = threading.local()
-        self._lock = threading.Lock()
-        self._connections: list[sqlite3.Connection] = []
+    def __init__(self, location: Path | str) -> None:
+        self.database = Database(location)
         try:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            self.db.executescript(SCHEMA)  # idempotent: CREATE ... IF NOT EXISTS
+            self.database.setup(SCHEMA)
+            self._migrate()
         except sqlite3.DatabaseError as e:
-            raise GalateaError(f"{self.path}: cannot open the chat database ({e}); move it aside or pass "
+            raise GalateaError(f"{location}: cannot open the chat database ({e}); move it aside or pass "
                                "another --data-dir") from None
         except OSError as e:
-            raise GalateaError(f"{self.path.parent}: cannot create the data folder ({e.strerror}); "
+            raise GalateaError(f"{Path(location).parent}: cannot create the data folder ({e.strerror}); "
                                "pass --data-dir") from None
 
     @property
-    def db(self) -> sqlite3.Connection:
-        """This thread's connection, opened on first use."""
-        conn = getattr(self._local, "conn", None)
-        if conn is None:
-            conn = sqlite3.connect(self.path, timeout=30.0, isolation_level=None, check_same_thread=False)
-            conn.execute("PRAGMA journal_mode=WAL")
-            conn.execute("PRAGMA synchronous=NORMAL")  # WAL + NORMAL: durable across app crashes
-            conn.execute("PRAGMA foreign_keys=ON")
-            self._local.conn = conn
-            with self._lock:
-                self._connections.append(conn)
-        return conn
+    def db(self) -> Any:
+        """This thread's connection (`execute(sql, params)` with `?` placeholders)."""
+        return self.database.connection()
+
+    @property
+    def label(self) -> str:
+        """Where the chats are, for messages (a URL without its password)."""
+        return self.database.label
 
     @classmethod
-    def open_default(cls, data_dir: Path | str | None = None) -> Store:
+    def open_default(cls, data_dir: Path | str | None = None, store: str | None = None) -> Store:
+        """`store`: a PostgreSQL URL (or an SQLite file); else galatea.db in the data folder."""
+        if store is not None:
+            if not store.strip():
+                raise GalateaError("--store is empty; pass postgresql://USER@HOST/DB or a file (or leave it out)")
+            return cls(store if is_url(store) else Path(store).expanduser())
         if data_dir is not None and not str(data_dir).strip():
             raise GalateaError("--data-dir is empty; pass a folder (or leave the option out for the default)")
         return cls(Path(data_dir or default_data_dir()).expanduser() / "galatea.db")
 
     def close(self) -> None:
-        with self._lock:
-            for conn in self._connections:
-                conn.close()
-            self._connections.clear()
-        self._local = threading.local()
+        self.database.close()
 
-    @contextmanager
-    def _write(self) -> Iterator[sqlite3.Connection]:
-        """One write transaction; BEGIN IMMEDIATE takes the write lock up front so concurrent
-        writers queue (busy timeout) instead of failing half-way. An exception rolls it all back:
-        an error means nothing was written."""
-        db = self.db
-        db.execute("BEGIN IMMEDIATE")
-        try:
-            yield db
-        except BaseException:
-            db.execute("ROLLBACK")
-            raise
-        else:
-            db.execute("COMMIT")
+    def release(self) -> None:
+        """Close the calling thread's connection (a thread about to end)."""
+        self.database.release()
+
+    def _write(self) -> Any:
+        """One write transaction (see database.py): all of it, or nothing on an error."""
+        return self.database.write()
+
+    def schema_version(self) -> int:
+        row = self.db.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()
+        return 0 if row is None else int(json.loads(row[0]))
+
+    def _migrate(self) -> None:
+        """Bring an older database up to this version's schema, recorded in `meta`. Version 1 is
+        SCHEMA as created above; each later change appends one idempotent step here."""
+        version = self.schema_version()
+        for number, step in enumerate(MIGRATIONS, 1):
+            if number > version:
+                with self._write() as db:
+                    for statement in step:
+                        db.execute(statement)
+        if version < max(len(MIGRATIONS), 1):
+            with self._write() as db:
+                db.execute("INSERT INTO meta (key, value) VALUES ('schema_version', ?) ON CONFLICT (key) "
+                           "DO UPDATE SET value = excluded.value", (json.dumps(max(len(MIGRATIONS), 1)),))
 
     # ---- characters ----------------------------------------------------------------------------
 
     def add_character(self, char: Character) -> int:
         with self._write() as db:
-            cur = db.execute("INSERT INTO characters (name, card, image, created_at) VALUES (?, ?, ?, ?)",
+            cur = db.execute("INSERT INTO characters (name, card, image, created_at) VALUES (?, ?, ?, ?) RETURNING id",
                              (char.name, _card_json(char), char.image, time.time()))
-            return int(cur.lastrowid)
+            return int(cur.fetchone()[0])
+
+    def add_first_character(self, char: Character) -> int | None:
+        """Add `char` if the library has no character at all (a first start); in one transaction,
+        so replicas starting together on one database add it once. Its id, or None."""
+        with self._write() as db:
+            if db.execute("SELECT 1 FROM characters LIMIT 1").fetchone() is not None:
+                return None
+            cur = db.execute("INSERT INTO characters (name, card, image, created_at) VALUES (?, ?, ?, ?) RETURNING id",
+                             (char.name, _card_json(char), char.image, time.time()))
+            return int(cur.fetchone()[0])
 
     def find_character(self, char: Character) -> int | None:
         """The library's copy of exactly this card (every field and the picture), if any: importing
         the same card twice gives the same character, not an indistinguishable twin."""
-        row = self.db.execute("SELECT id FROM characters WHERE card = ? AND image IS ? ORDER BY id",
+        row = self.db.execute("SELECT id FROM characters WHERE card = ? AND image IS NOT DISTINCT FROM ? "
+                              "ORDER BY id",
                               (_card_json(char), char.image)).fetchone()
         return None if row is None else int(row[0])
 
@@ -254,10 +271,10 @@ class Store:
         now = created_at or time.time()
         with self._write() as db:
             cur = db.execute("INSERT INTO chats (character_id, title, user_name, created_at, updated_at) "
-                             "VALUES (?, ?, ?, ?, ?)",
+                             "VALUES (?, ?, ?, ?, ?) RETURNING id",
                              (character_id, title or f"{char.name} - {time.strftime('%Y-%m-%d %H:%M')}",
                               user_name, now, now))
-            chat_id = int(cur.lastrowid)
+            chat_id = int(cur.fetchone()[0])
             greetings = [g for g in [char.first_mes, *char.alternate_greetings] if g.strip()]
             if greeting and greetings:
                 self._insert_message(db, chat_id, False, char.name, [Swipe(g) for g in greetings])
@@ -298,9 +315,9 @@ class Store:
         where = "AND c.character_id = ?" if character_id is not None else ""
         args: tuple[Any, ...] = (pattern, character_id, limit) if character_id is not None else (pattern, limit)
         rows = self.db.execute(
-            "SELECT DISTINCT c.id, m.position, s.text FROM swipes s JOIN messages m ON m.id = s.message_id "
-            f"JOIN chats c ON c.id = m.chat_id WHERE s.text LIKE ? ESCAPE '\\' {where} "
-            "ORDER BY c.updated_at DESC, m.position LIMIT ?", args).fetchall()
+            "SELECT c.id, m.position, min(s.text) FROM swipes s JOIN messages m ON m.id = s.message_id "
+            f"JOIN chats c ON c.id = m.chat_id WHERE lower(s.text) LIKE lower(?) ESCAPE '\\' {where} "
+            "GROUP BY c.id, m.position, c.updated_at ORDER BY c.updated_at DESC, m.position LIMIT ?", args).fetchall()
         return [(int(r[0]), int(r[1]), r[2]) for r in rows]
 
     def rename_user(self, chat_id: int, user_name: str) -> None:
@@ -363,14 +380,14 @@ class Store:
         with self._write() as db:
             return self._insert_message(db, chat_id, is_user, name, swipes, active, created_at)
 
-    def _insert_message(self, db: sqlite3.Connection, chat_id: int, is_user: bool, name: str,
+    def _insert_message(self, db: Any, chat_id: int, is_user: bool, name: str,
                         swipes: list[Swipe], active: int = 0, created_at: float | None = None) -> int:
         (pos,) = db.execute("SELECT coalesce(max(position), -1) + 1 FROM messages WHERE chat_id = ?",
                             (chat_id,)).fetchone()
         now = created_at or time.time()
         cur = db.execute("INSERT INTO messages (chat_id, position, is_user, name, active_swipe, created_at) "
-                         "VALUES (?, ?, ?, ?, ?, ?)", (chat_id, pos, int(is_user), name, active, now))
-        mid = int(cur.lastrowid)
+                         "VALUES (?, ?, ?, ?, ?, ?) RETURNING id", (chat_id, pos, int(is_user), name, active, now))
+        mid = int(cur.fetchone()[0])
         for i, s in enumerate(swipes):
             db.execute("INSERT INTO swipes (message_id, idx, text, seed, gen_started, gen_finished, extra) "
                        "VALUES (?, ?, ?, ?, ?, ?, ?)",
@@ -442,14 +459,15 @@ class Store:
         now = time.time()
         with self._write() as db:
             cur = db.execute("INSERT INTO chats (character_id, title, user_name, settings, created_at, updated_at) "
-                             "VALUES (?, ?, ?, ?, ?, ?)", (info.character_id, f"{info.title} (branch)",
-                                                          info.user_name, json.dumps(info.settings), now, now))
-            new_id = int(cur.lastrowid)
+                             "VALUES (?, ?, ?, ?, ?, ?) RETURNING id", (info.character_id, f"{info.title} (branch)",
+                                                                       info.user_name, json.dumps(info.settings), now,
+                                                                       now))
+            new_id = int(cur.fetchone()[0])
             for m in msgs[: upto + 1]:
                 self._insert_message(db, new_id, m.is_user, m.name, m.swipes, m.active, m.created_at)
             return new_id
 
-    def _touch(self, db: sqlite3.Connection, message_id: int) -> None:
+    def _touch(self, db: Any, message_id: int) -> None:
         db.execute("UPDATE chats SET updated_at = ? WHERE id = (SELECT chat_id FROM messages WHERE id = ?)",
                    (time.time(), message_id))
 
@@ -457,9 +475,9 @@ class Store:
 
     def add_lorebook(self, book: Lorebook) -> int:
         with self._write() as db:
-            cur = db.execute("INSERT INTO lorebooks (name, book, created_at) VALUES (?, ?, ?)",
+            cur = db.execute("INSERT INTO lorebooks (name, book, created_at) VALUES (?, ?, ?) RETURNING id",
                              (book.name, json.dumps(book.book, ensure_ascii=False), time.time()))
-            return int(cur.lastrowid)
+            return int(cur.fetchone()[0])
 
     def lorebooks(self) -> list[tuple[int, Lorebook]]:
         rows = self.db.execute("SELECT id, name, book FROM lorebooks ORDER BY name, id").fetchall()
@@ -498,7 +516,8 @@ class Store:
         else:
             self.chat(chat_id)  # type: ignore[arg-type]
         with self._write() as db:
-            db.execute("DELETE FROM lorebook_links WHERE lorebook_id = ? AND character_id IS ? AND chat_id IS ?",
+            db.execute("DELETE FROM lorebook_links WHERE lorebook_id = ? AND character_id IS NOT DISTINCT FROM ? "
+                       "AND chat_id IS NOT DISTINCT FROM ?",
                        (lorebook_id, character_id, chat_id))
             if attached:
                 db.execute("INSERT INTO lorebook_links (lorebook_id, character_id, chat_id) VALUES (?, ?, ?)",
@@ -506,7 +525,7 @@ class Store:
 
     def lorebook_links(self, lorebook_id: int) -> dict[str, list[int]]:
         rows = self.db.execute("SELECT character_id, chat_id FROM lorebook_links WHERE lorebook_id = ? "
-                               "ORDER BY rowid", (lorebook_id,)).fetchall()
+                               "ORDER BY id", (lorebook_id,)).fetchall()
         return {"characters": [r[0] for r in rows if r[0] is not None],
                 "chats": [r[1] for r in rows if r[1] is not None]}
 
@@ -515,7 +534,7 @@ class Store:
         rows = self.db.execute(
             "SELECT l.id, l.name, l.book FROM lorebooks l JOIN lorebook_links k ON k.lorebook_id = l.id "
             "WHERE k.chat_id = ? OR k.character_id = (SELECT character_id FROM chats WHERE id = ?) "
-            "ORDER BY k.chat_id IS NOT NULL, k.rowid", (chat_id, chat_id)).fetchall()
+            "ORDER BY k.chat_id IS NOT NULL, k.id", (chat_id, chat_id)).fetchall()
         seen: dict[int, Lorebook] = {}
         for r in rows:
             seen.setdefault(int(r[0]), Lorebook(r[1], json.loads(r[2])))
@@ -524,3 +543,36 @@ class Store:
 
 def _card_json(char: Character) -> str:
     return json.dumps(char.to_v2(), ensure_ascii=False)
+
+
+def copy_library(src: Store, dst: Store) -> dict[str, int]:
+    """Everything in `src` added to `dst`: characters (one already there, the same card, is
+    reused), chats with every message, swipe and date, lorebooks and where they are attached,
+    presets and the settings for every chat. Ids are `dst`'s own. Returns what was copied."""
+    characters: dict[int, int] = {}
+    for cid, _ in src.characters():
+        char = src.character(cid)[1]
+        found = dst.find_character(char)
+        characters[cid] = found if found is not None else dst.add_character(char)
+    chats: dict[int, int] = {}
+    for info in reversed(src.chats()):  # oldest first: the newest stays the newest
+        new = dst.new_chat(characters[info.character_id], user_name=info.user_name, title=info.title,
+                           greeting=False, created_at=info.created_at)
+        dst.set_settings(new, info.settings)
+        for m in src.messages(info.id):
+            dst.add_message_swipes(new, m.is_user, m.name, m.swipes, m.active, created_at=m.created_at)
+        chats[info.id] = new
+    books = src.lorebooks()
+    for lid, book in books:
+        new = dst.add_lorebook(book)
+        links = src.lorebook_links(lid)
+        for c in links["characters"]:
+            dst.attach_lorebook(new, character_id=characters[c])
+        for c in links["chats"]:
+            dst.attach_lorebook(new, chat_id=chats[c])
+    presets = src.presets()
+    for name, settings in presets.items():
+        dst.save_preset(name, settings)
+    if src.default_settings():
+        dst.set_default_settings({**dst.default_settings(), **src.default_settings()})
+    return {"characters": len(characters), "chats": len(chats), "lorebooks": len(books), "presets": len(presets)}

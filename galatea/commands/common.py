@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from typing import Any
 
@@ -45,12 +46,15 @@ def shift_arg(p: argparse.ArgumentParser) -> None:
 def data_dir_arg(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data-dir", help="where chats are kept (default: $GALATEA_DATA_DIR or the platform's "
                                       "user data folder)")
+    p.add_argument("--store", default=os.environ.get("GALATEA_STORE") or None,
+                   help="the chats in PostgreSQL instead: postgresql://USER[:PASSWORD]@HOST[:PORT]/DB "
+                        "(default: $GALATEA_STORE; without one, galatea.db in --data-dir)")
 
 
 def open_store(args: argparse.Namespace) -> Any:
     from galatea.chat.store import Store
 
-    return Store.open_default(args.data_dir)
+    return Store.open_default(args.data_dir, getattr(args, "store", None))
 
 
 def sampling_args(p: argparse.ArgumentParser) -> None:

@@ -20,6 +20,9 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default: loopback only)")
     p.add_argument("--port", type=int, default=5001, help="port (default 5001, KoboldCpp's)")
     p.add_argument("--api-key", help="require 'Authorization: Bearer KEY' on every route but /health")
+    p.add_argument("--allow-host", action="append", default=[], metavar="NAME",
+                   help="a host name requests may also be addressed to when serving on loopback (behind a "
+                        "reverse proxy that passes the public name, e.g. nginx's `proxy_set_header Host $host`)")
     p.add_argument("--max-context", type=int, help="context size (default: the model's)")
     p.add_argument("--max-batch", type=int, default=8,
                    help="requests decoded together in one batched step (default 8); more wait in line")
@@ -51,7 +54,7 @@ def run(args: argparse.Namespace) -> int:
     from galatea.server.guard import LOOPBACK_NAMES
 
     # served on loopback: only requests addressed to a loopback name (no DNS rebinding)
-    hosts = LOOPBACK_NAMES if args.host in LOOPBACK_NAMES else None
+    hosts = LOOPBACK_NAMES | frozenset(args.allow_host) if args.host in LOOPBACK_NAMES else None
     app = create_app(engine, open_store(args), api_key=args.api_key, hosts=hosts)
     try:
         sock = socket.create_server((args.host, args.port))

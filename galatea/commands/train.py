@@ -11,6 +11,7 @@ from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
+from galatea.commands.common import data_dir_arg, open_store
 from galatea.errors import GalateaError
 
 
@@ -73,7 +74,7 @@ def add_parser(sub: Any) -> None:
     b.add_argument("--seed", type=int, default=0, help="seeds the train/validation split")
     b.add_argument("--skip-long", action="store_true", help="leave out replies that cannot fit the context")
     b.add_argument("--force", action="store_true", help="overwrite --out")
-    b.add_argument("--data-dir", help="where Galatea chats are kept")
+    data_dir_arg(b)
     b.set_defaults(func=data_build)
     st = dsub.add_parser("stats", help="counts, token lengths and how much history the window dropped")
     st.add_argument("dataset")
@@ -157,9 +158,7 @@ def data_build(args: argparse.Namespace) -> int:
         conversations += convs
         rendered += rows
     if args.chat or args.all_chats:
-        from galatea.chat.store import Store
-
-        store = Store.open_default(args.data_dir)
+        store = open_store(args)
         ids = [c.id for c in store.chats()] if args.all_chats else args.chat
         if not ids:
             raise GalateaError("there are no saved Galatea chats; chat first, or pass chat files")

@@ -93,8 +93,7 @@ def create_app(engine: Scheduler, store: Store | None = None, api_key: str | Non
     app.include_router(kobold.router)
     app.include_router(openai_api.router)
     if store is not None:  # the chat page and its API work on the chat store
-        if not store.characters():  # a first start: the bundled character, so the page has someone
-            store.add_character(load_character(None))
+        store.add_first_character(load_character(None))  # a first start: the page has someone to talk to
         app.include_router(galatea_api.router)
         app.include_router(library_api.router)
         app.mount("/static", StaticFiles(directory=STATIC), name="static")

@@ -126,8 +126,11 @@ def start_reply(replies: LiveReplies, s: ChatSession, kind: str,
 
     def run(reply: LiveReply) -> dict[str, Any]:
         s.progress = lambda read, total: reply.publish({"progress": {"read": read, "total": total}})
-        for text in make(reply.cancel):
-            reply.publish({"text": text})
+        try:
+            for text in make(reply.cancel):
+                reply.publish({"text": text})
+        finally:
+            s.store.release()  # this thread ends with the reply: its database connection too
         last = s.last
         return {"done": True, "status": {} if last is None else {
             "prompt_tokens": last.prompt_tokens, "reply_tokens": last.reply_tokens,
