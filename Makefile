@@ -55,4 +55,25 @@ $(VENV)/.test: $(VENV)/.runtime
 	ls /usr/lib/postgresql/*/bin/pg_ctl >/dev/null 2>&1 || { [ "$$(id -u)" = 0 ] && apt-get update -qq && \
 	  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq postgresql; } || \
 	  { echo "the store tests need Debian's PostgreSQL: sudo apt-get install postgresql"; exit 1; }
+	$(MAKE) $(LLAMA_WHEEL)
+	$(BIN)/python -m pip install --quiet --find-links $(WHEELS) "llama-cpp-python[server]==$(LLAMA_CPP_PYTHON)"
+	touch $@
+
+# The remote-engine tests drive llama-cpp-python's server (a test reference, never a dependency).
+# PyPI has only its sdist: the wheel is built once per machine (minutes) and kept outside the
+# clone, with every instruction set this CPU has except AMX, whose tile loads fault under some
+# hypervisors (this project's VMs; -march=native would turn it on).
+LLAMA_CPP_PYTHON := 0.3.36
+WHEELS := $(HOME)/.cache/galatea/wheels
+LLAMA_WHEEL := $(WHEELS)/.llama-cpp-python-$(LLAMA_CPP_PYTHON)
+CPU_FLAGS := $(shell grep -m1 '^flags' /proc/cpuinfo 2>/dev/null)
+has = $(if $(filter $(1),$(CPU_FLAGS)),ON,OFF)
+LLAMA_CMAKE := -DGGML_NATIVE=OFF -DGGML_AVX=$(call has,avx) -DGGML_AVX2=$(call has,avx2) -DGGML_FMA=$(call has,fma) \
+	-DGGML_F16C=$(call has,f16c) -DGGML_BMI2=$(call has,bmi2) -DGGML_AVX_VNNI=$(call has,avx_vnni) \
+	-DGGML_AVX512=$(call has,avx512f) -DGGML_AVX512_VBMI=$(call has,avx512vbmi) \
+	-DGGML_AVX512_VNNI=$(call has,avx512_vnni) -DGGML_AVX512_BF16=$(call has,avx512_bf16)
+$(LLAMA_WHEEL):
+	mkdir -p $(WHEELS)
+	CMAKE_ARGS="$(LLAMA_CMAKE)" CMAKE_BUILD_PARALLEL_LEVEL=$$(nproc) \
+	  $(BIN)/python -m pip wheel --quiet --no-cache-dir --no-deps -w $(WHEELS) "llama-cpp-python==$(LLAMA_CPP_PYTHON)"
 	touch $@

@@ -57,12 +57,19 @@ class Turnout:
     message_id: int | None = None
     cached_tokens: int = 0
     shifted_tokens: int = 0
+    error: str | None = None  # a remote engine's failure (finish_reason "error")
 
 
 def _stopped_empty(out: Turnout, text: str) -> bool:
-    """Stopped before it wrote anything: nothing to keep (an empty message would only be in the
-    way, and a blank swipe would hide the reply the user had)."""
-    return out.finish_reason == "cancelled" and not text
+    """Stopped (or failed) before it wrote anything: nothing to keep (an empty message would only
+    be in the way, and a blank swipe would hide the reply the user had)."""
+    return out.finish_reason in ("cancelled", "error") and not text
+
+
+def _raise_failure(out: Turnout) -> None:
+    """A remote engine that failed mid-reply: what was written is stored; now say what went wrong."""
+    if out.error:
+        raise GalateaError(out.error)
 
 
 Progress = Callable[[int, int], None]  # (prompt tokens read, prompt tokens), while a prompt is read
@@ -81,6 +88,7 @@ class ChatSession:
         self.overrides, self.context_shift, self.speculative = dict(settings or {}), context_shift, speculative
         # each turn re-reads only what changed since the last, even once old turns drop out
         self.prompt_cache = PromptCache(context_shift)
+        self.generate = generate  # kept for the terminal's /new, /open, /branch (a remote engine's)
         self._run = generate or (lambda ids, params, cancel, progress: stream_generate(
             lm.model, lm.tokenizer, ids, params, cancel, self.context, self.prompt_cache, speculative))
         self.info = store.chat(chat_id)
@@ -143,10 +151,10 @@ class ChatSession:
         seed = None if self.settings.get("seed") is None else int(self.settings["seed"]) + len(target.swipes)
         out = yield from self._generate(prompt, self.stops(reply_stops(self.char.name, self.user)), cancel, seed)
         text = clean_reply(out.text, self.char.name, self.char.name, self.user)
-        if _stopped_empty(out, text):
-            return
-        self.store.add_swipe(target.id, text, out.seed, started, time.time())
-        out.message_id = target.id
+        if not _stopped_empty(out, text):
+            self.store.add_swipe(target.id, text, out.seed, started, time.time())
+            out.message_id = target.id
+        _raise_failure(out)
 
     def continue_last(self, cancel: threading.Event | None = None) -> Iterator[str]:
         """Carry on writing the last character message."""
@@ -158,6 +166,7 @@ class ChatSession:
         addition = substitute(out.text.rstrip(), self.char.name, self.user)
         self.store.append_to_message(msgs[-1].id, addition)
         out.message_id = msgs[-1].id
+        _raise_failure(out)
 
     def impersonate(self, cancel: threading.Event | None = None) -> Iterator[str]:
         """The model writes the user's next line (not saved: the user may send or edit it)."""
@@ -170,10 +179,10 @@ class ChatSession:
         started = time.time()
         out = yield from self._generate(prompt, self.stops(reply_stops(self.char.name, self.user)), cancel)
         text = clean_reply(out.text, self.char.name, self.char.name, self.user)
-        if _stopped_empty(out, text):
-            return
-        out.message_id = self.store.add_message(self.chat_id, False, self.char.name, text, out.seed,
-                                                started, time.time())
+        if not _stopped_empty(out, text):
+            out.message_id = self.store.add_message(self.chat_id, False, self.char.name, text, out.seed,
+                                                    started, time.time())
+        _raise_failure(out)
 
     def _generate(self, prompt: Prompt, stops: list[str], cancel: threading.Event | None,
                   seed: int | None = None) -> Iterator[str]:
@@ -197,5 +206,5 @@ class ChatSession:
         assert last is not None
         self.last = Turnout("".join(parts), last.prompt_tokens, last.generated_tokens, last.decode_tok_s,
                             last.prefill_tok_s, last.finish_reason, last.seed, cached_tokens=last.cached_tokens,
-                            shifted_tokens=last.shifted_tokens)
+                            shifted_tokens=last.shifted_tokens, error=last.error)
         return self.last

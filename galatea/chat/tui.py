@@ -268,7 +268,7 @@ class TerminalChat:
     def _switch(self, chat_id: int) -> None:
         old = self.s
         self.s = ChatSession(old.store, old.lm, chat_id, old.overrides, max_context=old.model_context,
-                             context_shift=old.context_shift, speculative=old.speculative)
+                             generate=old.generate, context_shift=old.context_shift, speculative=old.speculative)
         self.show_history()
         self._report_ignored()
 

@@ -5,7 +5,16 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from galatea.commands.common import data_dir_arg, load_from_args, model_args, open_store, shift_arg, speculative_arg
+from galatea.commands.common import (
+    data_dir_arg,
+    engine_arg,
+    load_from_args,
+    load_remote_from_args,
+    model_args,
+    open_store,
+    shift_arg,
+    speculative_arg,
+)
 
 
 def add_parser(sub: Any) -> None:
@@ -21,6 +30,7 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--seed", type=int)
     shift_arg(p)
     speculative_arg(p)
+    engine_arg(p)
     data_dir_arg(p)
     p.set_defaults(func=run)
 
@@ -35,10 +45,14 @@ def run(args: argparse.Namespace) -> int:
         pass
     store = open_store(args)
     chat_id = open_chat(store, args.character, args.chat, args.new, args.user)
-    lm = load_from_args(args)
     overrides = {k: v for k, v in (("max_new_tokens", args.max_new_tokens), ("temperature", args.temperature),
                                    ("seed", args.seed)) if v is not None}
-    session = ChatSession(store, lm, chat_id, overrides, max_context=args.max_context,
-                          context_shift=not args.no_context_shift, speculative=not args.no_speculative)
+    if args.engine:
+        remote = load_remote_from_args(args)
+        session = ChatSession(store, remote.lm, chat_id, overrides, max_context=remote.context,
+                              generate=remote.generate_sync)
+    else:
+        session = ChatSession(store, load_from_args(args), chat_id, overrides, max_context=args.max_context,
+                              context_shift=not args.no_context_shift, speculative=not args.no_speculative)
     TerminalChat(session).loop()
     return 0

@@ -31,6 +31,27 @@ def model_args(p: argparse.ArgumentParser) -> None:
                    help="KV cache entries (auto: float16 with the native kernels, else float32 on CPU)")
 
 
+def engine_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--engine", metavar="URL",
+                   help="let another engine run the model: an OpenAI-compatible completions server (llama.cpp's "
+                        "server, llama-cpp-python's, vLLM, aphrodite-engine) at URL; --model then only gives the "
+                        "tokenizer and configuration (a vocabulary-only GGUF will do)")
+
+
+def load_remote_from_args(args: argparse.Namespace) -> Any:
+    """The remote engine of --engine, checked (its tokenizer must be --model's)."""
+    from galatea.engine.remote import load_remote
+    from galatea.model.checkpoint import resolve_model_path
+
+    if getattr(args, "lora", None):
+        raise GalateaError("--lora merges an adapter into Galatea's own weights; with --engine, load the adapter "
+                           "in that engine instead")
+    engine = load_remote(args.engine, resolve_model_path(args.model), getattr(args, "max_context", None))
+    print(f"galatea: the {engine.dialect.name} at {engine.url} runs {engine.name} (context {engine.context}); "
+          "prompts are built here", file=sys.stderr)
+    return engine
+
+
 def speculative_arg(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-speculative", action="store_true",
                    help="do not draft tokens from the text so far and verify them in the same step "

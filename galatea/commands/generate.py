@@ -8,7 +8,16 @@ import sys
 import threading
 from typing import Any
 
-from galatea.commands.common import load_from_args, model_args, sampling_args, sampling_params, speculative_arg
+from galatea.commands.common import (
+    engine_arg,
+    load_from_args,
+    load_remote_from_args,
+    model_args,
+    sampling_args,
+    sampling_params,
+    speculative_arg,
+)
+from galatea.errors import GalateaError
 
 
 def add_parser(sub: Any) -> None:
@@ -16,6 +25,7 @@ def add_parser(sub: Any) -> None:
     model_args(p)
     sampling_args(p)
     speculative_arg(p)
+    engine_arg(p)
     p.add_argument("--json", action="store_true", help="print one JSON object instead of streaming")
     p.add_argument("--no-bos", action="store_true", help="do not add the BOS token")
     p.add_argument("prompt", help="the text to continue ('-' reads standard input)")
@@ -28,14 +38,16 @@ def run(args: argparse.Namespace) -> int:
     params = sampling_params(args)
     params.validate()
     prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
-    lm = load_from_args(args)
+    remote = load_remote_from_args(args) if args.engine else None
+    lm = remote.lm if remote is not None else load_from_args(args)
     ids = lm.tokenizer.encode(prompt, add_bos=False if args.no_bos else None)
     cancel = threading.Event()
     parts: list[str] = []
     last = None
+    chunks = remote.generate_sync(ids, params, cancel) if remote is not None else \
+        stream_generate(lm.model, lm.tokenizer, ids, params, cancel, speculative=not args.no_speculative)
     try:
-        for chunk in stream_generate(lm.model, lm.tokenizer, ids, params, cancel,
-                                     speculative=not args.no_speculative):
+        for chunk in chunks:
             parts.append(chunk.text)
             if not args.json and chunk.text:
                 sys.stdout.write(chunk.text)
@@ -45,6 +57,9 @@ def run(args: argparse.Namespace) -> int:
         cancel.set()
         raise
     assert last is not None
+    if last.error:  # a remote engine failed mid-way: what came is above, then the reason
+        print(file=sys.stderr)
+        raise GalateaError(last.error)
     if args.json:
         print(json.dumps({
             "text": "".join(parts), "tokens": last.generated_tokens, "finish_reason": last.finish_reason,

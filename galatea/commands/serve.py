@@ -10,7 +10,16 @@ import sys
 import threading
 from typing import Any
 
-from galatea.commands.common import data_dir_arg, load_from_args, model_args, open_store, shift_arg, speculative_arg
+from galatea.commands.common import (
+    data_dir_arg,
+    engine_arg,
+    load_from_args,
+    load_remote_from_args,
+    model_args,
+    open_store,
+    shift_arg,
+    speculative_arg,
+)
 from galatea.errors import GalateaError
 
 
@@ -32,6 +41,7 @@ def add_parser(sub: Any) -> None:
                    help="GiB the prompt cache slots may use (default: a quarter of the machine's memory)")
     shift_arg(p)
     speculative_arg(p)
+    engine_arg(p)
     data_dir_arg(p)
     p.set_defaults(func=run)
 
@@ -44,13 +54,15 @@ def run(args: argparse.Namespace) -> int:
 
     if not 0 < args.port < 65536:
         raise GalateaError(f"--port {args.port}: must be between 1 and 65535")
-    lm = load_from_args(args)
     if args.cache_slots < 1 or args.max_batch < 1:
         raise GalateaError("--cache-slots and --max-batch must be at least 1")
-    engine = Scheduler(lm, args.max_context, cache_slots=args.cache_slots,
-                    cache_memory=int(args.cache_memory * 2**30) if args.cache_memory else None,
-                    context_shift=not args.no_context_shift, max_batch=args.max_batch, start=False,
-                    speculative=not args.no_speculative)
+    if args.engine:  # another engine runs the model; this process builds prompts and serves
+        engine: Any = load_remote_from_args(args)
+    else:
+        engine = Scheduler(load_from_args(args), args.max_context, cache_slots=args.cache_slots,
+                           cache_memory=int(args.cache_memory * 2**30) if args.cache_memory else None,
+                           context_shift=not args.no_context_shift, max_batch=args.max_batch, start=False,
+                           speculative=not args.no_speculative)
     from galatea.server.guard import LOOPBACK_NAMES
 
     # served on loopback: only requests addressed to a loopback name (no DNS rebinding)
@@ -67,10 +79,14 @@ def run(args: argparse.Namespace) -> int:
     # thread that loaded the model).
     http = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, name="galatea-http", daemon=True)
     http.start()
-    print(f"galatea: serving {engine.name} (context {engine.context}) on http://{args.host}:{args.port} "
-          f"- KoboldAI at /api, OpenAI at /v1; prompt cache: {engine.cache_slots} slot(s) of "
-          f"{engine.slot_bytes / 2**20:.0f} MiB, context shift {'off' if args.no_context_shift else 'on'}, "
-          f"batches of up to {engine.max_batch}", file=sys.stderr, flush=True)
+    if args.engine:
+        print(f"galatea: serving {engine.name} through {engine.url} on http://{args.host}:{args.port}",
+              file=sys.stderr, flush=True)
+    else:
+        print(f"galatea: serving {engine.name} (context {engine.context}) on http://{args.host}:{args.port} "
+              f"- KoboldAI at /api, OpenAI at /v1; prompt cache: {engine.cache_slots} slot(s) of "
+              f"{engine.slot_bytes / 2**20:.0f} MiB, context shift {'off' if args.no_context_shift else 'on'}, "
+              f"batches of up to {engine.max_batch}", file=sys.stderr, flush=True)
     stop = threading.Thread(target=lambda: (http.join(), engine.close()), daemon=True)
     stop.start()  # the HTTP server ending (it failed) stops the engine too
     def terminate(*_: object) -> None:  # SIGTERM: stop accepting, cancel what runs, exit

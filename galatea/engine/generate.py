@@ -57,6 +57,9 @@ class Chunk:
     # every chunk, when logprobs were asked: the entries of tokens that became final with it
     # (a token held back as a possible banned phrase is final only once its text is shown)
     new_logprobs: list[TokenLogprob] | None = None
+    # closing chunk, finish_reason "error": what went wrong (a remote engine that failed mid-reply;
+    # the text before it is good and kept)
+    error: str | None = None
 
 
 @dataclass

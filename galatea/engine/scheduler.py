@@ -97,6 +97,10 @@ class Scheduler:
     def tokenize(self, text: str, add_bos: bool | None = None) -> list[int]:
         return self.lm.tokenizer.encode(text, add_bos=add_bos)
 
+    def check(self, params: SamplingParams) -> SamplingParams:
+        """The parameters, if this engine can honour them (every one, here)."""
+        return params
+
     async def generate(self, prompt_ids: Sequence[int], params: SamplingParams, key: str = "",
                        cancel: threading.Event | None = None) -> AsyncIterator[Chunk]:
         """Chunks as the worker produces them; stopping iteration early cancels the job."""

@@ -24,6 +24,7 @@ from galatea import __version__
 from galatea.chat.cards import load_character
 from galatea.chat.store import Store
 from galatea.engine.scheduler import Scheduler
+from galatea.errors import GalateaError
 from galatea.server import galatea_api, kobold, library_api, openai_api
 from galatea.server.guard import Guard, OpenCORS
 from galatea.server.live import LiveReplies
@@ -83,6 +84,11 @@ def create_app(engine: Scheduler, store: Store | None = None, api_key: str | Non
     @app.exception_handler(BadRequest)
     async def bad(request: Request, exc: BadRequest) -> JSONResponse:
         return _error(request, exc.status, str(exc), "invalid_request_error", exc.code)
+
+    @app.exception_handler(GalateaError)
+    async def refused(request: Request, exc: GalateaError) -> JSONResponse:
+        # what the engine cannot do for this request (a remote engine without a sampler it asks for)
+        return _error(request, 400, str(exc), "invalid_request_error", "unsupported")
 
     @app.get("/health", tags=["Galatea"])
     def health() -> dict:

@@ -118,7 +118,7 @@ async def generate(req: KoboldGenerate, request: Request, engine: Engine) -> Kob
     async with watch(request) as gone:
         for _ in range(req.n):
             ids = await asyncio.to_thread(serving.kobold_prompt, req, engine)  # off the event loop
-            params = req.to_sampling_params(engine, len(ids), serving.kobold_context(req, engine))
+            params = engine.check(req.to_sampling_params(engine, len(ids), serving.kobold_context(req, engine)))
             text, finish, logprobs = "", "stop", None
             async for chunk in engine.generate(ids, params, req.genkey, gone):
                 text += chunk.text
@@ -135,7 +135,7 @@ async def generate(req: KoboldGenerate, request: Request, engine: Engine) -> Kob
 @router.post("/api/extra/generate/stream")
 async def stream(req: KoboldGenerate, request: Request, engine: Engine) -> StreamingResponse:
     ids = await asyncio.to_thread(serving.kobold_prompt, req, engine)  # a 10 MB prompt: seconds
-    params = req.to_sampling_params(engine, len(ids), serving.kobold_context(req, engine))
+    params = engine.check(req.to_sampling_params(engine, len(ids), serving.kobold_context(req, engine)))
 
     async def events() -> AsyncIterator[str]:
         try:

@@ -123,7 +123,7 @@ async def collect(engine: Scheduler, ids: list[int], params: SamplingParams, n: 
 @router.post("/v1/completions", response_model=Completion)
 async def completions(req: CompletionRequest, request: Request, engine: Engine) -> Any:
     ids = await asyncio.to_thread(serving.completion_prompt, req, engine)  # off the event loop
-    params = req.to_sampling_params(engine, len(ids))  # refuses an over-long prompt before streaming
+    params = engine.check(req.to_sampling_params(engine, len(ids)))  # refuses an over-long prompt before streaming
     rid, created = f"cmpl-{uuid.uuid4().hex[:24]}", int(time.time())
     if req.stream:
         async def events() -> AsyncIterator[str]:
@@ -149,7 +149,7 @@ async def completions(req: CompletionRequest, request: Request, engine: Engine) 
 @router.post("/v1/chat/completions", response_model=ChatCompletion)
 async def chat(req: ChatCompletionRequest, request: Request, engine: Engine) -> Any:
     ids, char, user = await asyncio.to_thread(serving.chat_prompt, req, engine)
-    params = req.to_sampling_params(engine, len(ids), 512, serving.chat_stops(char, user, req))
+    params = engine.check(req.to_sampling_params(engine, len(ids), 512, serving.chat_stops(char, user, req)))
     rid, created = f"chatcmpl-{uuid.uuid4().hex[:24]}", int(time.time())
     if req.stream:
         async def events() -> AsyncIterator[str]:
