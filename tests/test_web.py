@@ -265,6 +265,8 @@ def test_characters_lorebooks_and_chats_are_managed_from_the_page(browser, tmp_p
         assert page.input_value("#character-form [name='first_mes']") == "Who goes there?"
         page.fill("#character-form [name='description']", "A witch of the marsh, {{user}}'s old friend.")
         page.fill("#character-form [name='tags']", "witch, marsh")
+        page.fill("#character-form [name='nickname']", "Mi")  # V3's own fields
+        page.fill("#character-form [name='source']", "https://example.org/mira")
         page.click("#add-greeting")
         page.locator(".alt-greeting").last.fill("Back so soon?")
         picture = tmp_path / "red.png"
@@ -280,6 +282,7 @@ def test_characters_lorebooks_and_chats_are_managed_from_the_page(browser, tmp_p
         saved = httpx.get(f"{server.url}/galatea/characters/{mira}", timeout=10).json()["card"]
         assert saved["description"] == "A witch of the marsh, {{user}}'s old friend."
         assert saved["alternate_greetings"] == ["Back so soon?"] and saved["tags"] == ["witch", "marsh"]
+        assert saved["nickname"] == "Mi" and saved["source"] == ["https://example.org/mira"]
         exported = json.loads(open(download.value.path()).read())  # exported before the save: the old card
         assert exported["spec"] == "chara_card_v2" and exported["data"]["description"] == "A witch."
         avatar = Image.open(BytesIO(httpx.get(f"{server.url}/galatea/characters/{mira}/image", timeout=10).content))
@@ -302,6 +305,16 @@ def test_characters_lorebooks_and_chats_are_managed_from_the_page(browser, tmp_p
         page.screenshot(path=str(ARTIFACTS / "web-lorebooks.png"))
         page.click("#save-lorebook")
         page.wait_for_selector("#status:has-text('lorebook saved')")
+        # the card's own lorebook, in the same editor, saved into the card
+        page.locator("#lorebook-list tr.own-book button:text('Edit')").click()
+        page.click("#add-entry")
+        own = page.locator("#entries .entry").last
+        own.locator("input").nth(1).fill("marsh")  # its keys
+        own.locator("textarea").fill("The marsh is {{char}}'s home.")
+        page.click("#save-lorebook")
+        page.wait_for_selector("#status:has-text('lorebook saved')")
+        book = httpx.get(f"{server.url}/galatea/characters/{mira}", timeout=10).json()["card"]["character_book"]
+        assert [(e["keys"], e["content"]) for e in book["entries"]] == [(["marsh"], "The marsh is {{char}}'s home.")]
         page.keyboard.press("Escape")
         page.fill("#input", "What lies in the forest?")
         page.keyboard.press("Enter")

@@ -296,6 +296,7 @@ function closeMenu() { $("chat-menu").open = false; }
 $("rename-chat").onclick = () => {
   closeMenu();
   $("chat-title").value = $("chat").selectedOptions[0]?.text.replace(/ \(\d+\)$/, "") || "";
+  $("rename-dialog").returnValue = "";
   $("rename-dialog").showModal();
 };
 $("rename-dialog").addEventListener("close", async () => {
@@ -373,11 +374,15 @@ async function openCharacterEditor(id) {
   const form = $("character-form");
   for (const name of CARD_TEXT) form.elements[name].value = c.card[name] || "";
   form.elements.tags.value = (c.card.tags || []).join(", ");
+  form.elements.nickname.value = c.card.nickname || "";
+  form.elements.source.value = (c.card.source || []).join(", ");
+  form.elements.group_only_greetings.value = (c.card.group_only_greetings || []).join("\n");
   for (const old of document.querySelectorAll("#greetings .greeting")) old.remove();
   for (const g of c.card.alternate_greetings || []) greetingBox(g);
   $("card-picture").src = `/galatea/characters/${id}/image?t=${Date.now()}`;
   form.dataset.id = id;
   form.dataset.chats = c.chats;
+  $("character-dialog").returnValue = "";  // a dialog keeps its last answer: not this time's
   $("character-dialog").showModal();
 }
 $("edit-character").onclick = () => state.character && openCharacterEditor(state.character);
@@ -388,6 +393,10 @@ $("character-dialog").addEventListener("close", async () => {
   const card = {};
   for (const name of CARD_TEXT) card[name] = form.elements[name].value;
   card.tags = form.elements.tags.value.split(",").map((t) => t.trim()).filter(Boolean);
+  // V3's own fields, kept with the card (and written back in its exports)
+  if (form.elements.nickname.value.trim()) card.nickname = form.elements.nickname.value.trim();
+  card.source = form.elements.source.value.split(",").map((t) => t.trim()).filter(Boolean);
+  card.group_only_greetings = form.elements.group_only_greetings.value.split("\n").filter((g) => g.trim());
   card.alternate_greetings = [...document.querySelectorAll(".alt-greeting")].map((b) => b.value).filter((g) => g.trim());
   try {
     const id = Number(form.dataset.id);
@@ -414,7 +423,7 @@ $("export-json").onclick = () => download(`/galatea/characters/${$("character-fo
 $("new-character").onclick = async () => {
   const card = JSON.stringify({ spec: "chara_card_v2", spec_version: "2.0", data: { name: "New character" } });
   const c = await api("/characters?copy=true", { method: "POST", body: card });
-  $("character-dialog").close();
+  $("character-dialog").close("new");
   await loadCharacters(c.id);
   await openCharacterEditor(c.id);
 };
@@ -425,7 +434,7 @@ $("delete-character").onclick = async () => {
   if (!confirm(`Delete ${name} and ${n === 1 ? "its chat" : `its ${n} chats`}? This cannot be undone.`)) return;
   try {
     await api(`/characters/${form.dataset.id}`, { method: "DELETE" });
-    $("character-dialog").close();
+    $("character-dialog").close("deleted");
     state.character = null; state.chat = null;
     status(`deleted ${name}`);
     await loadCharacters();
@@ -434,9 +443,16 @@ $("delete-character").onclick = async () => {
 
 // ---- lorebooks ------------------------------------------------------------------------------
 async function listLorebooks() {
-  const books = await api("/lorebooks");
+  const [books, own] = await Promise.all([api("/lorebooks"), api(`/characters/${state.character}`)]);
   const body = $("lorebook-list").tBodies[0];
   body.innerHTML = "";
+  const mine = body.insertRow();  // the card's own book: always used with this character
+  mine.className = "own-book";
+  mine.insertCell().textContent = `${own.card.name}'s own (in the card)`;
+  mine.insertCell().textContent = (own.card.character_book?.entries || []).length;
+  mine.insertCell().textContent = "always";
+  mine.insertCell().textContent = "always";
+  mine.insertCell().append(button("Edit", "Edit the lorebook inside the card", () => editCardBook(own)));
   for (const b of books) {
     const row = body.insertRow();
     row.insertCell().textContent = b.name;
@@ -514,9 +530,23 @@ function entryView(e) {
   };
   return div;
 }
+// The card's own lorebook in the same editor; saved into the card.
+function editCardBook(own) {
+  const editor = $("lorebook-editor");
+  const book = own.card.character_book || { entries: [] };
+  editor.dataset.id = "";
+  editor.card = own;
+  editor.book = book;
+  $("lorebook-name").value = book.name || `${own.card.name}'s lorebook`;
+  $("entries").innerHTML = "";
+  for (const e of book.entries || []) $("entries").appendChild(entryView(e));
+  editor.hidden = false;
+}
+
 async function editLorebook(id) {
   const b = await api(`/lorebooks/${id}`);
   const editor = $("lorebook-editor");
+  editor.card = null;
   editor.dataset.id = id;
   editor.book = b.book;
   $("lorebook-name").value = b.name;
@@ -530,9 +560,13 @@ $("lorebook-editor").addEventListener("submit", async (ev) => {
   ev.preventDefault();
   const editor = $("lorebook-editor");
   const entries = [...$("entries").children].map((d) => d.read());
+  const book = { ...editor.book, name: $("lorebook-name").value, entries };
   try {
-    await api(`/lorebooks/${editor.dataset.id}`, { ...post({ name: $("lorebook-name").value, book: { ...editor.book, entries } }),
-                                                   method: "PUT" });
+    if (editor.card) {  // the card's own book: the card is saved with it
+      await api(`/characters/${editor.card.id}`, { ...post({ ...editor.card.card, character_book: book }), method: "PUT" });
+    } else {
+      await api(`/lorebooks/${editor.dataset.id}`, { ...post({ name: book.name, book }), method: "PUT" });
+    }
     status("lorebook saved");
     editor.hidden = true;
     await listLorebooks();
@@ -585,6 +619,7 @@ $("open-settings").onclick = async () => {
   const [current] = await Promise.all([api(`/chats/${state.chat}/settings`), loadPresets()]);
   fillSettings(current);
   $("settings-form").elements.max_context.placeholder = current.model_context;
+  $("settings-dialog").returnValue = "";
   $("settings-dialog").showModal();
 };
 $("preset").onchange = () => { const p = state.presets[$("preset").value]; if (p) fillSettings(p.settings); };
