@@ -170,3 +170,73 @@ def test_a_killed_engine_keeps_the_partial_reply_and_a_wrong_tokenizer_is_refuse
         engine.kill()
         log = server.stop()
     assert "Traceback" not in log, log
+
+
+VLLM_MODELS = {"object": "list", "data": [{
+    "id": "PygmalionAI/pygmalion-2-7b", "object": "model", "created": 1732950000, "owned_by": "vllm",
+    "root": "PygmalionAI/pygmalion-2-7b", "parent": None, "max_model_len": 4096,
+    "permission": [{"id": "modelperm-1", "object": "model_permission", "allow_sampling": True}]}]}
+
+
+def _vllm_chunk(text: str, finish: str | None) -> str:
+    """One streamed completion chunk in vLLM's CompletionStreamResponse shape."""
+    return "data: " + json.dumps({
+        "id": "cmpl-5f2c", "object": "text_completion", "created": 1732950001, "model": "PygmalionAI/pygmalion-2-7b",
+        "choices": [{"index": 0, "text": text, "logprobs": None, "finish_reason": finish, "stop_reason": None}],
+        "usage": None}) + "\n\n"
+
+
+def test_a_vllm_shaped_server_is_recognised_and_streamed(tmp_path):
+    """A stand-in answering in the shapes of vLLM's OpenAI protocol (/v1/models with owned_by
+    "vllm" and max_model_len, /tokenize, a completion stream ending in finish_reason "length"
+    and [DONE]): found as vLLM, its context taken, the prompt sent as token ids with vLLM's
+    fields, the stream read to the end."""
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    from galatea.engine.remote import load_remote
+
+    tok_path = embedded_model_path()
+    seen: list[dict] = []
+
+    class VLLMShaped(BaseHTTPRequestHandler):
+        def log_message(self, *args: object) -> None:
+            pass
+
+        def _json(self, obj: object, status: int = 200) -> None:
+            body = json.dumps(obj).encode()
+            self.send_response(status)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def do_GET(self) -> None:
+            self._json(VLLM_MODELS) if self.path == "/v1/models" else self._json({"detail": "Not Found"}, 404)
+
+        def do_POST(self) -> None:
+            body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+            if self.path == "/tokenize":
+                from galatea.model.checkpoint import load_tokenizer
+
+                tokens = load_tokenizer(tok_path).encode(body["prompt"], add_bos=False)
+                return self._json({"count": len(tokens), "max_model_len": 4096, "tokens": tokens})
+            seen.append(body)
+            self.send_response(200)
+            self.send_header("Content-Type", "text/event-stream")
+            self.end_headers()
+            for text, finish in ((" Well", None), (" met,", None), (" traveller", "length")):
+                self.wfile.write(_vllm_chunk(text, finish).encode())
+            self.wfile.write(b"data: [DONE]\n\n")
+
+    httpd = ThreadingHTTPServer(("127.0.0.1", 0), VLLMShaped)
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    try:
+        engine = load_remote(f"http://127.0.0.1:{httpd.server_port}/v1", tok_path)
+        assert engine.dialect.name == "vLLM" and engine.context == 4096 and engine.name == "PygmalionAI/pygmalion-2-7b"
+        ids = engine.tokenize("You: Hello\nAria:")
+        chunks = list(engine.generate_sync(ids, SamplingParams(max_new_tokens=3, temperature=0.8, min_p=0.1)))
+        assert "".join(c.text for c in chunks) == " Well met, traveller" and chunks[-1].finish_reason == "length"
+        assert seen == [{"model": "PygmalionAI/pygmalion-2-7b", "prompt": ids, "max_tokens": 3, "stream": True,
+                         "temperature": 0.8, "min_p": 0.1, "skip_special_tokens": False}]
+    finally:
+        httpd.shutdown()
