@@ -28,10 +28,15 @@ def test_chat_page(browser, tmp_path):
         page.wait_for_selector("#character option:text('Aria')", state="attached")
         page.wait_for_selector(".msg.char .text:has-text('Well met, traveller')")
 
+        # text must arrive while the reply streams: watched by a MutationObserver, since a short
+        # reply can stream and be replaced by the stored one between two polls
+        page.evaluate("""new MutationObserver(() => {
+            if (document.querySelector('.msg.streaming .text')?.textContent) window.sawStreaming = true;
+        }).observe(document.querySelector('#messages'), {childList: true, subtree: true, characterData: true})""")
         page.fill("#input", "Hello Aria! Tell me about Pip.")
         page.keyboard.press("Enter")
-        page.wait_for_selector(".msg.streaming .text:not(:empty)", timeout=60_000)  # text arrives while streaming
         page.wait_for_function("document.querySelector('#status').textContent.includes('tok/s')", timeout=120_000)
+        assert page.evaluate("window.sawStreaming === true")
         msgs = page.locator(".msg")
         assert msgs.count() == 3
         assert "Hello Aria! Tell me about Pip." in msgs.nth(1).inner_text()
