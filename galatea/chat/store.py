@@ -237,10 +237,6 @@ class Store:
             if cur.rowcount == 0:
                 raise GalateaError(f"no character {character_id}; see `galatea characters list`")
 
-    def character_created(self, character_id: int) -> float:
-        row = self.db.execute("SELECT created_at FROM characters WHERE id = ?", (character_id,)).fetchone()
-        return 0.0 if row is None else float(row[0])
-
     def characters(self) -> list[tuple[int, str]]:
         return [(r[0], r[1]) for r in self.db.execute("SELECT id, name FROM characters ORDER BY name, id")]
 

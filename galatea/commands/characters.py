@@ -4,10 +4,9 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from typing import Any
 
-from galatea.commands.common import data_dir_arg, open_store
+from galatea.commands.common import confirmed, data_dir_arg, open_store
 from galatea.errors import GalateaError
 
 
@@ -64,13 +63,9 @@ def run(args: argparse.Namespace) -> int:
     elif args.action == "delete":
         cid, char = store.character(args.character)
         n = len(store.chats(cid))
-        if not args.yes:
-            question = f"delete {char.name} (id {cid}) and its {n} chat{'s' if n != 1 else ''}? [y/N] "
-            if not sys.stdin.isatty():
-                raise GalateaError(f"deleting {char.name} also deletes its {n} chats; pass --yes to confirm")
-            if input(question).strip().lower() not in ("y", "yes"):
-                print("nothing deleted")
-                return 1
+        if not confirmed(args.yes, f"delete {char.name} (id {cid}) and its {n} chat{'s' if n != 1 else ''}?",
+                         f"deleting {char.name} also deletes its {n} chats"):
+            return 1
         store.delete_character(cid)
         print(f"deleted {char.name} and its {n} chats")
     return 0

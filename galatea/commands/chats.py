@@ -6,7 +6,7 @@ import argparse
 import sys
 from typing import Any
 
-from galatea.commands.common import data_dir_arg, open_store
+from galatea.commands.common import confirmed, data_dir_arg, open_store
 from galatea.errors import GalateaError
 
 
@@ -80,14 +80,9 @@ def run(args: argparse.Namespace) -> int:
         print(f"chat {args.chat}: {args.title}")
     elif args.action == "delete":
         info = store.chat(args.chat)
-        if not args.yes:
-            if not sys.stdin.isatty():
-                raise GalateaError(f"deleting chat {info.id} ({info.messages} messages) cannot be undone; "
-                                   "pass --yes to confirm")
-            if input(f"delete chat {info.id} '{info.title}' ({info.messages} messages)? [y/N] ").strip().lower() \
-                    not in ("y", "yes"):
-                print("nothing deleted")
-                return 1
+        if not confirmed(args.yes, f"delete chat {info.id} '{info.title}' ({info.messages} messages)?",
+                         f"deleting chat {info.id} ({info.messages} messages) cannot be undone"):
+            return 1
         store.delete_chat(info.id)
         print(f"deleted chat {info.id}")
     elif args.action == "search":

@@ -64,6 +64,19 @@ def shift_arg(p: argparse.ArgumentParser) -> None:
                         "moving the cached turns (slower, no drift)")
 
 
+def confirmed(yes: bool, question: str, refusal: str) -> bool:
+    """Whether a deletion may go ahead: --yes, else the user's answer at a terminal; without a
+    terminal (a script), `refusal` as the one-line error asking for --yes."""
+    if yes:
+        return True
+    if not sys.stdin.isatty():
+        raise GalateaError(f"{refusal}; pass --yes to confirm")
+    if input(f"{question} [y/N] ").strip().lower() in ("y", "yes"):
+        return True
+    print("nothing deleted")
+    return False
+
+
 def data_dir_arg(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data-dir", help="where chats are kept (default: $GALATEA_DATA_DIR or the platform's "
                                       "user data folder)")

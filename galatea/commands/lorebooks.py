@@ -4,10 +4,9 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from typing import Any
 
-from galatea.commands.common import data_dir_arg, open_store
+from galatea.commands.common import confirmed, data_dir_arg, open_store
 from galatea.errors import GalateaError
 
 
@@ -72,12 +71,9 @@ def run(args: argparse.Namespace) -> int:
         print(f"wrote {out}")
     elif args.action == "delete":
         lid, book = store.lorebook(args.lorebook)
-        if not args.yes:
-            if not sys.stdin.isatty():
-                raise GalateaError(f"deleting the lorebook {book.name} cannot be undone; pass --yes to confirm")
-            if input(f"delete the lorebook {book.name} (id {lid})? [y/N] ").strip().lower() not in ("y", "yes"):
-                print("nothing deleted")
-                return 1
+        if not confirmed(args.yes, f"delete the lorebook {book.name} (id {lid})?",
+                         f"deleting the lorebook {book.name} cannot be undone"):
+            return 1
         store.delete_lorebook(lid)
         print(f"deleted {book.name}")
     return 0
