@@ -121,7 +121,9 @@ class Generation:
         # drafts computed by the last forward pass, each with the logits of the position after it
         self.drafts: list[int] = []
         self.draft_logits: list[torch.Tensor] = []
-        self.lookup = PromptLookup() if speculative and model.fused is not None else None
+        # the fused step (and the drafts and prompt rows it reads in one pass) when it serves this cache
+        self.fused = model.fused if model.fused is not None and model.fused_fits([self.cache]) else None
+        self.lookup = PromptLookup() if speculative and self.fused is not None else None
         self.draft_length = DraftLength()
         self.drafted = self.accepted = 0  # totals, for reports
         self.round_drafted = self.round_accepted = 0  # the last forward pass's
@@ -145,7 +147,7 @@ class Generation:
     @property
     def joins_step(self) -> bool:
         """The rest of the prompt is short: it is read as rows of the next batched step."""
-        return not self.prefilled and self.model.fused is not None and len(self.todo) == 1 and \
+        return not self.prefilled and self.fused is not None and len(self.todo) == 1 and \
             self.n_prompt - self.read <= JOIN_PROMPT
 
     def prefill_step(self, chunk: int | None = None) -> bool:
@@ -271,7 +273,8 @@ class Generation:
         self.drafts = []
         if self.lookup is not None:
             room = min(self.budget - self.n_new, self.cache.max_len - 1 - self.position, max_drafts)
-            k = min(self.draft_length.next(self.model.fused.row_cost), room)
+            assert self.fused is not None  # drafts only come with the fused step
+            k = min(self.draft_length.next(self.fused.row_cost), room)
             self.drafts = self.lookup.draft(self.tokens, k) if k > 0 else []
         return [self.tokens[-1], *self.drafts]
 

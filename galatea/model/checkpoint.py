@@ -279,9 +279,11 @@ def assemble(cfg: ModelConfig, tensors: Iterable[tuple[str, Tensor | Int4Groups 
     for name, tensor in tensors:
         if name.endswith("rotary_emb.inv_freq") or (cfg.tie_word_embeddings and name == "lm_head.weight"):
             continue
+        name = param_name(name)
         target = expected.get(name)
         if target is None or name in loaded:
-            raise GalateaError(f"{where}: unexpected tensor {name!r}; this is not a plain LLaMA checkpoint")
+            raise GalateaError(f"{where}: unexpected tensor {name!r}; this is not a {cfg.architecture} checkpoint "
+                               "as its config describes")
         if tuple(tensor.shape) != tuple(target.shape):
             raise GalateaError(
                 f"{where}: tensor {name} has shape {list(tensor.shape)} but the config implies "
@@ -314,6 +316,15 @@ def assemble(cfg: ModelConfig, tensors: Iterable[tuple[str, Tensor | Int4Groups 
     model.eval()
     model.init_rope()
     return model
+
+
+def param_name(hf: str) -> str:
+    """Our parameter's name for an HF tensor name: the same but for Qwen2's projection biases,
+    which live beside the projection (`self_attn.q_bias`) so a quantized projection keeps them."""
+    for p in ("q", "k", "v"):
+        if hf.endswith(f".self_attn.{p}_proj.bias"):
+            return hf.removesuffix(f"{p}_proj.bias") + f"{p}_bias"
+    return hf
 
 
 def _set_param(model: nn.Module, name: str, value: Tensor) -> None:

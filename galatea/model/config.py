@@ -10,7 +10,9 @@ from galatea.errors import GalateaError
 
 @dataclass(frozen=True)
 class ModelConfig:
-    """A LLaMA-architecture decoder. Field names follow Hugging Face's `LlamaConfig`."""
+    """A LLaMA-family decoder. Field names follow Hugging Face's `LlamaConfig`; the family
+    members Galatea runs differ from LLaMA only in the fields at the end: Mistral in a sliding
+    attention window, Qwen2 in biases on the q/k/v projections."""
 
     vocab_size: int
     hidden_size: int  # width of the residual stream (4096 for LLaMA-7B)
@@ -28,6 +30,11 @@ class ModelConfig:
     eos_token_id: int | None = 2
     # KoboldAI convention: token ids banned from sampling (config.json "badwordsids").
     bad_words_ids: tuple[int, ...] = field(default_factory=tuple)
+    architecture: str = "llama"  # "llama", "mistral" or "qwen2": how the checkpoint names itself
+    attention_bias: bool = False  # q/k/v projections carry biases (Qwen2)
+    sliding_window: int | None = None  # each position attends to this many (itself included)
+    # every id that ends a reply (Llama-3 lists <|end_of_text|> and <|eot_id|>)
+    eos_token_ids: tuple[int, ...] = field(default_factory=tuple)
 
     def __post_init__(self) -> None:
         # sane bounds before anything is allocated from these numbers (a hostile or corrupt
@@ -43,6 +50,9 @@ class ModelConfig:
         if self.hidden_size % self.num_attention_heads and self.head_dim == 0:
             raise GalateaError(f"config: hidden size {self.hidden_size} is not a multiple of "
                                f"{self.num_attention_heads} heads; the checkpoint's config is inconsistent")
+        if self.sliding_window is not None and not 0 < self.sliding_window <= 1 << 24:
+            raise GalateaError(f"config: sliding_window = {self.sliding_window!r} is outside 1..{1 << 24}; the "
+                               "checkpoint's config is corrupt")
         if self.head_dim == 0:
             object.__setattr__(self, "head_dim", self.hidden_size // self.num_attention_heads)
         if self.num_attention_heads % self.num_key_value_heads:
@@ -60,19 +70,26 @@ class ModelConfig:
     def from_hf(cls, cfg: dict[str, Any]) -> ModelConfig:
         """Build from a Hugging Face `config.json` dictionary."""
         archs = cfg.get("architectures") or []
-        model_type = cfg.get("model_type")
-        if model_type not in ("llama", None) or (archs and archs[0] not in _HF_ARCHS):
+        model_type = cfg.get("model_type") or "llama"
+        family = _HF_ARCHS.get(archs[0]) if archs else model_type if model_type in _HF_ARCHS.values() else None
+        if family is None or model_type not in _HF_ARCHS.values():
             name = archs[0] if archs else model_type
             raise GalateaError(
-                f"config.json: architecture {name!r} is not supported; Galatea runs "
-                "LLaMA-architecture models (LlamaForCausalLM)"
+                f"config.json: architecture {name!r} is not supported; Galatea runs LLaMA, Mistral and Qwen2 "
+                "models (LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM)"
             )
-        if cfg.get("attention_bias") or cfg.get("mlp_bias"):
-            raise GalateaError("config.json: attention_bias/mlp_bias are not supported; Galatea runs plain LLaMA")
+        if cfg.get("mlp_bias") or (family == "llama" and cfg.get("attention_bias")):
+            raise GalateaError("config.json: attention_bias/mlp_bias on a LLaMA are not supported; Galatea runs "
+                               "plain LLaMA")
+        if family == "qwen2" and cfg.get("use_sliding_window"):
+            raise GalateaError("config.json: Qwen2 with use_sliding_window (a window on some layers only) is not "
+                               "supported; set use_sliding_window false if the model was trained without it")
         # transformers >= 5 writes RoPE settings under "rope_parameters"; older files at the top level.
         rope = cfg.get("rope_parameters") or {}
         try:
             n_heads = int(cfg["num_attention_heads"])
+            window = cfg.get("sliding_window") if family == "mistral" else None
+            eos = _ids(cfg.get("eos_token_id"))
             return cls(
                 vocab_size=int(cfg["vocab_size"]),
                 hidden_size=int(cfg["hidden_size"]),
@@ -87,8 +104,12 @@ class ModelConfig:
                 tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
                 head_dim=int(cfg.get("head_dim") or 0),
                 bos_token_id=_first_id(cfg.get("bos_token_id")),
-                eos_token_id=_first_id(cfg.get("eos_token_id")),
+                eos_token_id=eos[0] if eos else None,
                 bad_words_ids=_bad_words(cfg.get("badwordsids")),
+                architecture=family,
+                attention_bias=family == "qwen2",
+                sliding_window=None if window is None else int(window),
+                eos_token_ids=eos,
             )
         except KeyError as e:
             raise GalateaError(f"config.json: missing field {e.args[0]!r}; the file is incomplete") from None
@@ -97,25 +118,30 @@ class ModelConfig:
 
     @classmethod
     def from_gguf(cls, meta: dict[str, Any], vocab_size: int) -> ModelConfig:
-        """Build from GGUF key/values (`llama.*`). `vocab_size` comes from the token list."""
+        """Build from GGUF key/values (`llama.*` or `qwen2.*`; llama.cpp writes Mistral as
+        `llama`). `vocab_size` comes from the token list."""
         arch = meta.get("general.architecture")
-        if arch != "llama":
+        if arch not in GGUF_ARCHS:
             raise GalateaError(
-                f"GGUF architecture {arch!r} is not supported; Galatea runs 'llama' GGUF files"
+                f"GGUF architecture {arch!r} is not supported; Galatea runs {', '.join(map(repr, GGUF_ARCHS))} "
+                "GGUF files (LLaMA, Mistral, Qwen2)"
             )
 
         def key(name: str, default: Any = None) -> Any:
-            value = meta.get(f"llama.{name}", default)
+            value = meta.get(f"{arch}.{name}", default)
             if value is None:
-                raise GalateaError(f"GGUF metadata is missing 'llama.{name}'; the file is incomplete")
+                raise GalateaError(f"GGUF metadata is missing '{arch}.{name}'; the file is incomplete")
             return value
 
         n_heads = int(key("attention.head_count"))
         embed = int(key("embedding_length"))
-        scaling = meta.get("llama.rope.scaling.type")
+        eos = meta.get("tokenizer.ggml.eos_token_id")
+        window = meta.get(f"{arch}.attention.sliding_window")
+        window = int(window) if window else None
+        scaling = meta.get(f"{arch}.rope.scaling.type")
         factor = 1.0
         if scaling == "linear":
-            factor = float(meta.get("llama.rope.scaling.factor", 1.0))
+            factor = float(meta.get(f"{arch}.rope.scaling.factor", 1.0))
         elif scaling not in (None, "none"):
             raise GalateaError(f"GGUF rope scaling {scaling!r} is not supported (only linear)")
         return cls(
@@ -124,18 +150,26 @@ class ModelConfig:
             intermediate_size=int(key("feed_forward_length")),
             num_hidden_layers=int(key("block_count")),
             num_attention_heads=n_heads,
-            num_key_value_heads=int(meta.get("llama.attention.head_count_kv") or n_heads),
+            num_key_value_heads=int(meta.get(f"{arch}.attention.head_count_kv") or n_heads),
             max_position_embeddings=int(key("context_length", 2048)),
             rms_norm_eps=float(key("attention.layer_norm_rms_epsilon", 1e-5)),
             rope_theta=float(key("rope.freq_base", 10000.0)),
             rope_scaling_factor=factor,
-            head_dim=int(meta.get("llama.attention.key_length") or 0),
+            head_dim=int(meta.get(f"{arch}.attention.key_length") or 0),
             bos_token_id=meta.get("tokenizer.ggml.bos_token_id"),
-            eos_token_id=meta.get("tokenizer.ggml.eos_token_id"),
+            eos_token_id=eos,
+            architecture="mistral" if window and arch == "llama" else arch,
+            attention_bias=arch == "qwen2",
+            sliding_window=window,
+            eos_token_ids=tuple(dict.fromkeys(i for i in (eos, meta.get("tokenizer.ggml.eot_token_id"))
+                                              if i is not None)),
         )
 
 
-_HF_ARCHS = ("LlamaForCausalLM", "LLaMAForCausalLM", "MistralForCausalLM")
+# HF class name -> the family it belongs to; GGUF architectures (llama.cpp writes Mistral as llama)
+_HF_ARCHS = {"LlamaForCausalLM": "llama", "LLaMAForCausalLM": "llama", "MistralForCausalLM": "mistral",
+             "Qwen2ForCausalLM": "qwen2"}
+GGUF_ARCHS = ("llama", "qwen2")
 
 
 def _hf_rope_scaling(rs: dict[str, Any] | None) -> float:
@@ -147,6 +181,13 @@ def _hf_rope_scaling(rs: dict[str, Any] | None) -> float:
     if kind in ("default", None):
         return 1.0
     raise GalateaError(f"config.json: rope_scaling type {kind!r} is not supported (only linear)")
+
+
+def _ids(value: Any) -> tuple[int, ...]:
+    """config.json's eos_token_id: one id or a list of them."""
+    if value is None:
+        return ()
+    return tuple(int(v) for v in (value if isinstance(value, list) else [value]))
 
 
 def _first_id(value: Any) -> int | None:

@@ -46,6 +46,9 @@ class FusedDecoder:
             self.layers.append((attn.qkv_proj, attn.o_proj, mlp.gate_up_proj, mlp.down_proj,
                                 layer.input_layernorm.weight.detach().float().contiguous(),
                                 layer.post_attention_layernorm.weight.detach().float().contiguous()))
+        # Qwen2's q/k/v biases, added to the projection's output before attention reads it
+        self.qkv_bias = [None if layer.self_attn.qkv_bias is None else layer.self_attn.qkv_bias.float().contiguous()
+                         for layer in model.model.layers]
         self.final_norm = model.model.norm.weight.detach().float().contiguous()
         self.head: TiledLinear = model.lm_head
         self._plans: dict[int, tuple[dict[str, Tensor], list[tuple]]] = {}
@@ -134,6 +137,8 @@ class FusedDecoder:
         for i, (qkv_call, o_call, gu_call, down_call) in enumerate(plan):
             if matmul(*qkv_call):
                 raise RuntimeError("native mat-mul refused its arguments")
+            if self.qkv_bias[i] is not None:
+                qkv.add_(self.qkv_bias[i])
             kp = ptr(*(b + i * lb for b, lb in zip(kbase, layer_bytes, strict=True)))
             vp = ptr(*(b + i * lb for b, lb in zip(vbase, layer_bytes, strict=True)))
             rc = attend(self.isa, qkv.data_ptr(), qkv.stride(0), rows, pos, kp, vp, head_stride, pos_stride,

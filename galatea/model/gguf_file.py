@@ -48,6 +48,9 @@ NAME_TABLE = {
     "blk.{n}.attn_k.weight": "model.layers.{n}.self_attn.k_proj.weight",
     "blk.{n}.attn_v.weight": "model.layers.{n}.self_attn.v_proj.weight",
     "blk.{n}.attn_output.weight": "model.layers.{n}.self_attn.o_proj.weight",
+    "blk.{n}.attn_q.bias": "model.layers.{n}.self_attn.q_proj.bias",  # Qwen2
+    "blk.{n}.attn_k.bias": "model.layers.{n}.self_attn.k_proj.bias",
+    "blk.{n}.attn_v.bias": "model.layers.{n}.self_attn.v_proj.bias",
     "blk.{n}.ffn_norm.weight": "model.layers.{n}.post_attention_layernorm.weight",
     "blk.{n}.ffn_gate.weight": "model.layers.{n}.mlp.gate_proj.weight",
     "blk.{n}.ffn_up.weight": "model.layers.{n}.mlp.up_proj.weight",
@@ -119,6 +122,11 @@ class GGUFFile:
             counts[t.type_name] = counts.get(t.type_name, 0) + 1
         return counts
 
+    @property
+    def permuted(self) -> bool:
+        """Whether q/k rows are in llama.cpp's interleaved RoPE order (the `llama` architecture)."""
+        return self.metadata.get("general.architecture", "llama") == "llama"
+
     def has_tensor(self, name: str) -> bool:
         return any(t.name == name for t in self.tensors)
 
@@ -135,7 +143,8 @@ class GGUFFile:
             name = hf_name(t.name)
             if name is None:
                 raise GalateaError(f"{self.path}: unexpected tensor {t.name!r}; this is not a plain LLaMA GGUF")
-            heads = n_heads if t.name.endswith("attn_q.weight") else \
+            # llama.cpp permutes q/k rows for its 'llama' RoPE only; a qwen2 file keeps HF's order
+            heads = 0 if not self.permuted else n_heads if t.name.endswith("attn_q.weight") else \
                 n_kv_heads if t.name.endswith("attn_k.weight") else 0
             rows = unpermute(torch.arange(t.shape[0]), heads) if heads else None
             w: Tensor | Int4Groups | TiledWeight

@@ -9,6 +9,12 @@ without renaming. Rotary embeddings use HF's rotate-half layout; GGUF files are 
 at load time (see `gguf_file.py`).
 
 `fuse()` joins q/k/v and gate/up into one matrix each for inference; training keeps HF's modules.
+
+The same code runs the LLaMA family members that differ only a little (config.py): Qwen2's q/k/v
+biases are parameters of the attention (`q_bias`...; HF's `q_proj.bias`, renamed at load, so a
+quantized or tiled projection keeps its bias beside it), and Mistral's sliding window limits
+each query to the last `sliding_window` positions, itself included (transformers' mask
+`kv_pos > q_pos - window`).
 """
 
 from __future__ import annotations
@@ -77,6 +83,12 @@ class Attention(nn.Module):
         self.k_proj = nn.Linear(c, self.n_kv * self.head_dim, bias=False)
         self.v_proj = nn.Linear(c, self.n_kv * self.head_dim, bias=False)
         self.o_proj = nn.Linear(self.n_heads * self.head_dim, c, bias=False)
+        self.window = cfg.sliding_window
+        if cfg.attention_bias:
+            self.q_bias = nn.Parameter(torch.zeros(self.n_heads * self.head_dim))
+            self.k_bias = nn.Parameter(torch.zeros(self.n_kv * self.head_dim))
+            self.v_bias = nn.Parameter(torch.zeros(self.n_kv * self.head_dim))
+        self.qkv_bias: Tensor | None = None  # set by fuse() when the projections have biases
         self.qkv_proj: nn.Module | None = None  # set by fuse(): q, k, v rows in one matrix
         self.kernels: Kernels | None = None  # native kernels for decoding attention (Llama.use_kernels)
 
@@ -86,40 +98,53 @@ class Attention(nn.Module):
         if fused is not None:
             self.qkv_proj = fused
             del self.q_proj, self.k_proj, self.v_proj
+            if hasattr(self, "q_bias"):
+                self.qkv_bias = torch.cat([self.q_bias, self.k_bias, self.v_bias]).detach()
+                del self.q_bias, self.k_bias, self.v_bias
+
+    def _project(self, proj: nn.Module, x: Tensor, bias: str) -> Tensor:
+        out = proj(x)
+        return out + getattr(self, bias) if hasattr(self, bias) else out
 
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor, cache: KVCache | CacheRows | None, layer: int,
                 start: int) -> Tensor:
         b, t, _ = x.shape
         h, kv, d = self.n_heads, self.n_kv, self.head_dim
         if self.qkv_proj is not None:
-            qkv = self.qkv_proj(x).view(b, t, h + 2 * kv, d).transpose(1, 2)  # [B, H+2K, T, D]
+            qkv = self.qkv_proj(x)
+            if self.qkv_bias is not None:
+                qkv = qkv + self.qkv_bias.to(qkv.dtype)
+            qkv = qkv.view(b, t, h + 2 * kv, d).transpose(1, 2)  # [B, H+2K, T, D]
             # q and k are adjacent heads of the fused output: rotate them with one set of ops.
             qk = apply_rope(qkv[:, : h + kv], cos, sin)
             q, k, v = qk[:, :h], qk[:, h:], qkv[:, h + kv :]  # [B, H, T, D], [B, K, T, D], [B, K, T, D]
         else:
-            q = apply_rope(self.q_proj(x).view(b, t, h, d).transpose(1, 2), cos, sin)
-            k = apply_rope(self.k_proj(x).view(b, t, kv, d).transpose(1, 2), cos, sin)
-            v = self.v_proj(x).view(b, t, kv, d).transpose(1, 2)
+            q = apply_rope(self._project(self.q_proj, x, "q_bias").view(b, t, h, d).transpose(1, 2), cos, sin)
+            k = apply_rope(self._project(self.k_proj, x, "k_bias").view(b, t, kv, d).transpose(1, 2), cos, sin)
+            v = self._project(self.v_proj, x, "v_bias").view(b, t, kv, d).transpose(1, 2)
         if cache is None:  # training / scoring: whole sequences from position 0, no cache
-            out = _attend_causal(q, k, v)
+            out = _attend_causal(q, k, v, self.window)
             return self.o_proj(out.transpose(1, 2).reshape(b, t, -1).to(x.dtype))
         if isinstance(cache, CacheRows):  # batched decoding: each row has its own cache and position
-            out = _attend_rows(q, k, v, cache, layer, self.kernels)
+            out = _attend_rows(q, k, v, cache, layer, self.kernels, self.window)
             return self.o_proj(out.transpose(1, 2).reshape(b, t, -1).to(x.dtype))
         keys, values = cache.update(layer, start, k, v)  # [B, K, L, D], L = start + T
         if t == 1:
-            out = _attend_one(q, keys, values, self.kernels)
+            out = _attend_one(q, keys, values, self.kernels, self.window)
         else:
-            out = _attend_chunk(q, keys, values, start)
+            out = _attend_chunk(q, keys, values, start, self.window)
         return self.o_proj(out.transpose(1, 2).reshape(b, t, -1).to(x.dtype))
 
 
-def _attend_one(q: Tensor, keys: Tensor, values: Tensor, kernels: Kernels | None = None) -> Tensor:
+def _attend_one(q: Tensor, keys: Tensor, values: Tensor, kernels: Kernels | None = None,
+                window: int | None = None) -> Tensor:
     """One query per sequence (decoding), in float32: on CPU several times faster than bf16
     SDPA for a single query, and exact. Grouped heads read the shared K/V without copies.
     With the native kernels (one sequence): the cache is read once as stored, on the kernels'
     threads (SDPA cost 45 µs a layer for SmolLM2 at 512 positions, 175 µs beside their pool)."""
     b, h, _, d = q.shape
+    if window is not None and keys.shape[2] > window:  # the query is the last position: keep the last `window`
+        keys, values = keys[:, :, -window:], values[:, :, -window:]
     if kernels is not None and b == 1 and kernels.attends(d, keys.dtype):
         out = kernels.attend_one(q.reshape(h, d).float().contiguous(), keys[0], values[0], 1 / math.sqrt(d))
         return out.view(1, h, 1, d)
@@ -127,10 +152,12 @@ def _attend_one(q: Tensor, keys: Tensor, values: Tensor, kernels: Kernels | None
                                           enable_gqa=keys.shape[1] != q.shape[1])
 
 
-def _attend_causal(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+def _attend_causal(q: Tensor, k: Tensor, v: Tensor, window: int | None = None) -> Tensor:
     """Causal attention over whole sequences (training). On CPU in float32: the bf16 flash
     kernel's backward pass is 2.3x slower than the float32 one there (measured at T=126)."""
     gqa = k.shape[1] != q.shape[1]
+    if window is not None and q.shape[2] > window:
+        return _attend_chunk(q, k, v.to(q.dtype), 0, window)
     if q.device.type != "cpu":
         return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
     with torch.autocast("cpu", enabled=False):
@@ -147,21 +174,25 @@ class CacheRows:
 
 
 def _attend_rows(q: Tensor, k: Tensor, v: Tensor, rows: CacheRows, layer: int,
-                 kernels: Kernels | None = None) -> Tensor:
+                 kernels: Kernels | None = None, window: int | None = None) -> Tensor:
     """q: [B, H, 1, D], k/v: [B, K, 1, D]; each row attends to its own cache. The projections
     around it run batched, which is where decoding spends its time (reading the weights)."""
     out = []
     for i, (cache, pos) in enumerate(zip(rows.caches, rows.positions, strict=True)):
         keys, values = cache.update(layer, pos, k[i : i + 1], v[i : i + 1])
-        out.append(_attend_one(q[i : i + 1], keys, values, kernels))
+        out.append(_attend_one(q[i : i + 1], keys, values, kernels, window))
     return torch.cat(out)
 
 
-def _attend_chunk(q: Tensor, keys: Tensor, values: Tensor, start: int) -> Tensor:
-    """T queries at positions start..start+T-1 against L = start+T keys, causally masked."""
+def _attend_chunk(q: Tensor, keys: Tensor, values: Tensor, start: int, window: int | None = None) -> Tensor:
+    """T queries at positions start..start+T-1 against L = start+T keys, causally masked (and
+    to the last `window` positions of each query)."""
     t, length = q.shape[2], keys.shape[2]
     qpos = torch.arange(start, start + t, device=q.device)
-    mask = torch.arange(length, device=q.device)[None, :] <= qpos[:, None]  # [T, L]
+    kpos = torch.arange(length, device=q.device)[None, :]
+    mask = kpos <= qpos[:, None]  # [T, L]
+    if window is not None:
+        mask &= kpos > qpos[:, None] - window
     return F.scaled_dot_product_attention(q, keys.to(q.dtype), values.to(q.dtype), attn_mask=mask,
                                           enable_gqa=keys.shape[1] != q.shape[1])
 
@@ -255,6 +286,12 @@ class Llama(nn.Module):
         finally:
             torch.set_num_threads(threads)
 
+    def fused_fits(self, caches: Sequence[KVCache]) -> bool:
+        """The fused step attends to every cached position: with a sliding window it serves
+        caches no longer than the window (Mistral's 4096 covers the usual chat contexts)."""
+        window = self.config.sliding_window
+        return window is None or all(c.max_len <= window for c in caches)
+
     @property
     def device(self) -> torch.device:
         return self.model.norm.weight.device  # a plain parameter whatever holds the other weights
@@ -298,7 +335,7 @@ class Llama(nn.Module):
         if start + t > cache.max_len:
             raise ValueError(f"positions {start}..{start + t - 1} exceed the cache of {cache.max_len}")
         assert self.rotary is not None
-        if t == 1 and b == 1 and self.fused is not None:
+        if t == 1 and b == 1 and self.fused is not None and self.fused_fits([cache]):
             logits = self.fused.step([int(tokens[0, 0])], [cache], [start])
             return logits[:, None] if all_logits else logits
         with self.torch_threads(tokens.numel()):
@@ -339,7 +376,7 @@ class Llama(nn.Module):
         one cache (drafts being verified, the rest of a short prompt); the module path takes one
         row per cache."""
         assert self.rotary is not None
-        if self.fused is not None:
+        if self.fused is not None and self.fused_fits(caches):
             return self.fused.step(tokens, caches, positions, keep)
         for cache, pos in zip(caches, positions, strict=True):
             if pos >= cache.max_len:

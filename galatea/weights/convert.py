@@ -277,8 +277,9 @@ def write_gguf_side_files(src: Path, meta: dict[str, Any], cfg: ModelConfig, tie
     atomic_write(dst / "tokenizer_config.json", lambda f: f.write(json.dumps(tok_cfg, indent=2).encode()))
     gen = {"bos_token_id": bos, "eos_token_id": eos, "_from_model_config": True}
     atomic_write(dst / "generation_config.json", lambda f: f.write(json.dumps(gen, indent=2).encode()))
+    hf_class = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM"}
     config = {
-        "architectures": ["LlamaForCausalLM"], "model_type": "llama",
+        "architectures": [hf_class[cfg.architecture]], "model_type": cfg.architecture,
         "vocab_size": cfg.vocab_size, "hidden_size": cfg.hidden_size, "intermediate_size": cfg.intermediate_size,
         "num_hidden_layers": cfg.num_hidden_layers, "num_attention_heads": cfg.num_attention_heads,
         "num_key_value_heads": cfg.num_key_value_heads, "head_dim": cfg.head_dim,
@@ -287,6 +288,9 @@ def write_gguf_side_files(src: Path, meta: dict[str, Any], cfg: ModelConfig, tie
         "attention_bias": False, "mlp_bias": False, "bos_token_id": bos, "eos_token_id": eos,
         "torch_dtype": str(dtype).removeprefix("torch."),
     }
+    if cfg.architecture != "llama":  # transformers' Mistral/Qwen2 configs have no bias switches
+        del config["attention_bias"], config["mlp_bias"]
+        config["sliding_window"] = cfg.sliding_window  # Qwen2's stays off (use_sliding_window false)
     if cfg.rope_scaling_factor != 1.0:
         config["rope_scaling"] = {"rope_type": "linear", "factor": cfg.rope_scaling_factor}
     return config
@@ -341,7 +345,9 @@ def hf_to_gguf(src: Path, dst: Path, qtype: str = "f16", force: bool = False,
     needed = sum(e[3] for e in entries)
     _prepare_dst(dst, False, needed, force)
 
-    w = GGUFWriter(None, "llama")
+    # llama.cpp's names: Mistral is a 'llama' (its window in llama.attention.sliding_window)
+    arch = "qwen2" if cfg.architecture == "qwen2" else "llama"
+    w = GGUFWriter(None, arch)
     _gguf_metadata(w, src, raw_cfg, cfg, target)
     for p, name, kind, nbytes in entries:
         if kind in (Q.F32, Q.F16):
@@ -364,7 +370,9 @@ def hf_to_gguf(src: Path, dst: Path, qtype: str = "f16", force: bool = False,
                         continue
                     kind = kinds[hf]
                     data = t.float()
-                    if hf.endswith("q_proj.weight"):
+                    if arch != "llama":
+                        pass  # llama.cpp rotates qwen2 in HF's rotate-half order: rows stay
+                    elif hf.endswith("q_proj.weight"):
                         data = permute(data, cfg.num_attention_heads)
                     elif hf.endswith("k_proj.weight"):
                         data = permute(data, cfg.num_key_value_heads)
@@ -408,6 +416,8 @@ def _gguf_metadata(w: GGUFWriter, src: Path, raw_cfg: dict[str, Any], cfg: Model
         w.add_rope_scaling_type(RopeScalingType.LINEAR)
         w.add_rope_scaling_factor(cfg.rope_scaling_factor)
     w.add_layer_norm_rms_eps(cfg.rms_norm_eps)
+    if cfg.sliding_window is not None:
+        w.add_sliding_window(cfg.sliding_window)
     w.add_vocab_size(cfg.vocab_size)
     w.add_file_type({Q.F32: 0, Q.F16: 1, Q.Q4_0: 2, Q.Q4_1: 3, Q.Q8_0: 7}[target])
     w.add_quantization_version(2)
