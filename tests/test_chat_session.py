@@ -39,7 +39,11 @@ def test_send_saves_message_and_reply(session):
     assert msgs[2].text == clean_reply(streamed, "Aria", "Aria", "You") and msgs[2].text
     assert msgs[2].swipes[0].seed == 5 and msgs[2].swipes[0].gen_finished >= msgs[2].swipes[0].gen_started
     assert session.last.prompt_tokens == session.last_prompt.tokens
-    assert session.last_prompt.text.endswith("You: Hello! What is your lute called?\nAria:")
+    # the embedded SmolLM2 carries a ChatML chat template: "auto" follows it, and its end marker stops
+    assert session.last_prompt.format == "template"
+    assert session.last_prompt.text.endswith("<|im_start|>user\nHello! What is your lute called?<|im_end|>\n"
+                                             "<|im_start|>assistant\n")
+    assert "<|im_end|>" not in streamed and "<|im_end|>" in session.last_prompt.stops
 
 
 def test_regenerate_adds_a_swipe_with_a_new_seed(session):
@@ -56,10 +60,16 @@ def test_continue_and_impersonate(session):
     list(session.continue_last())
     after = session.messages()[-1].text
     assert after.startswith(before) and len(session.messages()) == 3
-    assert session.last_prompt.text.endswith("Aria: " + before)  # continued, not restarted
+    assert session.last_prompt.text.endswith("<|im_start|>assistant\n" + before)  # continued, not restarted
     n = len(session.messages())
     "".join(session.impersonate())
-    assert session.last_prompt.text.endswith("\nYou:") and len(session.messages()) == n  # not saved
+    assert session.last_prompt.text.endswith("<|im_start|>user\n") and len(session.messages()) == n  # not saved
+    session.settings["format"] = "pygmalion"  # the same in Pygmalion's layout
+    before = session.messages()[-1].text
+    list(session.continue_last())
+    assert session.last_prompt.text.endswith("Aria: " + before)
+    "".join(session.impersonate())
+    assert session.last_prompt.text.endswith("\nYou:")
 
 
 def test_stopped_reply_keeps_what_was_written(session):
@@ -127,7 +137,20 @@ def test_settings_come_in_layers_and_bad_stored_values_are_ignored(lm, tmp_path)
     assert (s.settings["temperature"], s.settings["top_p"], s.settings["max_new_tokens"]) == (0.5, 0.9, 7)
     assert s.settings["persona"] == "A bard's apprentice." and s.settings["stop"] == [] and s.context == 512
     assert s.ignored == ["stop", "top_p"]
-    assert s.prompt().text.split("<START>")[0].endswith("\nA bard's apprentice.\n")
+    assert "\nA bard's apprentice.<|im_end|>\n" in s.prompt().text  # the persona closes the story
+    # the format: the card's (its extensions), under the chat's, under the command line's
+    card = load_character(None)
+    card.extensions["galatea"] = {"format": "metharme"}
+    chat = store.new_chat(store.add_character(card))
+    assert ChatSession(store, lm, chat).prompt().format == "metharme"
+    store.set_settings(chat, {"format": "alpaca"})
+    assert ChatSession(store, lm, chat).prompt().format == "alpaca"
+    assert ChatSession(store, lm, chat, {"format": "pygmalion"}).prompt().text.startswith("Aria's Persona:")
+    store.set_settings(chat, {"format": "chatgpt"})
+    assert ChatSession(store, lm, chat).ignored == ["format"]
+    assert parse("format", "ChatML") == "chatml"
+    with pytest.raises(Exception, match="not a prompt format; one of auto, template, pygmalion"):
+        parse("format", "gpt")
     assert parse("stop", "Ann:|\\n\\n") == ["Ann:", "\n\n"] and parse("persona", "-") == ""
     assert parse("max_context", "2048") == 2048 and parse("temperature", "0.8") == 0.8
     with pytest.raises(Exception, match="not a finite number"):

@@ -173,6 +173,21 @@ def test_openai_client_completions(server, capsys):
     assert [c.index for c in extra.choices] == [0, 1]
 
 
+def chatml_ids(messages: list[dict]) -> list[int]:
+    """transformers' rendering of `messages` with the embedded model's template, tokenized."""
+    from transformers import PreTrainedTokenizerFast
+
+    from galatea.model.checkpoint import embedded_model_path, load_tokenizer
+    from galatea.model.gguf_file import GGUFFile
+    from galatea.model.tokenizer import bpe_from_gguf
+
+    tok = load_tokenizer(embedded_model_path())
+    hf = PreTrainedTokenizerFast(tokenizer_object=bpe_from_gguf(GGUFFile(embedded_model_path()).metadata))
+    plain = [{"role": m["role"], "content": m["content"]} for m in messages]
+    return tok.encode(hf.apply_chat_template(plain, chat_template=tok.chat_template, tokenize=False,
+                                             add_generation_prompt=True))
+
+
 def test_openai_client_chat(server):
     from openai import OpenAI
 
@@ -185,6 +200,8 @@ def test_openai_client_chat(server):
     text = r.choices[0].message.content
     assert r.choices[0].message.role == "assistant" and text and text == text.strip()
     assert not text.startswith("Aria:")
+    # the prompt is the model's own chat template (SmolLM2's ChatML), as transformers renders it
+    assert r.usage.prompt_tokens == len(chatml_ids(messages))
     fresh_cache(server)
     stream = client.chat.completions.create(model="x", messages=messages, max_tokens=16, temperature=0, stream=True)
     streamed = "".join(c.choices[0].delta.content or "" for c in stream)

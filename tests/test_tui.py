@@ -74,7 +74,8 @@ class Terminal:
 
 def test_terminal_chat(tmp_path):
     env = {**os.environ, "GALATEA_DATA_DIR": str(tmp_path), "TERM": "xterm"}
-    t = Terminal("-n", "10", "--seed", "3", env=env)
+    # Pygmalion's layout (the embedded model's own template is ChatML: --format overrides it)
+    t = Terminal("-n", "10", "--seed", "3", "--format", "pygmalion", env=env)
     screen = t.read_until(r"You> ")
     assert "#1 Aria: *Aria looks up from tuning her lute" in screen and "[1/2]" in screen
 
@@ -125,6 +126,13 @@ def test_terminal_chat(tmp_path):
     t.read_until(r"tok/s[\s\S]*Ann> ")
     t.type("/prompt\n")  # the prompt of that last reply
     assert "\nAnn is a sailor.\n<START>" in t.read_until(r"--- end ---")
+    # another prompt format for this chat: the next reply's prompt is ChatML
+    t.type("/set format chatml\n")
+    assert "(format = chatml for this chat)" in t.read_until(r"Ann> ")
+    t.type("Where to?\n")
+    t.read_until(r"tok/s[\s\S]*Ann> ")
+    t.type("/prompt\n")
+    assert "<|im_start|>user\nAhoy!<|im_end|>\n" in t.read_until(r"--- end ---")
 
     t.type("/quit\n")
     assert t.close() == 0
@@ -134,6 +142,6 @@ def test_terminal_chat(tmp_path):
     screen = t.read_until(r"Ann> ")
     assert "#2 Ann: Hello there, bard!" in screen
     assert "[2/2]" in screen and "#4 Ann: Tell me a very long story about the sea." in screen
-    assert "Ann: Ahoy!" in screen
+    assert "Ann: Ahoy!" in screen and "Ann: Where to?" in screen
     t.type("\x04")  # Ctrl-D leaves too
     assert t.close() == 0

@@ -21,6 +21,12 @@ SillyTavern. When it does not fit in the context minus the reply budget, example
 (whole blocks, the last first), then the oldest messages (whole messages); persona, scenario and
 the newest exchange always stay. Token counts come from the model's own tokenizer on the whole
 prompt, so they are exact.
+
+Other formats (chat/formats.py: Metharme, the instruct formats, the model's own chat template)
+get the same pieces as a story (system prompt, entries before, description, `{char}'s
+personality:`, `Scenario:`, entries after, the user's persona: SillyTavern's default story
+string) and turns, and wrap them their way; the window is the same, counted on their text,
+wrappers included.
 """
 
 from __future__ import annotations
@@ -30,7 +36,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+from galatea.chat import formats
 from galatea.chat.cards import Character
+from galatea.chat.formats import Format
 from galatea.errors import GalateaError
 
 START = "<START>"
@@ -58,6 +66,8 @@ class Prompt:
     messages_used: int
     messages_dropped: int
     lore_used: list[str] = field(default_factory=list)  # entry names (or first keys) inserted
+    format: str = "pygmalion"
+    stops: list[str] = field(default_factory=list)  # where the format says a reply ends
 
 
 def substitute(text: str, char: str, user: str) -> str:
@@ -73,28 +83,36 @@ def example_blocks(mes_example: str) -> list[str]:
 
 def build_prompt(char: Character, history: Sequence[Turn], new_message: str | None, tokenizer: _Counter,
                  context: int, max_new_tokens: int, user: str = DEFAULT_USER, end: str = "char",
-                 system: str | None = None, persona: str = "") -> Prompt:
+                 system: str | None = None, persona: str = "", fmt: Format | None = None) -> Prompt:
     """The prompt for the character's next reply. `new_message` is the user's new line (None to
     reply to the history as it stands). `end`: "char" ends with `{char}:` (a reply), "user" with
     `{user}:` (impersonate: the model writes the user's line), "continue" with the last message
     itself, unterminated, so the model carries on writing it. `system`: a system prompt in place
-    of the card's (`{{original}}` in it stands for the card's); `persona`: the user's."""
+    of the card's (`{{original}}` in it stands for the card's); `persona`: the user's. `fmt`: the
+    prompt format (default: Pygmalion's)."""
+    fmt = fmt or formats.named("pygmalion")
     budget = context - max_new_tokens
     if budget <= 0:
         raise GalateaError(f"max_new_tokens {max_new_tokens} leaves no room in a context of {context}; lower it")
     name = char.name
-    system = char.system_prompt if system is None else re.sub(r"\{\{original\}\}", lambda _: char.system_prompt,
-                                                               system, flags=re.IGNORECASE)
-    top = substitute(system, name, user).strip()
+    # the card's system prompt, its {{original}} the format's; the chat's, its {{original}} the card's
+    card = _original(char.system_prompt, fmt.system_prompt) or fmt.system_prompt
+    top = substitute(card if system is None else _original(system, card), name, user).strip()
     header = _header(char, user)
     bottom = substitute(persona, name, user).strip()
     examples = [substitute(b, name, user) for b in example_blocks(char.mes_example)]
     turns = [(user if t.is_user else name, substitute(t.text, name, user).strip()) for t in history]
     if new_message is not None:
         turns.append((user, substitute(new_message, name, user).strip()))
+    from_user = [t.is_user for t in history] + ([True] if new_message is not None else [])
     lore = activate_lore(char, turns, user)
 
     def render(n_examples: int, first_turn: int, lore: tuple[str, str]) -> str:
+        if fmt.kind != "pygmalion":
+            story = _story(top, lore, char, user, bottom)
+            shown = [t for block in examples[:n_examples] for t in formats.example_turns(block, name, user)]
+            shown += [(from_user[i], text) for i, (_, text) in enumerate(turns) if i >= first_turn]
+            return fmt.render(story, shown, end)
         parts = [f"{top}\n" if top else "", lore[0], header, lore[1], f"{bottom}\n" if bottom else ""]
         parts += [f"{START}\n{block}\n" for block in examples[:n_examples]]
         parts.append(f"{START}\n")
@@ -131,7 +149,23 @@ def build_prompt(char: Character, history: Sequence[Turn], new_message: str | No
                 lo = mid + 1
         first = lo
     text = render(n_ex, first, lore_text)
-    return Prompt(text, size(text), n_ex, len(examples) - n_ex, len(turns) - first, first, lore_names)
+    return Prompt(text, size(text), n_ex, len(examples) - n_ex, len(turns) - first, first, lore_names,
+                  fmt.name, list(fmt.stops))
+
+
+def _original(text: str, original: str) -> str:
+    return re.sub(r"\{\{original\}\}", lambda _: original, text, flags=re.IGNORECASE)
+
+
+def _story(top: str, lore: tuple[str, str], char: Character, user: str, persona: str) -> str:
+    """SillyTavern's default story string: each piece on its own line when it has text."""
+    name = char.name
+    personality = substitute(char.personality, name, user).strip()
+    scenario = substitute(char.scenario, name, user).strip()
+    pieces = [top, lore[0].strip(), substitute(char.description, name, user).strip(),
+              f"{name}'s personality: {personality}" if personality else "",
+              f"Scenario: {scenario}" if scenario else "", lore[1].strip(), persona]
+    return "\n".join(p for p in pieces if p)
 
 
 def _header(char: Character, user: str) -> str:

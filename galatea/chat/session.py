@@ -14,6 +14,8 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
+from galatea.chat import formats
+from galatea.chat.formats import Format
 from galatea.chat.lorebooks import with_lorebooks
 from galatea.chat.prompt import Prompt, Turn, build_prompt, substitute
 from galatea.chat.settings import SAMPLERS, resolve
@@ -82,7 +84,7 @@ class ChatSession:
 
     def __init__(self, store: Store, lm: LoadedModel, chat_id: int, settings: dict[str, Any] | None = None,
                  max_context: int | None = None, generate: Generate | None = None,
-                 context_shift: bool = True, speculative: bool = True) -> None:
+                 context_shift: bool = True, speculative: bool = True, default_format: str = "auto") -> None:
         self.store, self.lm, self.chat_id = store, lm, chat_id
         # what the command line set, kept when the terminal opens another chat (/new, /open)
         self.overrides, self.context_shift, self.speculative = dict(settings or {}), context_shift, speculative
@@ -93,7 +95,12 @@ class ChatSession:
             lm.model, lm.tokenizer, ids, params, cancel, self.context, self.prompt_cache, speculative))
         self.info = store.chat(chat_id)
         self.character_id, self.char = store.character(self.info.character_id)
-        self.settings, self.ignored = resolve(store.default_settings(), self.info.settings, settings or {})
+        # a card may name its format (extensions.galatea.format): above the default, below the chat's
+        own = (self.char.extensions.get("galatea") or {}) if isinstance(self.char.extensions, dict) else {}
+        card = {"format": own["format"]} if isinstance(own, dict) and own.get("format") else {}
+        self.settings, self.ignored = resolve(store.default_settings(), card, self.info.settings, settings or {})
+        self._formats: dict[str, Format] = {}
+        self.default_format = default_format  # what "auto" means here (`serve --format`), "auto": the model's
         self.model_context = max_context or lm.config.max_position_embeddings  # the model's, or the server's
         self.last_prompt: Prompt | None = None
         self.last: Turnout | None = None
@@ -104,6 +111,15 @@ class ChatSession:
         """The chat's context size (its `max_context` setting), within the model's."""
         own = int(self.settings["max_context"])
         return min(self.model_context, own) if own > 0 else self.model_context
+
+    @property
+    def format(self) -> Format:
+        """The chat's prompt format (its `format` setting; "auto" follows the model)."""
+        name = str(self.settings["format"])
+        name = self.default_format if name == formats.AUTO else name
+        if name not in self._formats:
+            self._formats[name] = formats.choose(name, self.lm.tokenizer)
+        return self._formats[name]
 
     @property
     def user(self) -> str:
@@ -119,7 +135,8 @@ class ChatSession:
         char = with_lorebooks(self.char, [book for _, book in self.store.chat_lorebooks(self.chat_id)])
         return build_prompt(char, history, new_message, self.lm.tokenizer, self.context,
                             int(self.settings["max_new_tokens"]), user=self.user, end=end,
-                            system=self.settings["system_prompt"] or None, persona=self.settings["persona"])
+                            system=self.settings["system_prompt"] or None, persona=self.settings["persona"],
+                            fmt=self.format)
 
     def stops(self, base: list[str]) -> list[str]:
         """Where a reply ends: the format's stops and the chat's own."""
@@ -192,7 +209,7 @@ class ChatSession:
         samplers = {k: type(default)(s[k]) for k, default in SAMPLERS.items()}
         params = SamplingParams(
             max_new_tokens=int(s["max_new_tokens"]), **samplers, sampler_order=tuple(s["sampler_order"]),
-            stop=stops, seed=seed if seed is not None else s.get("seed"),
+            stop=list(dict.fromkeys([*stops, *prompt.stops])), seed=seed if seed is not None else s.get("seed"),
             dry_sequence_breakers=dry_breaker_ids(self.lm.tokenizer))
         params.validate()
         ids = self.lm.tokenizer.encode(prompt.text)

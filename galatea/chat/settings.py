@@ -17,6 +17,7 @@ from __future__ import annotations
 import math
 from typing import Any
 
+from galatea.chat import formats
 from galatea.engine.sampling import DEFAULT_ORDER, PYGMALION_PRESET
 from galatea.errors import GalateaError
 
@@ -31,7 +32,9 @@ SAMPLERS: dict[str, Any] = {
 }
 ORDER_DEFAULT: list[int] = list(DEFAULT_ORDER)  # KoboldAI's sampler ids, in the order they apply
 DEFAULT_SETTINGS: dict[str, Any] = {"max_new_tokens": PYGMALION_PRESET["max_new_tokens"], **SAMPLERS, "max_context": 0}
-TEXT_DEFAULTS: dict[str, Any] = {"stop": [], "persona": "", "system_prompt": "", "sampler_order": ORDER_DEFAULT}
+# "format": the prompt format's name (chat/formats.py); "auto" follows the model's metadata
+TEXT_DEFAULTS: dict[str, Any] = {"stop": [], "persona": "", "system_prompt": "", "sampler_order": ORDER_DEFAULT,
+                                 "format": "auto"}
 
 BUILTIN_PRESETS: dict[str, dict[str, Any]] = {
     # PygmalionAI's recommendation for Pygmalion 7B (and Galatea's default)
@@ -57,6 +60,8 @@ def _text_ok(key: str, value: Any) -> bool:
         return isinstance(value, list) and all(isinstance(s, str) and s for s in value)
     if key == "sampler_order":
         return isinstance(value, list) and order_ok(value)
+    if key == "format":
+        return isinstance(value, str) and value in (formats.AUTO, formats.TEMPLATE, *formats.names())
     return isinstance(value, str)
 
 
@@ -99,6 +104,11 @@ def parse(key: str, value: str) -> Any:
             return order
         if key == "stop":
             return [s.replace("\\n", "\n") for s in value.split("|") if s]
+        if key == "format" and not _text_ok(key, value.lower()):
+            raise GalateaError(f"/set format: {value!r} is not a prompt format; one of "
+                               f"{', '.join([formats.AUTO, formats.TEMPLATE, *formats.names()])}")
+        if key == "format":
+            return value.lower()
         return value.replace("\\n", "\n")
     kinds = {**{k: type(v) for k, v in DEFAULT_SETTINGS.items()}, "seed": int}
     if key not in kinds:

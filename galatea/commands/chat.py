@@ -6,8 +6,10 @@ import argparse
 from typing import Any
 
 from galatea.commands.common import (
+    checked_format,
     data_dir_arg,
     engine_arg,
+    format_arg,
     load_from_args,
     load_remote_from_args,
     model_args,
@@ -28,6 +30,7 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--max-new-tokens", "-n", type=int, help="reply length limit (default: the Pygmalion preset's 160)")
     p.add_argument("--temperature", type=float)
     p.add_argument("--seed", type=int)
+    format_arg(p, "for this session (default: the chat's setting, else auto)")
     shift_arg(p)
     speculative_arg(p)
     engine_arg(p)
@@ -46,7 +49,7 @@ def run(args: argparse.Namespace) -> int:
     store = open_store(args)
     chat_id = open_chat(store, args.character, args.chat, args.new, args.user)
     overrides = {k: v for k, v in (("max_new_tokens", args.max_new_tokens), ("temperature", args.temperature),
-                                   ("seed", args.seed)) if v is not None}
+                                   ("seed", args.seed), ("format", checked_format(args.format))) if v is not None}
     if args.engine:
         remote = load_remote_from_args(args)
         session = ChatSession(store, remote.lm, chat_id, overrides, max_context=remote.context,

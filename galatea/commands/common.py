@@ -52,6 +52,23 @@ def load_remote_from_args(args: argparse.Namespace) -> Any:
     return engine
 
 
+def format_arg(p: argparse.ArgumentParser, what: str) -> None:
+    from galatea.chat.formats import names
+
+    p.add_argument("--format", metavar="NAME", type=str.lower,
+                   help=f"prompt format {what}: auto (the model's metadata says: its chat template, Metharme's "
+                        f"tokens, else Pygmalion), template (the model's own), {', '.join(names())}")
+
+
+def checked_format(name: str | None) -> str | None:
+    """--format's value, refused in one line when it names no format."""
+    from galatea.chat.formats import AUTO, TEMPLATE, names
+
+    if name is not None and name not in (AUTO, TEMPLATE, *names()):
+        raise GalateaError(f"--format {name}: not a prompt format; use one of {', '.join([AUTO, TEMPLATE, *names()])}")
+    return name
+
+
 def speculative_arg(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-speculative", action="store_true",
                    help="do not draft tokens from the text so far and verify them in the same step "

@@ -7,7 +7,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from galatea.commands.common import data_dir_arg, open_store
+from galatea.commands.common import checked_format, data_dir_arg, format_arg, open_store
 from galatea.engine.sampling import PYGMALION_PRESET
 
 
@@ -21,6 +21,7 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--max-new-tokens", "-n", type=int, default=PYGMALION_PRESET["max_new_tokens"],
                    help="reply budget kept free in the context (default: the chat's, 160)")
     p.add_argument("--max-context", type=int, help="context size (default: the model's)")
+    format_arg(p, "(default: the chat's setting with --chat, else auto)")
     p.add_argument("--chat", type=int, help="the prompt for this saved chat (its character and history)")
     p.add_argument("--json", action="store_true", help="also print token counts and what was dropped")
     data_dir_arg(p)
@@ -44,12 +45,14 @@ def library_or_card(args: argparse.Namespace) -> Any:
 def run(args: argparse.Namespace) -> int:
     from dataclasses import asdict
 
+    from galatea.chat import formats
     from galatea.chat.lorebooks import with_lorebooks
     from galatea.chat.prompt import Turn, build_prompt
     from galatea.model.checkpoint import load_tokenizer, resolve_model_path
     from galatea.model.inspect import describe
 
     user = args.user
+    fmt_name = checked_format(args.format)
     if args.chat is not None:
         store = open_store(args)
         info = store.chat(args.chat)
@@ -57,13 +60,15 @@ def run(args: argparse.Namespace) -> int:
         char = with_lorebooks(store.character(info.character_id)[1], [b for _, b in store.chat_lorebooks(args.chat)])
         history = [Turn(m.is_user, m.text) for m in store.messages(args.chat)]
         user = info.user_name if args.user == "You" else args.user
+        fmt_name = fmt_name or info.settings.get("format")
     else:
         char = library_or_card(args)
         history = [Turn(False, char.first_mes)] if char.first_mes.strip() else []
     path = resolve_model_path(args.model)
     tok = load_tokenizer(path)
     context = args.max_context or int(describe(path)["context_length"])
-    result = build_prompt(char, history, args.message, tok, context, args.max_new_tokens, user=user)
+    result = build_prompt(char, history, args.message, tok, context, args.max_new_tokens, user=user,
+                          fmt=formats.choose(fmt_name, tok))
     if args.json:
         print(json.dumps({"prompt": result.text, **{k: v for k, v in asdict(result).items() if k != "text"},
                           "context": context, "max_new_tokens": args.max_new_tokens}, ensure_ascii=False))

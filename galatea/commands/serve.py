@@ -11,8 +11,10 @@ import threading
 from typing import Any
 
 from galatea.commands.common import (
+    checked_format,
     data_dir_arg,
     engine_arg,
+    format_arg,
     load_from_args,
     load_remote_from_args,
     model_args,
@@ -33,6 +35,7 @@ def add_parser(sub: Any) -> None:
                    help="a host name requests may also be addressed to when serving on loopback (behind a "
                         "reverse proxy that passes the public name, e.g. nginx's `proxy_set_header Host $host`)")
     p.add_argument("--max-context", type=int, help="context size (default: the model's)")
+    format_arg(p, "of OpenAI chat completions and of chats set to auto (default: auto)")
     p.add_argument("--max-batch", type=int, default=8,
                    help="requests decoded together in one batched step (default 8); more wait in line")
     p.add_argument("--cache-slots", type=int, default=4,
@@ -63,6 +66,7 @@ def run(args: argparse.Namespace) -> int:
                            cache_memory=int(args.cache_memory * 2**30) if args.cache_memory else None,
                            context_shift=not args.no_context_shift, max_batch=args.max_batch, start=False,
                            speculative=not args.no_speculative)
+    engine.chat_format = checked_format(args.format) or "auto"
     from galatea.server.guard import LOOPBACK_NAMES
 
     # served on loopback: only requests addressed to a loopback name (no DNS rebinding)

@@ -88,7 +88,9 @@ class Generation:
             raise GalateaError(f"the prompt has {n_prompt} tokens but the context holds {context}; "
                                "shorten the prompt or raise --max-context")
         self.model, self.params, self.cancel = model, params, cancel
-        self.eos_ids = sorted({i for i in (tokenizer.eos_id, model.config.eos_token_id) if i is not None})
+        # every end-of-reply id the checkpoint names (Llama-3: <|end_of_text|> and <|eot_id|>)
+        ends = (tokenizer.eos_id, model.config.eos_token_id, *model.config.eos_token_ids)
+        self.eos_ids = sorted({i for i in ends if i is not None})
         self.sampler = Sampler(params, model.config.vocab_size, self.eos_ids)
         self.budget = min(params.max_new_tokens, context - n_prompt)
         self.prompt_cache = prompt_cache

@@ -141,6 +141,7 @@ class RemoteEngine:
         self.remote_model, self.dialect, remote_context = self._discover()
         trained = lm.config.max_position_embeddings
         self.context = min(max_context or remote_context or trained, remote_context or trained)
+        self.chat_format = "auto"  # the prompt format of chats that name none (`serve --format`)
         self.name = name or self.remote_model
         self.started = time.time()
         self.finished: list[Callable[[Chunk], None]] = []

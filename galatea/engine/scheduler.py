@@ -62,6 +62,7 @@ class Scheduler:
         # without --max-context, at most DEFAULT_CONTEXT positions: a slot is allocated whole,
         # and a file claiming a million positions would ask for terabytes
         self.context = min(max_context or min(trained, DEFAULT_CONTEXT), trained)
+        self.chat_format = "auto"  # the prompt format of chats that name none (`serve --format`)
         self.name = name or (f"{lm.path.stem}+{lm.lora_name}" if lm.lora_name else lm.path.stem)
         self.started = time.time()
         # called with each job's last chunk (its totals) when it ends: the server's perf counters

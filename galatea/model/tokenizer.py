@@ -23,19 +23,30 @@ from galatea.errors import GalateaError
 class _Backend(Protocol):
     def encode(self, text: str) -> list[int]: ...
     def decode(self, ids: list[int]) -> str: ...
+    def piece(self, token_id: int) -> str: ...
+    def piece_id(self, piece: str) -> int | None: ...
 
 
 class Tokenizer:
     """Text <-> token ids, with the BOS policy of the checkpoint."""
 
     def __init__(self, backend: _Backend, kind: str, vocab_size: int, bos_id: int | None,
-                 eos_id: int | None, add_bos: bool) -> None:
+                 eos_id: int | None, add_bos: bool, chat_template: str | None = None) -> None:
         self._backend = backend
         self.kind = kind  # "sentencepiece" or "bpe"
         self.vocab_size = vocab_size
         self.bos_id = bos_id
         self.eos_id = eos_id
         self.add_bos = add_bos and bos_id is not None
+        self.chat_template = chat_template or None  # the model's Jinja chat template, if it has one
+
+    def piece(self, token_id: int | None) -> str:
+        """A token's text as the vocabulary spells it (`<s>`, `<|im_end|>`); "" for None."""
+        return "" if token_id is None else self._backend.piece(token_id)
+
+    def has_piece(self, piece: str) -> bool:
+        """Whether the vocabulary holds `piece` as one token (Metharme's `<|model|>`...)."""
+        return self._backend.piece_id(piece) is not None
 
     def encode(self, text: str, add_bos: bool | None = None) -> list[int]:
         ids = self._backend.encode(text)
@@ -63,6 +74,13 @@ class _SentencePiece:
     def decode(self, ids: list[int]) -> str:
         return self.sp.DecodeIds(ids)
 
+    def piece(self, token_id: int) -> str:
+        return self.sp.IdToPiece(token_id)
+
+    def piece_id(self, piece: str) -> int | None:
+        i = self.sp.PieceToId(piece)
+        return i if i != self.sp.unk_id() or piece == self.sp.IdToPiece(i) else None
+
 
 class _HFTokenizers:
     def __init__(self, tk: Any) -> None:
@@ -73,6 +91,12 @@ class _HFTokenizers:
 
     def decode(self, ids: list[int]) -> str:
         return self.tk.decode(ids, skip_special_tokens=False)
+
+    def piece(self, token_id: int) -> str:
+        return self.tk.id_to_token(token_id) or ""
+
+    def piece_id(self, piece: str) -> int | None:
+        return self.tk.token_to_id(piece)
 
 
 # ---- Hugging Face folders ---------------------------------------------------------------------
@@ -85,7 +109,8 @@ def from_hf_folder(folder: Path, config: dict[str, Any]) -> Tokenizer:
         add_bos = tok_cfg.get("add_bos_token", True)
         bos = sp.bos_id() if sp.bos_id() >= 0 else None
         eos = sp.eos_id() if sp.eos_id() >= 0 else None
-        return Tokenizer(backend, "sentencepiece", sp.GetPieceSize(), bos, eos, bool(add_bos))
+        return Tokenizer(backend, "sentencepiece", sp.GetPieceSize(), bos, eos, bool(add_bos),
+                         hf_chat_template(folder, tok_cfg))
     if (folder / "tokenizer.json").exists():
         from tokenizers import Tokenizer as HFTok
 
@@ -100,8 +125,21 @@ def from_hf_folder(folder: Path, config: dict[str, Any]) -> Tokenizer:
         else:  # no explicit flag: does the file's own post-processor add BOS?
             probe = tk.encode("a", add_special_tokens=True).ids
             add_bos = bool(probe) and bos is not None and probe[0] == bos
-        return Tokenizer(_HFTokenizers(tk), "bpe", tk.get_vocab_size(with_added_tokens=True), bos, eos, add_bos)
+        return Tokenizer(_HFTokenizers(tk), "bpe", tk.get_vocab_size(with_added_tokens=True), bos, eos, add_bos,
+                         hf_chat_template(folder, tok_cfg))
     raise GalateaError(f"{folder}: no tokenizer found (expected tokenizer.model or tokenizer.json)")
+
+
+def hf_chat_template(folder: Path, tok_cfg: dict[str, Any]) -> str | None:
+    """The folder's chat template: `chat_template.jinja` (transformers >= 4.43 writes it apart),
+    else `tokenizer_config.json`'s, which may also be a list of named templates ("default")."""
+    if (folder / "chat_template.jinja").is_file():
+        return (folder / "chat_template.jinja").read_text(encoding="utf-8")
+    value = tok_cfg.get("chat_template")
+    if isinstance(value, list):
+        named = {t.get("name"): t.get("template") for t in value if isinstance(t, dict)}
+        value = named.get("default") or next(iter(named.values()), None)
+    return value if isinstance(value, str) and value.strip() else None
 
 
 def _read_optional_json(path: Path) -> dict[str, Any]:
@@ -132,13 +170,14 @@ def from_gguf_metadata(meta: dict[str, Any]) -> Tokenizer:
         raise GalateaError("GGUF file has no tokenizer vocabulary (tokenizer.ggml.tokens)")
     bos = meta.get("tokenizer.ggml.bos_token_id")
     eos = meta.get("tokenizer.ggml.eos_token_id")
+    template = meta.get("tokenizer.chat_template") if isinstance(meta.get("tokenizer.chat_template"), str) else None
     if model == "llama":
         backend = _SentencePiece(spm_proto_from_gguf(meta))
         add_bos = meta.get("tokenizer.ggml.add_bos_token", True)
-        return Tokenizer(backend, "sentencepiece", len(tokens), bos, eos, bool(add_bos))
+        return Tokenizer(backend, "sentencepiece", len(tokens), bos, eos, bool(add_bos), template)
     if model == "gpt2":
         add_bos = meta.get("tokenizer.ggml.add_bos_token", False)
-        return Tokenizer(_HFTokenizers(bpe_from_gguf(meta)), "bpe", len(tokens), bos, eos, bool(add_bos))
+        return Tokenizer(_HFTokenizers(bpe_from_gguf(meta)), "bpe", len(tokens), bos, eos, bool(add_bos), template)
     raise GalateaError(f"GGUF tokenizer {model!r} is not supported (only 'llama' SentencePiece and 'gpt2' BPE)")
 
 

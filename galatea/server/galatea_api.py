@@ -15,7 +15,7 @@ from fastapi import Path as PathParam
 from fastapi.responses import StreamingResponse
 from pydantic import Field, field_validator
 
-from galatea.chat import chatfiles
+from galatea.chat import chatfiles, formats
 from galatea.chat.session import ChatSession
 from galatea.chat.settings import BUILTIN_PRESETS, ORDER_DEFAULT, SAMPLERS, resolve
 from galatea.chat.store import Store
@@ -90,6 +90,15 @@ class Settings(Samplers):
     persona: str | None = Field(default=None, max_length=20000, description="who the user is")
     system_prompt: str | None = Field(default=None, max_length=20000, description="empty: the card's")
     user_name: str | None = Field(default=None, min_length=1, max_length=60, pattern=r"\S")
+    format: str | None = Field(default=None, description="prompt format: auto, template or one of /galatea/formats")
+
+    @field_validator("format")
+    @classmethod
+    def known_format(cls, name: str | None) -> str | None:
+        known = [formats.AUTO, formats.TEMPLATE, *formats.names()]
+        if name is not None and name not in known:
+            raise ValueError(f"not a prompt format; one of {', '.join(known)}")
+        return name
 
 
 class Abort(RequestBody):
@@ -109,7 +118,8 @@ router = APIRouter(prefix="/galatea", tags=["Galatea"])
 
 def session(engine: Scheduler, store: Store, chat_id: int) -> ChatSession:
     try:
-        return ChatSession(store, engine.lm, chat_id, max_context=engine.context, generate=engine.generate_sync)
+        return ChatSession(store, engine.lm, chat_id, max_context=engine.context, generate=engine.generate_sync,
+                           default_format=engine.chat_format)
     except GalateaError as e:
         raise BadRequest(str(e), "not_found", 404) from None
 
@@ -264,6 +274,17 @@ def set_settings(chat_id: RowId, body: Settings, engine: Engine, store: ChatStor
     store.set_settings(chat_id, {**s.info.settings, **changed})  # kept with the chat
     return settings(chat_id, engine, store)
 
+@router.get("/formats")
+def prompt_formats(engine: Engine) -> dict:
+    """The prompt formats a chat may use, and which one "auto" means for the served model."""
+    auto = formats.choose(engine.chat_format, engine.tokenizer)
+    listed = [{"name": formats.AUTO, "title": "auto"}]
+    if engine.tokenizer.chat_template:
+        listed.append({"name": formats.TEMPLATE, "title": "The model's chat template"})
+    listed += [{"name": n, "title": formats.named(n).title} for n in formats.names()]
+    return {"formats": listed, "auto": auto.title or auto.name}
+
+
 @router.get("/settings")
 def default_settings(store: ChatStore) -> dict:
     """What every chat starts from (a chat's own settings override them)."""
@@ -302,7 +323,7 @@ def delete_preset(name: Annotated[str, PathParam(min_length=1, max_length=80)], 
 def prompt(chat_id: RowId, engine: Engine, store: ChatStore) -> dict:
     p = session(engine, store, chat_id).prompt()
     return {"prompt": p.text, "tokens": p.tokens, "messages_dropped": p.messages_dropped,
-            "examples_dropped": p.examples_dropped}
+            "examples_dropped": p.examples_dropped, "format": p.format}
 
 @router.post("/messages/{message_id}/swipe")
 def swipe(message_id: RowId, body: Step, store: ChatStore) -> dict:

@@ -148,8 +148,9 @@ async def completions(req: CompletionRequest, request: Request, engine: Engine) 
 
 @router.post("/v1/chat/completions", response_model=ChatCompletion)
 async def chat(req: ChatCompletionRequest, request: Request, engine: Engine) -> Any:
-    ids, char, user = await asyncio.to_thread(serving.chat_prompt, req, engine)
-    params = engine.check(req.to_sampling_params(engine, len(ids), 512, serving.chat_stops(char, user, req)))
+    ids, char, user, format_stops = await asyncio.to_thread(serving.chat_prompt, req, engine)
+    params = engine.check(req.to_sampling_params(engine, len(ids), 512,
+                                                 serving.chat_stops(char, user, req, format_stops)))
     rid, created = f"chatcmpl-{uuid.uuid4().hex[:24]}", int(time.time())
     if req.stream:
         async def events() -> AsyncIterator[str]:

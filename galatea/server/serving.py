@@ -8,6 +8,7 @@ llama.cpp's server answers, since they count tokens themselves and expect to be 
 
 from __future__ import annotations
 
+from galatea.chat import formats
 from galatea.chat.cards import Character
 from galatea.chat.prompt import Turn, build_prompt
 from galatea.chat.session import clean_reply, reply_stops
@@ -59,10 +60,11 @@ def completion_prompt(req: CompletionRequest, engine: Scheduler) -> list[int]:
     return engine.tokenize(prompt)
 
 
-def chat_prompt(req: ChatCompletionRequest, engine: Scheduler) -> tuple[list[int], str, str]:
-    """The Pygmalion prompt for a chat request: system messages make the persona, the
-    assistant's `name` (or `character`) is the character, users speak as `You` (or `user_name`).
-    Returns (ids, character name, user name)."""
+def chat_prompt(req: ChatCompletionRequest, engine: Scheduler) -> tuple[list[int], str, str, list[str]]:
+    """The prompt for a chat request in the served model's format (`serve --format`, else what
+    its metadata says; Pygmalion's persona prompt for a Pygmalion model): system messages make
+    the persona, the assistant's `name` (or `character`) is the character, users speak as `You`
+    (or `user_name`). Returns (ids, character name, user name, the format's stop strings)."""
     char_name = req.character or next((m.name for m in req.messages if m.role == "assistant" and m.name), None) \
         or "Assistant"
     user = req.user_name or "You"
@@ -72,22 +74,24 @@ def chat_prompt(req: ChatCompletionRequest, engine: Scheduler) -> tuple[list[int
     reply = req.max_tokens or req.max_completion_tokens or req.max_new_tokens or 512
     char = Character(name=char_name, description=persona)
     try:
+        fmt = formats.choose(engine.chat_format, engine.tokenizer)
         prompt = build_prompt(char, history, new, engine.tokenizer, engine.context, min(reply, engine.context // 2),
-                              user=user)
+                              user=user, fmt=fmt)
     except GalateaError as e:
         raise BadRequest(str(e), "context_length_exceeded") from None
-    return engine.tokenize(prompt.text), char_name, user
+    return engine.tokenize(prompt.text), char_name, user, prompt.stops
 
 
-def chat_stops(char: str, user: str, req: ChatCompletionRequest | None = None) -> list[str]:
+def chat_stops(char: str, user: str, req: ChatCompletionRequest | None = None, extra: list[str] | None = None
+               ) -> list[str]:
     """Where a chat completion's one reply ends: besides the reply stops, a new line for any
     participant, `\n{name}:` for the user, the character (a second turn of its own) and every
     other name in the messages; the user's name in any common case (`you:`, `YOU:`), since
     small models write it either way."""
     names = [char] + ([m.name for m in req.messages if m.name] if req is not None else [])
     cases = [user, user.lower(), user.capitalize(), user.upper(), "You", "you"]
-    extra = [f"\n{n}:" for n in [*cases, *names] if n]
-    return list(dict.fromkeys([*reply_stops(char, user), *extra]))
+    names_stops = [f"\n{n}:" for n in [*cases, *names] if n]
+    return list(dict.fromkeys([*reply_stops(char, user), *names_stops, *(extra or [])]))
 
 
 def chat_text(text: str, char: str, user: str) -> str:

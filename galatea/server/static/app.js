@@ -607,6 +607,11 @@ function readSettings() {
   }
   return body;
 }
+async function loadFormats() {  // the choices, "auto" saying what the model's metadata picks
+  if ($("format-select").length) return;
+  const { formats, auto } = await api("/formats");
+  for (const f of formats) $("format-select").add(new Option(f.name === "auto" ? `auto (${auto})` : f.title, f.name));
+}
 async function loadPresets() {
   const presets = await api("/presets");
   const select = $("preset");
@@ -616,7 +621,7 @@ async function loadPresets() {
 }
 $("open-settings").onclick = async () => {
   if (!state.chat) return;
-  const [current] = await Promise.all([api(`/chats/${state.chat}/settings`), loadPresets()]);
+  const [current] = await Promise.all([api(`/chats/${state.chat}/settings`), loadPresets(), loadFormats()]);
   fillSettings(current);
   $("settings-form").elements.max_context.placeholder = current.model_context;
   $("settings-dialog").returnValue = "";
