@@ -131,3 +131,29 @@ def test_other_architectures_are_refused_in_one_line(tmp_path):
     with pytest.raises(GalateaError, match="use_sliding_window"):
         ModelConfig.from_hf(dict(SMALL, architectures=["Qwen2ForCausalLM"], model_type="qwen2",
                                  use_sliding_window=True))
+
+
+def test_every_end_of_sequence_id_ends_a_reply(tmp_path):
+    """config.json may list several EOS ids (Llama 3: <|end_of_text|> and <|eot_id|>): each ends
+    a reply. Here the second is the token greedy decoding writes first."""
+    from galatea.engine.generate import stream_generate
+    from galatea.engine.sampling import SamplingParams
+    from tests.checkpoints import hf_model, write_safetensors
+
+    model = hf_model("gqa")
+    folder = write_safetensors(model, tmp_path / "m")
+    ids = TOKENS[:6]
+    first = int(hf_logits(model, ids)[-1].argmax())
+    assert first != 2
+    params = SamplingParams(max_new_tokens=4, temperature=0, repetition_penalty=1.0)
+    for eos, finish in (([2], "length"), ([2, first], "stop")):
+        cfg = json.loads((folder / "config.json").read_text())
+        (folder / "config.json").write_text(json.dumps({**cfg, "eos_token_id": eos}))
+        lm = load(folder, dtype=torch.float32, quant="none")
+        assert lm.config.eos_token_ids == tuple(eos)
+        last = list(stream_generate(lm.model, lm.tokenizer, ids, params))[-1]
+        assert last.finish_reason == finish
+    meta = {"general.architecture": "llama", "llama.attention.head_count": 4, "llama.embedding_length": 64,
+            "llama.feed_forward_length": 160, "llama.block_count": 2, "llama.context_length": 256,
+            "tokenizer.ggml.eos_token_id": 2, "tokenizer.ggml.eot_token_id": 32007}
+    assert ModelConfig.from_gguf(meta, 32016).eos_token_ids == (2, 32007)

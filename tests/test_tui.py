@@ -127,6 +127,7 @@ def test_terminal_chat(tmp_path):
     t.type("/prompt\n")  # the prompt of that last reply
     assert "\nAnn is a sailor.\n<START>" in t.read_until(r"--- end ---")
     # another prompt format for this chat: the next reply's prompt is ChatML
+    t.read_until(r"Ann> ")
     t.type("/set format chatml\n")
     assert "(format = chatml for this chat)" in t.read_until(r"Ann> ")
     t.type("Where to?\n")

@@ -15,10 +15,18 @@ def add_parser(sub: Any) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from galatea.model.checkpoint import resolve_model_path
+    from galatea.chat import formats
+    from galatea.errors import GalateaError
+    from galatea.model.checkpoint import load_tokenizer, resolve_model_path
     from galatea.model.inspect import describe
 
-    info = describe(resolve_model_path(args.path))
+    path = resolve_model_path(args.path)
+    info = describe(path)
+    try:  # what `--format auto` picks for this model
+        fmt = formats.choose("auto", load_tokenizer(path))
+        info["prompt_format"] = fmt.name if fmt.name != formats.TEMPLATE else "template (the model's chat template)"
+    except GalateaError:
+        info["prompt_format"] = "unknown (no tokenizer)"
     if args.json:
         print(json.dumps(info, indent=2))
     else:

@@ -14,6 +14,7 @@ from galatea.model.gguf_file import GGUFFile
 def parameter_count(cfg: ModelConfig) -> int:
     c, d = cfg.hidden_size, cfg.head_dim
     attn = c * cfg.num_attention_heads * d * 2 + c * cfg.num_key_value_heads * d * 2  # q, o, k, v
+    attn += (cfg.num_attention_heads + 2 * cfg.num_key_value_heads) * d if cfg.attention_bias else 0
     layer = attn + 3 * c * cfg.intermediate_size + 2 * c
     head = 0 if cfg.tie_word_embeddings else cfg.vocab_size * c
     return cfg.vocab_size * c + cfg.num_hidden_layers * layer + c + head
@@ -61,7 +62,8 @@ def describe(path: Path) -> dict[str, Any]:
     return {
         "path": str(path),
         **info,
-        "architecture": "llama",
+        "architecture": cfg.architecture,
+        **({"sliding_window": cfg.sliding_window} if cfg.sliding_window else {}),
         "parameters": parameter_count(cfg),
         "layers": cfg.num_hidden_layers,
         "hidden_size": cfg.hidden_size,
