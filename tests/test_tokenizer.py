@@ -104,3 +104,39 @@ def test_hf_tokenizer_json_folder(tmp_path):
     for text in CORPUS:
         assert tok.encode(text, add_bos=False) == ref(text, add_special_tokens=False).input_ids
     assert tok.encode("Hi") == ref("Hi").input_ids  # BOS policy read from the folder
+
+
+PRE_TEXTS = ["I'm 12345 tokens, DON'T\n\n  you'LL see?! 3.14159 HELLO world's 'tis",
+             "CamelCaseWords and snake_case 2024-11-30", "Ünïcödé 日本語 1234567"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("arch,pre", [("qwen2", "qwen2"), ("llama", "llama-bpe"), ("llama", "tekken"),
+                                      ("llama", "gpt-2")])
+def test_bpe_pre_tokenizers_of_qwen2_llama3_and_tekken(arch, pre, tmp_path):
+    """A GGUF's `tokenizer.ggml.pre` says how text is split before BPE (Llama 3 groups digits by
+    three, Qwen2 splits each, Tekken splits on case): the same vocabulary under each name gives
+    llama.cpp's ids and transformers' (both read the same file)."""
+    import gguf
+    import llama_cpp
+    from transformers import AutoTokenizer
+
+    from galatea.model.gguf_file import GGUFFile
+    from galatea.model.tokenizer import from_gguf_metadata
+
+    meta = GGUFFile(embedded_model_path()).metadata
+    path = tmp_path / f"{pre}.gguf"
+    w = gguf.GGUFWriter(str(path), arch)  # vocabulary only, with the hyper-parameters llama.cpp reads
+    w.add_context_length(256), w.add_embedding_length(64), w.add_block_count(1), w.add_feed_forward_length(128)
+    w.add_head_count(4), w.add_head_count_kv(4), w.add_layer_norm_rms_eps(1e-5), w.add_rope_freq_base(1e4)
+    w.add_tokenizer_model("gpt2"), w.add_tokenizer_pre(pre), w.add_token_list(meta["tokenizer.ggml.tokens"])
+    w.add_token_types([int(t) for t in meta["tokenizer.ggml.token_type"]])
+    w.add_token_merges(meta["tokenizer.ggml.merges"]), w.add_eos_token_id(meta["tokenizer.ggml.eos_token_id"])
+    w.write_header_to_file(), w.write_kv_data_to_file(), w.write_tensors_to_file(), w.close()
+    ours = from_gguf_metadata(GGUFFile(path).metadata)
+    cpp = llama_cpp.Llama(model_path=str(path), vocab_only=True, verbose=False)
+    hf = AutoTokenizer.from_pretrained(tmp_path, gguf_file=path.name)
+    for text in PRE_TEXTS + [t for t in CORPUS if len(t) < 400]:
+        expected = cpp.tokenize(text.encode(), add_bos=False, special=False)
+        assert ours.encode(text, add_bos=False) == expected, (pre, text)
+        assert hf(text, add_special_tokens=False).input_ids == expected, (pre, text)

@@ -216,8 +216,20 @@ def spm_proto_from_gguf(meta: dict[str, Any]) -> bytes:
 
 
 # llama.cpp's `tokenizer.ggml.pre` names -> how HF tokenizers pre-splits text for that vocabulary.
-_GPT2_PRE = {"default", "gpt-2", "gpt2", "olmo", "phi-2", "jais", "refact", "poro-chat", "tekken"}
+_GPT2_PRE = {"default", "gpt-2", "gpt2", "olmo", "phi-2", "jais", "refact", "poro-chat"}
 _DIGITS_THEN_GPT2 = {"smollm", "starcoder", "falcon"}
+# Vocabularies whose merges were learned on another split (the patterns of their tokenizer.json):
+# Llama 3 groups digits by three, Qwen2 keeps each digit alone, Mistral's Tekken splits on case.
+_LLAMA3_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
+                 r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
+_QWEN2_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}"
+                r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
+_TEKKEN_SPLIT = (r"[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]*[\p{Ll}\p{Lm}\p{Lo}\p{M}]+"
+                 r"|[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]+[\p{Ll}\p{Lm}\p{Lo}\p{M}]*"
+                 r"|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n/]*|\s*[\r\n]+|\s+(?!\S)|\s+")
+_SPLITS = {"llama-bpe": _LLAMA3_SPLIT, "llama3": _LLAMA3_SPLIT, "llama-v3": _LLAMA3_SPLIT,
+           "smaug-bpe": _LLAMA3_SPLIT, "dbrx": _LLAMA3_SPLIT, "qwen2": _QWEN2_SPLIT,
+           "deepseek-r1-qwen": _QWEN2_SPLIT, "tekken": _TEKKEN_SPLIT}
 
 
 def bpe_from_gguf(meta: dict[str, Any]) -> Any:
@@ -235,6 +247,11 @@ def bpe_from_gguf(meta: dict[str, Any]) -> Any:
     byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
     if pre in _DIGITS_THEN_GPT2:
         tk.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True), byte_level])
+    elif pre in _SPLITS:
+        from tokenizers import Regex
+
+        tk.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Split(Regex(_SPLITS[pre]), behavior="isolated"),
+                                                    pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
     else:
         if pre not in _GPT2_PRE:
             print(f"galatea: GGUF pre-tokenizer {pre!r} is not known; splitting text as GPT-2 does, "
