@@ -87,9 +87,10 @@ def build_prompt(char: Character, history: Sequence[Turn], new_message: str | No
     """The prompt for the character's next reply. `new_message` is the user's new line (None to
     reply to the history as it stands). `end`: "char" ends with `{char}:` (a reply), "user" with
     `{user}:` (impersonate: the model writes the user's line), "continue" with the last message
-    itself, unterminated, so the model carries on writing it. `system`: a system prompt in place
-    of the card's (`{{original}}` in it stands for the card's); `persona`: the user's. `fmt`: the
-    prompt format (default: Pygmalion's)."""
+    itself, unterminated, so the model carries on writing it (other formats end with their model
+    or user sequence instead of the name). `system`: a system prompt in place of the card's
+    (`{{original}}` in it stands for the card's; in the card's, for the format's); `persona`: the
+    user's. `fmt`: the prompt format (default: Pygmalion's)."""
     fmt = fmt or formats.named("pygmalion")
     budget = context - max_new_tokens
     if budget <= 0:
