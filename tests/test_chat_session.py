@@ -143,6 +143,8 @@ def test_settings_come_in_layers_and_bad_stored_values_are_ignored(lm, tmp_path)
     card.extensions["galatea"] = {"format": "metharme"}
     chat = store.new_chat(store.add_character(card))
     assert ChatSession(store, lm, chat).prompt().format == "metharme"
+    store.set_settings(chat, {"format": "auto"})  # a chat saved at auto follows its card
+    assert ChatSession(store, lm, chat).prompt().format == "metharme"
     store.set_settings(chat, {"format": "alpaca"})
     assert ChatSession(store, lm, chat).prompt().format == "alpaca"
     assert ChatSession(store, lm, chat, {"format": "pygmalion"}).prompt().text.startswith("Aria's Persona:")

@@ -274,6 +274,7 @@ def test_characters_lorebooks_and_chats_are_managed_from_the_page(browser, tmp_p
         page.fill("#character-form [name='tags']", "witch, marsh")
         page.fill("#character-form [name='nickname']", "Mi")  # V3's own fields
         page.fill("#character-form [name='source']", "https://example.org/mira")
+        page.select_option("#character-form [name='card_format']", "metharme")  # this character's format
         page.click("#add-greeting")
         page.locator(".alt-greeting").last.fill("Back so soon?")
         picture = tmp_path / "red.png"
@@ -290,6 +291,7 @@ def test_characters_lorebooks_and_chats_are_managed_from_the_page(browser, tmp_p
         assert saved["description"] == "A witch of the marsh, {{user}}'s old friend."
         assert saved["alternate_greetings"] == ["Back so soon?"] and saved["tags"] == ["witch", "marsh"]
         assert saved["nickname"] == "Mi" and saved["source"] == ["https://example.org/mira"]
+        assert saved["extensions"]["galatea"] == {"format": "metharme"}
         exported = json.loads(open(download.value.path()).read())  # exported before the save: the old card
         assert exported["spec"] == "chara_card_v2" and exported["data"]["description"] == "A witch."
         avatar = Image.open(BytesIO(httpx.get(f"{server.url}/galatea/characters/{mira}/image", timeout=10).content))
@@ -330,8 +332,9 @@ def test_characters_lorebooks_and_chats_are_managed_from_the_page(browser, tmp_p
         page.wait_for_selector("#prompt-dialog[open]")
         prompt = page.inner_text("#prompt-text")
         # SillyTavern's places: the edited entry before the character (position 0), the constant one after
-        # (in the story of the embedded model's ChatML template: SillyTavern's default story string)
-        assert ("<|im_start|>system\nMira calls it the Singing Wood.\nA witch of the marsh, You's old friend.\n"
+        # (in the Metharme story the card chose: SillyTavern's default story string)
+        assert "<|system|>Enter RP mode. Pretend to be " in prompt and "<|model|>" in prompt
+        assert ("follows:\nMira calls it the Singing Wood.\nA witch of the marsh, You's old friend.\n"
                 "Over Eldoria the moon is always full.") in prompt
         page.keyboard.press("Escape")
 
@@ -432,7 +435,8 @@ def test_settings_presets_persona_stop_strings_context_and_defaults(browser, tmp
         assert page.input_value("[name='temperature']") == "0"
         assert page.input_value("[name='repetition_penalty']") == "1"
         # the prompt format: "auto" names what the model's metadata picks; Pygmalion's layout chosen
-        assert page.locator("[name='format'] option[value='auto']").inner_text() == "auto (the model's chat template)"
+        auto = page.locator("[name='format'] option[value='auto']").inner_text()
+        assert auto == "auto (the character's, else the model's chat template)"
         page.select_option("[name='format']", "pygmalion")
         page.fill("[name='max_new_tokens']", "40")
         page.fill("[name='user_name']", "Ann")

@@ -98,7 +98,12 @@ class ChatSession:
         # a card may name its format (extensions.galatea.format): above the default, below the chat's
         own = (self.char.extensions.get("galatea") or {}) if isinstance(self.char.extensions, dict) else {}
         card = {"format": own["format"]} if isinstance(own, dict) and own.get("format") else {}
-        self.settings, self.ignored = resolve(store.default_settings(), card, self.info.settings, settings or {})
+        layers = (store.default_settings(), card, self.info.settings, settings or {})
+        self.settings, self.ignored = resolve(*layers)
+        # "auto" is no choice: a chat left at auto follows its card's format, then the model's
+        chosen = [s["format"] for s in layers if s.get("format") in (formats.TEMPLATE, *formats.names())]
+        if chosen:
+            self.settings["format"] = chosen[-1]
         self._formats: dict[str, Format] = {}
         self.default_format = default_format  # what "auto" means here (`serve --format`), "auto": the model's
         self.model_context = max_context or lm.config.max_position_embeddings  # the model's, or the server's

@@ -370,8 +370,10 @@ function greetingBox(text) {
   $("add-greeting").before(row);
 }
 async function openCharacterEditor(id) {
-  const c = await api(`/characters/${id}`);
+  const [c] = await Promise.all([api(`/characters/${id}`), loadFormats()]);
   const form = $("character-form");
+  state.extensions = c.card.extensions || {};  // kept as they are, but for our own format choice
+  form.elements.card_format.value = (state.extensions.galatea || {}).format || "";
   for (const name of CARD_TEXT) form.elements[name].value = c.card[name] || "";
   form.elements.tags.value = (c.card.tags || []).join(", ");
   form.elements.nickname.value = c.card.nickname || "";
@@ -398,6 +400,8 @@ $("character-dialog").addEventListener("close", async () => {
   card.source = form.elements.source.value.split(",").map((t) => t.trim()).filter(Boolean);
   card.group_only_greetings = form.elements.group_only_greetings.value.split("\n").filter((g) => g.trim());
   card.alternate_greetings = [...document.querySelectorAll(".alt-greeting")].map((b) => b.value).filter((g) => g.trim());
+  const own = { ...(state.extensions.galatea || {}), format: form.elements.card_format.value || undefined };
+  card.extensions = { ...state.extensions, galatea: own };
   try {
     const id = Number(form.dataset.id);
     await api(`/characters/${id}`, { ...post(card), method: "PUT" });
@@ -607,10 +611,13 @@ function readSettings() {
   }
   return body;
 }
-async function loadFormats() {  // the choices, "auto" saying what the model's metadata picks
+async function loadFormats() {  // the choices, "auto" saying what the character or the model picks
   if ($("format-select").length) return;
   const { formats, auto } = await api("/formats");
-  for (const f of formats) $("format-select").add(new Option(f.name === "auto" ? `auto (${auto})` : f.title, f.name));
+  for (const f of formats) {
+    $("format-select").add(new Option(f.name === "auto" ? `auto (the character's, else ${auto})` : f.title, f.name));
+    if (f.name !== "auto") $("card-format-select").add(new Option(f.title, f.name));
+  }
 }
 async function loadPresets() {
   const presets = await api("/presets");
