@@ -29,7 +29,8 @@ class ScriptedModel:
 
     def __init__(self, script: list[int], vocab: int, delay: float = 0.0) -> None:
         self.script, self.delay, self.calls = script, delay, 0
-        self.config = SimpleNamespace(vocab_size=vocab, max_position_embeddings=4096, eos_token_id=EOS)
+        self.config = SimpleNamespace(vocab_size=vocab, max_position_embeddings=4096, eos_token_id=EOS,
+                                      eos_token_ids=(EOS,))
         self.device = torch.device("cpu")
 
     def torch_threads(self, rows: int) -> contextlib.AbstractContextManager:
