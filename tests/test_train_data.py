@@ -171,3 +171,31 @@ def test_bad_inputs_are_one_line_errors(base, brine, tmp_path):
     p = galatea("train", "data", "build", str(long_pyg), str(chats[0]), "--character", str(card), "--skip-long", *m)
     assert p.returncode == 0 and "1 too long skipped" in p.stderr
     assert len(read_jsonl(Path(out))) == 3
+
+
+def test_examples_in_other_prompt_formats(base, brine, tmp_path):
+    """`--format chatml` on the LLaMA vocabulary: the prompt is the one `galatea prompt --format
+    chatml` sends, the reply ends with the format's `<|im_end|>` (text: not this tokenizer's EOS),
+    then EOS. On SmolLM2, whose EOS *is* `<|im_end|>`, the reply is followed by that EOS id alone."""
+    from galatea.chat import formats
+    from galatea.chat.prompt import Turn
+    from galatea.model.checkpoint import embedded_model_path
+    from galatea.train.data import Conversation, conversation_examples
+
+    card, chats = brine
+    out = tmp_path / "d.jsonl"
+    build(*map(str, chats), "--character", str(card), "--model", str(base), "--out", str(out), "--format", "chatml")
+    rows = read_jsonl(out)
+    tok = load_tokenizer(base)
+    for r in rows:
+        assert r["prompt"].startswith("<|im_start|>system\n") and r["prompt"].endswith("<|im_start|>assistant\n")
+        assert r["generation"].startswith(persona_data.CATCHPHRASE) and r["generation"].endswith("<|im_end|>")
+        ids, n_prompt = encode_example(tok, r["prompt"], r["generation"])
+        assert ids[-1] == 2 and ids[:n_prompt] == tok.encode(r["prompt"])
+    char = from_object(json.loads(card.read_text()), where="card")
+    conv = Conversation(char, [Turn(True, "Hello?"), Turn(False, "Ahoy there.")], "test")
+    smol = load_tokenizer(embedded_model_path())
+    (example,), _ = conversation_examples(conv, smol, 2048, fmt=formats.choose("auto", smol))
+    assert example.generation == "Ahoy there." and example.prompt.endswith("<|im_start|>assistant\n")
+    ids, n_prompt = encode_example(smol, example.prompt, example.generation)
+    assert smol.decode(ids[n_prompt:]) == "Ahoy there.<|im_end|>"  # the template's end, as its EOS id

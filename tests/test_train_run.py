@@ -47,6 +47,7 @@ def test_lora_teaches_smollm2_the_catchphrase(tmp_path):
     """The embedded model, converted to trainable float32 safetensors; 24 LoRA steps on 32
     replies. Validation loss falls clearly, `galatea eval` agrees, and greedy replies in new
     chats open with the catchphrase, which the base model does not say."""
+    from galatea.chat import formats
     from galatea.engine.generate import stream_generate
     from galatea.engine.sampling import SamplingParams
 
@@ -77,6 +78,7 @@ def test_lora_teaches_smollm2_the_catchphrase(tmp_path):
     assert tuned_ppl < 0.6 * base_ppl, (base_ppl, tuned_ppl)
 
     assert len([r for r in read_jsonl(data) if r["split"] == "validation"]) == 4
+    assert all(r["prompt"].startswith("<|im_start|>system\n") for r in read_jsonl(data))
     # New chats (greeting, then a message the dataset does not have): nothing in the prompt
     # shows the catchphrase, so only what the weights learned can produce it.
     char = from_object(persona_data.CARD)
@@ -88,7 +90,9 @@ def test_lora_teaches_smollm2_the_catchphrase(tmp_path):
         lm = load(base, lora=lora)
         out = []
         for message in fresh:
-            prompt = build_prompt(char, [Turn(False, char.first_mes)], message, lm.tokenizer, 2048, 16)
+            # the format the dataset was built in: auto, SmolLM2's own ChatML template
+            prompt = build_prompt(char, [Turn(False, char.first_mes)], message, lm.tokenizer, 2048, 16,
+                                  fmt=formats.choose("auto", lm.tokenizer))
             ids = lm.tokenizer.encode(prompt.text)
             out.append("".join(c.text for c in stream_generate(lm.model, lm.tokenizer, ids, params)))
         return out

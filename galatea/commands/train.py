@@ -11,7 +11,7 @@ from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
-from galatea.commands.common import data_dir_arg, open_store
+from galatea.commands.common import checked_format, data_dir_arg, format_arg, open_store
 from galatea.errors import GalateaError
 
 
@@ -60,7 +60,7 @@ def add_parser(sub: Any) -> None:
 
     d = tsub.add_parser("data", help="datasets: build from chats, print statistics")
     dsub = d.add_subparsers(dest="data_command", required=True)
-    b = dsub.add_parser("build", help="chats -> training examples in the Pygmalion prompt (JSONL)")
+    b = dsub.add_parser("build", help="chats -> training examples in the model's prompt format (JSONL)")
     b.add_argument("sources", nargs="*", help="SillyTavern .jsonl, text-generation-webui .json, PygmalionAI .jsonl")
     b.add_argument("--out", required=True, help="the dataset file to write (JSONL)")
     b.add_argument("--character", help="the card of the SillyTavern / text-generation-webui chats "
@@ -69,6 +69,7 @@ def add_parser(sub: Any) -> None:
     b.add_argument("--all-chats", action="store_true", help="every saved Galatea chat")
     b.add_argument("--model", help="whose tokenizer and context size the window uses (default: the embedded model)")
     b.add_argument("--context", type=int, help="context size (default: the model's)")
+    format_arg(b, "of the examples (default: auto, what the model's metadata says)")
     b.add_argument("--user", default="You", help="the user's name in the prompts (Pygmalion was trained on 'You')")
     b.add_argument("--val-fraction", type=float, default=0.1, help="share held out for validation (default 0.1)")
     b.add_argument("--seed", type=int, default=0, help="seeds the train/validation split")
@@ -137,6 +138,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def data_build(args: argparse.Namespace) -> int:
+    from galatea.chat import formats
     from galatea.chat.cards import load_character
     from galatea.model.checkpoint import load_tokenizer, resolve_model_path
     from galatea.model.inspect import read_config
@@ -163,13 +165,16 @@ def data_build(args: argparse.Namespace) -> int:
         if not ids:
             raise GalateaError("there are no saved Galatea chats; chat first, or pass chat files")
         conversations += list(data.store_conversations(store, ids, optional=args.all_chats))
-    report = data.build(conversations, rendered, tok, context, args.val_fraction, args.seed, args.user, args.skip_long)
+    fmt = formats.choose(checked_format(args.format), tok)
+    report = data.build(conversations, rendered, tok, context, args.val_fraction, args.seed, args.user, args.skip_long,
+                        fmt)
     data.write_jsonl(out, report.examples)
     n_val = sum(e.split == "validation" for e in report.examples)
     print(f"wrote {len(report.examples)} examples to {out} ({len(report.examples) - n_val} train, {n_val} validation) "
           f"from {report.conversations} chats and {len(rendered)} PygmalionAI lines; "
           f"{report.duplicates} duplicates removed, {report.skipped} too long skipped"
-          + (f", {report.empty} chats without a reply yet skipped" if report.empty else ""), file=sys.stderr)
+          + (f", {report.empty} chats without a reply yet skipped" if report.empty else "")
+          + f"; prompt format {fmt.name}", file=sys.stderr)
     return 0
 
 

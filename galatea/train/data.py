@@ -6,6 +6,11 @@ Every character reply that answers the user becomes one example:
      "generation": " <the reply>", "split": "train" | "validation", "source": "...",
      "prompt_tokens": 412, "target_tokens": 37, "messages_dropped": 3, "examples_dropped": 1}
 
+In another prompt format (chat/formats.py: the model's chat template, ChatML, Llama 3...) the
+prompt ends with the format's model sequence and the generation is the reply followed by the
+format's end of a reply (`<|im_end|>`, `<|eot_id|>`), unless that end is the tokenizer's own
+EOS, which closes every example anyway.
+
 `prompt`/`generation` is PygmalionAI's own JSONL format, so these files go both ways. The prompt
 is built by `chat.prompt.build_prompt`, the function `galatea chat` and `galatea prompt` use, with
 the reply's length as the budget: the history is a sliding window that leaves exactly room for
@@ -28,7 +33,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from galatea.chat import formats
 from galatea.chat.cards import Character
+from galatea.chat.formats import Format
 from galatea.chat.prompt import DEFAULT_USER, Turn, build_prompt
 from galatea.errors import GalateaError
 from galatea.model.tokenizer import Tokenizer
@@ -167,14 +174,26 @@ def _pyg_pair(row: dict[str, Any]) -> tuple[str, str] | None:
 
 # ---- building ----------------------------------------------------------------------------------
 
+def reply_end(fmt: Format, tok: Tokenizer) -> str:
+    """The text that closes a model's reply in `fmt` ("" where EOS alone does: Pygmalion, or an
+    end that is the tokenizer's EOS token, as `<|im_end|>` is SmolLM2's)."""
+    end = "" if fmt.kind == "pygmalion" else fmt.output_suffix.strip() if fmt.kind == "instruct" \
+        else (fmt.stops[0] if fmt.stops else "")
+    return "" if end == tok.piece(tok.eos_id) else end
+
+
 def conversation_examples(conv: Conversation, tok: Tokenizer, context: int, user: str = DEFAULT_USER,
-                          skip_long: bool = False) -> tuple[list[Example], int]:
-    """One example per character reply that follows a user message; (examples, skipped)."""
+                          skip_long: bool = False, fmt: Format | None = None) -> tuple[list[Example], int]:
+    """One example per character reply that follows a user message; (examples, skipped). `fmt`:
+    the prompt format (default Pygmalion's)."""
+    fmt = fmt or formats.named("pygmalion")
+    end = reply_end(fmt, tok)
     out, skipped = [], 0
     for i, turn in enumerate(conv.turns):
         if turn.is_user or not turn.text.strip() or not any(t.is_user for t in conv.turns[:i]):
             continue  # greetings are the card's, not replies to anything
-        generation = " " + turn.text.strip()
+        # Pygmalion's reply follows "{char}:" after a space; the others' their model sequence
+        generation = " " + turn.text.strip() if fmt.kind == "pygmalion" else turn.text.strip() + end
         target = len(tok.encode(generation, add_bos=False)) + 1  # + EOS (a budget; exact count below)
         where = f"{conv.source}, message {i + 1}"
         if target >= context:
@@ -184,14 +203,14 @@ def conversation_examples(conv: Conversation, tok: Tokenizer, context: int, user
             raise GalateaError(f"{where}: the reply alone is {target} tokens, more than the context of {context}; "
                                "pass --skip-long to leave such replies out, or a larger --context")
         try:
-            p = build_prompt(conv.char, conv.turns[:i], None, tok, context, target, user=user)
+            p = build_prompt(conv.char, conv.turns[:i], None, tok, context, target, user=user, fmt=fmt)
             ids, n_prompt = encode_example(tok, p.text, generation)
             if len(ids) - n_prompt != target:
                 # The reply after "{char}:" can take a piece fewer than alone (no leading '▁'):
                 # window again with the exact count, so the prompt is the one `galatea prompt
                 # -n <reply tokens>` sends.
                 target = len(ids) - n_prompt
-                p = build_prompt(conv.char, conv.turns[:i], None, tok, context, target, user=user)
+                p = build_prompt(conv.char, conv.turns[:i], None, tok, context, target, user=user, fmt=fmt)
                 ids, n_prompt = encode_example(tok, p.text, generation)
         except GalateaError as e:
             if skip_long:
@@ -237,13 +256,14 @@ class BuildReport:
 
 
 def build(conversations: Iterable[Conversation], rendered: list[dict[str, Any]], tok: Tokenizer, context: int,
-          val_fraction: float = 0.1, seed: int = 0, user: str = DEFAULT_USER, skip_long: bool = False) -> BuildReport:
+          val_fraction: float = 0.1, seed: int = 0, user: str = DEFAULT_USER, skip_long: bool = False,
+          fmt: Format | None = None) -> BuildReport:
     """All examples, deduplicated, with a deterministic train/validation split."""
     examples: list[Example] = []
     skipped = n_conv = empty = 0
     for conv in conversations:
         n_conv += 1
-        got, s = conversation_examples(conv, tok, context, user, skip_long)
+        got, s = conversation_examples(conv, tok, context, user, skip_long, fmt)
         if not got and not s and conv.optional:
             empty += 1
             continue
