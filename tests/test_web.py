@@ -334,8 +334,10 @@ def test_characters_lorebooks_and_chats_are_managed_from_the_page(browser, tmp_p
         # SillyTavern's places: the edited entry before the character (position 0), the constant one after
         # (in the Metharme story the card chose: SillyTavern's default story string)
         assert "<|system|>Enter RP mode. Pretend to be " in prompt and "<|model|>" in prompt
-        assert ("follows:\nMira calls it the Singing Wood.\nA witch of the marsh, You's old friend.\n"
-                "Over Eldoria the moon is always full.") in prompt
+        # (the card's own "marsh" entry joins them when the reply said "marsh": the order is what counts)
+        story = prompt.split("follows:\n", 1)[1]
+        assert story.index("Mira calls it the Singing Wood.") < story.index("A witch of the marsh, You's old friend.") \
+            < story.index("Over Eldoria the moon is always full.")
         page.keyboard.press("Escape")
 
         # chats: rename, search, import with dates and a warning, delete
