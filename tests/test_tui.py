@@ -124,10 +124,9 @@ def test_terminal_chat(tmp_path):
     t.read_until(r"Ann> ")
     t.type("Ahoy!\n")
     t.read_until(r"tok/s[\s\S]*Ann> ")
-    t.type("/prompt\n")  # the prompt of that last reply
-    assert "\nAnn is a sailor.\n<START>" in t.read_until(r"--- end ---")
+    t.type("/prompt\n")  # the prompt of that last reply (read up to the next input prompt, whole)
+    assert "\nAnn is a sailor.\n<START>" in t.read_until(r"--- end ---\s*Ann> ")
     # another prompt format for this chat: the next reply's prompt is ChatML
-    t.read_until(r"Ann> ")
     t.type("/set format chatml\n")
     assert "(format = chatml for this chat)" in t.read_until(r"Ann> ")
     t.type("Where to?\n")
