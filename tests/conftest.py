@@ -55,3 +55,20 @@ def postgres():
     cluster = Postgres()
     yield cluster
     cluster.stop()
+
+
+@pytest.fixture(scope="session")
+def llama_tok():
+    """The LLaMA / Pygmalion 7B vocabulary (SentencePiece, from the shared GGUF)."""
+    from galatea.model.checkpoint import load_tokenizer
+    from tests.checkpoints import shared_vocab
+
+    return load_tokenizer(shared_vocab())
+
+
+@pytest.fixture(scope="session")
+def smol_tok():
+    """The embedded SmolLM2's tokenizer (GPT-2 style BPE, with its ChatML chat template)."""
+    from galatea.model.checkpoint import embedded_model_path, load_tokenizer
+
+    return load_tokenizer(embedded_model_path())

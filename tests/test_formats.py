@@ -13,7 +13,7 @@ from galatea.chat import formats
 from galatea.chat.cards import Character
 from galatea.chat.prompt import Turn, build_prompt
 from galatea.errors import GalateaError
-from galatea.model.checkpoint import embedded_model_path, load_tokenizer
+from galatea.model.checkpoint import embedded_model_path
 from galatea.model.gguf_file import GGUFFile
 from galatea.model.tokenizer import Tokenizer, _HFTokenizers, bpe_from_gguf
 from tests.checkpoints import shared_vocab
@@ -27,16 +27,6 @@ NEW = "Again!"
 STORY = "Mira is a witch who teaches Ann magic.\nMira's personality: sly, patient\nScenario: Ann visits the tower."
 TURNS = [(True, "Hi"), (False, "Hello, Ann.\n*She smiles.*"), (False, "Welcome, traveller."),
          (True, "Teach me a spell."), (False, "*nods* Watch."), (True, "Again!")]
-
-
-@pytest.fixture(scope="module")
-def llama_tok():
-    return load_tokenizer(shared_vocab())
-
-
-@pytest.fixture(scope="module")
-def smol_tok():
-    return load_tokenizer(embedded_model_path())
 
 
 def expected(name: str) -> str:
@@ -145,7 +135,7 @@ def test_llama3_template_equals_transformers_without_the_bos_the_tokenizer_adds(
     tok = with_template(smol_tok, LLAMA3_TEMPLATE, bos="<|begin_of_text|>", eos="<|eot_id|>")
     p = build_prompt(CHAR, HISTORY, NEW, tok, 2048, 128, user="Ann", fmt=formats.choose("template", tok))
     assert p.text == transformers_render(LLAMA3_TEMPLATE, tok, hf_messages(TURNS))  # the tokenizer adds no BOS
-    tok.add_bos, tok.bos_id = True, tok.bos_id
+    tok.add_bos = True
     p = build_prompt(CHAR, HISTORY, NEW, tok, 2048, 128, user="Ann", fmt=formats.choose("template", tok))
     assert "<|begin_of_text|>" + p.text == transformers_render(LLAMA3_TEMPLATE, tok, hf_messages(TURNS))
     assert p.stops == ["<|eot_id|>"]

@@ -19,7 +19,6 @@ from galatea.engine.generate import stream_generate
 from galatea.engine.sampling import SamplingParams
 from galatea.engine.text_stream import IncrementalDetokenizer, StopMatcher
 from galatea.model.checkpoint import embedded_model_path, load_tokenizer
-from tests.checkpoints import shared_vocab
 
 EOS = 2
 
@@ -52,11 +51,6 @@ class ScriptedModel:
 
     def __call__(self, tokens, start, cache):
         return self._next()
-
-
-@pytest.fixture(scope="module")
-def llama_tok():
-    return load_tokenizer(shared_vocab())
 
 
 def reply_ids(tok, text: str) -> list[int]:

@@ -12,22 +12,12 @@ from pathlib import Path
 
 import pytest
 
-from galatea.model.checkpoint import embedded_model_path, load_tokenizer
+from galatea.model.checkpoint import embedded_model_path
 from galatea.model.tokenizer import from_hf_folder
-from tests.checkpoints import shared_vocab, write_tokenizer_model
+from tests.checkpoints import write_tokenizer_model
 
 RECORDED = json.loads((Path(__file__).parent / "data" / "llama_cpp_tokens.json").read_text())
 CORPUS: list[str] = RECORDED["corpus"]
-
-
-@pytest.fixture(scope="module")
-def llama_tok():
-    return load_tokenizer(shared_vocab())
-
-
-@pytest.fixture(scope="module")
-def smol_tok():
-    return load_tokenizer(embedded_model_path())
 
 
 def test_corpus_covers_the_hard_cases():

@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import cache
 from importlib import resources
 from typing import Any
@@ -210,7 +210,7 @@ def from_template(template: str, tokenizer: Tokenizer) -> Format:
     fmt = Format(name=TEMPLATE, kind=TEMPLATE, title="the model's chat template", template=compiled,
                  bos_token=tokenizer.piece(tokenizer.bos_id), eos_token=tokenizer.piece(tokenizer.eos_id),
                  strip_bos=tokenizer.add_bos)
-    return Format(**{**fmt.__dict__, "stops": fmt.template_stops()})
+    return replace(fmt, stops=fmt.template_stops())
 
 
 def choose(name: str | None, tokenizer: Tokenizer) -> Format:
