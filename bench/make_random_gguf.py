@@ -1,7 +1,7 @@
 """Write a random-weight LLaMA-7B-shaped GGUF (Pygmalion 7B's shape) for speed measurements.
 
 Speed does not depend on the weights' values: blocks of random bytes with fixed fp16 scales,
-LLaMA-7B hyper-parameters, and the LLaMA vocabulary from shared/data. Q4_0 is about 3.8 GB;
+LLaMA-7B hyper-parameters, and the LLaMA vocabulary from tests/data. Q4_0 is about 3.8 GB;
 Q4_K_M mixes types as llama.cpp's Q4_K_M does (Q6_K for the output matrix and for attn_v and
 ffn_down in the layers its `use_more_bits` picks, Q4_K elsewhere), about 4.1 GB.
 
@@ -18,7 +18,7 @@ import numpy as np
 
 from galatea.model.gguf_file import GGUFFile
 
-VOCAB = Path(__file__).resolve().parents[2] / "shared" / "data" / "ggml-vocab-llama-spm.gguf"
+VOCAB = Path(__file__).resolve().parents[1] / "tests" / "data" / "ggml-vocab-llama-spm.gguf"
 
 
 def main() -> None:

@@ -17,7 +17,8 @@ import numpy as np
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-SHARED_VOCAB = ROOT.parent / "shared" / "data" / "ggml-vocab-llama-spm.gguf"
+# llama.cpp's LLaMA SentencePiece vocabulary (models/ggml-vocab-llama-spm.gguf; MIT, see tests/data/LICENSE-llama.cpp)
+SHARED_VOCAB = ROOT / "tests" / "data" / "ggml-vocab-llama-spm.gguf"
 
 VARIANTS = {
     # grouped-query attention, separate output matrix
@@ -34,7 +35,7 @@ VARIANTS = {
 
 def shared_vocab() -> Path:
     if not SHARED_VOCAB.exists():
-        raise FileNotFoundError(f"{SHARED_VOCAB} is missing: the tests need shared/ beside the repository")
+        raise FileNotFoundError(f"{SHARED_VOCAB} is missing: it is part of the repository (git checkout tests/data)")
     return SHARED_VOCAB
 
 

@@ -22,12 +22,12 @@ from tests.helpers import running_server
 
 pytestmark = pytest.mark.server
 
-SESSION = ROOT.parent / "shared" / "data" / "sillytavern-session" / "seraphina.jsonl"
+SESSION = ROOT / "tests" / "data" / "sillytavern-session" / "seraphina.jsonl"
 
 
 def turns() -> list[dict]:
     if not SESSION.exists():
-        raise FileNotFoundError(f"{SESSION} is missing: the tests need shared/ beside the repository")
+        raise FileNotFoundError(f"{SESSION} is missing: it is part of the repository (git checkout tests/data)")
     return [json.loads(line) for line in SESSION.read_text(encoding="utf-8").splitlines() if line.strip()]
 
 

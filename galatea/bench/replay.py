@@ -1,5 +1,5 @@
 """`galatea bench --replay SESSION.jsonl`: a recorded front-end session replayed against the
-server, request by request as the front end sent it (shared/data/sillytavern-session has one
+server, request by request as the front end sent it (tests/data/sillytavern-session has one
 from SillyTavern 1.12.6), through the real HTTP API on 127.0.0.1 with the model on this thread,
 as `galatea serve` runs it.
 

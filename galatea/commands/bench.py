@@ -23,7 +23,7 @@ SCENARIOS = {
              "llama.cpp when llama-cpp-python is available",
     "chat-turn": "time to first token of a new chat turn at full context: recompute vs prefix reuse vs context shift",
     "concurrent": "aggregate tokens/s of 1, 4 and 8 simultaneous requests (batched)",
-    "replay": "replay a recorded front-end session (e.g. shared/data/sillytavern-session/seraphina.jsonl) through "
+    "replay": "replay a recorded front-end session (e.g. tests/data/sillytavern-session/seraphina.jsonl) through "
               "the Kobold API, with and without speculative decoding",
     "train": "LoRA training tokens/s (batches of 4x128), next to transformers + peft when they are installed",
     "xor": "XOR apply throughput vs the original codec's algorithm, on random files",

@@ -15,7 +15,7 @@ import sys
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-SHARED_VOCAB = HERE.parents[2] / "shared" / "data" / "ggml-vocab-llama-spm.gguf"
+SHARED_VOCAB = HERE / "ggml-vocab-llama-spm.gguf"
 
 CORPUS = [
     "", " ", "  ", "   ", "\t", "\n", "\n\n", "\n\n\n", "\t\n",
