@@ -147,14 +147,18 @@ class PromptCachePool:
 
     def acquire(self, prompt_ids: Sequence[int], busy: Container[int] = ()) -> PromptCache | None:
         """The slot for this prompt, skipping those whose id() is in `busy` (in use by running
-        generations); None when all are busy. A slot counts as this prompt's when it can reuse at
-        least half of what it holds (a shared BOS or first word must not hand one client's cache
-        to another); otherwise an unused slot, else the least recently used."""
+        generations); None when all are busy. The slot that saves the most tokens, among those
+        that count as this prompt's: it reuses at least half of the prompt (the same client whose
+        prompt shrank - SillyTavern dropping its examples - or a request repeated after a reply
+        longer than it) or at least half of what the slot holds (a growing chat). A shared BOS or
+        first words alone do not hand one client's cache to another: then an unused slot, else the
+        least recently used."""
         free = [i for i, s in enumerate(self.slots) if id(s) not in busy]
         if not free:
             return None
         reuse = {i: self.slots[i].plan(prompt_ids).reused for i in free}
-        mine = [i for i in free if reuse[i] and 2 * reuse[i] >= len(self.slots[i].tokens)]
+        mine = [i for i in free
+                if reuse[i] and (2 * reuse[i] >= len(prompt_ids) or 2 * reuse[i] >= len(self.slots[i].tokens))]
         if mine:
             best = max(mine, key=lambda i: (reuse[i], self._used[i]))
         else:

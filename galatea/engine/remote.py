@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from galatea.engine.generate import Chunk
+from galatea.engine.jobs import Cancellation, find_kobold
 from galatea.engine.sampling import DEFAULT_ORDER, SamplingParams
 from galatea.engine.text_stream import StopMatcher
 from galatea.errors import GalateaError
@@ -121,9 +122,9 @@ class RemoteModel:
 @dataclass
 class _Job:
     key: str
-    cancel: threading.Event
+    cancel: Cancellation
     text: str = ""
-    origin: str = "api"
+    origin: str = "kobold"
     ended: threading.Event = field(default_factory=threading.Event)
 
 
@@ -221,13 +222,10 @@ class RemoteEngine:
         return params
 
     def find(self, key: str = "") -> _Job | None:
-        running = list(self.running)
-        if not key:
-            return running[0] if running else None
-        return next((j for j in running if j.key == key), None)
+        return find_kobold(self.running, key)
 
     def abort(self, key: str | None = None) -> list[_Job]:
-        jobs = [j for j in list(self.running) if j.origin == "api" and (not key or j.key == key)]
+        jobs = [j for j in list(self.running) if j.origin != "page" and (not key or j.key == key)]
         for job in jobs:
             job.cancel.set()
         return jobs
@@ -242,15 +240,15 @@ class RemoteEngine:
             job.cancel.set()
 
     async def generate(self, prompt_ids: Sequence[int], params: SamplingParams, key: str = "",
-                       cancel: threading.Event | None = None) -> AsyncIterator[Chunk]:
+                       cancel: threading.Event | None = None, origin: str = "kobold") -> AsyncIterator[Chunk]:
         """The API routes' view: chunks as they come; a remote failure is raised."""
         loop = asyncio.get_running_loop()
         out: asyncio.Queue = asyncio.Queue()
-        cancel = cancel or threading.Event()
+        cancel = Cancellation(cancel)  # this request's own: the caller's signal may serve several
 
         def work() -> None:
             try:
-                for chunk in self._stream(prompt_ids, params, cancel, key, "api"):
+                for chunk in self._stream(prompt_ids, params, cancel, key, origin):
                     loop.call_soon_threadsafe(out.put_nowait, chunk)
             except BaseException as e:
                 loop.call_soon_threadsafe(out.put_nowait, e)
@@ -274,11 +272,11 @@ class RemoteEngine:
                       progress: Callable[[int, int], None] | None = None) -> Iterator[Chunk]:
         """The chat sessions' view: a remote failure ends the reply with finish_reason "error"
         (and the message), so what was written can be kept."""
-        yield from self._stream(prompt_ids, params, cancel or threading.Event(), "", "page")
+        yield from self._stream(prompt_ids, params, Cancellation(cancel), "", "page")
 
     # ---- one request -----------------------------------------------------------------------------
 
-    def _stream(self, prompt_ids: Sequence[int], params: SamplingParams, cancel: threading.Event, key: str,
+    def _stream(self, prompt_ids: Sequence[int], params: SamplingParams, cancel: Cancellation, key: str,
                 origin: str) -> Iterator[Chunk]:
         import httpx
 

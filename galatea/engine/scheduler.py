@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from galatea.engine.generate import Chunk, Generation
+from galatea.engine.jobs import Cancellation, find_kobold
 from galatea.engine.prompt_cache import PromptCachePool
 from galatea.engine.sampling import SamplingParams
 from galatea.model.checkpoint import LoadedModel
@@ -40,9 +41,9 @@ class Job:
     params: SamplingParams
     emit: Callable[[Chunk | BaseException], None]  # hands a chunk (or the failure) to the requester
     key: str = ""  # the client's name for this job, to find or abort it (KoboldCpp's genkey)
-    cancel: threading.Event = field(default_factory=threading.Event)
+    cancel: Cancellation = field(default_factory=Cancellation)  # its own; watches the caller's signal
     text: str = ""  # what has been generated so far (for /api/extra/generate/check)
-    origin: str = "api"  # "api": the Kobold and OpenAI routes; "page": the chat page's sessions
+    origin: str = "kobold"  # who asked: "kobold" or "openai" (the API routes), "page" (the chat page)
     ended: threading.Event = field(default_factory=threading.Event)  # set once it produces nothing more
     # told (prompt positions read, prompt length) after each chunk of a long prompt, from the worker
     progress: Callable[[int, int], None] | None = None
@@ -103,12 +104,13 @@ class Scheduler:
         return params
 
     async def generate(self, prompt_ids: Sequence[int], params: SamplingParams, key: str = "",
-                       cancel: threading.Event | None = None) -> AsyncIterator[Chunk]:
-        """Chunks as the worker produces them; stopping iteration early cancels the job."""
+                       cancel: threading.Event | None = None, origin: str = "kobold") -> AsyncIterator[Chunk]:
+        """Chunks as the worker produces them; stopping iteration early cancels the job. `cancel`
+        is the caller's signal (a hang-up), watched and never set here."""
         loop = asyncio.get_running_loop()
         out: asyncio.Queue = asyncio.Queue()
         job = self._submit(prompt_ids, params, lambda item: loop.call_soon_threadsafe(out.put_nowait, item),
-                           key, cancel)
+                           key, cancel, origin)
         try:
             while True:
                 chunk = _chunk_or_raise(await out.get())
@@ -116,7 +118,7 @@ class Scheduler:
                 if chunk.finish_reason is not None:
                     return
         finally:
-            job.cancel.set()  # no-op when finished; stops the work when the client went away
+            job.cancel.set()  # no-op when finished; stops the work when the requester left the stream
 
     def generate_sync(self, prompt_ids: Sequence[int], params: SamplingParams,
                       cancel: threading.Event | None = None,
@@ -136,8 +138,8 @@ class Scheduler:
 
     def _submit(self, prompt_ids: Sequence[int], params: SamplingParams,
                 emit: Callable[[Chunk | BaseException], None], key: str, cancel: threading.Event | None,
-                origin: str = "api") -> Job:
-        job = Job(list(prompt_ids), params, emit, key, cancel or threading.Event(), origin=origin)
+                origin: str) -> Job:
+        job = Job(list(prompt_ids), params, emit, key, Cancellation(cancel), origin=origin)
         self._jobs.put(job)
         return job
 
@@ -148,11 +150,8 @@ class Scheduler:
         return running[0] if running else None
 
     def find(self, key: str = "") -> Job | None:
-        """The running job with this key; without one, the oldest running job."""
-        running = list(self.running)
-        if not key:
-            return running[0] if running else None
-        return next((j for j in running if j.key == key), None)
+        """The running Kobold job with this key, or the newest (see `find_kobold`)."""
+        return find_kobold(self.running, key)
 
     def abort(self, key: str | None = None) -> list[Job]:
         """Cancel the API job with `key` (running or queued); without a key, every running
@@ -164,7 +163,7 @@ class Scheduler:
             jobs = [j for j in [*self.running, *queued] if j.key == key]
         else:
             jobs = list(self.running)
-        jobs = [j for j in jobs if j.origin == "api"]
+        jobs = [j for j in jobs if j.origin != "page"]
         for job in jobs:
             job.cancel.set()
         return jobs

@@ -29,6 +29,7 @@ from galatea.model.cache import KVCache
 from galatea.model.tiled import TiledEmbedding, TiledLinear
 
 PRE_NONE, PRE_RMSNORM, PRE_SWIGLU = 0, 1, 2
+KEEP_PLANS = 64  # plans (buffers + call arguments) kept for row counts up to this
 
 
 class FusedDecoder:
@@ -103,7 +104,8 @@ class FusedDecoder:
                          call(o_p, attn, self.heads * d, x, self.hidden, 1, PRE_NONE, None),
                          call(gu_p, x, self.hidden, gu, 2 * inter, 0, PRE_RMSNORM, n2),
                          call(down_p, gu, 2 * inter, x, self.hidden, 1, PRE_SWIGLU, None)))
-        self._plans[rows] = (buf, plan)
+        if rows <= KEEP_PLANS:  # decoding sizes; a prompt chunk's are made anew (each costs ~0.1 ms)
+            self._plans[rows] = (buf, plan)
         return buf, plan
 
     @torch.inference_mode()

@@ -335,9 +335,13 @@ class Llama(nn.Module):
         if start + t > cache.max_len:
             raise ValueError(f"positions {start}..{start + t - 1} exceed the cache of {cache.max_len}")
         assert self.rotary is not None
-        if t == 1 and b == 1 and self.fused is not None and self.fused_fits([cache]):
-            logits = self.fused.step([int(tokens[0, 0])], [cache], [start])
-            return logits[:, None] if all_logits else logits
+        if b == 1 and self.fused is not None and self.fused_fits([cache]):
+            # a prompt too, as rows of the decoding step: every position is computed by the same
+            # arithmetic whether it is read fresh, in other chunks, or was cached by an earlier
+            # request, so a greedy reply does not depend on what the cache held
+            logits = self.fused.step(tokens[0].tolist(), [cache] * t, range(start, start + t),
+                                     None if all_logits else [t - 1])
+            return logits[None] if all_logits else logits
         with self.torch_threads(tokens.numel()):
             x = self.model.embed_tokens(tokens)  # [B, T, C]
             cos, sin = self.rotary(start, t, x.dtype)

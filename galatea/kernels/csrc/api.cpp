@@ -363,17 +363,16 @@ void run_attend(void* ctx, int64_t i) {
   else gx_avx2::attend_item(c.jobs[row], item);
 }
 
-// Runs of positions per head: enough items to keep every thread busy, none under 64 positions;
-// with several queries, runs short enough that their keys and values stay in L2 between them.
-void plan_chunks(AttnJob& j, int threads) {
-  int64_t want = (4 * threads + j.kv_heads - 1) / j.kv_heads;
-  if (j.nq > 1) {
-    const int64_t fit = (j.length + 255) / 256;
-    want = want > fit ? want : fit;
-  }
-  const int64_t chunk = (j.length + want - 1) / want;
-  j.chunk = chunk < 64 ? 64 : chunk;
-  j.nchunks = (j.length + j.chunk - 1) / j.chunk;
+// Runs of positions per head, at fixed absolute boundaries (every kAttnRun positions): a query's
+// result then depends only on its position and the cached keys/values, never on how many
+// queries share the call, how long the longest is or how many threads run it - so a prompt read
+// in any chunking, or found in the cache, gives the same numbers (greedy replies reproduce).
+constexpr int64_t kAttnRun = 256;  // keys/values of a run stay in L2 while several queries read them
+constexpr int kAttnQueries = 64;  // queries per attend() call: bounds the partial results' memory
+
+void plan_chunks(AttnJob& j) {
+  j.chunk = kAttnRun;
+  j.nchunks = (j.length + kAttnRun - 1) / kAttnRun;
 }
 
 // Run the jobs (their `partial` set by this function), then merge each head's runs into out
@@ -383,7 +382,7 @@ void attend(int isa, std::vector<AttnJob>& jobs, float* const* outs, int64_t out
   AttnCall call{isa, {}, {}};
   size_t total = 0;
   for (auto& j : jobs) {
-    plan_chunks(j, st.pool.threads());
+    plan_chunks(j);
     total += static_cast<size_t>(j.nq) * j.heads * j.nchunks * (j.d + 2);
   }
   st.partial.resize(total);
@@ -584,7 +583,29 @@ GX_EXPORT int gx_decode_attention(int isa, float* qkv, int64_t ldqkv, int rows, 
                            pos_stride, pos[r] + 1, 0, 0, scale, nullptr});
     outs.push_back(out + r * ldo);
   }
-  attend(isa, jobs, outs.data(), ldo);
+  // A prompt's rows in pieces of kAttnQueries queries (the same results: runs are absolute).
+  std::vector<AttnJob> batch;
+  std::vector<float*> batch_outs;
+  int queries = 0;
+  for (size_t i = 0; i < jobs.size(); ++i) {
+    const AttnJob& j = jobs[i];
+    for (int q0 = 0; q0 < j.nq; q0 += kAttnQueries) {
+      AttnJob piece = j;
+      piece.q = j.q + q0 * j.q_stride;
+      piece.nq = j.nq - q0 < kAttnQueries ? j.nq - q0 : kAttnQueries;
+      piece.length = j.length - j.nq + q0 + piece.nq;
+      batch.push_back(piece);
+      batch_outs.push_back(outs[i] + q0 * ldo);
+      queries += piece.nq;
+      if (queries >= kAttnQueries) {
+        attend(isa, batch, batch_outs.data(), ldo);
+        batch.clear();
+        batch_outs.clear();
+        queries = 0;
+      }
+    }
+  }
+  if (!batch.empty()) attend(isa, batch, batch_outs.data(), ldo);
   return 0;
 }
 
