@@ -4,11 +4,20 @@
 databases understand (RETURNING, ON CONFLICT, IS NOT DISTINCT FROM); a PostgreSQL connection
 turns the placeholders into psycopg's and the schema's types into PostgreSQL's.
 
-Each thread has its own connection (a server answers from many threads; one shared connection
-would interleave their transactions). A write is one transaction that first takes the
-database's single write lock - SQLite: BEGIN IMMEDIATE; PostgreSQL: a transaction-scoped
-advisory lock - so writers in several threads, processes or Galatea replicas queue instead of
-interleaving, and a change that fails leaves nothing behind: the same guarantee on both.
+Connections come from a bounded pool and go back to it after each statement or transaction (a
+server answers from many threads, which come and go: a connection per thread leaked one with
+every thread that ended). A thread keeps the connection it holds for nested use, so a write
+transaction and the reads inside it see the same data. A write is one transaction that first
+takes the database's single write lock - SQLite: BEGIN IMMEDIATE; PostgreSQL: a
+transaction-scoped advisory lock - so writers in several threads, processes or Galatea replicas
+queue instead of interleaving, and a change that fails leaves nothing behind: the same guarantee
+on both.
+
+A PostgreSQL outage is `StoreUnavailable` (the server's 503), never a wrong answer: a connection
+that broke is closed, not handed out again; an idle one is checked before use, so once the
+database is back the next request gets a working connection. The pool is written here rather
+than taken from psycopg_pool because an outage must fail at once (a refused connect), not after
+the library's wait for its background reconnection.
 """
 
 from __future__ import annotations
@@ -16,14 +25,17 @@ from __future__ import annotations
 import re
 import sqlite3
 import threading
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from galatea.errors import GalateaError
+from galatea.errors import StoreUnavailable
 
 WRITE_LOCK = 0x6A1A7EA  # the advisory lock id every Galatea writer takes on PostgreSQL
+MAX_CONNECTIONS = 16  # per process; PostgreSQL's default allows 100 clients in all
+WAIT_S = 30.0  # how long a thread waits for a connection when every one is in use
 
 
 def is_url(location: str | Path) -> bool:
@@ -50,16 +62,48 @@ class _PostgresConnection:
         self.conn.close()
 
 
-class Database:
-    """Connections to one database, one per thread, and its write transactions."""
+class Rows:
+    """A statement's result, read whole (its connection has gone back to the pool)."""
 
-    def __init__(self, location: str | Path) -> None:
+    def __init__(self, rows: list[Any], rowcount: int) -> None:
+        self.rows, self.rowcount = rows, rowcount
+
+    def fetchone(self) -> Any:
+        return self.rows[0] if self.rows else None
+
+    def fetchall(self) -> list[Any]:
+        return self.rows
+
+    def __iter__(self) -> Iterator[Any]:
+        return iter(self.rows)
+
+
+class _Statements:
+    """`execute(sql, params)` on a pooled connection, one statement at a time (`Store.db`)."""
+
+    def __init__(self, database: Database) -> None:
+        self.database = database
+
+    def execute(self, sql: str, params: tuple | list = ()) -> Rows:
+        with self.database.connection() as conn:
+            cur = conn.execute(sql, params)
+            return Rows(cur.fetchall() if cur.description else [], cur.rowcount)
+
+
+class Database:
+    """A bounded pool of connections to one database, and its write transactions."""
+
+    def __init__(self, location: str | Path, max_connections: int = MAX_CONNECTIONS) -> None:
         self.location = location
         self.postgres = is_url(location)
         self.label = _redact(str(location)) if self.postgres else str(location)
-        self._local = threading.local()
-        self._lock = threading.Lock()
-        self._connections: list[Any] = []
+        self.max_connections = max_connections
+        self.statements = _Statements(self)
+        self._local = threading.local()  # the connection this thread holds, and how deeply
+        self._free = threading.Condition()
+        self._idle: list[Any] = []
+        self._open = 0  # connections in existence: idle + held
+        self._closed = False
 
     def setup(self, schema: str) -> None:
         """Create what is missing (every statement is CREATE ... IF NOT EXISTS)."""
@@ -68,27 +112,110 @@ class Database:
                 db.execute(postgres_schema(schema))
         else:
             Path(self.location).parent.mkdir(parents=True, exist_ok=True)
-            self.connection().executescript(schema)
+            with self.connection() as conn:
+                conn.executescript(schema)
 
-    def connection(self) -> Any:
-        """This thread's connection, opened on first use."""
-        conn = getattr(self._local, "conn", None)
-        if conn is None:
-            conn = self._connect()
-            self._local.conn = conn
-            with self._lock:
-                self._connections.append(conn)
-        return conn
+    @property
+    def open_connections(self) -> int:
+        return self._open
+
+    @contextmanager
+    def connection(self) -> Iterator[Any]:
+        """A connection for this block: the one this thread already holds, else one from the pool,
+        given back when the block ends (closed instead, if it broke)."""
+        held = getattr(self._local, "conn", None)
+        if held is not None:
+            self._local.depth += 1
+            try:
+                yield held
+            finally:
+                self._local.depth -= 1
+            return
+        conn = self._checkout()
+        self._local.conn, self._local.depth = conn, 1
+        broken = False
+        try:
+            yield conn
+        except Exception as e:
+            broken = self._broken(conn)
+            if broken:
+                raise StoreUnavailable(self._unreachable(e)) from None
+            raise
+        finally:
+            self._local.conn = None
+            self._checkin(conn, broken)
+
+    def _checkout(self) -> Any:
+        deadline = time.monotonic() + WAIT_S
+        with self._free:
+            while True:
+                if self._closed:
+                    raise StoreUnavailable(f"the chat store {self.label} is closed")
+                while self._idle:
+                    conn = self._idle.pop()
+                    if self._alive(conn):
+                        return conn
+                    self._discard_idle(conn)  # the database restarted: the others are dead too
+                if self._open < self.max_connections:
+                    self._open += 1
+                    break
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise StoreUnavailable(f"the chat store {self.label} is busy: all {self.max_connections} "
+                                           f"connections were in use for {WAIT_S:.0f} s; try again")
+                self._free.wait(left)
+        try:
+            return self._connect()
+        except BaseException:
+            with self._free:
+                self._open -= 1
+                self._free.notify()
+            raise
+
+    def _checkin(self, conn: Any, broken: bool) -> None:
+        with self._free:
+            if broken or self._closed:
+                self._open -= 1
+                _close_quietly(conn)
+            else:
+                self._idle.append(conn)
+            self._free.notify()
+
+    def _discard_idle(self, first: Any) -> None:
+        """Close a dead idle connection and every other idle one (called holding the lock)."""
+        for conn in [first, *self._idle]:
+            _close_quietly(conn)
+        self._open -= 1 + len(self._idle)
+        self._idle.clear()
+
+    def _alive(self, conn: Any) -> bool:
+        """An idle connection still works (PostgreSQL: one empty round trip, as psycopg_pool's check)."""
+        if not self.postgres:
+            return True
+        if conn.conn.closed or conn.conn.broken:
+            return False
+        try:
+            conn.conn.execute("")
+            return True
+        except Exception:
+            return False
+
+    def _broken(self, conn: Any) -> bool:
+        return self.postgres and (conn.conn.closed or conn.conn.broken)
+
+    def _unreachable(self, e: BaseException) -> str:
+        reason = str(e).strip().splitlines()[0].strip() if str(e).strip() else type(e).__name__
+        return (f"the chat store is unreachable: cannot reach the chat database {self.label} ({reason}); "
+                "check --store, or try again once it is back")
 
     def _connect(self) -> Any:
         if self.postgres:
             import psycopg
 
             try:
-                return _PostgresConnection(psycopg.connect(str(self.location), autocommit=True, connect_timeout=10))
+                return _PostgresConnection(psycopg.connect(str(self.location), autocommit=True, connect_timeout=5))
             except psycopg.Error as e:
-                reason = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
-                raise GalateaError(f"cannot reach the chat database {self.label} ({reason}); check --store") from None
+                raise StoreUnavailable(self._unreachable(e)) from None
         conn = sqlite3.connect(self.location, timeout=30.0, isolation_level=None, check_same_thread=False)
         conn.execute("PRAGMA journal_mode=WAL")
         conn.execute("PRAGMA synchronous=NORMAL")  # WAL + NORMAL: durable across app crashes
@@ -98,36 +225,41 @@ class Database:
     @contextmanager
     def write(self) -> Iterator[Any]:
         """One write transaction holding the write lock; an exception rolls it all back."""
-        db = self.connection()
-        if self.postgres:
-            db.execute("BEGIN")
-            db.execute("SELECT pg_advisory_xact_lock(?)", (WRITE_LOCK,))
-        else:
-            db.execute("BEGIN IMMEDIATE")  # the write lock up front: writers queue (busy timeout)
-        try:
-            yield db
-        except BaseException:
-            db.execute("ROLLBACK")
-            raise
-        else:
-            db.execute("COMMIT")
+        with self.connection() as db:
+            if self.postgres:
+                db.execute("BEGIN")
+                db.execute("SELECT pg_advisory_xact_lock(?)", (WRITE_LOCK,))
+            else:
+                db.execute("BEGIN IMMEDIATE")  # the write lock up front: writers queue (busy timeout)
+            try:
+                yield db
+            except BaseException:
+                if not self._broken(db):
+                    db.execute("ROLLBACK")
+                raise
+            else:
+                db.execute("COMMIT")
 
-    def release(self) -> None:
-        """Close this thread's connection (a thread that ends: its connection would linger)."""
-        conn = getattr(self._local, "conn", None)
-        if conn is not None:
-            self._local.conn = None
-            with self._lock:
-                if conn in self._connections:
-                    self._connections.remove(conn)
-            conn.close()
+    def ping(self) -> None:
+        """Raises StoreUnavailable unless the database answers."""
+        self.statements.execute("SELECT 1")
 
     def close(self) -> None:
-        with self._lock:
-            for conn in self._connections:
-                conn.close()
-            self._connections.clear()
-        self._local = threading.local()
+        """Close the idle connections; held ones close as they come back."""
+        with self._free:
+            self._closed = True
+            for conn in self._idle:
+                _close_quietly(conn)
+            self._open -= len(self._idle)
+            self._idle.clear()
+            self._free.notify_all()
+
+
+def _close_quietly(conn: Any) -> None:
+    try:
+        conn.close()
+    except Exception:
+        pass
 
 
 def _redact(url: str) -> str:

@@ -2,7 +2,9 @@
 
 Replies stream as text deltas; the stored text is cleaned (stop text, surrounding whitespace,
 a repeated `{char}:` and leaked `<USER>`/`<BOT>` removed). The user's message is saved before the
-model starts, and the reply when it ends, so a crash loses at most the reply in progress.
+model starts, and the reply when it ends, so a crash loses at most the reply in progress. A reply
+that ends while the chat store is unreachable (a PostgreSQL outage) is kept and saved when the
+store returns (within STORE_PATIENCE_S), the wait told through `notice`.
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 from galatea.chat import formats
 from galatea.chat.formats import Format
@@ -24,7 +26,7 @@ from galatea.engine.generate import Chunk, stream_generate
 from galatea.engine.modern_samplers import dry_breaker_ids
 from galatea.engine.prompt_cache import PromptCache
 from galatea.engine.sampling import SamplingParams
-from galatea.errors import GalateaError
+from galatea.errors import GalateaError, StoreUnavailable
 from galatea.model.checkpoint import LoadedModel
 
 
@@ -74,6 +76,9 @@ def _raise_failure(out: Turnout) -> None:
         raise GalateaError(out.error)
 
 
+STORE_PATIENCE_S = 600.0  # how long a finished reply waits for an unreachable store
+STORE_RETRY_S = 1.0
+T = TypeVar("T")
 Progress = Callable[[int, int], None]  # (prompt tokens read, prompt tokens), while a prompt is read
 Generate = Callable[[list[int], SamplingParams, threading.Event | None, Progress | None], Iterator[Chunk]]
 
@@ -110,6 +115,7 @@ class ChatSession:
         self.last_prompt: Prompt | None = None
         self.last: Turnout | None = None
         self.progress: Progress | None = None  # told how far a long prompt is read (the page's)
+        self.notice: Callable[[str], None] | None = None  # told why a finished reply is not saved yet
 
     @property
     def context(self) -> int:
@@ -171,10 +177,11 @@ class ChatSession:
         started = time.time()
         # A fresh seed per swipe: a fixed chat seed would give the same reply again.
         seed = None if self.settings.get("seed") is None else int(self.settings["seed"]) + len(target.swipes)
-        out = yield from self._generate(prompt, self.stops(reply_stops(self.char.name, self.user)), cancel, seed)
-        text = clean_reply(out.text, self.char.name, self.char.name, self.user)
+        user = self.user  # read before the reply: after it, the store may be unreachable for a while
+        out = yield from self._generate(prompt, self.stops(reply_stops(self.char.name, user)), cancel, seed)
+        text = clean_reply(out.text, self.char.name, self.char.name, user)
         if not _stopped_empty(out, text):
-            self.store.add_swipe(target.id, text, out.seed, started, time.time())
+            self._save(lambda: self.store.add_swipe(target.id, text, out.seed, started, time.time()))
             out.message_id = target.id
         _raise_failure(out)
 
@@ -184,27 +191,46 @@ class ChatSession:
         if not msgs or msgs[-1].is_user:
             raise GalateaError("there is no character message to continue; send a message first")
         prompt = self.prompt(end="continue")
-        out = yield from self._generate(prompt, self.stops(reply_stops(self.char.name, self.user)), cancel)
-        addition = substitute(out.text.rstrip(), self.char.name, self.user)
-        self.store.append_to_message(msgs[-1].id, addition)
+        user = self.user
+        out = yield from self._generate(prompt, self.stops(reply_stops(self.char.name, user)), cancel)
+        addition = substitute(out.text.rstrip(), self.char.name, user)
+        self._save(lambda: self.store.append_to_message(msgs[-1].id, addition))
         out.message_id = msgs[-1].id
         _raise_failure(out)
 
     def impersonate(self, cancel: threading.Event | None = None) -> Iterator[str]:
         """The model writes the user's next line (not saved: the user may send or edit it)."""
         prompt = self.prompt(end="user")
-        out = yield from self._generate(prompt, self.stops(impersonate_stops(self.char.name, self.user)), cancel)
-        out.text = clean_reply(out.text, self.user, self.char.name, self.user)
+        user = self.user
+        out = yield from self._generate(prompt, self.stops(impersonate_stops(self.char.name, user)), cancel)
+        out.text = clean_reply(out.text, user, self.char.name, user)
 
     def _reply(self, cancel: threading.Event | None) -> Iterator[str]:
         prompt = self.prompt()
         started = time.time()
-        out = yield from self._generate(prompt, self.stops(reply_stops(self.char.name, self.user)), cancel)
-        text = clean_reply(out.text, self.char.name, self.char.name, self.user)
+        user = self.user
+        out = yield from self._generate(prompt, self.stops(reply_stops(self.char.name, user)), cancel)
+        text = clean_reply(out.text, self.char.name, self.char.name, user)
         if not _stopped_empty(out, text):
-            out.message_id = self.store.add_message(self.chat_id, False, self.char.name, text, out.seed,
-                                                    started, time.time())
+            finished = time.time()
+            out.message_id = self._save(lambda: self.store.add_message(self.chat_id, False, self.char.name, text,
+                                                                       out.seed, started, finished))
         _raise_failure(out)
+
+    def _save(self, write: Callable[[], T]) -> T:
+        """A finished reply's write: while the store is unreachable the text is kept here and the
+        write tried again each second, so an outage loses nothing written (up to the patience)."""
+        deadline, told = time.monotonic() + STORE_PATIENCE_S, False
+        while True:
+            try:
+                return write()
+            except StoreUnavailable as e:
+                if time.monotonic() > deadline:
+                    raise
+                if self.notice is not None and not told:
+                    self.notice(f"{e} - the reply is kept and saved when it returns")
+                    told = True
+                time.sleep(STORE_RETRY_S)
 
     def _generate(self, prompt: Prompt, stops: list[str], cancel: threading.Event | None,
                   seed: int | None = None) -> Iterator[str]:

@@ -155,8 +155,8 @@ class Store:
 
     @property
     def db(self) -> Any:
-        """This thread's connection (`execute(sql, params)` with `?` placeholders)."""
-        return self.database.connection()
+        """Statements on a pooled connection (`execute(sql, params)` with `?` placeholders)."""
+        return self.database.statements
 
     @property
     def label(self) -> str:
@@ -177,9 +177,9 @@ class Store:
     def close(self) -> None:
         self.database.close()
 
-    def release(self) -> None:
-        """Close the calling thread's connection (a thread about to end)."""
-        self.database.release()
+    def ping(self) -> None:
+        """Raises StoreUnavailable unless the database answers (the server's /health)."""
+        self.database.ping()
 
     def _write(self) -> Any:
         """One write transaction (see database.py): all of it, or nothing on an error."""

@@ -101,6 +101,7 @@ class TerminalChat:
 
     def run_generation(self, name: str, is_user: bool, make: Callable[[threading.Event], Iterator[str]]) -> None:
         cancel = threading.Event()
+        self.s.notice = lambda text: self.say(f"\n{self.c.dim}({text}){self.c.reset}")  # the store is down
         previous = signal.signal(signal.SIGINT, lambda *_: cancel.set()) \
             if threading.current_thread() is threading.main_thread() else None
         try:

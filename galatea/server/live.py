@@ -34,6 +34,7 @@ class LiveReply:
         self.cancel = threading.Event()  # the page's Stop, or the server shutting down
         self.text = ""
         self.progress: Event | None = None  # the last prompt-reading event, until text comes
+        self.notice: Event | None = None  # why the finished reply is not stored yet (the store is down)
         self.final: Event | None = None
         self._followers: list[Callable[[Event], None]] = []
         self._lock = threading.Lock()
@@ -45,6 +46,8 @@ class LiveReply:
                 self.progress = None
             elif "progress" in event:
                 self.progress = event
+            elif "notice" in event:
+                self.notice = event
             else:
                 self.final = event
             followers = list(self._followers)
@@ -63,7 +66,8 @@ class LiveReply:
                 pass
 
         with self._lock:  # a snapshot and the subscription at once: no event is missed or doubled
-            past = [e for e in ({"text": self.text} if self.text else None, self.progress, self.final) if e]
+            past = [e for e in ({"text": self.text} if self.text else None, self.progress, self.notice, self.final)
+                    if e]
             self._followers.append(push)
         try:
             for event in past:

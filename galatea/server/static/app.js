@@ -22,6 +22,7 @@ async function api(path, options = {}) {
   if (!r.ok) {
     let msg = r.statusText;
     try { const e = await r.json(); msg = (e.error && e.error.message) || (e.detail && e.detail.msg) || msg; } catch (_) {}
+    if (r.status === 503) status(msg);  // the chat store is unreachable: say so wherever the call came from
     throw new Error(msg);
   }
   return r.json();
@@ -258,6 +259,7 @@ async function streamReply(kind, chatId, open) {
           target.innerHTML = formatMessage(target.dataset.raw);
           $("messages").scrollTop = $("messages").scrollHeight;
         }
+        if (event.notice) status(event.notice);  // e.g. the chat store is unreachable: the reply waits
         if (event.done) done = event;
       }
     }
