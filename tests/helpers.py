@@ -157,11 +157,30 @@ class Postgres:
         self.pg_ctl = os.path.join(bindir, "pg_ctl")
         subprocess.run([*self.as_owner, os.path.join(bindir, "initdb"), "-D", self.data, "-U", "galatea",
                         "--auth=trust", "-E", "UTF8", "--no-sync"], check=True, capture_output=True)
-        options = f"-p {self.port} -k {self.root} -c listen_addresses=127.0.0.1 -c fsync=off -c max_connections=200"
-        subprocess.run([*self.as_owner, self.pg_ctl, "-D", self.data, "-o", options, "-l",
-                        os.path.join(self.root, "log"), "-w", "start"], check=True, capture_output=True)
+        self.options = f"-p {self.port} -k {self.root} -c listen_addresses=127.0.0.1 -c fsync=off " \
+            "-c max_connections=200"
+        self.start()
         self.url = f"postgresql://galatea@127.0.0.1:{self.port}"
         self._count = 0
+
+    def start(self) -> None:
+        import os
+
+        subprocess.run([*self.as_owner, self.pg_ctl, "-D", self.data, "-o", self.options, "-l",
+                        os.path.join(self.root, "log"), "-w", "start"], check=True, capture_output=True)
+
+    def crash(self) -> None:
+        """Stop at once, as an outage would (`pg_ctl -m immediate`: no goodbye to clients)."""
+        subprocess.run([*self.as_owner, self.pg_ctl, "-D", self.data, "-m", "immediate", "stop"], check=True,
+                       capture_output=True)
+
+    def connections(self, database: str) -> int:
+        """Client connections open to `database` (pg_stat_activity), this query's own excluded."""
+        import psycopg
+
+        with psycopg.connect(f"{self.url}/postgres", autocommit=True) as conn:
+            return conn.execute("SELECT count(*) FROM pg_stat_activity WHERE datname = %s AND pid <> "
+                                "pg_backend_pid()", (database,)).fetchone()[0]
 
     def database(self) -> str:
         """A new empty database; its URL."""

@@ -106,6 +106,10 @@ def test_galatea_serves_through_llama_cpp(llama_server, tmp_path):
         pieces = [json.loads(line[6:]) for line in stream.text.splitlines()
                   if line.startswith("data: ") and line != "data: [DONE]"]
         assert "".join(p["choices"][0]["text"] for p in pieces) == direct
+        # every one of n choices runs (the first one's end once cancelled the second before it began)
+        both = httpx.post(f"{server.url}/v1/completions", json={"prompt": STORY, "max_tokens": 24, "temperature": 0,
+                                                                "n": 2}, timeout=120).json()
+        assert [c["text"] for c in both["choices"]] == [direct, direct]
         cut = direct.split()[3]
         stopped = httpx.post(f"{server.url}/api/v1/generate", json={**greedy, "stop_sequence": [cut]},
                              timeout=120).json()["results"][0]["text"]

@@ -266,11 +266,13 @@ def test_api_key(tmp_path):
     s = Server(tmp_path, "--api-key", "s3cret")
     try:
         assert httpx.get(f"{s.url}/health", timeout=5).status_code == 200
-        r = httpx.get(f"{s.url}/api/v1/model", timeout=5)
+        r = httpx.post(f"{s.url}/api/v1/generate", json={"prompt": "Hi", "max_length": 1}, timeout=5)
         assert r.status_code == 401 and "API key" in r.json()["detail"]["msg"]
-        r = httpx.get(f"{s.url}/v1/models", headers={"Authorization": "Bearer wrong"}, timeout=5)
+        r = httpx.post(f"{s.url}/v1/completions", json={"prompt": "Hi", "max_tokens": 1},
+                       headers={"Authorization": "Bearer wrong"}, timeout=5)
         assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_api_key"
-        ok = httpx.get(f"{s.url}/v1/models", headers={"Authorization": "Bearer s3cret"}, timeout=5)
+        ok = httpx.post(f"{s.url}/v1/completions", json={"prompt": "Hi", "max_tokens": 1},
+                        headers={"Authorization": "Bearer s3cret"}, timeout=60)
         assert ok.status_code == 200
         pre = httpx.options(f"{s.url}/v1/models", headers={"Origin": "http://localhost:8000",
                                                           "Access-Control-Request-Method": "GET"}, timeout=5)

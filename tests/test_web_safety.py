@@ -107,6 +107,32 @@ def test_another_site_cannot_read_or_change_chats(browser, server, attacker):
     assert after == before  # no chat made, no message stored by the simple requests or the form
 
 
+def test_another_site_cannot_read_the_pages_reply_while_it_streams(browser, server, attacker):
+    """KoboldAI Lite polls /api/extra/generate/check from its own site (open CORS): without a
+    genkey it may see the last Kobold request, never a reply of the chat page."""
+    character = httpx.get(f"{server.url}/galatea/characters", timeout=10).json()[0]["id"]
+    chat = httpx.post(f"{server.url}/galatea/characters/{character}/chats", timeout=10).json()["id"]
+    httpx.put(f"{server.url}/galatea/chats/{chat}/settings",
+              json={"max_new_tokens": 400, "temperature": 1.5, "min_p": 0}, timeout=10)
+    page = browser.new_page()
+    seen = []
+    try:
+        page.goto(attacker.url)
+        with httpx.stream("POST", f"{server.url}/galatea/chats/{chat}/send", json={"text": "Tell me a long tale."},
+                          timeout=120) as r:
+            for line in r.iter_lines():
+                if line.startswith("data: ") and '"text"' in line and not seen:
+                    seen.append(page.evaluate("""async (target) => {
+                      const r = await fetch(`${target}/api/extra/generate/check`);
+                      return (await r.json()).results[0].text; }""", server.url))
+                    still = httpx.get(f"{server.url}/galatea/chats/{chat}", timeout=10).json()["live"]
+                    seen.append(still)
+                    httpx.post(f"{server.url}/galatea/abort", json={"chat_id": chat}, timeout=10)
+    finally:
+        page.close()
+    assert seen[0] == "" and seen[1], seen  # read while the reply was still running: nothing
+
+
 def test_a_rebound_dns_name_is_refused(browser, server):
     """DNS rebinding: a page at evil.test whose name later resolves to 127.0.0.1 is same-origin
     with itself, so CORS cannot stop it; the Host check must."""

@@ -155,16 +155,28 @@ def _depth(obj: Any, limit: int = MAX_DEPTH) -> int:
     return deepest
 
 
-def parse_json(text: str, where: str) -> Any:
+MAX_JSON = 8 << 20  # a card or world-info file's JSON: real ones, big lorebooks included, are under 2 MiB
+MAX_YAML = 1 << 20  # YAML parses ~100x slower than JSON: a 24 MB card held a server for minutes
+
+
+def parse_json(text: str, where: str, what: str = "card") -> Any:
+    """`what` the file should be ("card", "lorebook"), for the messages."""
+    if len(text) > MAX_JSON:
+        raise GalateaError(f"{where}: {len(text) >> 20} MiB of JSON is too large for a {what} (at most "
+                           f"{MAX_JSON >> 20} MiB); check that this is the right file")
     try:
         obj = json.loads(text)
     except json.JSONDecodeError as e:
-        raise GalateaError(f"{where}: card JSON is invalid ({e.msg} at line {e.lineno} column {e.colno})") from None
+        raise GalateaError(f"{where}: {what} JSON is invalid ({e.msg} at line {e.lineno} column {e.colno})") from None
     except RecursionError:
-        raise GalateaError(f"{where}: card JSON nests too deeply; not a character card") from None
+        raise GalateaError(f"{where}: {what} JSON nests too deeply; not a {_long(what)}") from None
     if _depth(obj) > MAX_DEPTH:
-        raise GalateaError(f"{where}: card JSON nests over {MAX_DEPTH} levels; not a character card")
+        raise GalateaError(f"{where}: {what} JSON nests over {MAX_DEPTH} levels; not a {_long(what)}")
     return obj
+
+
+def _long(what: str) -> str:
+    return "character card" if what == "card" else what
 
 
 def _parse_text(text: str, where: str) -> Any:
@@ -173,6 +185,9 @@ def _parse_text(text: str, where: str) -> Any:
         return parse_json(text, where)
     import yaml
 
+    if len(text.encode("utf-8", "surrogatepass")) > MAX_YAML:
+        raise GalateaError(f"{where}: a YAML card of {len(text) >> 10} KiB is too large (at most "
+                           f"{MAX_YAML >> 10} KiB); save the card as JSON or PNG")
     try:
         # aliases let 500 bytes expand to gigabytes ("billion laughs"); cards never need them
         if any(isinstance(event, yaml.AliasEvent) for event in yaml.parse(text, Loader=yaml.SafeLoader)):
@@ -288,12 +303,18 @@ def clean_book(book: dict[str, Any], where: str) -> dict[str, Any]:
         entries = list(entries.values())
     if not isinstance(entries, list):
         raise GalateaError(f"{where}: field 'character_book.entries' should be a list")
+    if book.get("extensions") is not None and not isinstance(book["extensions"], dict):
+        raise GalateaError(f"{where}: field 'character_book.extensions' should be an object, "
+                           f"not {type(book['extensions']).__name__}")
     clean = copy.deepcopy(book)
     clean["entries"] = []
     for i, entry in enumerate(entries):
         if not isinstance(entry, dict):
             raise GalateaError(f"{where}: character_book entry {i} should be an object")
         e = copy.deepcopy(entry)
+        if e.get("extensions") is not None and not isinstance(e["extensions"], dict):
+            raise GalateaError(f"{where}: field 'character_book.entries[{i}].extensions' should be an object, "
+                               f"not {type(e['extensions']).__name__}")
         e["keys"] = _list(entry.get("keys", entry.get("key")), f"character_book.entries[{i}].keys", where,
                           split_commas=True)
         e["secondary_keys"] = _list(entry.get("secondary_keys", entry.get("keysecondary")),

@@ -53,7 +53,7 @@ def read_lorebook(data: bytes, where: str = "lorebook", name: str | None = None)
             return _from_card(read_card(data, where), where, name)
         raise GalateaError(f"{where}: not a lorebook (expected SillyTavern world-info JSON or a V2/V3 "
                            "lorebook); character cards go to `galatea characters import`")
-    obj = parse_json(text, where)
+    obj = parse_json(text, where, "lorebook")
     if not isinstance(obj, dict):
         raise GalateaError(f"{where}: a lorebook is a JSON object, not {type(obj).__name__}")
     if obj.get("spec") == "lorebook_v3" and isinstance(obj.get("data"), dict):
@@ -83,6 +83,10 @@ def from_world_info_entry(e: Any, where: str, i: int) -> dict[str, Any]:
     """One SillyTavern world-info entry as a V2 book entry (its own fields in `extensions`)."""
     if not isinstance(e, dict):
         raise GalateaError(f"{where}: world-info entry {i} should be an object")
+    own = e.get("extensions")
+    if own is not None and not isinstance(own, dict):
+        raise GalateaError(f"{where}: world-info entry {i}'s 'extensions' should be an object, not "
+                           f"{type(own).__name__}")
     position = e.get("position", 0)
     out: dict[str, Any] = {
         "id": e.get("uid", i), "keys": e.get("key", []), "secondary_keys": e.get("keysecondary", []),
@@ -91,7 +95,7 @@ def from_world_info_entry(e: Any, where: str, i: int) -> dict[str, Any]:
         "insertion_order": e.get("order", 100), "enabled": not e.get("disable", False),
         "case_sensitive": bool(e.get("caseSensitive")),
         "position": ST_POSITIONS.get(position, "after_char") if isinstance(position, int) else "before_char",
-        "extensions": {**(e.get("extensions") or {}), "position": position,
+        "extensions": {**(own or {}), "position": position,
                        **{k: e[k] for k in ST_ONLY if k in e}},
     }
     return out
@@ -101,7 +105,8 @@ def to_world_info(lorebook: Lorebook) -> dict[str, Any]:
     """SillyTavern's world-info file for this book."""
     entries = {}
     for i, e in enumerate(lorebook.entries):
-        ext = e.get("extensions") or {}
+        # (an older store may hold another type there)
+        ext = e.get("extensions") if isinstance(e.get("extensions"), dict) else {}
         position = ext.get("position", 0 if e.get("position") == "before_char" else 1)
         entries[str(i)] = {
             "uid": i, "key": list(e.get("keys") or []), "keysecondary": list(e.get("secondary_keys") or []),

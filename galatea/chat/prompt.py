@@ -47,6 +47,7 @@ DEFAULT_USER = "You"
 
 class _Counter(Protocol):
     def encode(self, text: str, add_bos: bool | None = None) -> list[int]: ...
+    def fewest_tokens(self, text: str) -> int: ...
 
 
 @dataclass
@@ -124,6 +125,9 @@ def build_prompt(char: Character, history: Sequence[Turn], new_message: str | No
         return text + (f"{user}:" if end == "user" else f"{name}:")
 
     def size(text: str) -> int:
+        least = tokenizer.fewest_tokens(text)
+        if least > budget:  # cannot fit whatever it tokenizes to: a 10 MB message is not tokenized
+            return least
         return len(tokenizer.encode(text))
 
     lore_text, lore_names = _fit_lore(lore, char, context, tokenizer)  # (before, after) the character
@@ -136,9 +140,11 @@ def build_prompt(char: Character, history: Sequence[Turn], new_message: str | No
         keep_from = max(0, len(turns) - 2)
         lo, hi = 1, keep_from  # smallest `first` that fits, by bisection (size falls as first grows)
         if size(render(0, keep_from, lore_text)) > budget:
-            need = size(render(0, keep_from, lore_text))
+            text = render(0, keep_from, lore_text)
+            need = size(text)
+            at_least = "at least " if need == tokenizer.fewest_tokens(text) else ""
             raise GalateaError(
-                f"the persona and the newest exchange need {need} tokens but only {budget} fit "
+                f"the persona and the newest exchange need {at_least}{need} tokens but only {budget} fit "
                 f"(context {context} minus {max_new_tokens} for the reply); shorten the persona or the "
                 "message, or lower max_new_tokens"
             )

@@ -12,6 +12,7 @@ llama.cpp); `tokenizers` matches its added tokens, as transformers does.
 
 from __future__ import annotations
 
+import functools
 import json
 import sys
 from pathlib import Path
@@ -24,6 +25,7 @@ class _Backend(Protocol):
     def encode(self, text: str) -> list[int]: ...
     def decode(self, ids: list[int]) -> str: ...
     def piece(self, token_id: int) -> str: ...
+    def token_bytes(self, token_id: int) -> bytes: ...
     def piece_id(self, piece: str) -> int | None: ...
 
 
@@ -44,9 +46,25 @@ class Tokenizer:
         """A token's text as the vocabulary spells it (`<s>`, `<|im_end|>`); "" for None."""
         return "" if token_id is None else self._backend.piece(token_id)
 
+    def token_bytes(self, token_id: int) -> bytes:
+        """The bytes a token stands for (OpenAI's logprobs `bytes`): a token holding part of a
+        character has only those bytes, which its text cannot show. Control tokens: none."""
+        return self._backend.token_bytes(token_id)
+
     def has_piece(self, piece: str) -> bool:
         """Whether the vocabulary holds `piece` as one token (Metharme's `<|model|>`...)."""
         return self._backend.piece_id(piece) is not None
+
+    @functools.cached_property
+    def max_token_chars(self) -> int:
+        """The longest token's spelling, in characters (a byte-level token spells a byte as one)."""
+        return max(1, max((len(self._backend.piece(i)) for i in range(self.vocab_size)), default=1))
+
+    def fewest_tokens(self, text: str) -> int:
+        """A lower bound on the tokens of `text`, without tokenizing it: no token covers more
+        characters than the longest one spells (halved again for normalizers that drop some).
+        What cannot fit a context is refused or cut by this, before seconds of tokenizing."""
+        return len(text) // (2 * self.max_token_chars)
 
     def encode(self, text: str, add_bos: bool | None = None) -> list[int]:
         ids = self._backend.encode(text)
@@ -77,6 +95,14 @@ class _SentencePiece:
     def piece(self, token_id: int) -> str:
         return self.sp.IdToPiece(token_id)
 
+    def token_bytes(self, token_id: int) -> bytes:
+        piece = self.sp.IdToPiece(token_id)
+        if self.sp.IsByte(token_id):  # byte fallback: "<0xE2>"
+            return bytes([int(piece[3:5], 16)])
+        if self.sp.IsControl(token_id) or self.sp.IsUnknown(token_id):
+            return b""
+        return piece.replace("\u2581", " ").encode("utf-8")
+
     def piece_id(self, piece: str) -> int | None:
         i = self.sp.PieceToId(piece)
         return i if i != self.sp.unk_id() or piece == self.sp.IdToPiece(i) else None
@@ -85,9 +111,14 @@ class _SentencePiece:
 class _HFTokenizers:
     def __init__(self, tk: Any) -> None:
         self.tk = tk
+        # byte-level BPE spells each byte as one character (GPT-2's table); others spell text
+        self.byte_of = _gpt2_bytes() if type(tk.decoder).__name__ == "ByteLevel" else None
+        self.added = set(tk.get_added_tokens_decoder())
 
     def encode(self, text: str) -> list[int]:
-        return self.tk.encode(text, add_special_tokens=False).ids
+        # encode_batch lets go of the GIL while it works (encode does not): a long prompt being
+        # tokenized on a worker thread then does not stop the server's event loop
+        return self.tk.encode_batch([text], add_special_tokens=False)[0].ids
 
     def decode(self, ids: list[int]) -> str:
         return self.tk.decode(ids, skip_special_tokens=False)
@@ -95,8 +126,32 @@ class _HFTokenizers:
     def piece(self, token_id: int) -> str:
         return self.tk.id_to_token(token_id) or ""
 
+    def token_bytes(self, token_id: int) -> bytes:
+        piece = self.piece(token_id)
+        if token_id in self.added:
+            return piece.encode("utf-8")
+        if self.byte_of is not None and all(c in self.byte_of for c in piece):
+            return bytes(self.byte_of[c] for c in piece)
+        if len(piece) == 6 and piece.startswith("<0x") and piece.endswith(">"):  # byte fallback
+            return bytes([int(piece[3:5], 16)])
+        return piece.replace("\u2581", " ").encode("utf-8")  # Metaspace: "▁" is a space
+
     def piece_id(self, piece: str) -> int | None:
         return self.tk.token_to_id(piece)
+
+
+def _gpt2_bytes() -> dict[str, int]:
+    """GPT-2's byte-level alphabet, character -> byte: printable bytes stand for themselves, the
+    others for 256 + their rank among them."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    table, extra = {}, 0
+    for b in range(256):
+        if b in printable:
+            table[chr(b)] = b
+        else:
+            table[chr(256 + extra)] = b
+            extra += 1
+    return table
 
 
 # ---- Hugging Face folders ---------------------------------------------------------------------

@@ -24,7 +24,7 @@ from galatea import __version__
 from galatea.chat.cards import load_character
 from galatea.chat.store import Store
 from galatea.engine.scheduler import Scheduler
-from galatea.errors import GalateaError
+from galatea.errors import GalateaError, StoreUnavailable
 from galatea.server import galatea_api, kobold, library_api, openai_api
 from galatea.server.guard import Guard, OpenCORS
 from galatea.server.live import LiveReplies
@@ -70,6 +70,7 @@ def create_app(engine: Scheduler, store: Store | None = None, api_key: str | Non
     app = FastAPI(title="Galatea", version=__version__,
                   description="KoboldAI, KoboldCpp and OpenAI-compatible APIs for persona chat models.")
     app.state.engine, app.state.store = engine, store
+    app.state.protected = bool(api_key)  # generation needs the key (guard.py); /api/extra/version says so
     # the last added runs first: CORS (the APIs'), then the guard, then JSON bodies
     app.add_middleware(JSONBodies)
     app.add_middleware(Guard, api_key=api_key, hosts=hosts)
@@ -90,9 +91,20 @@ def create_app(engine: Scheduler, store: Store | None = None, api_key: str | Non
         # what the engine cannot do for this request (a remote engine without a sampler it asks for)
         return _error(request, 400, str(exc), "invalid_request_error", "unsupported")
 
+    @app.exception_handler(StoreUnavailable)
+    async def unavailable(request: Request, exc: StoreUnavailable) -> JSONResponse:
+        return _error(request, 503, str(exc), "server_error", "store_unavailable")
+
     @app.get("/health", tags=["Galatea"])
-    def health() -> dict:
-        return {"status": "ok", "model": engine.name, "queue": engine.queued}
+    def health() -> JSONResponse:
+        body = {"status": "ok", "model": engine.name, "queue": engine.queued}
+        if store is not None:
+            try:
+                store.ping()
+                body["store"] = "ok"
+            except StoreUnavailable as e:  # a load balancer takes this replica out until it heals
+                return JSONResponse({**body, "status": "unavailable", "store": str(e)}, status_code=503)
+        return JSONResponse(body)
 
     app.state.perf, app.state.replies = Perf(), LiveReplies()
     engine.finished.append(app.state.perf.record)

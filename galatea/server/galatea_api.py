@@ -6,6 +6,7 @@ ending with a `{"done": true, ...}` event carrying the status line."""
 
 from __future__ import annotations
 
+import asyncio
 import threading
 from collections.abc import AsyncIterator, Callable, Iterator
 from typing import Annotated, Any
@@ -24,7 +25,7 @@ from galatea.errors import GalateaError
 from galatea.server import sse
 from galatea.server.deps import ChatStore, Engine
 from galatea.server.live import Busy, LiveReplies, LiveReply
-from galatea.server.schemas import BadRequest, RequestBody
+from galatea.server.schemas import BadRequest, RequestBody, refused
 
 
 class Text(RequestBody):
@@ -121,7 +122,7 @@ def session(engine: Scheduler, store: Store, chat_id: int) -> ChatSession:
         return ChatSession(store, engine.lm, chat_id, max_context=engine.context, generate=engine.generate_sync,
                            default_format=engine.chat_format)
     except GalateaError as e:
-        raise BadRequest(str(e), "not_found", 404) from None
+        raise refused(e, "not_found", 404) from None
 
 def messages(store: Store, chat_id: int) -> list[dict[str, Any]]:
     return [{"id": m.id, "number": i, "is_user": m.is_user, "name": m.name, "text": m.text,
@@ -136,11 +137,9 @@ def start_reply(replies: LiveReplies, s: ChatSession, kind: str,
 
     def run(reply: LiveReply) -> dict[str, Any]:
         s.progress = lambda read, total: reply.publish({"progress": {"read": read, "total": total}})
-        try:
-            for text in make(reply.cancel):
-                reply.publish({"text": text})
-        finally:
-            s.store.release()  # this thread ends with the reply: its database connection too
+        s.notice = lambda text: reply.publish({"notice": text})
+        for text in make(reply.cancel):
+            reply.publish({"text": text})
         last = s.last
         return {"done": True, "status": {} if last is None else {
             "prompt_tokens": last.prompt_tokens, "reply_tokens": last.reply_tokens,
@@ -172,7 +171,7 @@ def new_chat(character_id: RowId, store: ChatStore) -> dict:
     try:
         return {"id": store.new_chat(character_id)}
     except GalateaError as e:
-        raise BadRequest(str(e), "not_found", 404) from None
+        raise refused(e, "not_found", 404) from None
 
 @router.post("/characters/{character_id}/chats/import")
 async def import_chat(character_id: RowId, request: Request, store: ChatStore) -> dict:
@@ -183,15 +182,19 @@ async def import_chat(character_id: RowId, request: Request, store: ChatStore) -
     except UnicodeDecodeError:
         raise BadRequest("not a chat file (binary data, e.g. a PNG card); chats are SillyTavern .jsonl or "
                          "text-generation-webui .json files") from None
-    try:
-        _, char = store.character(character_id)
-        chat_id = chatfiles.import_chat(store, text, character_id, where="uploaded chat")
-    except GalateaError as e:
-        raise BadRequest(str(e), "bad_chat") from None
-    said = chatfiles.character_name(text)
-    warning = None if said is None or said.strip().lower() == char.name.strip().lower() else \
-        f"this chat was with {said!r}, not {char.name!r}; it was imported for {char.name} anyway"
-    return {"id": chat_id, "messages": len(store.messages(chat_id)), "warning": warning}
+
+    def add() -> dict:  # parsing and thousands of inserts off the event loop
+        try:
+            _, char = store.character(character_id)
+            chat_id = chatfiles.import_chat(store, text, character_id, where="uploaded chat")
+        except GalateaError as e:
+            raise refused(e, "bad_chat") from None
+        said = chatfiles.character_name(text)
+        warning = None if said is None or said.strip().lower() == char.name.strip().lower() else \
+            f"this chat was with {said!r}, not {char.name!r}; it was imported for {char.name} anyway"
+        return {"id": chat_id, "messages": len(store.messages(chat_id)), "warning": warning}
+
+    return await asyncio.to_thread(add)
 
 @router.get("/search")
 def search(store: ChatStore, q: Annotated[str, Query(min_length=1, max_length=200)],
@@ -241,7 +244,7 @@ def rename_chat(chat_id: RowId, body: Title, store: ChatStore) -> dict:
     try:
         store.rename_chat(chat_id, body.title.strip())
     except GalateaError as e:
-        raise BadRequest(str(e), "not_found", 404) from None
+        raise refused(e, "not_found", 404) from None
     return {"id": chat_id, "title": body.title.strip()}
 
 @router.delete("/chats/{chat_id}")
@@ -257,7 +260,7 @@ def branch(chat_id: RowId, body: At, store: ChatStore) -> dict:
     try:
         return {"id": store.branch(chat_id, body.message_id)}
     except GalateaError as e:
-        raise BadRequest(str(e), "not_found", 404) from None
+        raise refused(e, "not_found", 404) from None
 
 @router.get("/chats/{chat_id}/settings")
 def settings(chat_id: RowId, engine: Engine, store: ChatStore) -> dict:
@@ -316,7 +319,7 @@ def delete_preset(name: Annotated[str, PathParam(min_length=1, max_length=80)], 
     try:
         store.delete_preset(name)
     except GalateaError as e:
-        raise BadRequest(str(e), "not_found", 404) from None
+        raise refused(e, "not_found", 404) from None
     return {"ok": True}
 
 @router.get("/chats/{chat_id}/prompt")
@@ -330,14 +333,14 @@ def swipe(message_id: RowId, body: Step, store: ChatStore) -> dict:
     try:
         return {"swipe": store.swipe(message_id, body.step)}
     except GalateaError as e:
-        raise BadRequest(str(e), "not_found", 404) from None
+        raise refused(e, "not_found", 404) from None
 
 @router.put("/messages/{message_id}")
 def edit(message_id: RowId, body: Text, store: ChatStore) -> dict:
     try:
         store.edit_message(message_id, body.text)
     except GalateaError as e:
-        raise BadRequest(str(e), "not_found", 404) from None
+        raise refused(e, "not_found", 404) from None
     return {"ok": True}
 
 @router.delete("/messages/{message_id}")

@@ -9,9 +9,11 @@ size, the API key, and the last word on failures.
   refused. The KoboldAI and OpenAI APIs keep open CORS: their browser clients (KoboldAI Lite)
   call them from their own origin.
 - **Size**: bodies over MAX_BODY are refused whatever the transfer encoding (chunked included).
-- **Key**: with `--api-key`, every route but `/health` and the page's shell needs it, as
-  `Authorization: Bearer`, an `apikey` header, or (the page's API only) the `galatea_key`
-  cookie the page sets when it asks for the key.
+- **Key**: with `--api-key`, every route needs it, as `Authorization: Bearer`, an `apikey`
+  header, or (the page's API only) the `galatea_key` cookie the page sets when it asks for the
+  key - but `/health`, the page's shell and, as KoboldCpp keeps them, the routes a client reads to
+  connect (versions, model, context sizes: `OPEN_ROUTES`), so that KoboldAI Lite and SillyTavern
+  can see `protected: true` and ask for the key instead of failing to connect.
 - **Failures**: an exception no handler took becomes a 500 in the route's dialect.
 """
 
@@ -30,6 +32,13 @@ from galatea.server.serving import error_body
 
 MAX_BODY = 32 << 20  # KoboldCpp's payload limit
 LOOPBACK_NAMES = frozenset({"127.0.0.1", "localhost", "::1"})
+# what a keyed server still answers without the key (GET): what clients read to connect
+OPEN_ROUTES = frozenset({
+    "/health", "/api/extra/version", "/api/extra/true_max_context_length", "/api/extra/preloadstory",
+    "/sdapi/v1/sd-models", "/v1/models",
+    *(f"/api/{v}/{route}" for v in ("v1", "latest")
+      for route in ("model", "info/version", "config/max_length", "config/max_context_length")),
+})
 log = logging.getLogger("galatea.server")
 
 
@@ -124,7 +133,8 @@ class Guard:
         length = headers.get("content-length")
         if length and length.isdigit() and int(length) > MAX_BODY:
             return _error(path, 413, f"the request body is over {MAX_BODY >> 20} MB", "payload_too_large")
-        if self.api_key and request.method != "OPTIONS" and path != "/health" and \
+        open_route = request.method in ("GET", "HEAD") and (path in OPEN_ROUTES or path.startswith("/v1/models/"))
+        if self.api_key and request.method != "OPTIONS" and not open_route and \
                 not (path == "/" or path.startswith("/static")):
             given = headers.get("authorization", "")
             token = given[7:] if given.lower().startswith("bearer ") else headers.get("apikey", "")

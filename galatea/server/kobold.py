@@ -92,8 +92,9 @@ def max_context_length(engine: Engine) -> KoboldValue:
 
 
 @router.get("/api/extra/version")
-def version() -> KoboldVersion:
-    return KoboldVersion(result="KoboldCpp", version=KOBOLDCPP_VERSION)
+def version(request: Request) -> KoboldVersion:
+    # protected: Lite and SillyTavern ask for the key before generating (KoboldCpp's --password)
+    return KoboldVersion(result="KoboldCpp", version=KOBOLDCPP_VERSION, protected=request.app.state.protected)
 
 
 @router.get("/api/extra/true_max_context_length")

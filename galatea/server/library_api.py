@@ -4,6 +4,7 @@ The same store as the terminal's `galatea characters` and `galatea lorebooks`.""
 
 from __future__ import annotations
 
+import asyncio
 import io
 import json
 from typing import Annotated, Any, Literal
@@ -17,7 +18,7 @@ from galatea.chat.cards import Character, from_object, placeholder_png, read_car
 from galatea.chat.lorebooks import Lorebook, read_lorebook, to_world_info
 from galatea.errors import GalateaError
 from galatea.server.deps import ChatStore
-from galatea.server.schemas import BadRequest, RequestBody
+from galatea.server.schemas import BadRequest, RequestBody, refused
 
 RowId = Annotated[int, PathParam(ge=0, le=2**63 - 1)]
 router = APIRouter(prefix="/galatea", tags=["Galatea library"])
@@ -35,8 +36,8 @@ class LorebookBody(RequestBody):
     book: dict[str, Any]
 
 
-def _not_found(e: GalateaError) -> BadRequest:
-    return BadRequest(str(e), "not_found", 404)
+def _not_found(e: GalateaError) -> Exception:
+    return refused(e, "not_found", 404)
 
 
 def _download(body: bytes, kind: str, name: str, suffix: str) -> Response:
@@ -81,14 +82,18 @@ async def import_character(request: Request, store: ChatStore,
     data = await request.body()
     if not data:
         raise BadRequest("send the card file (JSON, PNG or YAML) as the request body")
-    try:
-        char = read_card(data, where="uploaded card")
-    except GalateaError as e:
-        raise BadRequest(str(e), "bad_card") from None
-    existing = None if copy else store.find_character(char)
-    if existing is not None:
-        return {"id": existing, "name": char.name, "existing": True}
-    return {"id": store.add_character(char), "name": char.name, "existing": False}
+
+    def add() -> dict:  # parsing and the store off the event loop: a big card takes seconds
+        try:
+            char = read_card(data, where="uploaded card")
+        except GalateaError as e:
+            raise refused(e, "bad_card") from None
+        existing = None if copy else store.find_character(char)
+        if existing is not None:
+            return {"id": existing, "name": char.name, "existing": True}
+        return {"id": store.add_character(char), "name": char.name, "existing": False}
+
+    return await asyncio.to_thread(add)
 
 @router.get("/characters/{character_id}")
 def character(character_id: RowId, store: ChatStore) -> dict:
@@ -106,7 +111,7 @@ def edit_character(character_id: RowId, card: dict[str, Any], store: ChatStore) 
     try:
         char = from_object({"spec": "chara_card_v2", "spec_version": "2.0", "data": merged}, where="the edited card")
     except GalateaError as e:
-        raise BadRequest(str(e), "bad_card") from None
+        raise refused(e, "bad_card") from None
     if not char.name.strip():
         raise BadRequest("the character needs a name")
     store.update_character(character_id, char)
@@ -122,17 +127,22 @@ async def set_image(character_id: RowId, request: Request, store: ChatStore) -> 
     """A new picture (PNG, JPEG, WebP or GIF as the body), kept as PNG."""
     from PIL import Image, UnidentifiedImageError
 
-    char = _character(store, character_id)
-    try:
-        with Image.open(io.BytesIO(await request.body())) as im:
-            if max(im.size) > MAX_PICTURE:
-                raise BadRequest(f"the picture is {im.size[0]}x{im.size[1]}; at most {MAX_PICTURE} pixels a side")
-            out = io.BytesIO()
-            im.convert("RGBA").save(out, "PNG")
-    except (UnidentifiedImageError, OSError, ValueError):
-        raise BadRequest("not a picture (send a PNG, JPEG, WebP or GIF file)", "bad_image") from None
-    char.image = out.getvalue()
-    store.update_character(character_id, char)
+    data = await request.body()
+
+    def save() -> None:  # decoding a picture and the store off the event loop
+        char = _character(store, character_id)
+        try:
+            with Image.open(io.BytesIO(data)) as im:
+                if max(im.size) > MAX_PICTURE:
+                    raise BadRequest(f"the picture is {im.size[0]}x{im.size[1]}; at most {MAX_PICTURE} pixels a side")
+                out = io.BytesIO()
+                im.convert("RGBA").save(out, "PNG")
+        except (UnidentifiedImageError, OSError, ValueError):
+            raise BadRequest("not a picture (send a PNG, JPEG, WebP or GIF file)", "bad_image") from None
+        char.image = out.getvalue()
+        store.update_character(character_id, char)
+
+    await asyncio.to_thread(save)
     return {"ok": True}
 
 @router.get("/characters/{character_id}/export")
@@ -170,12 +180,15 @@ async def import_lorebook(request: Request, store: ChatStore,
     data = await request.body()
     if not data:
         raise BadRequest("send the world-info file (JSON) as the request body")
-    try:
-        book = read_lorebook(data, where="uploaded lorebook", name=name)
-    except GalateaError as e:
-        raise BadRequest(str(e), "bad_lorebook") from None
-    lid = store.add_lorebook(book)
-    return _summary(store, lid, book)
+
+    def add() -> dict:  # parsing and the store off the event loop
+        try:
+            book = read_lorebook(data, where="uploaded lorebook", name=name)
+        except GalateaError as e:
+            raise refused(e, "bad_lorebook") from None
+        return _summary(store, store.add_lorebook(book), book)
+
+    return await asyncio.to_thread(add)
 
 @router.get("/lorebooks/{lorebook_id}")
 def lorebook(lorebook_id: RowId, store: ChatStore) -> dict:
@@ -188,7 +201,7 @@ def edit_lorebook(lorebook_id: RowId, body: LorebookBody, store: ChatStore) -> d
     try:
         book = read_lorebook(json.dumps(body.book).encode(), where="the edited lorebook", name=body.name)
     except GalateaError as e:
-        raise BadRequest(str(e), "bad_lorebook") from None
+        raise refused(e, "bad_lorebook") from None
     store.update_lorebook(lorebook_id, book)
     return _summary(store, lorebook_id, book)
 

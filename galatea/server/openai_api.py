@@ -4,6 +4,7 @@ accept, and the token endpoints SillyTavern calls for those back ends."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -85,7 +86,9 @@ async def generations(engine: Scheduler, ids: list[int], params: SamplingParams,
     client that goes away stops them (see disconnect.py)."""
     async with watch(request) as gone:
         for index in range(n):
-            async for chunk in engine.generate(ids, params, cancel=gone):
+            # a seeded request gives n different choices, the same n each time
+            choice = params if params.seed is None else dataclasses.replace(params, seed=(params.seed + index) % 2**64)
+            async for chunk in engine.generate(ids, choice, cancel=gone, origin="openai"):
                 yield index, chunk
             if gone.is_set():
                 return

@@ -16,6 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 from galatea.engine.modern_samplers import DRY_BREAKERS, dry_breaker_ids
 from galatea.engine.sampling import DEFAULT_ORDER, SamplingParams
+from galatea.errors import GalateaError, StoreUnavailable
 
 if TYPE_CHECKING:
     from galatea.engine.scheduler import Scheduler
@@ -26,6 +27,12 @@ class BadRequest(Exception):
     def __init__(self, message: str, code: str = "invalid_request", status: int = 400) -> None:
         super().__init__(message)
         self.code, self.status = code, status
+
+
+def refused(e: GalateaError, code: str, status: int = 400) -> Exception:
+    """What a route raises for a user's error from below: a BadRequest with its message, except
+    an unreachable chat store, which stays itself (a 503, not "not found")."""
+    return e if isinstance(e, StoreUnavailable) else BadRequest(str(e), code, status)
 
 
 MAX_LIST = 64  # stop strings, banned phrases: more is a mistake or an attack, not a setting

@@ -40,8 +40,12 @@ def kobold_prompt(req: KoboldGenerate, engine: Scheduler) -> list[int]:
         raise BadRequest("the prompt is empty; send some text to continue")
     context = kobold_context(req, engine)
     reply = min(req.max_length, max(1, context - 16))  # KoboldCpp clamps max_length the same way
+    if engine.tokenizer.fewest_tokens(req.memory) > context:
+        raise BadRequest(f"memory is {len(req.memory)} characters, more than a context of {context} tokens holds")
     memory = engine.tokenize(req.memory) if req.memory else []
-    prompt = engine.tokenize(req.prompt, add_bos=not memory) if req.prompt else []
+    # only the prompt's end can stay: what lies before it is not tokenized (a 10 MB prompt took seconds)
+    text = _tail(req.prompt, context, engine.tokenizer)
+    prompt = engine.tokenize(text, add_bos=not memory) if text else []
     room = context - reply - len(memory)
     if room <= 0:
         raise BadRequest(f"memory is {len(memory)} tokens and leaves no room in a context of {context}")
@@ -53,10 +57,20 @@ def kobold_prompt(req: KoboldGenerate, engine: Scheduler) -> list[int]:
 
 # ---- OpenAI-style ------------------------------------------------------------------------------
 
+def _tail(text: str, context: int, tokenizer: Tokenizer) -> str:
+    """The end of `text` that holds at least `context` tokens (all of it when short)."""
+    keep = 2 * tokenizer.max_token_chars * (context + 1)  # fewest_tokens(keep chars) > context
+    return text if len(text) <= keep else text[-keep:]
+
+
 def completion_prompt(req: CompletionRequest, engine: Scheduler) -> list[int]:
     prompt = req.prompt if isinstance(req.prompt, str) else "".join(req.prompt[:1])
     if not prompt:
         raise BadRequest("the prompt is empty; send some text to continue")
+    least = engine.tokenizer.fewest_tokens(prompt)
+    if least >= engine.context:
+        raise BadRequest(f"the prompt has at least {least} tokens but the context holds {engine.context}; "
+                         "shorten the prompt", "context_length_exceeded")
     return engine.tokenize(prompt)
 
 
@@ -109,7 +123,9 @@ def logprobs_content(tokenizer: Tokenizer, prev: int, log: list[TokenLogprob]) -
     out = []
     for entry in log:
         out.append({"token": _token_text(tokenizer, prev, entry.token), "logprob": entry.logprob,
-                    "top_logprobs": [{"token": _token_text(tokenizer, prev, t), "logprob": lp} for t, lp in entry.top]})
+                    "bytes": list(tokenizer.token_bytes(entry.token)),
+                    "top_logprobs": [{"token": _token_text(tokenizer, prev, t), "logprob": lp,
+                                      "bytes": list(tokenizer.token_bytes(t))} for t, lp in entry.top]})
         prev = entry.token
     return out
 
