@@ -192,7 +192,8 @@ def test_a_keyed_server_serves_its_page_and_takes_the_key_as_a_cookie(tmp_path):
         assert httpx.get(f"{s.url}/galatea/characters", timeout=5).status_code == 401
         r = httpx.get(f"{s.url}/galatea/characters", cookies={"galatea_key": "s3cret"}, timeout=5)
         assert r.status_code == 200
-        assert httpx.get(f"{s.url}/api/v1/model", cookies={"galatea_key": "s3cret"}, timeout=5).status_code == 401
+        assert httpx.post(f"{s.url}/api/v1/generate", json={"prompt": "Hi"}, cookies={"galatea_key": "s3cret"},
+                          timeout=5).status_code == 401  # the cookie is the page's, not the API's
     finally:
         s.stop()
 

@@ -134,7 +134,7 @@ def test_every_response_carries_cors_headers(tmp_path):
     s = Server(tmp_path, "--api-key", "s3cret")
     try:
         origin = {"Origin": "http://localhost:5173"}
-        r = httpx.get(f"{s.url}/api/v1/model", headers=origin, timeout=5)
+        r = httpx.post(f"{s.url}/api/v1/generate", json={"prompt": "Hi"}, headers=origin, timeout=5)
         assert r.status_code == 401 and r.headers.get("access-control-allow-origin") in ("*", origin["Origin"])
         assert r.json()["error"]["message"] == r.json()["detail"]["msg"]
         r = httpx.post(f"{s.url}/v1/completions", content="{bad", headers={**origin, "Authorization": "Bearer s3cret"},
