@@ -55,7 +55,7 @@ $(VENV)/.test: $(VENV)/.runtime
 	ls /usr/lib/postgresql/*/bin/pg_ctl >/dev/null 2>&1 || { [ "$$(id -u)" = 0 ] && apt-get update -qq && \
 	  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq postgresql; } || \
 	  { echo "the store tests need Debian's PostgreSQL: sudo apt-get install postgresql"; exit 1; }
-	$(MAKE) $(LLAMA_WHEEL)
+	$(MAKE) $(LLAMA_WHEEL) $(LLAMA_CONVERT)
 	$(BIN)/python -m pip install --quiet --find-links $(WHEELS) "llama-cpp-python[server]==$(LLAMA_CPP_PYTHON)"
 	touch $@
 
@@ -72,6 +72,19 @@ LLAMA_CMAKE := -DGGML_NATIVE=OFF -DGGML_AVX=$(call has,avx) -DGGML_AVX2=$(call h
 	-DGGML_F16C=$(call has,f16c) -DGGML_BMI2=$(call has,bmi2) -DGGML_AVX_VNNI=$(call has,avx_vnni) \
 	-DGGML_AVX512=$(call has,avx512f) -DGGML_AVX512_VBMI=$(call has,avx512vbmi) \
 	-DGGML_AVX512_VNNI=$(call has,avx512_vnni) -DGGML_AVX512_BF16=$(call has,avx512_bf16)
+# llama.cpp's own converter (convert_hf_to_gguf.py, its conversion/ package and gguf-py), from the
+# same sdist: the architecture tests compare Galatea on GGUF files it writes (a test reference).
+LLAMA_CONVERT := $(HOME)/.cache/galatea/llama-cpp-convert-$(LLAMA_CPP_PYTHON)
+$(LLAMA_CONVERT):
+	rm -rf $@.tmp && mkdir -p $@.tmp
+	$(BIN)/python -m pip download --quiet --no-deps --no-binary :all: -d $@.tmp "llama-cpp-python==$(LLAMA_CPP_PYTHON)"
+	tar -xzf $@.tmp/llama_cpp_python-$(LLAMA_CPP_PYTHON).tar.gz -C $@.tmp --strip-components=3 \
+	  llama_cpp_python-$(LLAMA_CPP_PYTHON)/vendor/llama.cpp/convert_hf_to_gguf.py \
+	  llama_cpp_python-$(LLAMA_CPP_PYTHON)/vendor/llama.cpp/conversion \
+	  llama_cpp_python-$(LLAMA_CPP_PYTHON)/vendor/llama.cpp/gguf-py \
+	  llama_cpp_python-$(LLAMA_CPP_PYTHON)/vendor/llama.cpp/LICENSE
+	rm $@.tmp/llama_cpp_python-$(LLAMA_CPP_PYTHON).tar.gz && mv $@.tmp $@
+
 $(LLAMA_WHEEL):
 	mkdir -p $(WHEELS)
 	CMAKE_ARGS="$(LLAMA_CMAKE)" CMAKE_BUILD_PARALLEL_LEVEL=$$(nproc) \

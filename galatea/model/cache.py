@@ -46,9 +46,8 @@ class KVCache:
             and kernels.attends(self.keys.shape[-1], self.keys.dtype)
         for src, dst, length in [*down, *reversed(up)]:
             if native and dst != src and length > 0:
-                d = abs(dst - src)
-                cos = rotary.cos[d].float().contiguous()
-                sin = (rotary.sin[d].float() * (1 if dst > src else -1)).contiguous()
+                cos, sin = rotary.turn(abs(dst - src))
+                sin = (sin * (1 if dst > src else -1)).contiguous()
                 kernels.move_kv(self.keys, self.values, src, dst, length, cos, sin)
             else:
                 self._move(src, dst, length, rotary)
@@ -63,8 +62,9 @@ class KVCache:
         # The rotation as a [D, D] matrix, applied to each key row by one GEMM (much faster than
         # elementwise ops on half-rows): out_lo = lo cos - hi sin, out_hi = hi cos + lo sin.
         half = self.keys.shape[-1] // 2
-        c = rotary.cos[abs(d), :half].float().cpu()
-        s = rotary.sin[abs(d), :half].float().cpu() * (1 if d > 0 else -1)
+        cos, sin = rotary.turn(abs(d))
+        c = cos[:half].cpu()
+        s = sin[:half].cpu() * (1 if d > 0 else -1)
         i = torch.arange(half)
         rot = torch.zeros(2 * half, 2 * half)
         rot[i, i], rot[i + half, i], rot[i + half, i + half], rot[i, i + half] = c, -s, c, s

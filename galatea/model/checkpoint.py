@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import importlib.util
 import sys
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -177,7 +177,7 @@ def _hf_source(p: Path, raw: dict, quant: str, dev: torch.device
     cfg = ModelConfig.from_hf(raw)
     types = {str(raw.get("torch_dtype") or raw.get("dtype") or "unknown"): 1}
     return (tokenizer.from_hf_folder(p, raw), cfg, types, _quant_mode(quant, types, dev),
-            hf_folder.iter_tensors(hf_folder.weight_files(p)))
+            split_experts(hf_folder.iter_tensors(hf_folder.weight_files(p))))
 
 
 def _gguf_source(p: Path, quant: str, dt: torch.dtype, dev: torch.device, kern: Kernels | None,
@@ -188,7 +188,7 @@ def _gguf_source(p: Path, quant: str, dt: torch.dtype, dev: torch.device, kern: 
     merged first, then quantized like any weight."""
     gguf = GGUFFile(p)
     tok = tokenizer.from_gguf_metadata(gguf.metadata)
-    cfg = ModelConfig.from_gguf(gguf.metadata, vocab_size=tok.vocab_size)
+    cfg = ModelConfig.from_gguf(gguf.metadata, vocab_size=tok.vocab_size, rope_freqs=gguf.rope_freqs())
     if not gguf.has_tensor("output.weight"):
         cfg = _tied(cfg)
     if not gguf.tensors:
@@ -290,6 +290,8 @@ def assemble(cfg: ModelConfig, tensors: Iterable[tuple[str, Tensor | Int4Groups 
                 f"{list(target.shape)}; the weights do not belong to this config"
             )
         owner, _, attr = name.removesuffix(".weight").rpartition(".")
+        if name.endswith(".mlp.gate.weight") and not isinstance(tensor, Tensor):  # the router stays in float
+            tensor = tensor.dequantize(kernels) if isinstance(tensor, TiledWeight) else tensor.dequantize()
         if isinstance(tensor, TiledWeight):
             assert kernels is not None
             layer: nn.Module = TiledEmbedding(tensor, kernels, dtype) if name == "model.embed_tokens.weight" \
@@ -298,7 +300,10 @@ def assemble(cfg: ModelConfig, tensors: Iterable[tuple[str, Tensor | Int4Groups 
         elif isinstance(tensor, Int4Groups):  # already quantized: the linear layer becomes an Int4Linear
             setattr(model.get_submodule(owner), attr, Int4Linear(tensor))  # packed in finish_layer
         else:
-            _set_param(model, name, tensor.to(device=device, dtype=dtype))
+            # norms, biases and routers stay float32 (small; llama.cpp keeps them so): rounded to bf16
+            # they cost the native step measurable top-1 agreement
+            exact = tensor.dim() == 1 or name.endswith(".mlp.gate.weight")
+            _set_param(model, name, tensor.to(device=device, dtype=torch.float32 if exact else dtype))
         loaded.add(name)
         if name.startswith("model.layers."):
             i = int(name.split(".")[2])
@@ -318,13 +323,38 @@ def assemble(cfg: ModelConfig, tensors: Iterable[tuple[str, Tensor | Int4Groups 
     return model
 
 
+
 def param_name(hf: str) -> str:
     """Our parameter's name for an HF tensor name: the same but for Qwen2's projection biases,
-    which live beside the projection (`self_attn.q_bias`) so a quantized projection keeps them."""
+    which live beside the projection (`self_attn.q_bias`) so a quantized projection keeps them,
+    and Mixtral's experts, named as Qwen3-MoE's (`block_sparse_moe.experts.3.w1` ->
+    `mlp.experts.3.gate_proj`)."""
     for p in ("q", "k", "v"):
         if hf.endswith(f".self_attn.{p}_proj.bias"):
             return hf.removesuffix(f"{p}_proj.bias") + f"{p}_bias"
+    if ".block_sparse_moe." in hf:
+        hf = hf.replace(".block_sparse_moe.gate.", ".mlp.gate.").replace(".block_sparse_moe.experts.", ".mlp.experts.")
+        for old, new in ((".w1.", ".gate_proj."), (".w3.", ".up_proj."), (".w2.", ".down_proj.")):
+            hf = hf.replace(old, new)
     return hf
+
+
+def split_experts(tensors: Iterable[tuple[str, Tensor]]) -> Iterator[tuple[str, Tensor]]:
+    """transformers 5's own layout of experts, one 3-D parameter for all of them
+    (`mlp.experts.gate_up_proj` [E, 2I, C], `mlp.experts.down_proj` [E, C, I]), as one matrix per
+    expert; every other tensor as it comes."""
+    for name, t in tensors:
+        if name.endswith((".mlp.experts.gate_up_proj", ".mlp.experts.down_proj")) and t.dim() == 3:
+            base = name.rpartition(".")[0]
+            for e in range(t.shape[0]):
+                if name.endswith("gate_up_proj"):
+                    gate, up = t[e].chunk(2, dim=0)
+                    yield f"{base}.{e}.gate_proj.weight", gate
+                    yield f"{base}.{e}.up_proj.weight", up
+                else:
+                    yield f"{base}.{e}.down_proj.weight", t[e]
+        else:
+            yield name, t
 
 
 def _set_param(model: nn.Module, name: str, value: Tensor) -> None:

@@ -6,13 +6,14 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from galatea.errors import GalateaError
+from galatea.model.rope import RopeScaling
 
 
 @dataclass(frozen=True)
 class ModelConfig:
     """A LLaMA-family decoder. Field names follow Hugging Face's `LlamaConfig`; the family
     members Galatea runs differ from LLaMA only in the fields at the end: Mistral in a sliding
-    attention window, Qwen2 in biases on the q/k/v projections."""
+    attention window, Qwen2 in biases on the q/k/v projections, Qwen3 in q/k norms."""
 
     vocab_size: int
     hidden_size: int  # width of the residual stream (4096 for LLaMA-7B)
@@ -23,18 +24,25 @@ class ModelConfig:
     max_position_embeddings: int  # the context the model was trained for
     rms_norm_eps: float = 1e-6
     rope_theta: float = 10000.0
-    rope_scaling_factor: float = 1.0  # linear position interpolation; 1.0 = none
+    rope_scaling: RopeScaling = field(default_factory=RopeScaling)  # see rope.py
     tie_word_embeddings: bool = False
     head_dim: int = 0  # 0 = hidden_size // num_attention_heads
     bos_token_id: int | None = 1
     eos_token_id: int | None = 2
     # KoboldAI convention: token ids banned from sampling (config.json "badwordsids").
     bad_words_ids: tuple[int, ...] = field(default_factory=tuple)
-    architecture: str = "llama"  # "llama", "mistral" or "qwen2": how the checkpoint names itself
+    architecture: str = "llama"  # llama, mistral, qwen2, qwen3, mixtral, qwen3_moe: the family it belongs to
     attention_bias: bool = False  # q/k/v projections carry biases (Qwen2)
     sliding_window: int | None = None  # each position attends to this many (itself included)
     # every id that ends a reply (Llama-3 lists <|end_of_text|> and <|eot_id|>)
     eos_token_ids: tuple[int, ...] = field(default_factory=tuple)
+    qk_norm: bool = False  # RMSNorm over each head of q and k before RoPE (Qwen3)
+    # mixture of experts (Mixtral, Qwen3-MoE): every layer's MLP is `num_experts` experts of
+    # `moe_intermediate_size`, `num_experts_per_tok` of them read per token; 0 = a dense MLP
+    num_experts: int = 0
+    num_experts_per_tok: int = 0
+    moe_intermediate_size: int = 0
+    norm_topk_prob: bool = True  # the chosen experts' weights renormalised to sum to 1
 
     def __post_init__(self) -> None:
         # sane bounds before anything is allocated from these numbers (a hostile or corrupt
@@ -55,6 +63,10 @@ class ModelConfig:
                                "checkpoint's config is corrupt")
         if self.head_dim == 0:
             object.__setattr__(self, "head_dim", self.hidden_size // self.num_attention_heads)
+        if self.num_experts and not (0 < self.num_experts_per_tok <= self.num_experts <= 1024
+                                     and 0 < self.moe_intermediate_size <= 1 << 19):
+            raise GalateaError(f"config: {self.num_experts_per_tok} of {self.num_experts} experts of width "
+                               f"{self.moe_intermediate_size} is not a mixture of experts; the config is corrupt")
         if self.num_attention_heads % self.num_key_value_heads:
             raise GalateaError(
                 f"config: {self.num_attention_heads} attention heads are not a multiple of "
@@ -75,20 +87,22 @@ class ModelConfig:
         if family is None or model_type not in _HF_ARCHS.values():
             name = archs[0] if archs else model_type
             raise GalateaError(
-                f"config.json: architecture {name!r} is not supported; Galatea runs LLaMA, Mistral and Qwen2 "
-                "models (LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM)"
+                f"config.json: architecture {name!r} is not supported; Galatea runs "
+                f"{', '.join(sorted(set(_HF_ARCHS) - {'LLaMAForCausalLM'}))}"
             )
         if cfg.get("mlp_bias") or (family == "llama" and cfg.get("attention_bias")):
             raise GalateaError("config.json: attention_bias/mlp_bias on a LLaMA are not supported; Galatea runs "
                                "plain LLaMA")
-        if family == "qwen2" and cfg.get("use_sliding_window"):
-            raise GalateaError("config.json: Qwen2 with use_sliding_window (a window on some layers only) is not "
-                               "supported; set use_sliding_window false if the model was trained without it")
+        if family in ("qwen2", *QWEN3) and cfg.get("use_sliding_window"):
+            raise GalateaError(f"config.json: {archs[0] if archs else family} with use_sliding_window (a window on "
+                               "some layers only) is not supported; set use_sliding_window false if the model was "
+                               "trained without it")
         # transformers >= 5 writes RoPE settings under "rope_parameters"; older files at the top level.
         rope = cfg.get("rope_parameters") or {}
         try:
             n_heads = int(cfg["num_attention_heads"])
-            window = cfg.get("sliding_window") if family == "mistral" else None
+            window = cfg.get("sliding_window") if family in ("mistral", "mixtral") else None
+            moe = _hf_experts(cfg, family)
             eos = _ids(cfg.get("eos_token_id"))
             return cls(
                 vocab_size=int(cfg["vocab_size"]),
@@ -100,16 +114,19 @@ class ModelConfig:
                 max_position_embeddings=int(cfg.get("max_position_embeddings", 2048)),
                 rms_norm_eps=float(cfg.get("rms_norm_eps", 1e-6)),
                 rope_theta=float(cfg.get("rope_theta") or rope.get("rope_theta") or 10000.0),
-                rope_scaling_factor=_hf_rope_scaling(cfg.get("rope_scaling") or rope),
+                rope_scaling=RopeScaling.from_hf(cfg.get("rope_scaling") or rope,
+                                                 int(cfg.get("max_position_embeddings", 2048))),
                 tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
                 head_dim=int(cfg.get("head_dim") or 0),
                 bos_token_id=_first_id(cfg.get("bos_token_id")),
                 eos_token_id=eos[0] if eos else None,
                 bad_words_ids=_bad_words(cfg.get("badwordsids")),
                 architecture=family,
-                attention_bias=family == "qwen2",
+                attention_bias=family == "qwen2" or (family in QWEN3 and bool(cfg.get("attention_bias"))),
                 sliding_window=None if window is None else int(window),
                 eos_token_ids=eos,
+                qk_norm=family in QWEN3,
+                **moe,
             )
         except KeyError as e:
             raise GalateaError(f"config.json: missing field {e.args[0]!r}; the file is incomplete") from None
@@ -117,14 +134,15 @@ class ModelConfig:
             raise GalateaError(f"config.json: a field has the wrong type ({e})") from None
 
     @classmethod
-    def from_gguf(cls, meta: dict[str, Any], vocab_size: int) -> ModelConfig:
-        """Build from GGUF key/values (`llama.*` or `qwen2.*`; llama.cpp writes Mistral as
-        `llama`). `vocab_size` comes from the token list."""
+    def from_gguf(cls, meta: dict[str, Any], vocab_size: int, rope_freqs: tuple[float, ...] = ()) -> ModelConfig:
+        """Build from GGUF key/values (`llama.*`, `qwen2.*`, `qwen3.*`; llama.cpp writes Mistral as
+        `llama`). `vocab_size` comes from the token list; `rope_freqs`, from the file's
+        `rope_freqs.weight` (Llama 3's RoPE scaling, as llama.cpp writes it)."""
         arch = meta.get("general.architecture")
         if arch not in GGUF_ARCHS:
             raise GalateaError(
                 f"GGUF architecture {arch!r} is not supported; Galatea runs {', '.join(map(repr, GGUF_ARCHS))} "
-                "GGUF files (LLaMA, Mistral, Qwen2)"
+                "GGUF files (LLaMA, Mistral, Qwen2, Qwen3)"
             )
 
         def key(name: str, default: Any = None) -> Any:
@@ -138,12 +156,6 @@ class ModelConfig:
         eos = meta.get("tokenizer.ggml.eos_token_id")
         window = meta.get(f"{arch}.attention.sliding_window")
         window = int(window) if window else None
-        scaling = meta.get(f"{arch}.rope.scaling.type")
-        factor = 1.0
-        if scaling == "linear":
-            factor = float(meta.get(f"{arch}.rope.scaling.factor", 1.0))
-        elif scaling not in (None, "none"):
-            raise GalateaError(f"GGUF rope scaling {scaling!r} is not supported (only linear)")
         return cls(
             vocab_size=vocab_size,
             hidden_size=embed,
@@ -154,33 +166,69 @@ class ModelConfig:
             max_position_embeddings=int(key("context_length", 2048)),
             rms_norm_eps=float(key("attention.layer_norm_rms_epsilon", 1e-5)),
             rope_theta=float(key("rope.freq_base", 10000.0)),
-            rope_scaling_factor=factor,
+            rope_scaling=RopeScaling.from_gguf(meta, arch, rope_freqs),
             head_dim=int(meta.get(f"{arch}.attention.key_length") or 0),
             bos_token_id=meta.get("tokenizer.ggml.bos_token_id"),
             eos_token_id=eos,
-            architecture="mistral" if window and arch == "llama" else arch,
-            attention_bias=arch == "qwen2",
+            architecture=_gguf_family(meta, arch, window),
+            attention_bias=arch == "qwen2",  # (a qwen3 file with biases: its bias tensors are refused)
             sliding_window=window,
             eos_token_ids=tuple(dict.fromkeys(i for i in (eos, meta.get("tokenizer.ggml.eot_token_id"))
                                               if i is not None)),
+            qk_norm=arch in ("qwen3", "qwen3moe"),
+            **_gguf_experts(meta, arch),
         )
 
 
 # HF class name -> the family it belongs to; GGUF architectures (llama.cpp writes Mistral as llama)
 _HF_ARCHS = {"LlamaForCausalLM": "llama", "LLaMAForCausalLM": "llama", "MistralForCausalLM": "mistral",
-             "Qwen2ForCausalLM": "qwen2"}
-GGUF_ARCHS = ("llama", "qwen2")
+             "Qwen2ForCausalLM": "qwen2", "Qwen3ForCausalLM": "qwen3", "MixtralForCausalLM": "mixtral",
+             "Qwen3MoeForCausalLM": "qwen3_moe"}
+GGUF_ARCHS = ("llama", "qwen2", "qwen3", "qwen3moe")
+QWEN3 = ("qwen3", "qwen3_moe")  # the families with q/k norms
 
 
-def _hf_rope_scaling(rs: dict[str, Any] | None) -> float:
-    if not rs:
-        return 1.0
-    kind = rs.get("rope_type") or rs.get("type")
-    if kind in ("linear",):
-        return float(rs.get("factor", 1.0))
-    if kind in ("default", None):
-        return 1.0
-    raise GalateaError(f"config.json: rope_scaling type {kind!r} is not supported (only linear)")
+def _hf_experts(cfg: dict[str, Any], family: str) -> dict[str, Any]:
+    """The mixture-of-experts fields of a Mixtral or Qwen3-MoE config.json ({} for dense)."""
+    if family == "mixtral":
+        return {"num_experts": int(cfg["num_local_experts"]), "num_experts_per_tok": int(cfg["num_experts_per_tok"]),
+                "moe_intermediate_size": int(cfg["intermediate_size"]), "norm_topk_prob": True}
+    if family == "qwen3_moe":
+        if cfg.get("mlp_only_layers") or int(cfg.get("decoder_sparse_step", 1)) != 1:
+            raise GalateaError("config.json: a Qwen3-MoE with dense layers among the expert ones (mlp_only_layers, "
+                               "decoder_sparse_step) is not supported")
+        count = cfg.get("num_experts") or cfg["num_local_experts"]  # the second: transformers 5 writes it so
+        return {"num_experts": int(count), "num_experts_per_tok": int(cfg["num_experts_per_tok"]),
+                "moe_intermediate_size": int(cfg["moe_intermediate_size"]),
+                "norm_topk_prob": bool(cfg.get("norm_topk_prob", False))}
+    return {}
+
+
+def _gguf_experts(meta: dict[str, Any], arch: str) -> dict[str, Any]:
+    """llama.cpp's expert keys ({} for dense): count, used count, width (Mixtral's is the
+    feed-forward length), renormalised weights (llama.cpp's default for these families: yes)."""
+    count = int(meta.get(f"{arch}.expert_count") or 0)
+    if not count:
+        return {}
+    for key in ("expert_shared_count", "expert_shared_feed_forward_length"):
+        if meta.get(f"{arch}.{key}"):
+            raise GalateaError(f"GGUF: shared experts ({arch}.{key}) are not supported")
+    gating = meta.get(f"{arch}.expert_gating_func")
+    if gating not in (None, 1):  # 1: softmax
+        raise GalateaError(f"GGUF: expert gating function {gating} is not supported (only softmax)")
+    width = meta.get(f"{arch}.expert_feed_forward_length") or meta.get(f"{arch}.feed_forward_length")
+    return {"num_experts": count, "num_experts_per_tok": int(meta.get(f"{arch}.expert_used_count") or 0),
+            "moe_intermediate_size": int(width or 0),
+            "norm_topk_prob": bool(meta.get(f"{arch}.expert_weights_norm", True))}
+
+
+def _gguf_family(meta: dict[str, Any], arch: str, window: int | None) -> str:
+    """llama.cpp writes Mistral and Mixtral as 'llama' (the window, the experts tell them apart)."""
+    if arch == "llama" and meta.get("llama.expert_count"):
+        return "mixtral"
+    if arch == "llama" and window:
+        return "mistral"
+    return {"qwen3moe": "qwen3_moe"}.get(arch, arch)
 
 
 def _ids(value: Any) -> tuple[int, ...]:

@@ -20,13 +20,18 @@ from __future__ import annotations
 import ctypes
 import time
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from galatea.kernels.native import ISA_IDS, KV_DTYPE_IDS, Kernels
 from galatea.model.cache import KVCache
 from galatea.model.tiled import TiledEmbedding, TiledLinear
+
+if TYPE_CHECKING:
+    from galatea.model.llama import MoE
 
 PRE_NONE, PRE_RMSNORM, PRE_SWIGLU = 0, 1, 2
 KEEP_PLANS = 64  # plans (buffers + call arguments) kept for row counts up to this
@@ -42,14 +47,21 @@ class FusedDecoder:
         self.heads, self.kv_heads, self.head_dim = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
         self.hidden, self.eps, self.vocab = cfg.hidden_size, cfg.rms_norm_eps, cfg.vocab_size
         self.layers = []
+        self.moe: list[MoE | None] = []  # a layer's experts, where its MLP is a mixture of them
         for layer in model.model.layers:
             attn, mlp = layer.self_attn, layer.mlp
-            self.layers.append((attn.qkv_proj, attn.o_proj, mlp.gate_up_proj, mlp.down_proj,
+            moe = mlp if hasattr(mlp, "experts") else None  # llama.MoE (llama.py imports this module)
+            self.moe.append(moe)
+            self.layers.append((attn.qkv_proj, attn.o_proj, None if moe else mlp.gate_up_proj,
+                                None if moe else mlp.down_proj,
                                 layer.input_layernorm.weight.detach().float().contiguous(),
                                 layer.post_attention_layernorm.weight.detach().float().contiguous()))
         # Qwen2's q/k/v biases, added to the projection's output before attention reads it
         self.qkv_bias = [None if layer.self_attn.qkv_bias is None else layer.self_attn.qkv_bias.float().contiguous()
                          for layer in model.model.layers]
+        # Qwen3's per-head q/k norms, applied to the projection's output before attention reads it
+        self.qk_norms = [(a.q_norm.weight.detach().float(), a.k_norm.weight.detach().float())
+                         if hasattr(a, "q_norm") else None for a in (layer.self_attn for layer in model.model.layers)]
         self.final_norm = model.model.norm.weight.detach().float().contiguous()
         self.head: TiledLinear = model.lm_head
         self._plans: dict[int, tuple[dict[str, Tensor], list[tuple]]] = {}
@@ -77,7 +89,9 @@ class FusedDecoder:
         if kernels is None or model.config.head_dim % 16 or model.config.head_dim > 256:
             return None
         for layer in model.model.layers:
-            parts = (layer.self_attn.qkv_proj, layer.self_attn.o_proj, layer.mlp.gate_up_proj, layer.mlp.down_proj)
+            mlps = layer.mlp.experts if hasattr(layer.mlp, "experts") else [layer.mlp]
+            parts = (layer.self_attn.qkv_proj, layer.self_attn.o_proj, *(p for m in mlps for p in (m.gate_up_proj,
+                                                                                                   m.down_proj)))
             if not all(isinstance(p, TiledLinear) for p in parts):
                 return None  # not fused, or some matrix stayed float
         return cls(model, kernels) if isinstance(model.lm_head, TiledLinear) else None
@@ -89,7 +103,7 @@ class FusedDecoder:
             return self._plans[rows]
         d = self.head_dim
         qkv_w = (self.heads + 2 * self.kv_heads) * d
-        inter = self.layers[0][2].out_features // 2
+        inter = max((lin[2].out_features // 2 for lin in self.layers if lin[2] is not None), default=0)
         buf = {"x": torch.empty(rows, self.hidden), "qkv": torch.empty(rows, qkv_w),
                "attn": torch.empty(rows, self.heads * d), "gu": torch.empty(rows, 2 * inter)}
         x, qkv, attn, gu = (buf[n].data_ptr() for n in ("x", "qkv", "attn", "gu"))
@@ -102,11 +116,35 @@ class FusedDecoder:
         for qkv_p, o_p, gu_p, down_p, n1, n2 in self.layers:
             plan.append((call(qkv_p, x, self.hidden, qkv, qkv_w, 0, PRE_RMSNORM, n1),
                          call(o_p, attn, self.heads * d, x, self.hidden, 1, PRE_NONE, None),
-                         call(gu_p, x, self.hidden, gu, 2 * inter, 0, PRE_RMSNORM, n2),
-                         call(down_p, gu, 2 * inter, x, self.hidden, 1, PRE_SWIGLU, None)))
+                         None if gu_p is None else call(gu_p, x, self.hidden, gu, 2 * inter, 0, PRE_RMSNORM, n2),
+                         None if down_p is None else call(down_p, gu, 2 * inter, x, self.hidden, 1, PRE_SWIGLU, None)))
         if rows <= KEEP_PLANS:  # decoding sizes; a prompt chunk's are made anew (each costs ~0.1 ms)
             self._plans[rows] = (buf, plan)
         return buf, plan
+
+    def _experts(self, moe: MoE, norm: Tensor, x: Tensor) -> None:
+        """x [rows, C] += the mixture of experts of rmsnorm(x): rows grouped by expert, so each
+        chosen expert's weights are read once for all its rows, and no other expert's at all."""
+        xn = F.rms_norm(x, (self.hidden,), norm, self.eps)
+        weights, chosen = moe.gate(xn)  # [rows, k]
+        for e in chosen.unique().tolist():
+            rows, slot = (chosen == e).nonzero(as_tuple=True)
+            expert = moe.experts[e]
+            gu = expert.gate_up_proj(xn[rows])  # [n, 2I]
+            y = torch.empty(len(rows), self.hidden)
+            down = expert.down_proj
+            if self.lib.gx_matmul(self.isa, ctypes.addressof(down.segments), len(down.segments), down.in_features,
+                                  gu.data_ptr(), 0, gu.shape[1], len(rows), y.data_ptr(), 0, self.hidden, 0,
+                                  PRE_SWIGLU, None, self.eps):  # silu(gate) * up as its input is quantized
+                raise RuntimeError("native mat-mul refused its arguments")
+            x.index_add_(0, rows, y.mul_(weights[rows, slot, None]))
+
+    def _norm_heads(self, qkv: Tensor, q_weight: Tensor, k_weight: Tensor) -> None:
+        """RMSNorm over each head of q and k, in place in the projection's output [rows, (H+2K)*D]."""
+        h, kv, d = self.heads, self.kv_heads, self.head_dim
+        heads = qkv.view(qkv.shape[0], h + 2 * kv, d)
+        heads[:, :h] = F.rms_norm(heads[:, :h], (d,), q_weight, self.eps)
+        heads[:, h : h + kv] = F.rms_norm(heads[:, h : h + kv], (d,), k_weight, self.eps)
 
     @torch.inference_mode()
     def step(self, tokens: Sequence[int], caches: Sequence[KVCache], positions: Sequence[int],
@@ -124,7 +162,8 @@ class FusedDecoder:
         buf, plan = self._plan(rows)
         embed = self.model.model.embed_tokens
         ids = torch.tensor(tokens)
-        buf["x"].copy_(embed(ids) if isinstance(embed, TiledEmbedding) else embed(ids.to(embed.weight.device)))
+        buf["x"].copy_(embed(ids, torch.float32) if isinstance(embed, TiledEmbedding)
+                       else embed(ids.to(embed.weight.device)))
         # per-row cache geometry, once per step: [layers, 1, K, S, D] tensors
         i64, ptr = ctypes.c_int64 * rows, ctypes.c_void_p * rows
         pos = i64(*positions)
@@ -141,6 +180,8 @@ class FusedDecoder:
                 raise RuntimeError("native mat-mul refused its arguments")
             if self.qkv_bias[i] is not None:
                 qkv.add_(self.qkv_bias[i])
+            if self.qk_norms[i] is not None:
+                self._norm_heads(qkv, *self.qk_norms[i])
             kp = ptr(*(b + i * lb for b, lb in zip(kbase, layer_bytes, strict=True)))
             vp = ptr(*(b + i * lb for b, lb in zip(vbase, layer_bytes, strict=True)))
             rc = attend(self.isa, qkv.data_ptr(), qkv.stride(0), rows, pos, kp, vp, head_stride, pos_stride,
@@ -148,7 +189,12 @@ class FusedDecoder:
                         rotary.sin.data_ptr(), scale, attn.data_ptr(), attn.stride(0))
             if rc != 0:
                 raise RuntimeError(f"native decode attention refused its arguments (code {rc})")
-            if matmul(*o_call) or matmul(*gu_call) or matmul(*down_call):
+            if matmul(*o_call):
+                raise RuntimeError("native mat-mul refused its arguments")
+            moe = self.moe[i]
+            if moe is not None:
+                self._experts(moe, self.layers[i][5], buf["x"])
+            elif matmul(*gu_call) or matmul(*down_call):
                 raise RuntimeError("native mat-mul refused its arguments")
         x = buf["x"] if keep is None or len(keep) == rows else buf["x"][torch.tensor(list(keep))]
         logits = torch.empty(x.shape[0], self.vocab)

@@ -51,13 +51,24 @@ NAME_TABLE = {
     "blk.{n}.attn_q.bias": "model.layers.{n}.self_attn.q_proj.bias",  # Qwen2
     "blk.{n}.attn_k.bias": "model.layers.{n}.self_attn.k_proj.bias",
     "blk.{n}.attn_v.bias": "model.layers.{n}.self_attn.v_proj.bias",
+    "blk.{n}.attn_q_norm.weight": "model.layers.{n}.self_attn.q_norm.weight",  # Qwen3
+    "blk.{n}.attn_k_norm.weight": "model.layers.{n}.self_attn.k_norm.weight",
     "blk.{n}.ffn_norm.weight": "model.layers.{n}.post_attention_layernorm.weight",
     "blk.{n}.ffn_gate.weight": "model.layers.{n}.mlp.gate_proj.weight",
     "blk.{n}.ffn_up.weight": "model.layers.{n}.mlp.up_proj.weight",
     "blk.{n}.ffn_down.weight": "model.layers.{n}.mlp.down_proj.weight",
+    "blk.{n}.ffn_gate_inp.weight": "model.layers.{n}.mlp.gate.weight",  # the experts' router
+    # every expert's matrix in one 3-D tensor [experts, rows, cols]: read as one matrix per expert
+    "blk.{n}.ffn_gate_exps.weight": "model.layers.{n}.mlp.experts.{e}.gate_proj.weight",
+    "blk.{n}.ffn_up_exps.weight": "model.layers.{n}.mlp.experts.{e}.up_proj.weight",
+    "blk.{n}.ffn_down_exps.weight": "model.layers.{n}.mlp.experts.{e}.down_proj.weight",
 }
-# Tensors llama.cpp may write that carry nothing Galatea needs (precomputed RoPE tables).
-IGNORED = re.compile(r"^(rope_freqs\.weight|blk\.\d+\.attn_rot_embd)$")
+# Tensors that are not weights of a layer, each with why it is not loaded as one. Any other name
+# outside NAME_TABLE is refused: a tensor that changes the arithmetic is never dropped.
+NOT_WEIGHTS = {
+    "rope_freqs.weight": "Llama 3's RoPE frequency divisors: read into the config (rope.py)",
+    "blk.{n}.attn_rot_embd": "a RoPE table old converters stored; RoPE is computed from the config",
+}
 _LAYER = re.compile(r"^blk\.(\d+)\.")
 
 # GGUF value type id -> struct format of a scalar (8 = string, 9 = array are handled apart).
@@ -66,11 +77,19 @@ _NUMPY = {0: "<u1", 1: "<i1", 2: "<u2", 3: "<i2", 4: "<u4", 5: "<i4", 6: "<f4", 
           12: "<f8"}
 
 
-def hf_name(gguf_name: str) -> str | None:
+def _key(gguf_name: str) -> tuple[str, re.Match | None]:
     m = _LAYER.match(gguf_name)
-    key = gguf_name.replace(f"blk.{m.group(1)}.", "blk.{n}.", 1) if m else gguf_name
+    return (gguf_name.replace(f"blk.{m.group(1)}.", "blk.{n}.", 1) if m else gguf_name), m
+
+
+def hf_name(gguf_name: str, expert: int = 0) -> str | None:
+    key, m = _key(gguf_name)
     target = NAME_TABLE.get(key)
-    return target.format(n=m.group(1)) if target and m else target
+    return target.format(n=m.group(1), e=expert) if target and m else target
+
+
+def not_a_weight(gguf_name: str) -> bool:
+    return _key(gguf_name)[0] in NOT_WEIGHTS
 
 
 @dataclass(frozen=True)
@@ -130,6 +149,11 @@ class GGUFFile:
     def has_tensor(self, name: str) -> bool:
         return any(t.name == name for t in self.tensors)
 
+    def rope_freqs(self) -> tuple[float, ...]:
+        """The values of `rope_freqs.weight` (Llama 3's RoPE scaling), or () without one."""
+        t = next((t for t in self.tensors if t.name == "rope_freqs.weight"), None)
+        return () if t is None else tuple(self.read_float(t).flatten().tolist())
+
     def iter_tensors(self, n_heads: int, n_kv_heads: int, dtype: torch.dtype = torch.float32, int4: bool = False,
                      tiled: tuple[Kernels, frozenset[int]] | None = None,
                      ) -> Iterator[tuple[str, Tensor | Int4Groups | TiledWeight]]:
@@ -137,12 +161,7 @@ class GGUFFile:
         native kernels and the GGUF types to keep), matrices stored in those types come as
         `TiledWeight`s, their blocks exactly as stored; with `int4`, the Q4_0/Q4_1/Q4_K weights
         of the decoder layers come as `Int4Groups` (the torch fallback's int4)."""
-        for t in self.tensors:
-            if IGNORED.match(t.name):
-                continue
-            name = hf_name(t.name)
-            if name is None:
-                raise GalateaError(f"{self.path}: unexpected tensor {t.name!r}; this is not a plain LLaMA GGUF")
+        for t, name in self._matrices():
             # llama.cpp permutes q/k rows for its 'llama' RoPE only; a qwen2 file keeps HF's order
             heads = 0 if not self.permuted else n_heads if t.name.endswith("attn_q.weight") else \
                 n_kv_heads if t.name.endswith("attn_k.weight") else 0
@@ -154,10 +173,26 @@ class GGUFFile:
                 w = self.read_int4_groups(t)
                 w = w.take_rows(rows) if rows is not None else w
             else:
-                w = self.read_float(t, dtype)
+                w = self.read_float(t, torch.float32 if len(t.shape) == 1 else dtype)  # norms: exact
                 w = w[rows] if rows is not None else w
             yield name, w
             self.release(t)
+
+    def _matrices(self) -> Iterator[tuple[TensorInfo, str]]:
+        """(tensor, HF name) of every weight; a 3-D tensor of experts as one 2-D tensor each
+        (its slice of the file: experts are stored one after another)."""
+        for t in self.tensors:
+            if not_a_weight(t.name):
+                continue
+            if hf_name(t.name) is None:
+                raise GalateaError(f"{self.path}: unexpected tensor {t.name!r}; Galatea does not know what it does "
+                                   "(this is not a GGUF of a family it runs)")
+            if len(t.shape) == 3:
+                per = t.nbytes // t.shape[0]
+                for e in range(t.shape[0]):
+                    yield TensorInfo(t.name, t.shape[1:], t.type_id, t.offset + e * per, per), hf_name(t.name, e)
+            else:
+                yield t, hf_name(t.name)
 
     def read_int4_groups(self, t: TensorInfo) -> Int4Groups:
         """A Q4_0, Q4_1 or Q4_K tensor as int4 groups of 32, without a float copy.

@@ -35,7 +35,8 @@ def _read(path: Path) -> tuple[ModelConfig, dict[str, Any] | None, GGUFFile | No
         return ModelConfig.from_hf(raw), raw, None
     g = GGUFFile(path)
     tokens = g.metadata.get("tokenizer.ggml.tokens") or []
-    cfg = ModelConfig.from_gguf(g.metadata, vocab_size=len(tokens) or int(g.metadata.get("llama.vocab_size", 0)))
+    cfg = ModelConfig.from_gguf(g.metadata, vocab_size=len(tokens) or int(g.metadata.get("llama.vocab_size", 0)),
+                                rope_freqs=g.rope_freqs())
     if g.tensors and not g.has_tensor("output.weight"):
         from dataclasses import replace
 
@@ -74,6 +75,7 @@ def describe(path: Path) -> dict[str, Any]:
         "vocab_size": cfg.vocab_size,
         "context_length": cfg.max_position_embeddings,
         "rope_theta": cfg.rope_theta,
+        "rope_scaling": cfg.rope_scaling.describe(),
         "tied_embeddings": cfg.tie_word_embeddings,
         "tokenizer": tokenizer,
         "file_bytes": size,

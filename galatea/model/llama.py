@@ -12,7 +12,8 @@ at load time (see `gguf_file.py`).
 
 The same code runs the LLaMA family members that differ only a little (config.py): Qwen2's q/k/v
 biases are parameters of the attention (`q_bias`...; HF's `q_proj.bias`, renamed at load, so a
-quantized or tiled projection keeps its bias beside it), and Mistral's sliding window limits
+quantized or tiled projection keeps its bias beside it), Qwen3 normalises each head of q and k
+(`q_norm`, `k_norm`: RMSNorm over head_dim) before RoPE, and Mistral's sliding window limits
 each query to the last `sliding_window` positions, itself included (transformers' mask
 `kv_pos > q_pos - window`).
 """
@@ -34,6 +35,7 @@ from galatea.model.cache import KVCache
 from galatea.model.config import ModelConfig
 from galatea.model.decode_step import FusedDecoder
 from galatea.model.quant import concat_linears
+from galatea.model.tiled import TiledEmbedding
 
 # Rows per forward pass up to which torch runs single-threaded beside the native kernels.
 DECODE_ROWS = 16
@@ -47,24 +49,32 @@ class RMSNorm(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         # One fused kernel; it accumulates in float32 for bf16 inputs.
-        return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
+        return F.rms_norm(x, (x.shape[-1],), self.weight.to(x.dtype), self.eps)  # (the weight is float32)
 
 
 class Rotary(nn.Module):
-    """cos/sin tables for rotate-half RoPE, built once for `max_len` positions."""
+    """cos/sin tables for rotate-half RoPE, built once for `max_len` positions, with the
+    checkpoint's frequency scaling (rope.py); for YaRN, scaled by its attention factor."""
 
     def __init__(self, cfg: ModelConfig, max_len: int, device: torch.device | str | None = None) -> None:
         super().__init__()
-        d = cfg.head_dim
-        inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, d, 2, dtype=torch.float64, device=device) / d))
-        pos = torch.arange(max_len, dtype=torch.float64, device=device) / cfg.rope_scaling_factor
-        freqs = torch.outer(pos, inv_freq)  # [max_len, D/2]
+        inv_freq, self.scale = cfg.rope_scaling.frequencies(cfg.head_dim, cfg.rope_theta, cfg.max_position_embeddings,
+                                                            max_len)
+        self.inv_freq = inv_freq.to(device)  # [D/2] float64
+        pos = torch.arange(max_len, dtype=torch.float64, device=device)
+        freqs = torch.outer(pos, self.inv_freq)  # [max_len, D/2]
         emb = torch.cat([freqs, freqs], dim=-1)  # [max_len, D]
-        self.register_buffer("cos", emb.cos().float(), persistent=False)
-        self.register_buffer("sin", emb.sin().float(), persistent=False)
+        self.register_buffer("cos", (emb.cos() * self.scale).float(), persistent=False)
+        self.register_buffer("sin", (emb.sin() * self.scale).float(), persistent=False)
 
     def forward(self, start: int, length: int, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
         return self.cos[start : start + length].to(dtype), self.sin[start : start + length].to(dtype)
+
+    def turn(self, distance: int) -> tuple[Tensor, Tensor]:
+        """float32 cos/sin [D] of a pure rotation by `distance` positions (moving cached keys:
+        the attention factor is in them already, so it is not applied twice)."""
+        angle = torch.cat([self.inv_freq, self.inv_freq]) * distance
+        return angle.cos().float(), angle.sin().float()
 
 
 def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
@@ -84,6 +94,9 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(c, self.n_kv * self.head_dim, bias=False)
         self.o_proj = nn.Linear(self.n_heads * self.head_dim, c, bias=False)
         self.window = cfg.sliding_window
+        if cfg.qk_norm:  # Qwen3: each head of q and k normalised before RoPE
+            self.q_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps)
+            self.k_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps)
         if cfg.attention_bias:
             self.q_bias = nn.Parameter(torch.zeros(self.n_heads * self.head_dim))
             self.k_bias = nn.Parameter(torch.zeros(self.n_kv * self.head_dim))
@@ -104,7 +117,7 @@ class Attention(nn.Module):
 
     def _project(self, proj: nn.Module, x: Tensor, bias: str) -> Tensor:
         out = proj(x)
-        return out + getattr(self, bias) if hasattr(self, bias) else out
+        return out + getattr(self, bias).to(out.dtype) if hasattr(self, bias) else out
 
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor, cache: KVCache | CacheRows | None, layer: int,
                 start: int) -> Tensor:
@@ -114,13 +127,21 @@ class Attention(nn.Module):
             qkv = self.qkv_proj(x)
             if self.qkv_bias is not None:
                 qkv = qkv + self.qkv_bias.to(qkv.dtype)
-            qkv = qkv.view(b, t, h + 2 * kv, d).transpose(1, 2)  # [B, H+2K, T, D]
+            qkv = qkv.view(b, t, h + 2 * kv, d)
+            if hasattr(self, "q_norm"):
+                qkv = torch.cat([self.q_norm(qkv[:, :, :h]), self.k_norm(qkv[:, :, h : h + kv]), qkv[:, :, h + kv :]],
+                                dim=2)
+            qkv = qkv.transpose(1, 2)  # [B, H+2K, T, D]
             # q and k are adjacent heads of the fused output: rotate them with one set of ops.
             qk = apply_rope(qkv[:, : h + kv], cos, sin)
             q, k, v = qk[:, :h], qk[:, h:], qkv[:, h + kv :]  # [B, H, T, D], [B, K, T, D], [B, K, T, D]
         else:
-            q = apply_rope(self._project(self.q_proj, x, "q_bias").view(b, t, h, d).transpose(1, 2), cos, sin)
-            k = apply_rope(self._project(self.k_proj, x, "k_bias").view(b, t, kv, d).transpose(1, 2), cos, sin)
+            q = self._project(self.q_proj, x, "q_bias").view(b, t, h, d)
+            k = self._project(self.k_proj, x, "k_bias").view(b, t, kv, d)
+            if hasattr(self, "q_norm"):
+                q, k = self.q_norm(q), self.k_norm(k)
+            q = apply_rope(q.transpose(1, 2), cos, sin)
+            k = apply_rope(k.transpose(1, 2), cos, sin)
             v = self._project(self.v_proj, x, "v_bias").view(b, t, kv, d).transpose(1, 2)
         if cache is None:  # training / scoring: whole sequences from position 0, no cache
             out = _attend_causal(q, k, v, self.window)
@@ -198,11 +219,12 @@ def _attend_chunk(q: Tensor, keys: Tensor, values: Tensor, start: int, window: i
 
 
 class MLP(nn.Module):
-    def __init__(self, cfg: ModelConfig) -> None:
+    def __init__(self, cfg: ModelConfig, width: int | None = None) -> None:
         super().__init__()
-        self.gate_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
-        self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
-        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
+        width = width or cfg.intermediate_size
+        self.gate_proj = nn.Linear(cfg.hidden_size, width, bias=False)
+        self.up_proj = nn.Linear(cfg.hidden_size, width, bias=False)
+        self.down_proj = nn.Linear(width, cfg.hidden_size, bias=False)
         self.gate_up_proj: nn.Module | None = None  # set by fuse()
 
     def fuse(self) -> None:
@@ -220,11 +242,58 @@ class MLP(nn.Module):
         return self.down_proj(F.silu(gate) * up)
 
 
+class Router(nn.Module):
+    """Which experts read each token (Mixtral, Qwen3-MoE): softmax over every expert's score in
+    float32, the top k, and their weights renormalised to sum to 1 where the config says so. Its
+    weight stays in float, never quantized (llama.cpp keeps ffn_gate_inp so too): a rounded router
+    chooses other experts."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(cfg.num_experts, cfg.hidden_size))
+        self.top_k, self.norm = cfg.num_experts_per_tok, cfg.norm_topk_prob
+
+    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """x [N, C] -> (weights [N, k] float32, expert ids [N, k])."""
+        probs = F.linear(x.float(), self.weight.float()).softmax(dim=-1)  # [N, E]
+        weights, experts = probs.topk(self.top_k, dim=-1)
+        if self.norm:
+            weights = weights / weights.sum(dim=-1, keepdim=True)
+        return weights, experts
+
+
+class MoE(nn.Module):
+    """A mixture of experts in place of the MLP: each token goes through its top-k experts (each
+    a SwiGLU MLP), their outputs summed with the router's weights. Rows are grouped by expert, so
+    an expert's weights are read once for all the rows routed to it (a prompt, a batch of
+    streams, drafts) and an expert no row chose is not read at all. Names follow Qwen3-MoE's
+    (`mlp.gate`, `mlp.experts.N.gate_proj`); Mixtral's are renamed at load."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.gate = Router(cfg)
+        self.experts = nn.ModuleList(MLP(cfg, cfg.moe_intermediate_size) for _ in range(cfg.num_experts))
+
+    def fuse(self) -> None:
+        for expert in self.experts:
+            expert.fuse()
+
+    def forward(self, x: Tensor) -> Tensor:
+        flat = x.reshape(-1, x.shape[-1])  # [N, C]
+        weights, chosen = self.gate(flat)  # [N, k]
+        out = torch.zeros(flat.shape, dtype=torch.float32, device=x.device)
+        for e in chosen.unique().tolist():
+            rows, slot = (chosen == e).nonzero(as_tuple=True)
+            y = self.experts[e](flat[rows])  # [n_e, C]
+            out.index_add_(0, rows, y.float() * weights[rows, slot, None])
+        return out.to(x.dtype).view(x.shape)
+
+
 class DecoderLayer(nn.Module):
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
         self.self_attn = Attention(cfg)
-        self.mlp = MLP(cfg)
+        self.mlp: MLP | MoE = MoE(cfg) if cfg.num_experts else MLP(cfg)
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
@@ -298,7 +367,9 @@ class Llama(nn.Module):
 
     @property
     def dtype(self) -> torch.dtype:
-        return self.model.norm.weight.dtype
+        """The activations' dtype (norms, biases and routers are float32 whatever it is)."""
+        embed = self.model.embed_tokens
+        return embed.dtype if isinstance(embed, TiledEmbedding) else embed.weight.dtype
 
     def fuse(self) -> None:
         """Fuse q/k/v and gate/up matrices (inference only; training keeps HF's modules)."""

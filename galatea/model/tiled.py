@@ -111,11 +111,14 @@ class TiledEmbedding(nn.Module):
         self.num_embeddings, self.embedding_dim = weight.shape
         self.register_buffer("tiles", weight.tiles, persistent=False)
 
-    def forward(self, ids: Tensor) -> Tensor:
-        out_dtype = self.dtype if self.dtype in (torch.float32, torch.bfloat16) else torch.float32
+    def forward(self, ids: Tensor, dtype: torch.dtype | None = None) -> Tensor:
+        """The rows of `ids`, in the model's dtype (or `dtype`: the fused step's residual stream
+        is float32, and rounding the file's values to bf16 first cost top-1 agreement)."""
+        dtype = dtype or self.dtype
+        out_dtype = dtype if dtype in (torch.float32, torch.bfloat16) else torch.float32
         rows = self.kernels.dequantize(self.table.qtype, self.table.tiles, self.table.n, self.table.k,
                                        ids.reshape(-1).cpu(), dtype=out_dtype)
-        return rows.to(self.dtype).view(*ids.shape, self.embedding_dim)
+        return rows.to(dtype).view(*ids.shape, self.embedding_dim)
 
     def extra_repr(self) -> str:
         return f"{self.num_embeddings}, {self.embedding_dim}, {self.table.type_name} ({self.kernels.name})"

@@ -17,6 +17,7 @@ conversion never leaves a folder that looks like a model.
 from __future__ import annotations
 
 import json
+import math
 import shutil
 import struct
 from collections.abc import Callable, Iterator
@@ -35,7 +36,8 @@ from galatea.errors import GalateaError
 from galatea.files import atomic_write, write_then_rename
 from galatea.model import hf_folder
 from galatea.model.config import ModelConfig
-from galatea.model.gguf_file import NAME_TABLE, GGUFFile
+from galatea.model.gguf_file import NAME_TABLE, GGUFFile, not_a_weight
+from galatea.model.rope import llama3_divisors, llama3_from_divisors
 from galatea.progress import Progress
 
 Q = GGMLQuantizationType
@@ -218,8 +220,8 @@ def gguf_to_hf(src: Path, dst: Path, dtype: torch.dtype | None = None, max_shard
     tokens = meta.get("tokenizer.ggml.tokens")
     if not tokens:
         raise GalateaError(f"{src}: has no tokenizer vocabulary; it cannot become a Hugging Face folder")
-    cfg = ModelConfig.from_gguf(meta, len(tokens))
-    weights = [t for t in g.tensors if not t.name.startswith("rope_freqs")]
+    cfg = ModelConfig.from_gguf(meta, len(tokens), rope_freqs=g.rope_freqs())
+    weights = [t for t in g.tensors if not not_a_weight(t.name)]
     if not weights:
         raise GalateaError(f"{src}: a vocabulary-only GGUF has no weights to convert")
     if dtype is None:
@@ -291,9 +293,33 @@ def write_gguf_side_files(src: Path, meta: dict[str, Any], cfg: ModelConfig, tie
     if cfg.architecture != "llama":  # transformers' Mistral/Qwen2 configs have no bias switches
         del config["attention_bias"], config["mlp_bias"]
         config["sliding_window"] = cfg.sliding_window  # Qwen2's stays off (use_sliding_window false)
-    if cfg.rope_scaling_factor != 1.0:
-        config["rope_scaling"] = {"rope_type": "linear", "factor": cfg.rope_scaling_factor}
+    rope = hf_rope_scaling(cfg)
+    if rope is not None:
+        config["rope_scaling"] = rope
     return config
+
+
+def hf_rope_scaling(cfg: ModelConfig) -> dict[str, Any] | None:
+    """config.json's `rope_scaling` for the model's RoPE scaling (None: none)."""
+    rs = cfg.rope_scaling
+    if rs.kind == "factors":
+        known = llama3_from_divisors(rs.freq_factors, cfg.head_dim, cfg.rope_theta)
+        if known is None:
+            raise GalateaError("GGUF: its rope_freqs.weight is not one of Llama 3's RoPE scalings, so config.json "
+                               "cannot express it; run the GGUF file itself")
+        rs = known
+    if rs.kind == "default":
+        return None
+    out: dict[str, Any] = {"rope_type": rs.kind, "factor": rs.factor}
+    if rs.kind == "llama3":
+        out.update(original_max_position_embeddings=rs.original_context, low_freq_factor=rs.low_freq_factor,
+                   high_freq_factor=rs.high_freq_factor)
+    elif rs.kind == "yarn":
+        out.update(original_max_position_embeddings=rs.original_context, beta_fast=rs.beta_fast,
+                   beta_slow=rs.beta_slow)
+        if rs.attention_factor is not None:
+            out["attention_factor"] = rs.attention_factor
+    return out
 
 
 # ---- HF -> GGUF --------------------------------------------------------------------------------
@@ -356,6 +382,11 @@ def hf_to_gguf(src: Path, dst: Path, qtype: str = "f16", force: bool = False,
             block, size = GGML_QUANT_SIZES[kind]
             byte_shape = (*p.shape[:-1], p.shape[-1] // block * size)
             w.add_tensor_info(name, byte_shape, np.dtype(np.uint8), nbytes, raw_dtype=kind)
+    # Llama 3's RoPE scaling, as llama.cpp's converter writes it
+    divisors = np.array(llama3_divisors(cfg.rope_scaling, cfg.head_dim, cfg.rope_theta), dtype=np.float32) \
+        if cfg.rope_scaling.kind == "llama3" else None
+    if divisors is not None:
+        w.add_tensor_info("rope_freqs.weight", divisors.shape, np.dtype(np.float32), divisors.nbytes)
     counts: dict[str, int] = {}
     kinds = {p.name: kind for p, _, kind, _ in entries}
 
@@ -383,6 +414,8 @@ def hf_to_gguf(src: Path, dst: Path, qtype: str = "f16", force: bool = False,
                     counts[kind.name] = counts.get(kind.name, 0) + 1
                     if bar:
                         bar(out.nbytes)
+                if divisors is not None:
+                    w.write_tensor_data(divisors)
         finally:
             w.close()
 
@@ -411,10 +444,7 @@ def _gguf_metadata(w: GGUFWriter, src: Path, raw_cfg: dict[str, Any], cfg: Model
         w.add_key_length(cfg.head_dim)
         w.add_value_length(cfg.head_dim)
     w.add_rope_freq_base(cfg.rope_theta)
-    if cfg.rope_scaling_factor != 1.0:
-        from gguf import RopeScalingType
-        w.add_rope_scaling_type(RopeScalingType.LINEAR)
-        w.add_rope_scaling_factor(cfg.rope_scaling_factor)
+    _gguf_rope_scaling(w, cfg)
     w.add_layer_norm_rms_eps(cfg.rms_norm_eps)
     if cfg.sliding_window is not None:
         w.add_sliding_window(cfg.sliding_window)
@@ -422,6 +452,27 @@ def _gguf_metadata(w: GGUFWriter, src: Path, raw_cfg: dict[str, Any], cfg: Model
     w.add_file_type({Q.F32: 0, Q.F16: 1, Q.Q4_0: 2, Q.Q4_1: 3, Q.Q8_0: 7}[target])
     w.add_quantization_version(2)
     _gguf_tokenizer(w, src, cfg)
+
+
+def _gguf_rope_scaling(w: GGUFWriter, cfg: ModelConfig) -> None:
+    """llama.cpp's keys for the RoPE scaling (Llama 3's is the rope_freqs tensor, written apart)."""
+    from gguf import RopeScalingType
+
+    rs = cfg.rope_scaling
+    if rs.kind == "linear":
+        w.add_rope_scaling_type(RopeScalingType.LINEAR)
+        w.add_rope_scaling_factor(rs.factor)
+    elif rs.kind == "yarn":
+        w.add_rope_scaling_type(RopeScalingType.YARN)
+        w.add_rope_scaling_factor(rs.factor)
+        w.add_rope_scaling_orig_ctx_len(rs.original_context)
+        w.add_rope_scaling_yarn_beta_fast(rs.beta_fast)
+        w.add_rope_scaling_yarn_beta_slow(rs.beta_slow)
+        if rs.attention_factor is not None:  # llama.cpp multiplies its attn_factor by 0.1 ln(factor) + 1
+            w.add_rope_scaling_yarn_attn_factor(rs.attention_factor / (0.1 * math.log(rs.factor) + 1))
+    elif rs.kind == "dynamic":
+        raise GalateaError("dynamic (NTK) RoPE scaling has no GGUF form (llama.cpp does not run it); keep the "
+                           "Hugging Face folder")
 
 
 def _gguf_tokenizer(w: GGUFWriter, src: Path, cfg: ModelConfig) -> None:
