@@ -2,7 +2,8 @@
 
 Each family is a tiny random checkpoint made by transformers itself (Llama 3.1 with its real RoPE
 settings, Mistral Nemo's head_dim, Qwen3's q/k norms, Mixtral and Qwen3-MoE's experts) and
-converted to GGUF by llama.cpp's own `convert_hf_to_gguf.py` (from the llama-cpp-python sdist
+converted to GGUF by llama.cpp's own `convert_hf_to_gguf.py` (Gemma 2 with its soft caps and
+window layers, Gemma 3 with local and global RoPE; from the llama-cpp-python sdist
 `make test` unpacks). Galatea must give transformers' logits on the exact path (float32, no
 quantization) from the folder and from llama.cpp's file; on Q8_0 and Q4_K_M files (llama.cpp's
 quantizer) its top-1 agreement with transformers must be no lower than llama.cpp's own on the
@@ -66,15 +67,16 @@ def write_bpe_tokenizer(folder: Path) -> None:
     (folder / "tokenizer_config.json").write_text(json.dumps({"tokenizer_class": "PreTrainedTokenizerFast"}))
 
 
-def _randomize(model, router_scale: float = 1.0) -> None:
+def _randomize(model, router_scale: float = 1.0, norm_offset: float = 1.0) -> None:
     """Weights larger than the default init, so logits differ visibly between tokens; routers
-    larger still, so expert choices are not near-ties that any rounding flips."""
+    larger still, so expert choices are not near-ties that any rounding flips. Norm weights
+    around `norm_offset` (Gemma multiplies by 1 + w: 0 there keeps its logits off the soft cap)."""
     with torch.no_grad():
         for name, p in model.named_parameters():
             if p.dim() >= 2:
                 p.normal_(0, 0.08 * (router_scale if name.endswith(("mlp.gate.weight", "moe.gate.weight")) else 1))
             else:
-                p.uniform_(0.8, 1.2)
+                p.uniform_(norm_offset - 0.2, norm_offset + 0.2)
 
 
 def build(family: str, folder: Path):
@@ -96,6 +98,17 @@ def build(family: str, folder: Path):
     elif family == "mixtral":
         model = tf.MixtralForCausalLM(tf.MixtralConfig(**SMALL, vocab_size=vocab, num_local_experts=4,
                                                        num_experts_per_tok=2))
+    elif family == "gemma2":  # windows of 32 on every other layer, both soft caps
+        gemma = {**SMALL, "tie_word_embeddings": True, "head_dim": 64, "vocab_size": vocab, "sliding_window": 32,
+                 "query_pre_attn_scalar": 64}
+        model = tf.Gemma2ForCausalLM(tf.Gemma2Config(**{**gemma, "num_hidden_layers": 4}, attn_logit_softcapping=50.0,
+                                                     final_logit_softcapping=30.0))
+    elif family == "gemma3":  # five window layers to one global, each kind with its own RoPE
+        rope = {"full_attention": {"rope_type": "linear", "factor": 8.0, "rope_theta": 1000000.0},
+                "sliding_attention": {"rope_type": "default", "rope_theta": 10000.0}}
+        gemma = {**SMALL, "tie_word_embeddings": True, "head_dim": 64, "vocab_size": vocab, "sliding_window": 32,
+                 "query_pre_attn_scalar": 64}
+        model = tf.Gemma3ForCausalLM(tf.Gemma3TextConfig(**{**gemma, "num_hidden_layers": 6}, rope_parameters=rope))
     elif family == "qwen3moe":
         vocab = 49152
         model = tf.Qwen3MoeForCausalLM(tf.Qwen3MoeConfig(**SMALL, vocab_size=vocab, num_experts=8,
@@ -104,7 +117,7 @@ def build(family: str, folder: Path):
     else:
         raise ValueError(family)
     model.eval()
-    _randomize(model, router_scale=3.0)
+    _randomize(model, router_scale=3.0, norm_offset=0.0 if family.startswith("gemma") else 1.0)
     model.save_pretrained(folder)
     if vocab == 32000:
         write_tokenizer_model(folder)
@@ -113,7 +126,7 @@ def build(family: str, folder: Path):
     return model
 
 
-FAMILIES = ("llama31", "nemo", "qwen3", "mixtral", "qwen3moe")
+FAMILIES = ("llama31", "nemo", "qwen3", "mixtral", "qwen3moe", "gemma2", "gemma3")
 
 
 class Family:
@@ -228,8 +241,9 @@ def test_the_fused_step_agrees_with_the_module_path(family):
 
 
 def test_every_gguf_tensor_is_loaded_or_set_aside_for_a_reason(family):
-    for t in GGUFFile(family.gguf).tensors:
-        assert hf_name(t.name) is not None or not_a_weight(t.name), t.name
+    g = GGUFFile(family.gguf)
+    for t in g.tensors:
+        assert hf_name(t.name, arch=g.metadata["general.architecture"]) is not None or not_a_weight(t.name), t.name
     assert all(reason.strip() for reason in NOT_WEIGHTS.values())
 
 

@@ -6,6 +6,8 @@ for the same messages; the token-accurate window in every format; the choice fro
 from __future__ import annotations
 
 import json
+from dataclasses import replace
+from pathlib import Path
 
 import pytest
 
@@ -102,13 +104,14 @@ MISTRAL_TEMPLATE = (  # Mistral-7B-Instruct-v0.1's: no system role, strict alter
     "{% else %}{{ raise_exception('Only user and assistant roles are supported!') }}{% endif %}{% endfor %}")
 
 
-def transformers_render(template: str, tok: Tokenizer, messages: list[dict], generation: bool = True) -> str:
+def transformers_render(template: str, tok: Tokenizer, messages: list[dict], generation: bool = True,
+                        **kwargs) -> str:
     from transformers import PreTrainedTokenizerFast
 
     hf = PreTrainedTokenizerFast(tokenizer_object=bpe_from_gguf(GGUFFile(embedded_model_path()).metadata),
                                  bos_token=tok.piece(tok.bos_id), eos_token=tok.piece(tok.eos_id))
     return hf.apply_chat_template(messages, chat_template=template, tokenize=False,
-                                  add_generation_prompt=generation)
+                                  add_generation_prompt=generation, **kwargs)
 
 
 def with_template(tok: Tokenizer, template: str, bos: str = "<s>", eos: str = "</s>") -> Tokenizer:
@@ -150,6 +153,42 @@ def test_a_template_without_system_role_gets_the_story_in_the_first_user_turn(sm
               (True, "Teach me a spell."), (False, "*nods* Watch."), (True, "Again!")]
     assert p.text == transformers_render(MISTRAL_TEMPLATE, tok, hf_messages(folded, None), generation=False)
     assert p.stops == ["</s>"]
+
+
+TEMPLATES = Path(__file__).parent / "data" / "templates"
+
+
+@pytest.mark.parametrize("family, bos, eos", [("gemma-2", "<bos>", "<eos>"), ("gemma-3", "<bos>", "<eos>"),
+                                              ("qwen3", "<|endoftext|>", "<|im_end|>")])
+def test_the_families_templates_equal_transformers(family, bos, eos, smol_tok):
+    """Gemma 2 (refuses a system role: the story opens the first user turn), Gemma 3 (takes the
+    system prompt into the first user turn itself) and Qwen3 (thinking off in chat: its template
+    gets enable_thinking false and writes an empty <think> block; on: none)."""
+    template = (TEMPLATES / f"{family}.jinja").read_text()
+    tok = with_template(smol_tok, template, bos=bos, eos=eos)
+    fmt = formats.choose("template", tok)
+    p = build_prompt(CHAR, HISTORY, NEW, tok, 2048, 128, user="Ann", fmt=fmt)
+    turns = TURNS if family != "gemma-2" else [(True, f"{STORY}\n\nHi"), *TURNS[1:]]
+    kwargs = {"enable_thinking": False} if family == "qwen3" else {}
+    story = None if family == "gemma-2" else STORY
+    messages = hf_messages(_alternating_turns(turns) if family.startswith("gemma") else turns, story)
+    assert p.text == transformers_render(template, tok, messages, **kwargs)
+    if family == "qwen3":
+        assert p.text.endswith("<|im_start|>assistant\n<think>\n\n</think>\n\n")
+        on = build_prompt(CHAR, HISTORY, NEW, tok, 2048, 128, user="Ann", fmt=replace(fmt, thinking=True))
+        assert on.text == transformers_render(template, tok, messages, enable_thinking=True)
+        assert on.text.endswith("<|im_start|>assistant\n")
+    assert p.stops == (["<|im_end|>"] if family == "qwen3" else ["<end_of_turn>", "<eos>"])
+
+
+def _alternating_turns(turns):
+    out = []
+    for is_user, text in turns:
+        if out and out[-1][0] == is_user:
+            out[-1] = (is_user, f"{out[-1][1]}\n\n{text}")
+        else:
+            out.append((is_user, text))
+    return out
 
 
 def test_templates_run_sandboxed(smol_tok):

@@ -241,11 +241,11 @@ def test_decode_attention_rotates_stores_and_attends(path, cache):
     given = qkv.clone()
     out = torch.empty(3, heads * d)
     i64, ptr = ctypes.c_int64 * 3, ctypes.c_void_p * 3
-    rc = kern.lib.gx_decode_attention(
+    rc = kern.lib.gx_step_attention(
         native.ISA_IDS[path], qkv.data_ptr(), qkv.stride(0), 3, i64(*(p for _, p in rows)),
         ptr(*(caches[c][0].data_ptr() for c, _ in rows)), ptr(*(caches[c][1].data_ptr() for c, _ in rows)),
         i64(*(caches[c][0].stride(0) for c, _ in rows)), d, native.KV_DTYPE_IDS[cache], heads, kv_heads, d,
-        rot.cos.data_ptr(), rot.sin.data_ptr(), 1 / math.sqrt(d), out.data_ptr(), out.stride(0))
+        rot.cos.data_ptr(), rot.sin.data_ptr(), 1 / math.sqrt(d), 0.0, 0, out.data_ptr(), out.stride(0))
     assert rc == 0
     expect = [(k.clone(), v.clone()) for k, v in before]
     for r, (c, pos) in enumerate(rows):
@@ -302,11 +302,13 @@ def test_kv_move_gives_the_keys_computed_at_their_new_positions(path, cache):
 
 @pytest.mark.parametrize("path", PATHS)
 @pytest.mark.parametrize("length", [40, 200, 700])
-def test_verification_rows_share_the_cache_and_stay_causal(path, length):
+@pytest.mark.parametrize("window, softcap", [(0, 0.0), (100, 0.0), (0, 2.0), (300, 3.0)])
+def test_verification_rows_share_the_cache_and_stay_causal(path, length, window, softcap):
     """Drafts are verified as rows of one cache at consecutive positions, which the kernel joins
     into one job reading the cache once; row r must still attend to exactly positions 0..pos_r
     (runs of positions after it weigh nothing, including a last run wholly after the first
-    rows), beside a row of another cache in the same call. Against torch's float64 attention of
+    rows), beside a row of another cache in the same call; with a window, to its last `window`
+    positions only, and with a soft cap, to capped scores (Gemma). Against float64 attention of
     the stored keys and values."""
     import ctypes
 
@@ -319,15 +321,19 @@ def test_verification_rows_share_the_cache_and_stay_causal(path, length):
     qkv = torch.randn(n, (heads + 2 * kv_heads) * d)
     out = torch.empty(n, heads * d)
     i64, ptr = ctypes.c_int64 * n, ctypes.c_void_p * n
-    rc = kern.lib.gx_decode_attention(
+    rc = kern.lib.gx_step_attention(
         native.ISA_IDS[path], qkv.data_ptr(), qkv.stride(0), n, i64(*(p for _, p in rows)),
         ptr(*(caches[c][0].data_ptr() for c, _ in rows)), ptr(*(caches[c][1].data_ptr() for c, _ in rows)),
         i64(*(caches[c][0].stride(0) for c, _ in rows)), d, native.KV_DTYPE_IDS[torch.float16], heads, kv_heads,
-        d, cos.data_ptr(), sin.data_ptr(), 1 / math.sqrt(d), out.data_ptr(), out.stride(0))
+        d, cos.data_ptr(), sin.data_ptr(), 1 / math.sqrt(d), softcap, window, out.data_ptr(), out.stride(0))
     assert rc == 0
     for r, (c, pos) in enumerate(rows):
-        q = qkv[r, : heads * d].view(heads, d)
-        keys, values = caches[c][0][:, : pos + 1].double(), caches[c][1][:, : pos + 1].double()
-        ref = torch.nn.functional.scaled_dot_product_attention(q[None, :, None].double(), keys[None], values[None],
-                                                               enable_gqa=True)[0, :, 0]
+        q = qkv[r, : heads * d].view(heads, d).double()
+        first = max(0, pos + 1 - window) if window else 0
+        keys = caches[c][0][:, first : pos + 1].double().repeat_interleave(heads // kv_heads, dim=0)
+        values = caches[c][1][:, first : pos + 1].double().repeat_interleave(heads // kv_heads, dim=0)
+        scores = (keys @ q[:, :, None])[..., 0] / math.sqrt(d)  # [heads, positions]
+        if softcap:
+            scores = softcap * torch.tanh(scores / softcap)
+        ref = (scores.softmax(-1)[:, None] @ values)[:, 0]
         assert torch.allclose(out[r].view(heads, d).double(), ref, atol=2e-5), (r, pos)

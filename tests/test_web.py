@@ -486,3 +486,35 @@ def test_settings_presets_persona_stop_strings_context_and_defaults(browser, tmp
     finally:
         log = server.stop()
     assert "Traceback" not in log, log
+
+
+def test_a_reasoning_models_thinking_shows_folded(browser, tmp_path):
+    """A chat from SillyTavern whose reply carries a thinking model's reasoning (its
+    `extra.reasoning`): the page shows it folded above the reply, the reply itself as usual."""
+    server = Server(tmp_path)
+    try:
+        aria = httpx.get(f"{server.url}/galatea/characters", timeout=10).json()[0]["id"]
+        lines = [{"user_name": "You", "character_name": "Aria"},
+                 {"name": "You", "is_user": True, "send_date": "May 14, 2024 9:35pm", "mes": "Who are you?"},
+                 {"name": "Aria", "is_user": False, "send_date": "May 14, 2024 9:36pm", "mes": "I am Aria.",
+                  "extra": {"reasoning": "They ask my name; I answer warmly."}}]
+        r = httpx.post(f"{server.url}/galatea/characters/{aria}/chats/import",
+                       content="\n".join(json.dumps(x) for x in lines), timeout=10)
+        chat = r.json()["id"]
+        page = browser.new_page(viewport={"width": 1100, "height": 800})
+        page.goto(server.url + "/")
+        page.wait_for_selector("#chat option", state="attached")
+        page.select_option("#chat", value=str(chat))
+        reply = page.locator(".msg.char").last
+        reply.locator(".text:has-text('I am Aria.')").wait_for()
+        thought = reply.locator("details.thought")
+        assert thought.is_visible() and thought.get_attribute("open") is None  # folded
+        assert thought.locator("summary").inner_text() == "Thought"
+        assert "I answer warmly" not in reply.locator(".text").inner_text()
+        thought.locator("summary").click()
+        assert thought.locator(".thought-text").inner_text() == "They ask my name; I answer warmly."
+        assert page.locator(".msg.user details.thought").first.is_hidden()
+        page.close()
+    finally:
+        log = server.stop()
+    assert "Traceback" not in log, log

@@ -69,8 +69,10 @@ def export_sillytavern(store: Store, chat_id: int) -> str:
               "create_date": datetime.fromtimestamp(info.created_at).strftime("%Y-%m-%d@%Hh%Mm%Ss"),
               "chat_metadata": info.settings.get("chat_metadata", {})}]
     for m in store.messages(chat_id):
+        reasoning = m.swipes[m.active].extra.get("reasoning")  # where SillyTavern keeps a thinking model's
         item: dict[str, Any] = {"name": m.name, "is_user": m.is_user, "is_system": False,
-                                "send_date": _st_date(m.created_at), "mes": m.text, "extra": {}}
+                                "send_date": _st_date(m.created_at), "mes": m.text,
+                                "extra": {"reasoning": reasoning} if reasoning else {}}
         if not m.is_user:
             item["swipe_id"] = m.active
             item["swipes"] = [s.text for s in m.swipes]
@@ -114,6 +116,9 @@ def import_sillytavern(store: Store, text: str, character_id: int, where: str = 
         for i, s in enumerate(swipes):
             info = infos[i] if i < len(infos) and isinstance(infos[i], dict) else {}
             extra = info.get("extra") if isinstance(info.get("extra"), dict) else {}
+            own = r.get("extra") if isinstance(r.get("extra"), dict) else {}
+            if not infos and isinstance(own.get("reasoning"), str) and own["reasoning"]:
+                extra = {**extra, "reasoning": own["reasoning"]}  # a single reply's thinking, on the message
             seed = extra.get("seed") if isinstance(extra.get("seed"), int) else None
             built.append(Swipe(str(s), seed, _from_iso(info.get("gen_started")), _from_iso(info.get("gen_finished")),
                                {k: v for k, v in extra.items() if k != "seed"}))

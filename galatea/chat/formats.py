@@ -62,6 +62,7 @@ class Format:
     bos_token: str = ""
     eos_token: str = ""
     strip_bos: bool = False  # the tokenizer adds BOS itself: a template's leading BOS text is dropped
+    thinking: bool = False  # a reasoning model's template: `enable_thinking` (Qwen3's; off by default in chat)
 
     def render(self, story: str, turns: Sequence[Turn], end: str) -> str:
         """The prompt for `turns` (examples first, then the chat) ending for `end`: "char" (the
@@ -132,7 +133,8 @@ class Format:
 
         try:
             return self.template.render(messages=messages, add_generation_prompt=add_generation_prompt,
-                                        bos_token=self.bos_token, eos_token=self.eos_token)
+                                        bos_token=self.bos_token, eos_token=self.eos_token,
+                                        enable_thinking=self.thinking)
         except TemplateError as e:
             raise _TemplateRefused(str(e) or type(e).__name__) from None
 

@@ -13,13 +13,14 @@ import re
 import threading
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, TypeVar
 
 from galatea.chat import formats
 from galatea.chat.formats import Format
 from galatea.chat.lorebooks import with_lorebooks
 from galatea.chat.prompt import Prompt, Turn, build_prompt, substitute
+from galatea.chat.reasoning import ThinkSplitter
 from galatea.chat.settings import SAMPLERS, resolve
 from galatea.chat.store import Message, Store
 from galatea.engine.generate import Chunk, stream_generate
@@ -62,12 +63,18 @@ class Turnout:
     cached_tokens: int = 0
     shifted_tokens: int = 0
     error: str | None = None  # a remote engine's failure (finish_reason "error")
+    reasoning: str = ""  # what a reasoning model thought before its reply (`<think>`), kept apart
 
 
 def _stopped_empty(out: Turnout, text: str) -> bool:
     """Stopped (or failed) before it wrote anything: nothing to keep (an empty message would only
     be in the way, and a blank swipe would hide the reply the user had)."""
     return out.finish_reason in ("cancelled", "error") and not text
+
+
+def _extra(out: Turnout) -> dict[str, Any]:
+    """What is stored beside a reply's text: the reasoning a thinking model wrote before it."""
+    return {"reasoning": out.reasoning} if out.reasoning else {}
 
 
 def _raise_failure(out: Turnout) -> None:
@@ -116,6 +123,7 @@ class ChatSession:
         self.last: Turnout | None = None
         self.progress: Progress | None = None  # told how far a long prompt is read (the page's)
         self.notice: Callable[[str], None] | None = None  # told why a finished reply is not saved yet
+        self.thinking: Callable[[str], None] | None = None  # told a reasoning model's thoughts as they stream
 
     @property
     def context(self) -> int:
@@ -130,7 +138,8 @@ class ChatSession:
         name = self.default_format if name == formats.AUTO else name
         if name not in self._formats:
             self._formats[name] = formats.choose(name, self.lm.tokenizer)
-        return self._formats[name]
+        # a reasoning model's template thinks only when the chat asks it to (enable_thinking)
+        return replace(self._formats[name], thinking=bool(self.settings.get("thinking")))
 
     @property
     def user(self) -> str:
@@ -181,7 +190,7 @@ class ChatSession:
         out = yield from self._generate(prompt, self.stops(reply_stops(self.char.name, user)), cancel, seed)
         text = clean_reply(out.text, self.char.name, self.char.name, user)
         if not _stopped_empty(out, text):
-            self._save(lambda: self.store.add_swipe(target.id, text, out.seed, started, time.time()))
+            self._save(lambda: self.store.add_swipe(target.id, text, out.seed, started, time.time(), _extra(out)))
             out.message_id = target.id
         _raise_failure(out)
 
@@ -214,7 +223,7 @@ class ChatSession:
         if not _stopped_empty(out, text):
             finished = time.time()
             out.message_id = self._save(lambda: self.store.add_message(self.chat_id, False, self.char.name, text,
-                                                                       out.seed, started, finished))
+                                                                       out.seed, started, finished, _extra(out)))
         _raise_failure(out)
 
     def _save(self, write: Callable[[], T]) -> T:
@@ -246,13 +255,21 @@ class ChatSession:
         ids = self.lm.tokenizer.encode(prompt.text)
         parts: list[str] = []
         last: Chunk | None = None
+        split = ThinkSplitter.for_prompt(prompt.text)  # a <think> block is reasoning, apart from the reply
         for chunk in self._run(ids, params, cancel, self.progress):
-            if chunk.text:
-                parts.append(chunk.text)
-                yield chunk.text
+            if chunk.finish_reason is not None:
+                more, thought = split.flush()
+                text = chunk.text + more
+            else:
+                text, thought = split.feed(chunk.text)
+            if thought and self.thinking is not None:
+                self.thinking(thought)
+            if text:
+                parts.append(text)
+                yield text
             last = chunk
         assert last is not None
         self.last = Turnout("".join(parts), last.prompt_tokens, last.generated_tokens, last.decode_tok_s,
                             last.prefill_tok_s, last.finish_reason, last.seed, cached_tokens=last.cached_tokens,
-                            shifted_tokens=last.shifted_tokens, error=last.error)
+                            shifted_tokens=last.shifted_tokens, error=last.error, reasoning=split.reasoning.strip())
         return self.last

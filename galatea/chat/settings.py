@@ -33,8 +33,9 @@ SAMPLERS: dict[str, Any] = {
 ORDER_DEFAULT: list[int] = list(DEFAULT_ORDER)  # KoboldAI's sampler ids, in the order they apply
 DEFAULT_SETTINGS: dict[str, Any] = {"max_new_tokens": PYGMALION_PRESET["max_new_tokens"], **SAMPLERS, "max_context": 0}
 # "format": the prompt format's name (chat/formats.py); "auto" follows the model's metadata
+# "thinking": a reasoning model (Qwen3) thinks before replying: off, as persona chat wants replies
 TEXT_DEFAULTS: dict[str, Any] = {"stop": [], "persona": "", "system_prompt": "", "sampler_order": ORDER_DEFAULT,
-                                 "format": "auto"}
+                                 "format": "auto", "thinking": False}
 
 BUILTIN_PRESETS: dict[str, dict[str, Any]] = {
     # PygmalionAI's recommendation for Pygmalion 7B (and Galatea's default)
@@ -62,6 +63,8 @@ def _text_ok(key: str, value: Any) -> bool:
         return isinstance(value, list) and order_ok(value)
     if key == "format":
         return isinstance(value, str) and value in (formats.AUTO, formats.TEMPLATE, *formats.names())
+    if key == "thinking":
+        return isinstance(value, bool)
     return isinstance(value, str)
 
 
@@ -109,6 +112,10 @@ def parse(key: str, value: str) -> Any:
                                f"{', '.join([formats.AUTO, formats.TEMPLATE, *formats.names()])}")
         if key == "format":
             return value.lower()
+        if key == "thinking":
+            if value.lower() not in ("on", "off", "true", "false", "1", "0", "yes", "no"):
+                raise GalateaError(f"/set thinking: {value!r} is not on or off")
+            return value.lower() in ("on", "true", "1", "yes")
         return value.replace("\\n", "\n")
     kinds = {**{k: type(v) for k, v in DEFAULT_SETTINGS.items()}, "seed": int}
     if key not in kinds:

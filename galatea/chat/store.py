@@ -393,12 +393,13 @@ class Store:
         return mid
 
     def add_swipe(self, message_id: int, text: str, seed: int | None = None, gen_started: float | None = None,
-                  gen_finished: float | None = None) -> int:
+                  gen_finished: float | None = None, extra: dict[str, Any] | None = None) -> int:
         """A new alternative for a message (regenerate); it becomes the active one."""
         with self._write() as db:
             (n,) = db.execute("SELECT count(*) FROM swipes WHERE message_id = ?", (message_id,)).fetchone()
-            db.execute("INSERT INTO swipes (message_id, idx, text, seed, gen_started, gen_finished) "
-                       "VALUES (?, ?, ?, ?, ?, ?)", (message_id, n, text, seed, gen_started, gen_finished))
+            db.execute("INSERT INTO swipes (message_id, idx, text, seed, gen_started, gen_finished, extra) "
+                       "VALUES (?, ?, ?, ?, ?, ?, ?)", (message_id, n, text, seed, gen_started, gen_finished,
+                                                        json.dumps(extra or {})))
             db.execute("UPDATE messages SET active_swipe = ? WHERE id = ?", (n, message_id))
             self._touch(db, message_id)
             return int(n)

@@ -28,7 +28,9 @@ HELP = """commands:
   /undo               delete your last message and the replies after it
   /name NAME          change your name in this chat
   /set [KEY VALUE]    show or change this chat's settings (temperature, top_p, max_new_tokens, max_context,
-                      stop A|B, persona TEXT, system_prompt TEXT; `-` clears a text); /set preset NAME
+                      stop A|B, persona TEXT, system_prompt TEXT, thinking on|off; `-` clears a text);
+                      /set preset NAME
+  /thought [N]        what a reasoning model thought before reply N (default: the last), folded away
   /branch [N]         a new chat with the messages up to N (default: all), and switch to it
   /new                start a new chat with this character
   /chats, /open ID    list this character's chats; switch to one
@@ -91,6 +93,8 @@ class TerminalChat:
             self.out.flush()
         self.say()
         last = self.s.last
+        if last is not None and last.reasoning:
+            self.say(f"{self.c.dim}[thought {len(last.reasoning.split())} words · /thought shows them]{self.c.reset}")
         if last is not None:
             stopped = " · stopped" if last.finish_reason == "cancelled" else ""
             shifted = f", {last.shifted_tokens} moved" if last.shifted_tokens else ""
@@ -102,6 +106,15 @@ class TerminalChat:
     def run_generation(self, name: str, is_user: bool, make: Callable[[threading.Event], Iterator[str]]) -> None:
         cancel = threading.Event()
         self.s.notice = lambda text: self.say(f"\n{self.c.dim}({text}){self.c.reset}")  # the store is down
+        thought: list[str] = []  # a reasoning model's thinking: folded to a line; /thought shows it
+
+        def thinking(text: str) -> None:
+            if not thought:
+                self.out.write(f"{self.c.dim}(thinking…){self.c.reset} ")
+                self.out.flush()
+            thought.append(text)
+
+        self.s.thinking = thinking
         previous = signal.signal(signal.SIGINT, lambda *_: cancel.set()) \
             if threading.current_thread() is threading.main_thread() else None
         try:
@@ -206,6 +219,11 @@ class TerminalChat:
             prompt = s.last_prompt or s.prompt()
             self.say(f"{self.c.dim}--- prompt ({prompt.tokens} tokens) ---{self.c.reset}\n{prompt.text}\n"
                      f"{self.c.dim}--- end ---{self.c.reset}")
+        elif name in ("thought", "think"):
+            number = int(rest) if rest.isdigit() else len(s.messages())
+            m = self._message(number)
+            thought = m.swipes[m.active].extra.get("reasoning", "")
+            self.say(f"{self.c.dim}{thought or '(no reasoning stored with #' + str(number) + ')'}{self.c.reset}")
         elif name == "history":
             self.show_history()
         else:

@@ -120,8 +120,7 @@ class PromptCache:
         plan = self.plan(prompt_ids)
         self.last_shift = plan.moved
         if plan.moved:
-            assert model.rotary is not None
-            self.cache.move([m for m in plan.moves if m[0] != m[1]], model.rotary, model.kernels)
+            self.cache.move([m for m in plan.moves if m[0] != m[1]], model.layer_rotaries(), model.kernels)
         # until the gaps are computed, the cache holds the prompt only up to the first one
         self.tokens = list(prompt_ids[: plan.first_change])
         return self.cache, plan

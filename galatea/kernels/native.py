@@ -73,8 +73,8 @@ def _declare(lib: ctypes.CDLL) -> None:
         "gx_repack": ([i32, ptr, i64, i64, ptr, ptr], i32),
         "gx_dequantize": ([i32, ptr, i64, i64, ptr, i64, ptr, i32], i32),
         "gx_matmul": ([i32, ptr, i32, i64, ptr, i32, i64, i64, ptr, i32, i64, i32, i32, ptr, ctypes.c_float], i32),
-        "gx_decode_attention": ([i32, ptr, i64, i32, ptr, ptr, ptr, ptr, i64, i32, i32, i32, i32, ptr, ptr,
-                                 ctypes.c_float, ptr, i64], i32),
+        "gx_step_attention": ([i32, ptr, i64, i32, ptr, ptr, ptr, ptr, i64, i32, i32, i32, i32, ptr, ptr,
+                               ctypes.c_float, ctypes.c_float, i64, ptr, i64], i32),
         "gx_attention": ([i32, ptr, i32, i32, i32, ptr, ptr, i32, i64, i64, i64, ctypes.c_float, ptr], i32),
         "gx_kv_move": ([i32, ptr, ptr, i32, i64, i64, i32, i64, i64, i64, ptr, ptr], i32),
     }

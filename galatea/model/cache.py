@@ -34,25 +34,31 @@ class KVCache:
         self.values[layer, :, :, start:end] = v
         return self.keys[layer, :, :, :end], self.values[layer, :, :, :end]
 
-    def move(self, moves: Sequence[tuple[int, int, int]], rotary: Rotary, kernels: Kernels | None = None) -> None:
+    def move(self, moves: Sequence[tuple[int, int, int]], rotary: Rotary | Sequence[Rotary],
+             kernels: Kernels | None = None) -> None:
         """Move runs of positions (src, dst, length) in every layer and batch row, re-rotating the
-        keys to their new positions. The runs are in order in both their sources and their
-        destinations (as plan_reuse makes them), so moving the ones that go down first, in
-        order, then the ones that go up, in reverse order, never overwrites a run not yet moved.
-        With the native kernels each run is one pass over the entries it moves, in their dtype."""
+        keys to their new positions (`rotary`: the model's, or each layer's where they differ,
+        as Gemma 3's window layers have their own). The runs are in order in both their sources
+        and their destinations (as plan_reuse makes them), so moving the ones that go down first,
+        in order, then the ones that go up, in reverse order, never overwrites a run not yet
+        moved. With the native kernels each run is one pass over the entries it moves, in their
+        dtype."""
+        per_layer = list(rotary) if isinstance(rotary, Sequence) else [rotary] * self.keys.shape[0]
+        one = per_layer[0] if all(r is per_layer[0] for r in per_layer) else None
         down = [m for m in moves if m[1] < m[0]]
         up = [m for m in moves if m[1] > m[0]]
-        native = kernels is not None and self.keys.device.type == "cpu" and self.keys.is_contiguous() \
-            and kernels.attends(self.keys.shape[-1], self.keys.dtype)
+        native = one is not None and kernels is not None and self.keys.device.type == "cpu" and \
+            self.keys.is_contiguous() and kernels.attends(self.keys.shape[-1], self.keys.dtype)
         for src, dst, length in [*down, *reversed(up)]:
             if native and dst != src and length > 0:
-                cos, sin = rotary.turn(abs(dst - src))
+                cos, sin = one.turn(abs(dst - src))
                 sin = (sin * (1 if dst > src else -1)).contiguous()
                 kernels.move_kv(self.keys, self.values, src, dst, length, cos, sin)
             else:
-                self._move(src, dst, length, rotary)
+                for r in dict.fromkeys(per_layer):
+                    self._move(src, dst, length, r, [i for i, x in enumerate(per_layer) if x is r])
 
-    def _move(self, src: int, dst: int, length: int, rotary: Rotary) -> None:
+    def _move(self, src: int, dst: int, length: int, rotary: Rotary, layers: Sequence[int]) -> None:
         """Keys hold R(p) k, RoPE's rotation by angle p x frequency; R(d) R(p) = R(p + d), so a
         rotation by d = dst - src is exactly the key computed at its new position. In rotate-half
         form: k cos(d) + rotate_half(k) sin(d). Values carry no position."""
@@ -73,7 +79,7 @@ class KVCache:
         # than the copies themselves. Source and destination may overlap, hence the detour.
         b, k_heads, _, dim = self.keys.shape[1:]
         scratch = torch.empty((b, k_heads, length, dim), dtype=torch.float32, device=self.keys.device)
-        for layer in range(self.keys.shape[0]):
+        for layer in layers:
             k = self.keys[layer, :, :, src : src + length]  # [B, K, T, D]
             torch.matmul(k.float(), rot, out=scratch)
             self.keys[layer, :, :, dst : dst + length] = scratch

@@ -176,8 +176,18 @@ def _hf_source(p: Path, raw: dict, quant: str, dev: torch.device
     """An HF folder's (tokenizer, config, tensor types, quantization mode, tensors)."""
     cfg = ModelConfig.from_hf(raw)
     types = {str(raw.get("torch_dtype") or raw.get("dtype") or "unknown"): 1}
-    return (tokenizer.from_hf_folder(p, raw), cfg, types, _quant_mode(quant, types, dev),
-            split_experts(hf_folder.iter_tensors(hf_folder.weight_files(p))))
+    tensors = split_experts(hf_folder.iter_tensors(hf_folder.weight_files(p)))
+    if cfg.sandwich_norms:
+        tensors = gemma_norms(tensors)
+    return (tokenizer.from_hf_folder(p, raw), cfg, types, _quant_mode(quant, types, dev), tensors)
+
+
+def gemma_norms(tensors: Iterable[tuple[str, Tensor]], shift: float = 1.0) -> Iterator[tuple[str, Tensor]]:
+    """Gemma's RMSNorm multiplies by (1 + w): its HF weights get the 1 added here, in float32, so
+    every norm of every path is a plain x * w (llama.cpp's GGUF stores them so already); the
+    converter takes it away again (shift -1)."""
+    for name, t in tensors:
+        yield name, (t.float() + shift if name.endswith("norm.weight") else t)
 
 
 def _gguf_source(p: Path, quant: str, dt: torch.dtype, dev: torch.device, kern: Kernels | None,
@@ -254,12 +264,22 @@ def _tied(cfg: ModelConfig) -> ModelConfig:
 
 
 def _hf_config_dict(folder: Path, required: bool) -> dict:
+    """config.json, its end-of-reply ids joined by generation_config.json's (Gemma 2 lists
+    <end_of_turn> only there)."""
     path = folder / "config.json"
     if not path.exists():
         if required:
             raise GalateaError(f"{folder}: config.json is missing; a Hugging Face model folder needs it")
         return {}
-    return hf_folder.read_json(path)
+    raw = hf_folder.read_json(path)
+    gen = folder / "generation_config.json"
+    extra = hf_folder.read_json(gen) if gen.exists() else {}
+    more = extra.get("eos_token_id") if isinstance(extra, dict) else None
+    if more is not None:
+        ids = [raw.get("eos_token_id"), more]
+        flat = [i for v in ids for i in (v if isinstance(v, list) else [v]) if isinstance(i, int)]
+        raw = {**raw, "eos_token_id": list(dict.fromkeys(flat))}
+    return raw
 
 
 def assemble(cfg: ModelConfig, tensors: Iterable[tuple[str, Tensor | Int4Groups | TiledWeight]], dtype: torch.dtype,

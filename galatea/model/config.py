@@ -43,6 +43,18 @@ class ModelConfig:
     num_experts_per_tok: int = 0
     moe_intermediate_size: int = 0
     norm_topk_prob: bool = True  # the chosen experts' weights renormalised to sum to 1
+    # Gemma 2/3 (llama.py): embeddings times sqrt(hidden); a norm after attention and after the
+    # MLP too ("sandwich"); GeGLU; scores scaled by query_pre_attn_scalar^-0.5 and soft-capped;
+    # window layers (their own RoPE base in Gemma 3) among global ones; soft-capped logits. Norm
+    # weights are held as (1 + w) (llama.cpp's GGUF stores them so; HF's get 1 added at load).
+    embed_scale: float = 1.0
+    sandwich_norms: bool = False
+    hidden_act: str = "silu"  # "silu" (SwiGLU) or "gelu_tanh" (GeGLU)
+    query_scale: float | None = None  # None: head_dim^-0.5
+    attn_softcap: float | None = None
+    final_softcap: float | None = None
+    layer_windows: tuple[int | None, ...] = ()  # per layer (None: global); () = sliding_window on all
+    rope_local_theta: float | None = None  # the RoPE base of window layers, where it differs
 
     def __post_init__(self) -> None:
         # sane bounds before anything is allocated from these numbers (a hostile or corrupt
@@ -72,6 +84,14 @@ class ModelConfig:
                 f"config: {self.num_attention_heads} attention heads are not a multiple of "
                 f"{self.num_key_value_heads} key/value heads; the checkpoint's config is inconsistent"
             )
+
+    def window(self, layer: int) -> int | None:
+        """How many positions a query of `layer` sees (itself included); None: all."""
+        return self.layer_windows[layer] if self.layer_windows else self.sliding_window
+
+    def local_rope(self, layer: int) -> bool:
+        """Whether `layer` turns q and k by the window layers' RoPE base (Gemma 3's local layers)."""
+        return self.rope_local_theta is not None and self.window(layer) is not None
 
     @property
     def n_rep(self) -> int:
@@ -103,6 +123,9 @@ class ModelConfig:
             n_heads = int(cfg["num_attention_heads"])
             window = cfg.get("sliding_window") if family in ("mistral", "mixtral") else None
             moe = _hf_experts(cfg, family)
+            gemma = _hf_gemma(cfg, family)
+            if family in GEMMA:
+                rope = (rope.get("full_attention") or rope) if isinstance(rope.get("full_attention"), dict) else rope
             eos = _ids(cfg.get("eos_token_id"))
             return cls(
                 vocab_size=int(cfg["vocab_size"]),
@@ -125,8 +148,9 @@ class ModelConfig:
                 attention_bias=family == "qwen2" or (family in QWEN3 and bool(cfg.get("attention_bias"))),
                 sliding_window=None if window is None else int(window),
                 eos_token_ids=eos,
-                qk_norm=family in QWEN3,
+                qk_norm=family in (*QWEN3, "gemma3_text"),
                 **moe,
+                **gemma,
             )
         except KeyError as e:
             raise GalateaError(f"config.json: missing field {e.args[0]!r}; the file is incomplete") from None
@@ -155,7 +179,7 @@ class ModelConfig:
         embed = int(key("embedding_length"))
         eos = meta.get("tokenizer.ggml.eos_token_id")
         window = meta.get(f"{arch}.attention.sliding_window")
-        window = int(window) if window else None
+        window = int(window) if window and arch not in ("gemma2", "gemma3") else None  # Gemma's: per layer
         return cls(
             vocab_size=vocab_size,
             hidden_size=embed,
@@ -175,16 +199,18 @@ class ModelConfig:
             sliding_window=window,
             eos_token_ids=tuple(dict.fromkeys(i for i in (eos, meta.get("tokenizer.ggml.eot_token_id"))
                                               if i is not None)),
-            qk_norm=arch in ("qwen3", "qwen3moe"),
+            qk_norm=arch in ("qwen3", "qwen3moe", "gemma3"),
             **_gguf_experts(meta, arch),
+            **_gguf_gemma(meta, arch, n_heads, embed),
         )
 
 
 # HF class name -> the family it belongs to; GGUF architectures (llama.cpp writes Mistral as llama)
 _HF_ARCHS = {"LlamaForCausalLM": "llama", "LLaMAForCausalLM": "llama", "MistralForCausalLM": "mistral",
              "Qwen2ForCausalLM": "qwen2", "Qwen3ForCausalLM": "qwen3", "MixtralForCausalLM": "mixtral",
-             "Qwen3MoeForCausalLM": "qwen3_moe"}
-GGUF_ARCHS = ("llama", "qwen2", "qwen3", "qwen3moe")
+             "Qwen3MoeForCausalLM": "qwen3_moe", "Gemma2ForCausalLM": "gemma2", "Gemma3ForCausalLM": "gemma3_text"}
+GGUF_ARCHS = ("llama", "qwen2", "qwen3", "qwen3moe", "gemma2", "gemma3")
+GEMMA = ("gemma2", "gemma3_text")
 QWEN3 = ("qwen3", "qwen3_moe")  # the families with q/k norms
 
 
@@ -222,13 +248,70 @@ def _gguf_experts(meta: dict[str, Any], arch: str) -> dict[str, Any]:
             "norm_topk_prob": bool(meta.get(f"{arch}.expert_weights_norm", True))}
 
 
+def _hf_gemma(cfg: dict[str, Any], family: str) -> dict[str, Any]:
+    """Gemma 2/3's fields of config.json ({} for the other families)."""
+    if family not in GEMMA:
+        return {}
+    act = cfg.get("hidden_activation") or cfg.get("hidden_act")
+    if act not in ("gelu_pytorch_tanh", "gelu_tanh"):
+        raise GalateaError(f"config.json: Gemma with activation {act!r} is not supported (only gelu_pytorch_tanh)")
+    if cfg.get("use_bidirectional_attention"):
+        raise GalateaError("config.json: bidirectional attention (an embedding model) is not supported")
+    n = int(cfg["num_hidden_layers"])
+    pattern = int(cfg.get("sliding_window_pattern") or (2 if family == "gemma2" else 6))
+    types = cfg.get("layer_types") or ["sliding_attention" if (i + 1) % pattern else "full_attention"
+                                       for i in range(n)]
+    if len(types) != n or set(types) - {"sliding_attention", "full_attention"}:
+        raise GalateaError(f"config.json: layer_types {types!r} is not one window or global layer per layer")
+    window = int(cfg["sliding_window"])
+    rope = cfg.get("rope_parameters") or {}
+    local = rope.get("sliding_attention") if isinstance(rope.get("sliding_attention"), dict) else None
+    if local is not None and (local.get("rope_type") or "default") != "default":
+        raise GalateaError("config.json: RoPE scaling on Gemma's window layers is not supported")
+    local_theta = float(local["rope_theta"]) if local else cfg.get("rope_local_base_freq")
+    return {"embed_scale": float(cfg["hidden_size"]) ** 0.5, "sandwich_norms": True, "hidden_act": "gelu_tanh",
+            "query_scale": float(cfg["query_pre_attn_scalar"]) ** -0.5,
+            "attn_softcap": _cap(cfg.get("attn_logit_softcapping")),
+            "final_softcap": _cap(cfg.get("final_logit_softcapping")),
+            "layer_windows": tuple(window if t == "sliding_attention" else None for t in types),
+            "rope_local_theta": None if local_theta is None else float(local_theta)}
+
+
+def _gguf_gemma(meta: dict[str, Any], arch: str, n_heads: int, embed: int) -> dict[str, Any]:
+    """Gemma's fields from llama.cpp's keys, with llama.cpp's own defaults where a file has none:
+    windows on every 2nd (gemma2) or all but every 6th layer (gemma3), a window layers' RoPE base
+    of 10000 (gemma3), queries scaled by head_dim^-0.5 (by (hidden / heads)^-0.5 for the 27B
+    models, as llama.cpp decides it: gemma2 with 46 layers, gemma3 with 62)."""
+    if arch not in ("gemma2", "gemma3"):
+        return {}
+    n = int(meta[f"{arch}.block_count"])
+    head_dim = int(meta.get(f"{arch}.attention.key_length") or embed // n_heads)
+    window = meta.get(f"{arch}.attention.sliding_window")
+    pattern = meta.get(f"{arch}.attention.sliding_window_pattern", 2 if arch == "gemma2" else 6)
+    if isinstance(pattern, list):
+        local = [bool(x) for x in pattern]
+    else:
+        local = [i % int(pattern) < int(pattern) - 1 for i in range(n)]
+    big = n == (46 if arch == "gemma2" else 62)
+    return {"embed_scale": float(embed) ** 0.5, "sandwich_norms": True, "hidden_act": "gelu_tanh",
+            "query_scale": float(embed // n_heads if big else head_dim) ** -0.5,
+            "attn_softcap": _cap(meta.get(f"{arch}.attn_logit_softcapping")),
+            "final_softcap": _cap(meta.get(f"{arch}.final_logit_softcapping")),
+            "layer_windows": tuple(int(window) if window and is_local else None for is_local in local),
+            "rope_local_theta": float(meta.get(f"{arch}.rope.freq_base_swa", 10000.0)) if arch == "gemma3" else None}
+
+
+def _cap(value: Any) -> float | None:
+    return float(value) if value else None
+
+
 def _gguf_family(meta: dict[str, Any], arch: str, window: int | None) -> str:
     """llama.cpp writes Mistral and Mixtral as 'llama' (the window, the experts tell them apart)."""
     if arch == "llama" and meta.get("llama.expert_count"):
         return "mixtral"
     if arch == "llama" and window:
         return "mistral"
-    return {"qwen3moe": "qwen3_moe"}.get(arch, arch)
+    return {"qwen3moe": "qwen3_moe", "gemma3": "gemma3_text"}.get(arch, arch)
 
 
 def _ids(value: Any) -> tuple[int, ...]:

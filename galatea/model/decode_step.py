@@ -33,8 +33,12 @@ from galatea.model.tiled import TiledEmbedding, TiledLinear
 if TYPE_CHECKING:
     from galatea.model.llama import MoE
 
-PRE_NONE, PRE_RMSNORM, PRE_SWIGLU = 0, 1, 2
+PRE_NONE, PRE_RMSNORM, PRE_SWIGLU, PRE_GEGLU = 0, 1, 2, 3
 KEEP_PLANS = 64  # plans (buffers + call arguments) kept for row counts up to this
+
+
+def _f32(weight: Tensor) -> Tensor:
+    return weight.detach().float().contiguous()
 
 
 class FusedDecoder:
@@ -48,14 +52,20 @@ class FusedDecoder:
         self.hidden, self.eps, self.vocab = cfg.hidden_size, cfg.rms_norm_eps, cfg.vocab_size
         self.layers = []
         self.moe: list[MoE | None] = []  # a layer's experts, where its MLP is a mixture of them
+        # Gemma: the attention's and the MLP's outputs normalised before they join x (their norms)
+        self.sandwich: list[tuple[Tensor, Tensor] | None] = []
+        self.attends = [layer.self_attn.attends for layer in model.model.layers]  # window, scale, softcap
+        self.gated = PRE_GEGLU if cfg.hidden_act == "gelu_tanh" else PRE_SWIGLU
         for layer in model.model.layers:
             attn, mlp = layer.self_attn, layer.mlp
             moe = mlp if hasattr(mlp, "experts") else None  # llama.MoE (llama.py imports this module)
             self.moe.append(moe)
+            mlp_norm = layer.pre_feedforward_layernorm if layer.sandwich else layer.post_attention_layernorm
             self.layers.append((attn.qkv_proj, attn.o_proj, None if moe else mlp.gate_up_proj,
-                                None if moe else mlp.down_proj,
-                                layer.input_layernorm.weight.detach().float().contiguous(),
-                                layer.post_attention_layernorm.weight.detach().float().contiguous()))
+                                None if moe else mlp.down_proj, _f32(layer.input_layernorm.weight),
+                                _f32(mlp_norm.weight)))
+            self.sandwich.append((_f32(layer.post_attention_layernorm.weight),
+                                  _f32(layer.post_feedforward_layernorm.weight)) if layer.sandwich else None)
         # Qwen2's q/k/v biases, added to the projection's output before attention reads it
         self.qkv_bias = [None if layer.self_attn.qkv_bias is None else layer.self_attn.qkv_bias.float().contiguous()
                          for layer in model.model.layers]
@@ -105,24 +115,28 @@ class FusedDecoder:
         qkv_w = (self.heads + 2 * self.kv_heads) * d
         inter = max((lin[2].out_features // 2 for lin in self.layers if lin[2] is not None), default=0)
         buf = {"x": torch.empty(rows, self.hidden), "qkv": torch.empty(rows, qkv_w),
-               "attn": torch.empty(rows, self.heads * d), "gu": torch.empty(rows, 2 * inter)}
-        x, qkv, attn, gu = (buf[n].data_ptr() for n in ("x", "qkv", "attn", "gu"))
+               "attn": torch.empty(rows, self.heads * d), "gu": torch.empty(rows, 2 * inter),
+               "out": torch.empty(rows, self.hidden)}  # a sublayer's output, normalised before it joins x
+        x, qkv, attn, gu, out = (buf[n].data_ptr() for n in ("x", "qkv", "attn", "gu", "out"))
 
         def call(lin: TiledLinear, src: int, ldx: int, dst: int, ldo: int, acc: int, pre: int, norm: Tensor | None):
             return (self.isa, ctypes.addressof(lin.segments), len(lin.segments), lin.in_features, src, 0, ldx, rows,
                     dst, 0, ldo, acc, pre, None if norm is None else norm.data_ptr(), self.eps)
 
         plan = []
-        for qkv_p, o_p, gu_p, down_p, n1, n2 in self.layers:
+        for (qkv_p, o_p, gu_p, down_p, n1, n2), sandwich in zip(self.layers, self.sandwich, strict=True):
+            # with sandwich norms the outputs land in `out` (normalised, then added to x); else they add into x
+            dst, acc = (out, 0) if sandwich else (x, 1)
             plan.append((call(qkv_p, x, self.hidden, qkv, qkv_w, 0, PRE_RMSNORM, n1),
-                         call(o_p, attn, self.heads * d, x, self.hidden, 1, PRE_NONE, None),
+                         call(o_p, attn, self.heads * d, dst, self.hidden, acc, PRE_NONE, None),
                          None if gu_p is None else call(gu_p, x, self.hidden, gu, 2 * inter, 0, PRE_RMSNORM, n2),
-                         None if down_p is None else call(down_p, gu, 2 * inter, x, self.hidden, 1, PRE_SWIGLU, None)))
+                         None if down_p is None else call(down_p, gu, 2 * inter, dst, self.hidden, acc, self.gated,
+                                                          None)))
         if rows <= KEEP_PLANS:  # decoding sizes; a prompt chunk's are made anew (each costs ~0.1 ms)
             self._plans[rows] = (buf, plan)
         return buf, plan
 
-    def _experts(self, moe: MoE, norm: Tensor, x: Tensor) -> None:
+    def _experts(self, moe: MoE, norm: Tensor, x: Tensor) -> None:  # (no MoE family has sandwich norms)
         """x [rows, C] += the mixture of experts of rmsnorm(x): rows grouped by expert, so each
         chosen expert's weights are read once for all its rows, and no other expert's at all."""
         xn = F.rms_norm(x, (self.hidden,), norm, self.eps)
@@ -135,7 +149,7 @@ class FusedDecoder:
             down = expert.down_proj
             if self.lib.gx_matmul(self.isa, ctypes.addressof(down.segments), len(down.segments), down.in_features,
                                   gu.data_ptr(), 0, gu.shape[1], len(rows), y.data_ptr(), 0, self.hidden, 0,
-                                  PRE_SWIGLU, None, self.eps):  # silu(gate) * up as its input is quantized
+                                  self.gated, None, self.eps):  # silu(gate) * up as its input is quantized
                 raise RuntimeError("native mat-mul refused its arguments")
             x.index_add_(0, rows, y.mul_(weights[rows, slot, None]))
 
@@ -157,13 +171,15 @@ class FusedDecoder:
         for cache, pos in zip(caches, positions, strict=True):
             if pos >= cache.max_len:
                 raise ValueError(f"position {pos} exceeds the cache of {cache.max_len}")
-        rotary = self.model.rotary
-        assert rotary is not None and rotary.cos.dtype == torch.float32
+        rotaries = self.model.layer_rotaries()
+        assert all(r.cos.dtype == torch.float32 for r in rotaries)
         buf, plan = self._plan(rows)
         embed = self.model.model.embed_tokens
         ids = torch.tensor(tokens)
         buf["x"].copy_(embed(ids, torch.float32) if isinstance(embed, TiledEmbedding)
                        else embed(ids.to(embed.weight.device)))
+        if self.model.config.embed_scale != 1.0:  # Gemma: the embeddings times sqrt(hidden)
+            buf["x"].mul_(self.model.config.embed_scale)
         # per-row cache geometry, once per step: [layers, 1, K, S, D] tensors
         i64, ptr = ctypes.c_int64 * rows, ctypes.c_void_p * rows
         pos = i64(*positions)
@@ -172,9 +188,8 @@ class FusedDecoder:
         kbase, vbase = [c.keys.data_ptr() for c in caches], [c.values.data_ptr() for c in caches]
         kv_dtype = KV_DTYPE_IDS[caches[0].keys.dtype]
         pos_stride = caches[0].keys.stride(3)
-        matmul, attend = self.lib.gx_matmul, self.lib.gx_decode_attention
-        qkv, attn = buf["qkv"], buf["attn"]
-        scale = 1 / self.head_dim**0.5
+        matmul, attend = self.lib.gx_matmul, self.lib.gx_step_attention
+        qkv, attn, x, out = buf["qkv"], buf["attn"], buf["x"], buf["out"]
         for i, (qkv_call, o_call, gu_call, down_call) in enumerate(plan):
             if matmul(*qkv_call):
                 raise RuntimeError("native mat-mul refused its arguments")
@@ -184,23 +199,33 @@ class FusedDecoder:
                 self._norm_heads(qkv, *self.qk_norms[i])
             kp = ptr(*(b + i * lb for b, lb in zip(kbase, layer_bytes, strict=True)))
             vp = ptr(*(b + i * lb for b, lb in zip(vbase, layer_bytes, strict=True)))
+            how, rotary = self.attends[i], rotaries[i]
             rc = attend(self.isa, qkv.data_ptr(), qkv.stride(0), rows, pos, kp, vp, head_stride, pos_stride,
                         kv_dtype, self.heads, self.kv_heads, self.head_dim, rotary.cos.data_ptr(),
-                        rotary.sin.data_ptr(), scale, attn.data_ptr(), attn.stride(0))
+                        rotary.sin.data_ptr(), how.scale or self.head_dim**-0.5, how.softcap or 0.0,
+                        how.window or 0, attn.data_ptr(), attn.stride(0))
             if rc != 0:
                 raise RuntimeError(f"native decode attention refused its arguments (code {rc})")
             if matmul(*o_call):
                 raise RuntimeError("native mat-mul refused its arguments")
+            sandwich = self.sandwich[i]
+            if sandwich is not None:
+                x.add_(F.rms_norm(out, (self.hidden,), sandwich[0], self.eps))
             moe = self.moe[i]
             if moe is not None:
-                self._experts(moe, self.layers[i][5], buf["x"])
+                self._experts(moe, self.layers[i][5], x)
             elif matmul(*gu_call) or matmul(*down_call):
                 raise RuntimeError("native mat-mul refused its arguments")
-        x = buf["x"] if keep is None or len(keep) == rows else buf["x"][torch.tensor(list(keep))]
+            if sandwich is not None:
+                x.add_(F.rms_norm(out, (self.hidden,), sandwich[1], self.eps))
+        x = x if keep is None or len(keep) == rows else x[torch.tensor(list(keep))]
         logits = torch.empty(x.shape[0], self.vocab)
         head = self.head
         matmul(self.isa, ctypes.addressof(head.segments), len(head.segments), head.in_features, x.data_ptr(),
                0, self.hidden, x.shape[0], logits.data_ptr(), 0, self.vocab, 0, PRE_RMSNORM,
                self.final_norm.data_ptr(), self.eps)
+        cap = self.model.config.final_softcap
+        if cap is not None:  # Gemma 2
+            logits = torch.tanh(logits.div_(cap)).mul_(cap)
         self._timed(rows, time.perf_counter() - started)
         return logits

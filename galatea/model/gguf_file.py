@@ -63,6 +63,15 @@ NAME_TABLE = {
     "blk.{n}.ffn_up_exps.weight": "model.layers.{n}.mlp.experts.{e}.up_proj.weight",
     "blk.{n}.ffn_down_exps.weight": "model.layers.{n}.mlp.experts.{e}.down_proj.weight",
 }
+# Gemma's names where they differ: ffn_norm is its MLP's input norm, and its attention's and MLP's
+# outputs have norms of their own (HF: post_attention_layernorm, post_feedforward_layernorm)
+GEMMA_NAMES = {
+    **NAME_TABLE,
+    "blk.{n}.post_attention_norm.weight": "model.layers.{n}.post_attention_layernorm.weight",
+    "blk.{n}.ffn_norm.weight": "model.layers.{n}.pre_feedforward_layernorm.weight",
+    "blk.{n}.post_ffw_norm.weight": "model.layers.{n}.post_feedforward_layernorm.weight",
+}
+
 # Tensors that are not weights of a layer, each with why it is not loaded as one. Any other name
 # outside NAME_TABLE is refused: a tensor that changes the arithmetic is never dropped.
 NOT_WEIGHTS = {
@@ -82,9 +91,9 @@ def _key(gguf_name: str) -> tuple[str, re.Match | None]:
     return (gguf_name.replace(f"blk.{m.group(1)}.", "blk.{n}.", 1) if m else gguf_name), m
 
 
-def hf_name(gguf_name: str, expert: int = 0) -> str | None:
+def hf_name(gguf_name: str, expert: int = 0, arch: str = "llama") -> str | None:
     key, m = _key(gguf_name)
-    target = NAME_TABLE.get(key)
+    target = (GEMMA_NAMES if arch in ("gemma2", "gemma3") else NAME_TABLE).get(key)
     return target.format(n=m.group(1), e=expert) if target and m else target
 
 
@@ -181,18 +190,19 @@ class GGUFFile:
     def _matrices(self) -> Iterator[tuple[TensorInfo, str]]:
         """(tensor, HF name) of every weight; a 3-D tensor of experts as one 2-D tensor each
         (its slice of the file: experts are stored one after another)."""
+        arch = self.metadata.get("general.architecture", "llama")
         for t in self.tensors:
             if not_a_weight(t.name):
                 continue
-            if hf_name(t.name) is None:
+            if hf_name(t.name, arch=arch) is None:
                 raise GalateaError(f"{self.path}: unexpected tensor {t.name!r}; Galatea does not know what it does "
                                    "(this is not a GGUF of a family it runs)")
             if len(t.shape) == 3:
                 per = t.nbytes // t.shape[0]
                 for e in range(t.shape[0]):
-                    yield TensorInfo(t.name, t.shape[1:], t.type_id, t.offset + e * per, per), hf_name(t.name, e)
+                    yield TensorInfo(t.name, t.shape[1:], t.type_id, t.offset + e * per, per), hf_name(t.name, e, arch)
             else:
-                yield t, hf_name(t.name)
+                yield t, hf_name(t.name, arch=arch)
 
     def read_int4_groups(self, t: TensorInfo) -> Int4Groups:
         """A Q4_0, Q4_1 or Q4_K tensor as int4 groups of 32, without a float copy.

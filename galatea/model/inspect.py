@@ -15,7 +15,9 @@ def parameter_count(cfg: ModelConfig) -> int:
     c, d = cfg.hidden_size, cfg.head_dim
     attn = c * cfg.num_attention_heads * d * 2 + c * cfg.num_key_value_heads * d * 2  # q, o, k, v
     attn += (cfg.num_attention_heads + 2 * cfg.num_key_value_heads) * d if cfg.attention_bias else 0
-    layer = attn + 3 * c * cfg.intermediate_size + 2 * c
+    mlp = 3 * c * cfg.intermediate_size if not cfg.num_experts else \
+        cfg.num_experts * (3 * c * cfg.moe_intermediate_size) + cfg.num_experts * c  # experts and router
+    layer = attn + mlp + (4 if cfg.sandwich_norms else 2) * c + (2 * d if cfg.qk_norm else 0)
     head = 0 if cfg.tie_word_embeddings else cfg.vocab_size * c
     return cfg.vocab_size * c + cfg.num_hidden_layers * layer + c + head
 
@@ -44,6 +46,11 @@ def _read(path: Path) -> tuple[ModelConfig, dict[str, Any] | None, GGUFFile | No
     return cfg, None, g
 
 
+FAMILY_NAMES = {"llama": "LLaMA (Llama 2/3.x, Pygmalion, Metharme)", "mistral": "Mistral (sliding window)",
+                "qwen2": "Qwen2", "qwen3": "Qwen3", "mixtral": "Mixtral (mixture of experts)",
+                "qwen3_moe": "Qwen3-MoE (mixture of experts)", "gemma2": "Gemma 2", "gemma3_text": "Gemma 3 (text)"}
+
+
 def describe(path: Path) -> dict[str, Any]:
     cfg, raw, g = _read(path)
     if raw is not None:
@@ -64,7 +71,14 @@ def describe(path: Path) -> dict[str, Any]:
         "path": str(path),
         **info,
         "architecture": cfg.architecture,
+        "family": FAMILY_NAMES.get(cfg.architecture, cfg.architecture),
         **({"sliding_window": cfg.sliding_window} if cfg.sliding_window else {}),
+        **({"window_layers": f"{sum(w is not None for w in cfg.layer_windows)} of {cfg.num_hidden_layers} see the "
+                             f"last {next(w for w in cfg.layer_windows if w)} positions"}
+           if any(cfg.layer_windows) else {}),
+        **({"experts": f"{cfg.num_experts_per_tok} of {cfg.num_experts} per token, each {cfg.moe_intermediate_size} "
+                       f"wide{'' if cfg.norm_topk_prob else ', weights not renormalised'}"}
+           if cfg.num_experts else {}),
         "parameters": parameter_count(cfg),
         "layers": cfg.num_hidden_layers,
         "hidden_size": cfg.hidden_size,

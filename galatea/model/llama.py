@@ -35,6 +35,7 @@ from galatea.model.cache import KVCache
 from galatea.model.config import ModelConfig
 from galatea.model.decode_step import FusedDecoder
 from galatea.model.quant import concat_linears
+from galatea.model.rope import RopeScaling
 from galatea.model.tiled import TiledEmbedding
 
 # Rows per forward pass up to which torch runs single-threaded beside the native kernels.
@@ -56,10 +57,12 @@ class Rotary(nn.Module):
     """cos/sin tables for rotate-half RoPE, built once for `max_len` positions, with the
     checkpoint's frequency scaling (rope.py); for YaRN, scaled by its attention factor."""
 
-    def __init__(self, cfg: ModelConfig, max_len: int, device: torch.device | str | None = None) -> None:
+    def __init__(self, cfg: ModelConfig, max_len: int, device: torch.device | str | None = None,
+                 local: bool = False) -> None:
+        """`local`: the table of the window layers (Gemma 3: their own base, no scaling)."""
         super().__init__()
-        inv_freq, self.scale = cfg.rope_scaling.frequencies(cfg.head_dim, cfg.rope_theta, cfg.max_position_embeddings,
-                                                            max_len)
+        scaling, theta = (RopeScaling(), cfg.rope_local_theta) if local else (cfg.rope_scaling, cfg.rope_theta)
+        inv_freq, self.scale = scaling.frequencies(cfg.head_dim, theta, cfg.max_position_embeddings, max_len)
         self.inv_freq = inv_freq.to(device)  # [D/2] float64
         pos = torch.arange(max_len, dtype=torch.float64, device=device)
         freqs = torch.outer(pos, self.inv_freq)  # [max_len, D/2]
@@ -84,8 +87,18 @@ def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     return x * cos + rotated * sin
 
 
+@dataclass(frozen=True)
+class Attends:
+    """How a layer's queries attend: to their last `window` positions (None: all), scores scaled by
+    `scale` (None: head_dim^-0.5) and soft-capped (`softcap` * tanh(s / softcap); Gemma 2)."""
+
+    window: int | None = None
+    scale: float | None = None
+    softcap: float | None = None
+
+
 class Attention(nn.Module):
-    def __init__(self, cfg: ModelConfig) -> None:
+    def __init__(self, cfg: ModelConfig, layer: int = 0) -> None:
         super().__init__()
         self.n_heads, self.n_kv, self.head_dim = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
         c = cfg.hidden_size
@@ -93,7 +106,8 @@ class Attention(nn.Module):
         self.k_proj = nn.Linear(c, self.n_kv * self.head_dim, bias=False)
         self.v_proj = nn.Linear(c, self.n_kv * self.head_dim, bias=False)
         self.o_proj = nn.Linear(self.n_heads * self.head_dim, c, bias=False)
-        self.window = cfg.sliding_window
+        self.attends = Attends(cfg.window(layer), cfg.query_scale, cfg.attn_softcap)
+        self.local_rope = cfg.local_rope(layer)  # turns q and k by the window layers' RoPE (Gemma 3)
         if cfg.qk_norm:  # Qwen3: each head of q and k normalised before RoPE
             self.q_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps)
             self.k_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps)
@@ -144,45 +158,71 @@ class Attention(nn.Module):
             k = apply_rope(k.transpose(1, 2), cos, sin)
             v = self._project(self.v_proj, x, "v_bias").view(b, t, kv, d).transpose(1, 2)
         if cache is None:  # training / scoring: whole sequences from position 0, no cache
-            out = _attend_causal(q, k, v, self.window)
+            out = _attend_causal(q, k, v, self.attends)
             return self.o_proj(out.transpose(1, 2).reshape(b, t, -1).to(x.dtype))
         if isinstance(cache, CacheRows):  # batched decoding: each row has its own cache and position
-            out = _attend_rows(q, k, v, cache, layer, self.kernels, self.window)
+            out = _attend_rows(q, k, v, cache, layer, self.kernels, self.attends)
             return self.o_proj(out.transpose(1, 2).reshape(b, t, -1).to(x.dtype))
         keys, values = cache.update(layer, start, k, v)  # [B, K, L, D], L = start + T
         if t == 1:
-            out = _attend_one(q, keys, values, self.kernels, self.window)
+            out = _attend_one(q, keys, values, self.kernels, self.attends)
         else:
-            out = _attend_chunk(q, keys, values, start, self.window)
+            out = _attend_chunk(q, keys, values, start, self.attends)
         return self.o_proj(out.transpose(1, 2).reshape(b, t, -1).to(x.dtype))
 
 
 def _attend_one(q: Tensor, keys: Tensor, values: Tensor, kernels: Kernels | None = None,
-                window: int | None = None) -> Tensor:
+                how: Attends = Attends()) -> Tensor:
     """One query per sequence (decoding), in float32: on CPU several times faster than bf16
     SDPA for a single query, and exact. Grouped heads read the shared K/V without copies.
     With the native kernels (one sequence): the cache is read once as stored, on the kernels'
     threads (SDPA cost 45 µs a layer for SmolLM2 at 512 positions, 175 µs beside their pool)."""
     b, h, _, d = q.shape
-    if window is not None and keys.shape[2] > window:  # the query is the last position: keep the last `window`
-        keys, values = keys[:, :, -window:], values[:, :, -window:]
+    if how.window is not None and keys.shape[2] > how.window:  # the query is the last position
+        keys, values = keys[:, :, -how.window :], values[:, :, -how.window :]
+    if how.softcap is not None:
+        return _attend_capped(q, keys, values, keys.shape[2] - 1, how)
+    scale = how.scale or 1 / math.sqrt(d)
     if kernels is not None and b == 1 and kernels.attends(d, keys.dtype):
-        out = kernels.attend_one(q.reshape(h, d).float().contiguous(), keys[0], values[0], 1 / math.sqrt(d))
+        out = kernels.attend_one(q.reshape(h, d).float().contiguous(), keys[0], values[0], scale)
         return out.view(1, h, 1, d)
-    return F.scaled_dot_product_attention(q.float(), keys.float(), values.float(),
+    return F.scaled_dot_product_attention(q.float(), keys.float(), values.float(), scale=scale,
                                           enable_gqa=keys.shape[1] != q.shape[1])
 
 
-def _attend_causal(q: Tensor, k: Tensor, v: Tensor, window: int | None = None) -> Tensor:
+def _attend_causal(q: Tensor, k: Tensor, v: Tensor, how: Attends = Attends()) -> Tensor:
     """Causal attention over whole sequences (training). On CPU in float32: the bf16 flash
     kernel's backward pass is 2.3x slower than the float32 one there (measured at T=126)."""
     gqa = k.shape[1] != q.shape[1]
-    if window is not None and q.shape[2] > window:
-        return _attend_chunk(q, k, v.to(q.dtype), 0, window)
+    if how.softcap is not None or (how.window is not None and q.shape[2] > how.window):
+        return _attend_chunk(q, k, v.to(q.dtype), 0, how)
     if q.device.type != "cpu":
-        return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=how.scale, enable_gqa=gqa)
     with torch.autocast("cpu", enabled=False):
-        return F.scaled_dot_product_attention(q.float(), k.float(), v.float(), is_causal=True, enable_gqa=gqa)
+        return F.scaled_dot_product_attention(q.float(), k.float(), v.float(), is_causal=True, scale=how.scale,
+                                              enable_gqa=gqa)
+
+
+def _attend_capped(q: Tensor, keys: Tensor, values: Tensor, start: int, how: Attends) -> Tensor:
+    """Attention with soft-capped scores (SDPA has no cap): q [B, H, T, D] at positions start..,
+    keys/values [B, K, L, D], in float32 as transformers' eager path computes it."""
+    t, length, group = q.shape[2], keys.shape[2], q.shape[1] // keys.shape[1]
+    k = keys.float().repeat_interleave(group, dim=1)
+    v = values.float().repeat_interleave(group, dim=1)
+    scores = q.float() @ k.transpose(-1, -2) * (how.scale or 1 / math.sqrt(q.shape[-1]))  # [B, H, T, L]
+    scores = torch.tanh(scores / how.softcap) * how.softcap
+    scores = scores.masked_fill(~_mask(start, t, length, how.window, q.device), float("-inf"))
+    return scores.softmax(dim=-1) @ v
+
+
+def _mask(start: int, t: int, length: int, window: int | None, device: torch.device) -> Tensor:
+    """[T, L]: query start+i sees key j when j <= start+i (and j > start+i-window)."""
+    qpos = torch.arange(start, start + t, device=device)
+    kpos = torch.arange(length, device=device)[None, :]
+    mask = kpos <= qpos[:, None]
+    if window is not None:
+        mask &= kpos > qpos[:, None] - window
+    return mask
 
 
 @dataclass
@@ -195,26 +235,23 @@ class CacheRows:
 
 
 def _attend_rows(q: Tensor, k: Tensor, v: Tensor, rows: CacheRows, layer: int,
-                 kernels: Kernels | None = None, window: int | None = None) -> Tensor:
+                 kernels: Kernels | None = None, how: Attends = Attends()) -> Tensor:
     """q: [B, H, 1, D], k/v: [B, K, 1, D]; each row attends to its own cache. The projections
     around it run batched, which is where decoding spends its time (reading the weights)."""
     out = []
     for i, (cache, pos) in enumerate(zip(rows.caches, rows.positions, strict=True)):
         keys, values = cache.update(layer, pos, k[i : i + 1], v[i : i + 1])
-        out.append(_attend_one(q[i : i + 1], keys, values, kernels, window))
+        out.append(_attend_one(q[i : i + 1], keys, values, kernels, how))
     return torch.cat(out)
 
 
-def _attend_chunk(q: Tensor, keys: Tensor, values: Tensor, start: int, window: int | None = None) -> Tensor:
+def _attend_chunk(q: Tensor, keys: Tensor, values: Tensor, start: int, how: Attends = Attends()) -> Tensor:
     """T queries at positions start..start+T-1 against L = start+T keys, causally masked (and
     to the last `window` positions of each query)."""
-    t, length = q.shape[2], keys.shape[2]
-    qpos = torch.arange(start, start + t, device=q.device)
-    kpos = torch.arange(length, device=q.device)[None, :]
-    mask = kpos <= qpos[:, None]  # [T, L]
-    if window is not None:
-        mask &= kpos > qpos[:, None] - window
-    return F.scaled_dot_product_attention(q, keys.to(q.dtype), values.to(q.dtype), attn_mask=mask,
+    if how.softcap is not None:
+        return _attend_capped(q, keys, values, start, how).to(q.dtype)
+    mask = _mask(start, q.shape[2], keys.shape[2], how.window, q.device)
+    return F.scaled_dot_product_attention(q, keys.to(q.dtype), values.to(q.dtype), attn_mask=mask, scale=how.scale,
                                           enable_gqa=keys.shape[1] != q.shape[1])
 
 
@@ -226,6 +263,7 @@ class MLP(nn.Module):
         self.up_proj = nn.Linear(cfg.hidden_size, width, bias=False)
         self.down_proj = nn.Linear(width, cfg.hidden_size, bias=False)
         self.gate_up_proj: nn.Module | None = None  # set by fuse()
+        self.gelu = cfg.hidden_act == "gelu_tanh"  # GeGLU (Gemma) instead of SwiGLU
 
     def fuse(self) -> None:
         """Merge gate and up into one matrix for inference."""
@@ -239,7 +277,8 @@ class MLP(nn.Module):
             gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
         else:
             gate, up = self.gate_proj(x), self.up_proj(x)
-        return self.down_proj(F.silu(gate) * up)
+        act = F.gelu(gate, approximate="tanh") if self.gelu else F.silu(gate)
+        return self.down_proj(act * up)
 
 
 class Router(nn.Module):
@@ -290,12 +329,21 @@ class MoE(nn.Module):
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, cfg: ModelConfig) -> None:
+    """LLaMA's pre-norm layer; with `sandwich_norms` (Gemma) the attention's and the MLP's outputs
+    are normalised too before they join the residual stream, and `post_attention_layernorm` is
+    that norm of the attention's output (the MLP's input norm is then `pre_feedforward_layernorm`,
+    as transformers names them)."""
+
+    def __init__(self, cfg: ModelConfig, layer: int = 0) -> None:
         super().__init__()
-        self.self_attn = Attention(cfg)
+        self.self_attn = Attention(cfg, layer)
         self.mlp: MLP | MoE = MoE(cfg) if cfg.num_experts else MLP(cfg)
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.sandwich = cfg.sandwich_norms
+        if self.sandwich:
+            self.pre_feedforward_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+            self.post_feedforward_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
     def fuse(self) -> None:
         self.self_attn.fuse()
@@ -303,7 +351,11 @@ class DecoderLayer(nn.Module):
 
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor, cache: KVCache | CacheRows | None, layer: int,
                 start: int) -> Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, cache, layer, start)
+        attended = self.self_attn(self.input_layernorm(x), cos, sin, cache, layer, start)
+        if self.sandwich:
+            x = x + self.post_attention_layernorm(attended)
+            return x + self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(x)))
+        x = x + attended
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -314,7 +366,7 @@ class LlamaModel(nn.Module):
         # kernel costs a second of imports when the model is built on `meta`.
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size,
                                          _weight=torch.empty(cfg.vocab_size, cfg.hidden_size))
-        self.layers = nn.ModuleList(DecoderLayer(cfg) for _ in range(cfg.num_hidden_layers))
+        self.layers = nn.ModuleList(DecoderLayer(cfg, i) for i in range(cfg.num_hidden_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
 
@@ -327,6 +379,7 @@ class Llama(nn.Module):
         self.model = LlamaModel(cfg)
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         self.rotary: Rotary | None = None
+        self.rotary_local: Rotary | None = None  # the window layers' own (Gemma 3), when they have one
         self.kernels: Kernels | None = None
         self.fused: FusedDecoder | None = None  # decoding steps on the native kernels (decode_step.py)
         self.cache_dtype: torch.dtype | None = None  # KV cache entries (None: see make_cache)
@@ -356,10 +409,8 @@ class Llama(nn.Module):
             torch.set_num_threads(threads)
 
     def fused_fits(self, caches: Sequence[KVCache]) -> bool:
-        """The fused step attends to every cached position: with a sliding window it serves
-        caches no longer than the window (Mistral's 4096 covers the usual chat contexts)."""
-        window = self.config.sliding_window
-        return window is None or all(c.max_len <= window for c in caches)
+        """The fused step serves every cache: its attention keeps to each layer's window."""
+        return True
 
     @property
     def device(self) -> torch.device:
@@ -377,7 +428,38 @@ class Llama(nn.Module):
             layer.fuse()
 
     def init_rope(self, max_len: int | None = None) -> None:
-        self.rotary = Rotary(self.config, max_len or self.config.max_position_embeddings, self.device)
+        max_len = max_len or self.config.max_position_embeddings
+        self.rotary = Rotary(self.config, max_len, self.device)
+        if self.config.rope_local_theta is not None:
+            self.rotary_local = Rotary(self.config, max_len, self.device, local=True)
+
+    def rotary_of(self, layer: int) -> Rotary:
+        """The RoPE table layer `layer` turns its queries and keys by."""
+        local = self.rotary_local if self.config.local_rope(layer) else None
+        assert self.rotary is not None
+        return local or self.rotary
+
+    def layer_rotaries(self) -> list[Rotary]:
+        return [self.rotary_of(i) for i in range(self.config.num_hidden_layers)]
+
+    def embed(self, tokens: Tensor) -> Tensor:
+        """[..., C]: the tokens' embeddings, times sqrt(hidden) for Gemma (rounded to the
+        activations' dtype first, as transformers does)."""
+        x = self.model.embed_tokens(tokens)
+        scale = self.config.embed_scale
+        return x if scale == 1.0 else x * torch.tensor(scale, dtype=x.dtype)
+
+    def logits(self, h: Tensor) -> Tensor:
+        """float32 logits of final-norm hidden states, soft-capped where the config says (Gemma 2)."""
+        out = self.lm_head(h).float()
+        cap = self.config.final_softcap
+        return out if cap is None else torch.tanh(out / cap) * cap
+
+    def _tables(self, start: int, length: int, dtype: torch.dtype) -> list[tuple[Tensor, Tensor]]:
+        """Each layer's cos/sin for positions start..start+length-1."""
+        assert self.rotary is not None
+        tables = {id(r): r(start, length, dtype) for r in {self.rotary, self.rotary_local} - {None}}
+        return [tables[id(r)] for r in self.layer_rotaries()]
 
     def make_cache(self, batch_size: int = 1, max_len: int | None = None) -> KVCache:
         """A pre-allocated KV cache for `max_len` positions (default: the model's context)."""
@@ -414,13 +496,13 @@ class Llama(nn.Module):
                                      None if all_logits else [t - 1])
             return logits[None] if all_logits else logits
         with self.torch_threads(tokens.numel()):
-            x = self.model.embed_tokens(tokens)  # [B, T, C]
-            cos, sin = self.rotary(start, t, x.dtype)
-            for i, layer in enumerate(self.model.layers):
+            x = self.embed(tokens)  # [B, T, C]
+            for i, (layer, (cos, sin)) in enumerate(zip(self.model.layers, self._tables(start, t, x.dtype),
+                                                        strict=True)):
                 x = layer(x, cos, sin, cache, i, start)
             if not all_logits:
                 x = x[:, -1]
-            return self.lm_head(self.model.norm(x)).float()
+            return self.logits(self.model.norm(x))
 
     def hidden_states(self, tokens: Tensor, checkpoint: bool = False) -> Tensor:
         """Training and scoring: whole sequences tokens [B, T] from position 0, causally masked,
@@ -433,9 +515,8 @@ class Llama(nn.Module):
         if self.rotary is None or self.rotary.cos.shape[0] < t:
             self.init_rope(max(t, self.config.max_position_embeddings))
         assert self.rotary is not None
-        x = self.model.embed_tokens(tokens)  # [B, T, C]
-        cos, sin = self.rotary(0, t, x.dtype)
-        for i, layer in enumerate(self.model.layers):
+        x = self.embed(tokens)  # [B, T, C]
+        for i, (layer, (cos, sin)) in enumerate(zip(self.model.layers, self._tables(0, t, x.dtype), strict=True)):
             if checkpoint and torch.is_grad_enabled():
                 x = torch.utils.checkpoint.checkpoint(layer, x, cos, sin, None, i, 0, use_reentrant=False)
             else:
@@ -457,15 +538,16 @@ class Llama(nn.Module):
             if pos >= cache.max_len:
                 raise ValueError(f"position {pos} exceeds the cache of {cache.max_len}")
         with self.torch_threads(len(tokens)):
-            x = self.model.embed_tokens(torch.tensor(tokens, device=self.device)[:, None])  # [B, 1, C]
+            x = self.embed(torch.tensor(tokens, device=self.device)[:, None])  # [B, 1, C]
             pos = torch.tensor(positions, device=self.device)
-            cos = self.rotary.cos[pos][:, None, None, :].to(x.dtype)  # [B, 1, 1, D]: per row
-            sin = self.rotary.sin[pos][:, None, None, :].to(x.dtype)
             rows = CacheRows(list(caches), list(positions))
             for i, layer in enumerate(self.model.layers):
+                rotary = self.rotary_of(i)
+                cos = rotary.cos[pos][:, None, None, :].to(x.dtype)  # [B, 1, 1, D]: per row
+                sin = rotary.sin[pos][:, None, None, :].to(x.dtype)
                 x = layer(x, cos, sin, rows, i, 0)
             x = x[:, -1] if keep is None else x[list(keep), -1]
-            return self.lm_head(self.model.norm(x)).float()
+            return self.logits(self.model.norm(x))
 
     def prefill(self, tokens: Tensor, start: int, cache: KVCache, chunk: int = 1024) -> Tensor:
         """Read a long prompt in chunks (bounded activation memory); returns last-position logits

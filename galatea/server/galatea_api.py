@@ -92,6 +92,7 @@ class Settings(Samplers):
     system_prompt: str | None = Field(default=None, max_length=20000, description="empty: the card's")
     user_name: str | None = Field(default=None, min_length=1, max_length=60, pattern=r"\S")
     format: str | None = Field(default=None, description="prompt format: auto, template or one of /galatea/formats")
+    thinking: bool | None = Field(default=None, description="a reasoning model thinks before it replies (Qwen3)")
 
     @field_validator("format")
     @classmethod
@@ -126,7 +127,7 @@ def session(engine: Scheduler, store: Store, chat_id: int) -> ChatSession:
 
 def messages(store: Store, chat_id: int) -> list[dict[str, Any]]:
     return [{"id": m.id, "number": i, "is_user": m.is_user, "name": m.name, "text": m.text,
-             "swipe": m.active, "swipes": len(m.swipes),
+             "reasoning": m.swipes[m.active].extra.get("reasoning", ""), "swipe": m.active, "swipes": len(m.swipes),
              # when the shown text was written: its swipe's generation end, else the message's
              "time": m.swipes[m.active].gen_finished or m.created_at}
             for i, m in enumerate(store.messages(chat_id), 1)]
@@ -138,6 +139,7 @@ def start_reply(replies: LiveReplies, s: ChatSession, kind: str,
     def run(reply: LiveReply) -> dict[str, Any]:
         s.progress = lambda read, total: reply.publish({"progress": {"read": read, "total": total}})
         s.notice = lambda text: reply.publish({"notice": text})
+        s.thinking = lambda text: reply.publish({"reasoning": text})
         for text in make(reply.cancel):
             reply.publish({"text": text})
         last = s.last

@@ -33,6 +33,7 @@ class LiveReply:
         self.chat_id, self.kind = chat_id, kind  # kind: "send", "regenerate" or "continue"
         self.cancel = threading.Event()  # the page's Stop, or the server shutting down
         self.text = ""
+        self.reasoning = ""  # a reasoning model's thoughts so far (shown folded)
         self.progress: Event | None = None  # the last prompt-reading event, until text comes
         self.notice: Event | None = None  # why the finished reply is not stored yet (the store is down)
         self.final: Event | None = None
@@ -48,6 +49,8 @@ class LiveReply:
                 self.progress = event
             elif "notice" in event:
                 self.notice = event
+            elif "reasoning" in event:
+                self.reasoning += event["reasoning"]
             else:
                 self.final = event
             followers = list(self._followers)
@@ -66,7 +69,8 @@ class LiveReply:
                 pass
 
         with self._lock:  # a snapshot and the subscription at once: no event is missed or doubled
-            past = [e for e in ({"text": self.text} if self.text else None, self.progress, self.notice, self.final)
+            past = [e for e in ({"reasoning": self.reasoning} if self.reasoning else None,
+                                {"text": self.text} if self.text else None, self.progress, self.notice, self.final)
                     if e]
             self._followers.append(push)
         try:

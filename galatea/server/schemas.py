@@ -352,6 +352,8 @@ class ChatCompletionRequest(CompletionRequest):
     character: str | None = None  # text-generation-webui's field for the character's name
     user_name: str | None = None
     max_completion_tokens: int | None = Field(default=None, ge=1)
+    # vLLM's and llama.cpp's: {"enable_thinking": true} lets a reasoning model's template think
+    chat_template_kwargs: dict[str, Any] | None = None
 
 
 class EncodeRequest(RequestBody):

@@ -8,6 +8,8 @@ llama.cpp's server answers, since they count tokens themselves and expect to be 
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 from galatea.chat import formats
 from galatea.chat.cards import Character
 from galatea.chat.prompt import Turn, build_prompt
@@ -89,6 +91,9 @@ def chat_prompt(req: ChatCompletionRequest, engine: Scheduler) -> tuple[list[int
     char = Character(name=char_name, description=persona)
     try:
         fmt = formats.choose(engine.chat_format, engine.tokenizer)
+        thinking = (req.chat_template_kwargs or {}).get("enable_thinking")
+        if thinking is not None:
+            fmt = replace(fmt, thinking=bool(thinking))
         prompt = build_prompt(char, history, new, engine.tokenizer, engine.context, min(reply, engine.context // 2),
                               user=user, fmt=fmt)
     except GalateaError as e:

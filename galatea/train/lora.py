@@ -49,7 +49,8 @@ class LoRALinear(nn.Module):
 
 def add_lora(model: nn.Module, settings: LoraSettings) -> list[str]:
     """Freeze `model` and wrap each target linear layer in a LoRALinear. Returns the wrapped
-    module names. The model must be unfused (HF's separate q/k/v and gate/up modules)."""
+    module names. The model must be unfused (HF's separate q/k/v and gate/up modules). A mixture
+    of experts' experts are left as they are (LoRA adapts its attention)."""
     settings.validate()
     for p in model.parameters():
         p.requires_grad_(False)
@@ -57,6 +58,8 @@ def add_lora(model: nn.Module, settings: LoraSettings) -> list[str]:
     for name, module in list(model.named_modules()):
         for child_name, child in list(module.named_children()):
             if child_name in settings.targets:
+                if ".experts." in f"{name}.":  # a mixture of experts: LoRA adapts its attention only
+                    continue
                 if not isinstance(child, (nn.Linear, Int8Linear, Int4Linear)):
                     raise GalateaError(f"{name}.{child_name} is {type(child).__name__}, not a linear layer; "
                                        "LoRA training needs the model loaded unfused")
@@ -64,6 +67,9 @@ def add_lora(model: nn.Module, settings: LoraSettings) -> list[str]:
                 r, alpha = settings.rank_alpha(full)
                 setattr(module, child_name, LoRALinear(child, r, alpha, settings.dropout, settings.scale(r, alpha)))
                 wrapped.append(full)
+    if not wrapped and any(".experts." in n for n, _ in model.named_modules()):
+        raise GalateaError("LoRA on the experts of a mixture-of-experts model is not supported; target its attention "
+                           "(--lora-targets q_proj,k_proj,v_proj,o_proj)")
     if not wrapped:
         raise GalateaError(f"no module named {', '.join(settings.targets)} in the model; nothing to adapt")
     return wrapped

@@ -273,6 +273,9 @@ class Trainer:
         lm = load(path, dtype=base_dtype, device=dev, quant=s.quant, fuse=False, kernels="torch")
         model = lm.model
         if s.full:
+            if lm.config.architecture not in ("llama", "mistral", "qwen2", "qwen3"):
+                raise GalateaError(f"--full on a {lm.config.architecture} model is not supported (its weights would "
+                                   "be saved under Galatea's own names); train a LoRA instead")
             for p in model.parameters():
                 p.requires_grad_(True)
         else:
@@ -475,7 +478,7 @@ def nll_sum(model: nn.Module, ids: Tensor, labels: Tensor, checkpointing: bool) 
     on those rows: most of a persona prompt carries no loss."""
     h = model.hidden_states(ids, checkpoint=checkpointing)  # [B, T, C]
     mask = labels != IGNORE
-    logits = model.lm_head(h[mask]).float()  # [N, V], N = reply tokens in the batch
+    logits = model.logits(h[mask])  # [N, V], N = reply tokens in the batch
     return F.cross_entropy(logits, labels[mask], reduction="sum")
 
 

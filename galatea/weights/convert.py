@@ -221,6 +221,7 @@ def gguf_to_hf(src: Path, dst: Path, dtype: torch.dtype | None = None, max_shard
     if not tokens:
         raise GalateaError(f"{src}: has no tokenizer vocabulary; it cannot become a Hugging Face folder")
     cfg = ModelConfig.from_gguf(meta, len(tokens), rope_freqs=g.rope_freqs())
+    _convertible(cfg, src)
     weights = [t for t in g.tensors if not not_a_weight(t.name)]
     if not weights:
         raise GalateaError(f"{src}: a vocabulary-only GGUF has no weights to convert")
@@ -336,6 +337,18 @@ def gguf_name(hf: str) -> str:
     return _GGUF_NAME.get(hf, "")
 
 
+CONVERTIBLE = ("llama", "mistral", "qwen2")
+
+
+def _convertible(cfg: ModelConfig, src: Path) -> None:
+    """`galatea convert` writes the families it knows the names and keys of; the newer ones run
+    from either format, and llama.cpp's convert_hf_to_gguf.py converts them."""
+    if cfg.architecture not in CONVERTIBLE:
+        raise GalateaError(f"{src}: galatea convert handles LLaMA, Mistral and Qwen2 checkpoints, not "
+                           f"{cfg.architecture}; Galatea runs it from either format as it is (llama.cpp's "
+                           "convert_hf_to_gguf.py converts it to GGUF)")
+
+
 def permute(w: Tensor, n_heads: int) -> Tensor:
     """llama.cpp's q/k row order (interleaved RoPE pairs) from HF's rotate-half order."""
     rows = w.shape[0]
@@ -358,6 +371,7 @@ def hf_to_gguf(src: Path, dst: Path, qtype: str = "f16", force: bool = False,
     files = _hf_files(src)
     raw_cfg = hf_folder.read_json(src / "config.json")
     cfg = ModelConfig.from_hf(raw_cfg)
+    _convertible(cfg, src)
     target = GGUF_TYPES[qtype]
     plan = [p for p in _hf_plan(files, None) if not (cfg.tie_word_embeddings and p.name == "lm_head.weight")]
     entries = []

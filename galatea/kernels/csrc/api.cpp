@@ -496,13 +496,14 @@ GX_EXPORT int gx_dequantize(int type, const uint8_t* tiles, int64_t n, int64_t k
 }
 
 // out[m, col0 + i] (=|+=) sum_j pre(x[m])[j] * W_seg[i, j] for every segment, M rows of x.
-// pre_kind: PRE_NONE, PRE_RMSNORM (pre_weight [k] float32, eps) or PRE_SWIGLU (x rows hold 2k).
+// pre_kind: PRE_NONE, PRE_RMSNORM (pre_weight [k] float32, eps), PRE_SWIGLU or PRE_GEGLU (x rows
+// hold 2k: the gate, then the up projection).
 GX_EXPORT int gx_matmul(int isa, const Segment* segs, int nseg, int64_t k, const void* x, int xdtype, int64_t ldx,
                         int64_t m, void* out, int odtype, int64_t ldo, int accumulate, int pre_kind,
                         const float* pre_weight, float eps) {
   if ((isa != kAvx512 && isa != kAvx2) || isa > cpu_isa()) return -3;
   if (k <= 0 || k % 32 || m <= 0 || nseg <= 0) return -1;
-  if (pre_kind < PRE_NONE || pre_kind > PRE_SWIGLU || (pre_kind == PRE_RMSNORM && !pre_weight)) return -1;
+  if (pre_kind < PRE_NONE || pre_kind > PRE_GEGLU || (pre_kind == PRE_RMSNORM && !pre_weight)) return -1;
   for (int s = 0; s < nseg; ++s)
     if (!valid_shape(segs[s].type, segs[s].n, k)) return -1;
   State& st = state();
@@ -551,10 +552,13 @@ GX_EXPORT int gx_attention(int isa, const float* q, int heads, int kv_heads, int
 // place, k and v written into the row's cache (kcache[r], vcache[r]: this layer's [kv_heads]
 // [positions][d] in kv_dtype, head_stride[r] apart), and q attends to positions 0..pos[r].
 // cos/sin: rotary tables [positions][d] float32. out[r * ldo ...]: float32 [heads x d].
-GX_EXPORT int gx_decode_attention(int isa, float* qkv, int64_t ldqkv, int rows, const int64_t* pos,
-                                  void* const* kcache, void* const* vcache, const int64_t* head_stride,
-                                  int64_t pos_stride, int kv_dtype, int heads, int kv_heads, int d, const float* cos,
-                                  const float* sin, float scale, float* out, int64_t ldo) {
+// softcap > 0: scores capped by softcap * tanh(score / softcap); window > 0: each query sees its
+// last `window` positions only.
+GX_EXPORT int gx_step_attention(int isa, float* qkv, int64_t ldqkv, int rows, const int64_t* pos,
+                                void* const* kcache, void* const* vcache, const int64_t* head_stride,
+                                int64_t pos_stride, int kv_dtype, int heads, int kv_heads, int d, const float* cos,
+                                const float* sin, float scale, float softcap, int64_t window, float* out,
+                                int64_t ldo) {
   if ((isa != kAvx512 && isa != kAvx2) || isa > cpu_isa()) return -3;
   if (d % 16 || d > kMaxHeadDim || kv_heads <= 0 || heads % kv_heads || rows <= 0) return -1;
   if (kv_dtype != KV_F32 && kv_dtype != KV_BF16 && kv_dtype != KV_F16) return -1;
@@ -580,7 +584,7 @@ GX_EXPORT int gx_decode_attention(int isa, float* qkv, int64_t ldqkv, int rows, 
       continue;
     }
     jobs.push_back(AttnJob{q, kcache[r], vcache[r], kv_dtype, heads, kv_heads, d, 1, ldqkv, head_stride[r],
-                           pos_stride, pos[r] + 1, 0, 0, scale, nullptr});
+                           pos_stride, pos[r] + 1, 0, 0, scale, nullptr, softcap, window});
     outs.push_back(out + r * ldo);
   }
   // A prompt's rows in pieces of kAttnQueries queries (the same results: runs are absolute).

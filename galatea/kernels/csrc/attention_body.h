@@ -15,6 +15,7 @@ static inline void scores(const AttnJob& j, const float* q, int64_t g, int64_t p
     F acc = V::zerof();
     for (int i = 0; i < nd; ++i) acc = V::fma(V::loadu(q + i * V::kLanes), V::load_kv(j.k, j.kv_dtype, row + i * V::kLanes), acc);
     s[t] = V::reduce(acc) * j.scale;
+    if (j.softcap > 0.f) s[t] = j.softcap * std::tanh(s[t] / j.softcap);
   }
 }
 
@@ -26,13 +27,15 @@ void attend_item(const AttnJob& j, int64_t item) {
   for (int r = 0; r < j.nq; ++r) {
     const int64_t last = j.length - j.nq + r;  // the last position query r sees
     const int64_t end = p1 < last + 1 ? p1 : last + 1;
+    const int64_t first = j.window > 0 && last + 1 > j.window ? last + 1 - j.window : 0;  // the first
+    const int64_t begin = p0 > first ? p0 : first;
     for (int64_t h = g * group; h < (g + 1) * group; ++h) {
       const float* q = j.q + r * j.q_stride + h * j.d;
       F acc[kMaxHeadDim / V::kLanes];
       for (int i = 0; i < nd; ++i) acc[i] = V::zerof();
       float m = -INFINITY, l = 0.f;
       alignas(64) float s[V::kLanes];
-      for (int64_t p = p0; p < end; p += V::kLanes) {
+      for (int64_t p = begin; p < end; p += V::kLanes) {
         const int n = end - p < V::kLanes ? static_cast<int>(end - p) : V::kLanes;
         scores(j, q, g, p, n, s);
         float mb = s[0];

@@ -44,8 +44,9 @@ struct Acts {
 
 // What is applied to each input row before it is quantized, so that the normalized or gated
 // activations never exist as a tensor: RMSNorm (x * w / sqrt(mean(x^2) + eps), the input of
-// q/k/v, gate/up and the output head) or SwiGLU (silu(x[:K]) * x[K:2K], the input of down).
-enum PreKind : int { PRE_NONE = 0, PRE_RMSNORM = 1, PRE_SWIGLU = 2 };
+// q/k/v, gate/up and the output head), SwiGLU (silu(x[:K]) * x[K:2K], the input of down) or
+// GeGLU (gelu_tanh(x[:K]) * x[K:2K], Gemma's).
+enum PreKind : int { PRE_NONE = 0, PRE_RMSNORM = 1, PRE_SWIGLU = 2, PRE_GEGLU = 3 };
 struct PreOp {
   int32_t kind;
   float eps;
@@ -98,6 +99,8 @@ struct AttnJob {
   int64_t q_stride, head_stride, pos_stride, length, chunk, nchunks;
   float scale;
   float* partial;  // [nq][heads][nchunks][d + 2]: running max, sum, then the weighted values
+  float softcap = 0.f;  // > 0: scores become softcap * tanh(score / softcap) (Gemma 2)
+  int64_t window = 0;  // > 0: a query sees only its last `window` positions, itself included
 };
 
 // Each instruction set provides these (namespaces gx_avx512, gx_avx2).

@@ -24,6 +24,10 @@ void quantize_rows(const void* x, int dtype, int64_t ldx, int64_t m0, int64_t m1
         v[j] = V::loadx(x, dtype, row + i);
         if (pre.kind == PRE_RMSNORM) v[j] = V::mul(V::mul(v[j], scale), V::loadu(pre.weight + i));
         else if (pre.kind == PRE_SWIGLU) v[j] = V::mul(V::mul(v[j], V::sigmoid(v[j])), V::loadx(x, dtype, row + k + i));
+        else if (pre.kind == PRE_GEGLU) {  // gelu_tanh(g) = g * sigmoid(2 sqrt(2/pi) (g + 0.044715 g^3))
+          const F g = v[j], z = V::mul(V::set1(1.5957691216f), V::fma(V::mul(V::mul(g, g), g), V::set1(0.044715f), g));
+          v[j] = V::mul(V::mul(g, V::sigmoid(z)), V::loadx(x, dtype, row + k + i));
+        }
         amax = V::maxf(amax, V::abs(v[j]));
       }
       const float mx = V::reduce_max(amax);

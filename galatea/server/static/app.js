@@ -122,6 +122,19 @@ function timeText(seconds) {
                  : d.toLocaleString([], { dateStyle: "short", timeStyle: "short" });
 }
 
+// A reasoning model's thinking, folded above its reply (never part of the next prompt).
+function thoughtView(reasoning) {
+  const box = document.createElement("details");
+  box.className = "thought";
+  box.hidden = !reasoning;
+  const summary = document.createElement("summary");
+  summary.textContent = "Thought";
+  const body = document.createElement("div");
+  body.className = "thought-text"; body.textContent = reasoning;
+  box.append(summary, body);
+  return box;
+}
+
 function messageView(m, isLast) {
   const div = document.createElement("div");
   div.className = "msg " + (m.is_user ? "user" : "char");
@@ -139,7 +152,7 @@ function messageView(m, isLast) {
   const text = document.createElement("div");
   text.className = "text"; text.innerHTML = formatMessage(m.text);
   text.dataset.raw = m.text;
-  body.append(head, text);
+  body.append(head, thoughtView(m.reasoning || ""), text);
   const tools = document.createElement("div");
   tools.className = "tools";
   if (!m.is_user && m.swipes > 1 || (!m.is_user && isLast)) {
@@ -260,6 +273,12 @@ async function streamReply(kind, chatId, open) {
           $("messages").scrollTop = $("messages").scrollHeight;
         }
         if (event.notice) status(event.notice);  // e.g. the chat store is unreachable: the reply waits
+        if (event.reasoning) {  // thinking streams into the folded block above the reply
+          const box = target.parentElement.querySelector(".thought");
+          box.hidden = false;
+          box.querySelector(".thought-text").textContent += event.reasoning;
+          if (!target.dataset.raw) status("thinking…");
+        }
         if (event.done) done = event;
       }
     }
@@ -598,6 +617,7 @@ function fillSettings(values) {
   for (const field of $("settings-form").elements) {
     if (!field.name || values[field.name] === undefined) continue;
     const kind = field.dataset.kind;
+    if (kind === "bool") { field.checked = !!values[field.name]; continue; }
     field.value = kind === "lines" ? values[field.name].join("\n") : kind === "ints" ? values[field.name].join(",")
                 : values[field.name];
   }
@@ -606,7 +626,8 @@ function readSettings() {
   const body = {};
   for (const field of $("settings-form").elements) {
     if (!field.name) continue;
-    if (field.dataset.kind === "lines") body[field.name] = field.value.split("\n").filter((l) => l !== "");
+    if (field.dataset.kind === "bool") body[field.name] = field.checked;
+    else if (field.dataset.kind === "lines") body[field.name] = field.value.split("\n").filter((l) => l !== "");
     else if (field.dataset.kind === "ints") { if (field.value.trim()) body[field.name] = field.value.split(",").map(Number); }
     else if (field.dataset.kind === "text") { if (field.name !== "user_name" || field.value.trim()) body[field.name] = field.value; }
     else if (field.value !== "") body[field.name] = Number(field.value);
