@@ -176,6 +176,28 @@ def test_bfloat16_in_and_out_accumulate_and_pre_ops(path):
     kern.matmul(layer.segments, 256, gate_up, out, swiglu=True)
     gated = torch.nn.functional.silu(gate_up[:, :256].double()) * gate_up[:, 256:].double()
     check_product(out.numpy().astype(np.float64), gated.float().numpy(), w)
+    # GeGLU (Gemma): pre(x) = gelu_tanh(x[:, :K]) * x[:, K:]
+    kern.matmul(layer.segments, 256, gate_up, out, geglu=True)
+    gated = torch.nn.functional.gelu(gate_up[:, :256].double(), approximate="tanh") * gate_up[:, 256:].double()
+    check_product(out.numpy().astype(np.float64), gated.float().numpy(), w)
+
+
+@pytest.mark.parametrize("path", PATHS)
+def test_experts_multiply_only_their_own_rows(path):
+    """A mixture of experts' step: rows grouped by expert, each expert's segment given its row
+    range, one call; every row is its own expert's product (and the others' weights not read)."""
+    kern = kernels(path)
+    raws = [random_blocks(Q.Q4_K, 48, 256, seed=s) for s in range(3)]
+    ws = [gguf.quants.dequantize(r, Q.Q4_K).reshape(48, 256).astype(np.float64) for r in raws]
+    layers = [TiledLinear([TiledWeight.from_blocks(kern, int(Q.Q4_K), r, 48, 256)], kern) for r in raws]
+    bounds = [(0, 3), (3, 4), (4, 70)]  # 3 rows, 1 row, 66 rows (more than a chunk of 64)
+    segs = [native.Segment(int(Q.Q4_K), 0, lay.segments[0].tiles, 48, 0, m0, m1)
+            for lay, (m0, m1) in zip(layers, bounds, strict=True)]
+    x = torch.randn(70, 256)
+    out = torch.full((70, 48), float("nan"))
+    kern.matmul((native.Segment * 3)(*segs), 256, x, out)
+    for w, (m0, m1) in zip(ws, bounds, strict=True):
+        check_product(out[m0:m1].numpy().astype(np.float64), x[m0:m1].numpy(), w)
 
 
 @pytest.mark.parametrize("path", PATHS)
@@ -245,7 +267,8 @@ def test_decode_attention_rotates_stores_and_attends(path, cache):
         native.ISA_IDS[path], qkv.data_ptr(), qkv.stride(0), 3, i64(*(p for _, p in rows)),
         ptr(*(caches[c][0].data_ptr() for c, _ in rows)), ptr(*(caches[c][1].data_ptr() for c, _ in rows)),
         i64(*(caches[c][0].stride(0) for c, _ in rows)), d, native.KV_DTYPE_IDS[cache], heads, kv_heads, d,
-        rot.cos.data_ptr(), rot.sin.data_ptr(), 1 / math.sqrt(d), 0.0, 0, out.data_ptr(), out.stride(0))
+        rot.cos.data_ptr(), rot.sin.data_ptr(), 1 / math.sqrt(d), 0.0, 0, None, None, 0.0, out.data_ptr(),
+        out.stride(0))
     assert rc == 0
     expect = [(k.clone(), v.clone()) for k, v in before]
     for r, (c, pos) in enumerate(rows):
@@ -325,7 +348,8 @@ def test_verification_rows_share_the_cache_and_stay_causal(path, length, window,
         native.ISA_IDS[path], qkv.data_ptr(), qkv.stride(0), n, i64(*(p for _, p in rows)),
         ptr(*(caches[c][0].data_ptr() for c, _ in rows)), ptr(*(caches[c][1].data_ptr() for c, _ in rows)),
         i64(*(caches[c][0].stride(0) for c, _ in rows)), d, native.KV_DTYPE_IDS[torch.float16], heads, kv_heads,
-        d, cos.data_ptr(), sin.data_ptr(), 1 / math.sqrt(d), softcap, window, out.data_ptr(), out.stride(0))
+        d, cos.data_ptr(), sin.data_ptr(), 1 / math.sqrt(d), softcap, window, None, None, 0.0, out.data_ptr(),
+        out.stride(0))
     assert rc == 0
     for r, (c, pos) in enumerate(rows):
         q = qkv[r, : heads * d].view(heads, d).double()
@@ -337,3 +361,44 @@ def test_verification_rows_share_the_cache_and_stay_causal(path, length, window,
             scores = softcap * torch.tanh(scores / softcap)
         ref = (scores.softmax(-1)[:, None] @ values)[:, 0]
         assert torch.allclose(out[r].view(heads, d).double(), ref, atol=2e-5), (r, pos)
+
+
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("renorm", [True, False])
+def test_a_mixture_of_experts_layer_matches_float64(path, renorm):
+    """gx_moe (router, top-k, rows grouped by expert, gate/up, SwiGLU, down, weighted sum into x)
+    against the same arithmetic in float64 on gguf's dequantized weights (transformers' order:
+    softmax over every expert, the top k, renormalised where the config says)."""
+    kern = kernels(path)
+    experts, top_k, k, width = 6, 2, 256, 256
+    rng = torch.Generator().manual_seed(1)
+    raws = [[random_blocks(Q.Q4_K, width, k, seed=10 * e + i) for i in range(2)] + [random_blocks(Q.Q6_K, k, width,
+                                                                                                   seed=10 * e + 2)]
+            for e in range(experts)]
+    dense = [[torch.from_numpy(gguf.quants.dequantize(r, t).reshape(r.shape[0], -1).astype(np.float64))
+              for r, t in zip(rs, (Q.Q4_K, Q.Q4_K, Q.Q6_K), strict=True)] for rs in raws]
+    gate_up = [TiledLinear([TiledWeight.from_blocks(kern, int(Q.Q4_K), rs[0], width, k),
+                            TiledWeight.from_blocks(kern, int(Q.Q4_K), rs[1], width, k)], kern) for rs in raws]
+    down = [TiledLinear([TiledWeight.from_blocks(kern, int(Q.Q6_K), rs[2], k, width)], kern) for rs in raws]
+    gu_segs = [s for lay in gate_up for s in lay.segments]
+    down_segs = [s for lay in down for s in lay.segments]
+    router = torch.randn(experts, k, generator=rng) * 0.2
+    norm = torch.rand(k, generator=rng) + 0.5
+    x = torch.randn(9, k, generator=rng)
+    out = x.clone()
+    rc = kern.lib.gx_moe(native.ISA_IDS[path], out.data_ptr(), k, 9, k, norm.data_ptr(), 1e-6, router.data_ptr(),
+                         experts, top_k, int(renorm), (native.Segment * len(gu_segs))(*gu_segs), 2,
+                         (native.Segment * len(down_segs))(*down_segs), 1, width, 2)
+    assert rc == 0
+    xn = torch.nn.functional.rms_norm(x.double(), (k,), norm.double(), 1e-6)
+    probs = (xn @ router.double().T).softmax(-1)
+    weights, chosen = probs.topk(top_k, dim=-1)
+    if renorm:
+        weights = weights / weights.sum(-1, keepdim=True)
+    ref = x.double().clone()
+    for r in range(9):
+        for w, e in zip(weights[r], chosen[r].tolist(), strict=True):
+            g, u, dn = dense[e]
+            ref[r] += w * (dn @ (torch.nn.functional.silu(g @ xn[r]) * (u @ xn[r])))
+    moe = ref - x.double()
+    assert ((out.double() - ref).abs().max() / moe.abs().max()) < 2e-2  # int8 activations, as every matmul

@@ -35,6 +35,8 @@ def bench(lm: LoadedModel, prompt_tokens: int = 512, gen_tokens: int = 128, repe
         "model": str(lm.path),
         "dtype": str(model.dtype).removeprefix("torch."),
         "quant": lm.quant,
+        "weight_types": lm.tensor_types,  # as the file stores them (a GGUF's types stay as they are)
+        "kernels": lm.kernels,
         "device": str(model.device),
         "threads": torch.get_num_threads(),
         "prompt_tokens": prompt_tokens,
@@ -43,6 +45,28 @@ def bench(lm: LoadedModel, prompt_tokens: int = 512, gen_tokens: int = 128, repe
         "decode_tok_s": round(gen_tokens / decode_s, 1),
         "decode_ms_per_token": round(1000 * decode_s / gen_tokens, 2),
     }
+
+
+def llama_bench(exe: str, model: Any, prompt_tokens: int, gen_tokens: int, threads: int) -> dict[str, Any]:
+    """llama.cpp's own llama-bench on the same file: pp`prompt_tokens` and tg`gen_tokens`, its
+    averages over its repetitions (5)."""
+    import json
+    import subprocess
+
+    from galatea.errors import GalateaError
+
+    try:
+        run = subprocess.run([exe, "-m", str(model), "-p", str(prompt_tokens), "-n", str(gen_tokens),
+                              "-t", str(threads), "-o", "json"], capture_output=True, text=True, timeout=3600)
+    except OSError as e:
+        raise GalateaError(f"--llama-bench {exe}: cannot run it ({e.strerror}); pass llama.cpp's llama-bench") from None
+    if run.returncode != 0:
+        raise GalateaError(f"--llama-bench: llama-bench failed ({run.stderr.strip().splitlines()[-1:]})")
+    rows = json.loads(run.stdout)
+    pp = next(r for r in rows if r.get("n_prompt") and not r.get("n_gen"))
+    tg = next(r for r in rows if r.get("n_gen") and not r.get("n_prompt"))
+    return {"engine": f"llama.cpp llama-bench ({pp.get('build_commit', '?')})",
+            "prefill_tok_s": round(pp["avg_ts"], 1), "decode_tok_s": round(tg["avg_ts"], 1)}
 
 
 def _timed(fn: Any) -> float:

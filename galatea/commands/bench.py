@@ -39,6 +39,9 @@ def _flags(p: argparse.ArgumentParser, legacy: bool = False) -> None:
     p.add_argument("--llama-cpp-python", metavar="PYTHON",
                    help="suite: an interpreter that has llama_cpp (default: this one, if it does)")
     p.add_argument("--out", help="suite: also write the JSON to this file")
+    p.add_argument("--llama-bench", metavar="PATH",
+                   help="decode: llama.cpp's own llama-bench binary, run on the same model and threads right after "
+                        "(its pp/tg figures and Galatea's ratio to them)")
     p.add_argument("--replay-max-length", type=int, metavar="N",
                    help="replay: reply length instead of the recorded one")
     p.add_argument("--replay-temperature", type=float, metavar="T",
@@ -90,10 +93,19 @@ def _loaded(args: argparse.Namespace) -> tuple[Any, float]:
 
 
 def decode(args: argparse.Namespace) -> int:
-    from galatea.bench.generation import bench
+    from galatea.bench.generation import bench, llama_bench
 
     lm, _ = _loaded(args)
-    return _json(bench(lm, args.prompt_tokens, args.gen_tokens))
+    result = bench(lm, args.prompt_tokens, args.gen_tokens)
+    if args.llama_bench:
+        theirs = llama_bench(args.llama_bench, lm.path, args.prompt_tokens, args.gen_tokens, result["threads"])
+        result["llama_bench"] = theirs
+        result["prefill_ratio"] = round(result["prefill_tok_s"] / theirs["prefill_tok_s"], 2)
+        result["decode_ratio"] = round(result["decode_tok_s"] / theirs["decode_tok_s"], 2)
+        print(f"prefill {result['prefill_tok_s']} vs {theirs['prefill_tok_s']} tok/s ({result['prefill_ratio']}x), "
+              f"decode {result['decode_tok_s']} vs {theirs['decode_tok_s']} tok/s ({result['decode_ratio']}x)",
+              file=sys.stderr)
+    return _json(result)
 
 
 def suite(args: argparse.Namespace) -> int:

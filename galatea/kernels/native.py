@@ -40,7 +40,7 @@ class Segment(ctypes.Structure):
     """gx::Segment: one matrix of a fused layer, writing output columns col0..col0+n-1."""
 
     _fields_ = [("type", ctypes.c_int32), ("pad", ctypes.c_int32), ("tiles", ctypes.c_void_p),
-                ("n", ctypes.c_int64), ("col0", ctypes.c_int64)]
+                ("n", ctypes.c_int64), ("col0", ctypes.c_int64), ("m0", ctypes.c_int64), ("m1", ctypes.c_int64)]
 
 
 @functools.cache
@@ -74,7 +74,9 @@ def _declare(lib: ctypes.CDLL) -> None:
         "gx_dequantize": ([i32, ptr, i64, i64, ptr, i64, ptr, i32], i32),
         "gx_matmul": ([i32, ptr, i32, i64, ptr, i32, i64, i64, ptr, i32, i64, i32, i32, ptr, ctypes.c_float], i32),
         "gx_step_attention": ([i32, ptr, i64, i32, ptr, ptr, ptr, ptr, i64, i32, i32, i32, i32, ptr, ptr,
-                               ctypes.c_float, ctypes.c_float, i64, ptr, i64], i32),
+                               ctypes.c_float, ctypes.c_float, i64, ptr, ptr, ctypes.c_float, ptr, i64], i32),
+        "gx_moe": ([i32, ptr, i64, i64, i64, ptr, ctypes.c_float, ptr, i32, i32, i32, ptr, i32, ptr, i32, i64, i32],
+                   i32),
         "gx_attention": ([i32, ptr, i32, i32, i32, ptr, ptr, i32, i64, i64, i64, ctypes.c_float, ptr], i32),
         "gx_kv_move": ([i32, ptr, ptr, i32, i64, i64, i32, i64, i64, i64, ptr, ptr], i32),
     }
@@ -150,11 +152,12 @@ class Kernels:
         return out
 
     def matmul(self, segments: ctypes.Array, k: int, x: Tensor, out: Tensor, accumulate: bool = False,
-               norm: Tensor | None = None, eps: float = 0.0, swiglu: bool = False) -> None:
+               norm: Tensor | None = None, eps: float = 0.0, swiglu: bool = False, geglu: bool = False) -> None:
         """out[m, :] (+)= pre(x[m, :]) @ W.T for the layer whose segments are given; x [M, K]
-        (or [M, 2K] with `swiglu`) and out [M, N], float32 or bfloat16, rows contiguous.
-        pre: RMSNorm with weight `norm` (float32 [K]) and `eps`, or SwiGLU silu(x[:K]) * x[K:]."""
-        pre = 1 if norm is not None else 2 if swiglu else 0
+        (or [M, 2K] with `swiglu`/`geglu`) and out [M, N], float32 or bfloat16, rows contiguous.
+        pre: RMSNorm with weight `norm` (float32 [K]) and `eps`, SwiGLU silu(x[:K]) * x[K:] or
+        GeGLU gelu_tanh(x[:K]) * x[K:]. A segment with a row range (m0, m1) reads only those rows."""
+        pre = 1 if norm is not None else 2 if swiglu else 3 if geglu else 0
         rc = self.lib.gx_matmul(ISA_IDS[self.isa], ctypes.addressof(segments), len(segments), k, x.data_ptr(),
                                 DTYPE_IDS[x.dtype], x.stride(0), x.shape[0], out.data_ptr(), DTYPE_IDS[out.dtype],
                                 out.stride(0), int(accumulate), pre, None if norm is None else norm.data_ptr(), eps)

@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from galatea.kernels.native import ISA_IDS, KV_DTYPE_IDS, Kernels
+from galatea.kernels.native import ISA_IDS, KV_DTYPE_IDS, Kernels, Segment
 from galatea.model.cache import KVCache
 from galatea.model.tiled import TiledEmbedding, TiledLinear
 
@@ -70,8 +70,10 @@ class FusedDecoder:
         self.qkv_bias = [None if layer.self_attn.qkv_bias is None else layer.self_attn.qkv_bias.float().contiguous()
                          for layer in model.model.layers]
         # Qwen3's per-head q/k norms, applied to the projection's output before attention reads it
-        self.qk_norms = [(a.q_norm.weight.detach().float(), a.k_norm.weight.detach().float())
-                         if hasattr(a, "q_norm") else None for a in (layer.self_attn for layer in model.model.layers)]
+        self.qk_norms = [(_f32(a.q_norm.weight), _f32(a.k_norm.weight)) if hasattr(a, "q_norm") else None
+                         for a in (layer.self_attn for layer in model.model.layers)]
+        # a mixture of experts' layer: its router and every expert's segments, as gx_moe takes them
+        self.experts = [self._expert_tables(moe) if moe is not None else None for moe in self.moe]
         self.final_norm = model.model.norm.weight.detach().float().contiguous()
         self.head: TiledLinear = model.lm_head
         self._plans: dict[int, tuple[dict[str, Tensor], list[tuple]]] = {}
@@ -136,29 +138,23 @@ class FusedDecoder:
             self._plans[rows] = (buf, plan)
         return buf, plan
 
-    def _experts(self, moe: MoE, norm: Tensor, x: Tensor) -> None:  # (no MoE family has sandwich norms)
-        """x [rows, C] += the mixture of experts of rmsnorm(x): rows grouped by expert, so each
-        chosen expert's weights are read once for all its rows, and no other expert's at all."""
-        xn = F.rms_norm(x, (self.hidden,), norm, self.eps)
-        weights, chosen = moe.gate(xn)  # [rows, k]
-        for e in chosen.unique().tolist():
-            rows, slot = (chosen == e).nonzero(as_tuple=True)
-            expert = moe.experts[e]
-            gu = expert.gate_up_proj(xn[rows])  # [n, 2I]
-            y = torch.empty(len(rows), self.hidden)
-            down = expert.down_proj
-            if self.lib.gx_matmul(self.isa, ctypes.addressof(down.segments), len(down.segments), down.in_features,
-                                  gu.data_ptr(), 0, gu.shape[1], len(rows), y.data_ptr(), 0, self.hidden, 0,
-                                  self.gated, None, self.eps):  # silu(gate) * up as its input is quantized
-                raise RuntimeError("native mat-mul refused its arguments")
-            x.index_add_(0, rows, y.mul_(weights[rows, slot, None]))
+    @staticmethod
+    def _expert_tables(moe: MoE) -> tuple:
+        """(router [E, C] float32, gate/up segments [E x n], down segments [E x n], width)."""
+        gate_up = [seg for e in moe.experts for seg in e.gate_up_proj.segments]
+        down = [seg for e in moe.experts for seg in e.down_proj.segments]
+        return (_f32(moe.gate.weight), (Segment * len(gate_up))(*gate_up), len(gate_up) // len(moe.experts),
+                (Segment * len(down))(*down), len(down) // len(moe.experts), moe.experts[0].down_proj.in_features)
 
-    def _norm_heads(self, qkv: Tensor, q_weight: Tensor, k_weight: Tensor) -> None:
-        """RMSNorm over each head of q and k, in place in the projection's output [rows, (H+2K)*D]."""
-        h, kv, d = self.heads, self.kv_heads, self.head_dim
-        heads = qkv.view(qkv.shape[0], h + 2 * kv, d)
-        heads[:, :h] = F.rms_norm(heads[:, :h], (d,), q_weight, self.eps)
-        heads[:, h : h + kv] = F.rms_norm(heads[:, h : h + kv], (d,), k_weight, self.eps)
+    def _experts(self, moe: MoE, norm: Tensor, x: Tensor, tables: tuple) -> None:
+        """x [rows, C] += the mixture of experts of rmsnorm(x), in one native call (gx_moe): the
+        router, the rows gathered by expert (each chosen expert's weights read once for all its
+        rows, the others not at all), gate/up, the gated down, the weighted sum."""
+        router, gate_up, n_gu, down, n_down, width = tables
+        if self.lib.gx_moe(self.isa, x.data_ptr(), x.stride(0), x.shape[0], self.hidden, norm.data_ptr(), self.eps,
+                           router.data_ptr(), router.shape[0], moe.gate.top_k, int(moe.gate.norm), gate_up, n_gu,
+                           down, n_down, width, self.gated):
+            raise RuntimeError("native mixture of experts refused its arguments")
 
     @torch.inference_mode()
     def step(self, tokens: Sequence[int], caches: Sequence[KVCache], positions: Sequence[int],
@@ -195,15 +191,14 @@ class FusedDecoder:
                 raise RuntimeError("native mat-mul refused its arguments")
             if self.qkv_bias[i] is not None:
                 qkv.add_(self.qkv_bias[i])
-            if self.qk_norms[i] is not None:
-                self._norm_heads(qkv, *self.qk_norms[i])
             kp = ptr(*(b + i * lb for b, lb in zip(kbase, layer_bytes, strict=True)))
             vp = ptr(*(b + i * lb for b, lb in zip(vbase, layer_bytes, strict=True)))
-            how, rotary = self.attends[i], rotaries[i]
+            how, rotary, qk = self.attends[i], rotaries[i], self.qk_norms[i]
             rc = attend(self.isa, qkv.data_ptr(), qkv.stride(0), rows, pos, kp, vp, head_stride, pos_stride,
                         kv_dtype, self.heads, self.kv_heads, self.head_dim, rotary.cos.data_ptr(),
                         rotary.sin.data_ptr(), how.scale or self.head_dim**-0.5, how.softcap or 0.0,
-                        how.window or 0, attn.data_ptr(), attn.stride(0))
+                        how.window or 0, None if qk is None else qk[0].data_ptr(),
+                        None if qk is None else qk[1].data_ptr(), self.eps, attn.data_ptr(), attn.stride(0))
             if rc != 0:
                 raise RuntimeError(f"native decode attention refused its arguments (code {rc})")
             if matmul(*o_call):
@@ -213,7 +208,7 @@ class FusedDecoder:
                 x.add_(F.rms_norm(out, (self.hidden,), sandwich[0], self.eps))
             moe = self.moe[i]
             if moe is not None:
-                self._experts(moe, self.layers[i][5], x)
+                self._experts(moe, self.layers[i][5], x, self.experts[i])
             elif matmul(*gu_call) or matmul(*down_call):
                 raise RuntimeError("native mat-mul refused its arguments")
             if sandwich is not None:

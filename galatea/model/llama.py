@@ -492,8 +492,9 @@ class Llama(nn.Module):
             # a prompt too, as rows of the decoding step: every position is computed by the same
             # arithmetic whether it is read fresh, in other chunks, or was cached by an earlier
             # request, so a greedy reply does not depend on what the cache held
-            logits = self.fused.step(tokens[0].tolist(), [cache] * t, range(start, start + t),
-                                     None if all_logits else [t - 1])
+            with self.torch_threads(t):  # its few torch ops (norms, the router) must not wait on OpenMP
+                logits = self.fused.step(tokens[0].tolist(), [cache] * t, range(start, start + t),
+                                         None if all_logits else [t - 1])
             return logits[None] if all_logits else logits
         with self.torch_threads(tokens.numel()):
             x = self.embed(tokens)  # [B, T, C]
@@ -533,7 +534,8 @@ class Llama(nn.Module):
         row per cache."""
         assert self.rotary is not None
         if self.fused is not None and self.fused_fits(caches):
-            return self.fused.step(tokens, caches, positions, keep)
+            with self.torch_threads(len(tokens)):
+                return self.fused.step(tokens, caches, positions, keep)
         for cache, pos in zip(caches, positions, strict=True):
             if pos >= cache.max_len:
                 raise ValueError(f"position {pos} exceeds the cache of {cache.max_len}")

@@ -334,16 +334,25 @@ std::vector<Item> plan_items(const Segment* segs, int nseg, int64_t k, int64_t m
   }
   const int64_t target = total / (8 * threads) > (32 << 10) ? total / (8 * threads) : (32 << 10);
   std::vector<Item> items;
-  for (int64_t m0 = 0; m0 < m; m0 += kRowChunk) {
-    const int64_t m1 = m0 + kRowChunk < m ? m0 + kRowChunk : m;
-    for (int s = 0; s < nseg; ++s) {
-      const TypeInfo ti = type_info(segs[s].type);
-      const int64_t tiles = (segs[s].n + kTileRows - 1) / kTileRows;
-      const int64_t tile_bytes = (k / ti.block) * kTileRows * ti.gguf_bytes;
-      int64_t per = (target + tile_bytes - 1) / tile_bytes;
-      if (per < 1) per = 1;
-      for (int64_t t = 0; t < tiles; t += per) items.push_back({s, t, t + per < tiles ? t + per : tiles, m0, m1});
+  auto add = [&](int s, int64_t m0, int64_t m1) {
+    const TypeInfo ti = type_info(segs[s].type);
+    const int64_t tiles = (segs[s].n + kTileRows - 1) / kTileRows;
+    const int64_t tile_bytes = (k / ti.block) * kTileRows * ti.gguf_bytes;
+    int64_t per = (target + tile_bytes - 1) / tile_bytes;
+    if (per < 1) per = 1;
+    for (int64_t t = 0; t < tiles; t += per) items.push_back({s, t, t + per < tiles ? t + per : tiles, m0, m1});
+  };
+  bool ranged = false;
+  for (int s = 0; s < nseg; ++s) ranged = ranged || segs[s].m1 > 0;
+  if (!ranged) {  // every segment reads every row: a chunk of rows stays in L2 while all segments pass
+    for (int64_t m0 = 0; m0 < m; m0 += kRowChunk) {
+      for (int s = 0; s < nseg; ++s) add(s, m0, m0 + kRowChunk < m ? m0 + kRowChunk : m);
     }
+    return items;
+  }
+  for (int s = 0; s < nseg; ++s) {  // each expert's tiles pass once per chunk of its own rows
+    const int64_t lo = segs[s].m1 > 0 ? segs[s].m0 : 0, hi = segs[s].m1 > 0 ? segs[s].m1 : m;
+    for (int64_t m0 = lo; m0 < hi; m0 += kRowChunk) add(s, m0, m0 + kRowChunk < hi ? m0 + kRowChunk : hi);
   }
   return items;
 }
@@ -498,16 +507,24 @@ GX_EXPORT int gx_dequantize(int type, const uint8_t* tiles, int64_t n, int64_t k
 // out[m, col0 + i] (=|+=) sum_j pre(x[m])[j] * W_seg[i, j] for every segment, M rows of x.
 // pre_kind: PRE_NONE, PRE_RMSNORM (pre_weight [k] float32, eps), PRE_SWIGLU or PRE_GEGLU (x rows
 // hold 2k: the gate, then the up projection).
-GX_EXPORT int gx_matmul(int isa, const Segment* segs, int nseg, int64_t k, const void* x, int xdtype, int64_t ldx,
-                        int64_t m, void* out, int odtype, int64_t ldo, int accumulate, int pre_kind,
-                        const float* pre_weight, float eps) {
+namespace {
+
+int check_matmul(int isa, const Segment* segs, int nseg, int64_t k, int64_t m, int pre_kind, const float* pre_weight) {
   if ((isa != kAvx512 && isa != kAvx2) || isa > cpu_isa()) return -3;
   if (k <= 0 || k % 32 || m <= 0 || nseg <= 0) return -1;
   if (pre_kind < PRE_NONE || pre_kind > PRE_GEGLU || (pre_kind == PRE_RMSNORM && !pre_weight)) return -1;
-  for (int s = 0; s < nseg; ++s)
+  for (int s = 0; s < nseg; ++s) {
     if (!valid_shape(segs[s].type, segs[s].n, k)) return -1;
+    if (segs[s].m1 > 0 && (segs[s].m0 < 0 || segs[s].m0 >= segs[s].m1 || segs[s].m1 > m)) return -1;
+  }
+  return 0;
+}
+
+// The mat-mul, its arguments checked and the state's lock held by the caller.
+void matmul_locked(int isa, const Segment* segs, int nseg, int64_t k, const void* x, int xdtype, int64_t ldx,
+                   int64_t m, void* out, int odtype, int64_t ldo, int accumulate, int pre_kind,
+                   const float* pre_weight, float eps) {
   State& st = state();
-  std::lock_guard<std::mutex> lock(st.mu);
   st.q.resize(m * k);
   st.d.resize(m * k / 32);
   st.ds.resize(m * k / 32);
@@ -528,6 +545,128 @@ GX_EXPORT int gx_matmul(int isa, const Segment* segs, int nseg, int64_t k, const
   call.items = &items;
   call.job = MatmulJob{segs, &call.acts, Out{out, ldo, odtype, accumulate}, true};
   st.pool.run(static_cast<int64_t>(items.size()), run_item, &call);
+}
+
+}  // namespace
+
+GX_EXPORT int gx_matmul(int isa, const Segment* segs, int nseg, int64_t k, const void* x, int xdtype, int64_t ldx,
+                        int64_t m, void* out, int odtype, int64_t ldo, int accumulate, int pre_kind,
+                        const float* pre_weight, float eps) {
+  if (const int rc = check_matmul(isa, segs, nseg, k, m, pre_kind, pre_weight)) return rc;
+  std::lock_guard<std::mutex> lock(state().mu);
+  matmul_locked(isa, segs, nseg, k, x, xdtype, ldx, m, out, odtype, ldo, accumulate, pre_kind, pre_weight, eps);
+  return 0;
+}
+
+namespace {
+
+struct RouteCall {
+  int isa;
+  const float* xn;
+  const float* router;
+  int experts;
+  int64_t k;
+  float* scores;
+};
+
+void run_route(void* ctx, int64_t r) {
+  const RouteCall& c = *static_cast<const RouteCall*>(ctx);
+  auto dots = c.isa == kAvx512 ? gx_avx512::dots : gx_avx2::dots;
+  dots(c.xn + r * c.k, c.router, c.experts, c.k, c.scores + r * c.experts);
+}
+
+}  // namespace
+
+// A mixture of experts' layer on m rows of x (float32, ldx apart), added into x:
+//   xn = rmsnorm(x) * norm; p = softmax(xn . router^T) over the experts (float32); each row's top_k
+//   experts, their weights renormalised to sum 1 when `renorm`; x += sum over them of w * expert(xn),
+//   expert(v) = down(act(gate v) * (up v)), act by pre_kind (PRE_SWIGLU or PRE_GEGLU).
+// The rows are gathered by expert, so each chosen expert multiplies only its own rows and its
+// weights are read once for all of them: gate/up of every chosen expert in one mat-mul, down in
+// another. gate_up: experts x n_gu segments (each expert's, columns 0..2*width), down: experts x
+// n_down (columns 0..k). Transformers' order of operations (Mixtral, Qwen3-MoE).
+GX_EXPORT int gx_moe(int isa, float* x, int64_t ldx, int64_t m, int64_t k, const float* norm, float eps,
+                     const float* router, int experts, int top_k, int renorm, const Segment* gate_up, int n_gu,
+                     const Segment* down, int n_down, int64_t width, int pre_kind) {
+  if ((isa != kAvx512 && isa != kAvx2) || isa > cpu_isa()) return -3;
+  if (m <= 0 || k <= 0 || k % 32 || width <= 0 || width % 32 || experts <= 0 || top_k <= 0 || top_k > experts ||
+      n_gu <= 0 || n_down <= 0 || (pre_kind != PRE_SWIGLU && pre_kind != PRE_GEGLU))
+    return -1;
+  for (int i = 0; i < experts * n_gu; ++i)
+    if (!valid_shape(gate_up[i].type, gate_up[i].n, k)) return -1;
+  for (int i = 0; i < experts * n_down; ++i)
+    if (!valid_shape(down[i].type, down[i].n, width)) return -1;
+  State& st = state();
+  std::lock_guard<std::mutex> lock(st.mu);
+  auto norm_row = isa == kAvx512 ? gx_avx512::rms_norm_row : gx_avx2::rms_norm_row;
+  std::vector<float> xn(static_cast<size_t>(m * k)), scores(static_cast<size_t>(m * experts));
+  for (int64_t r = 0; r < m; ++r) {
+    std::memcpy(xn.data() + r * k, x + r * ldx, static_cast<size_t>(k) * sizeof(float));
+    norm_row(xn.data() + r * k, k, norm, eps);
+  }
+  RouteCall route{isa, xn.data(), router, experts, k, scores.data()};
+  st.pool.run(m, run_route, &route);
+  // each row's top_k experts and weights, then the (row, weight) pairs grouped by expert
+  const int64_t n = m * top_k;
+  std::vector<int> chosen(static_cast<size_t>(n));
+  std::vector<float> weight(static_cast<size_t>(n));
+  std::vector<int64_t> count(experts + 1, 0);
+  for (int64_t r = 0; r < m; ++r) {
+    float* p = scores.data() + r * experts;
+    float mx = p[0];
+    for (int e = 1; e < experts; ++e) mx = p[e] > mx ? p[e] : mx;
+    float sum = 0.f;
+    for (int e = 0; e < experts; ++e) sum += (p[e] = std::exp(p[e] - mx));
+    float kept = 0.f;
+    for (int j = 0; j < top_k; ++j) {  // the largest left, first of equals first (top_k is small)
+      int best = -1;
+      for (int e = 0; e < experts; ++e) {
+        bool taken = false;
+        for (int i = 0; i < j && !taken; ++i) taken = chosen[r * top_k + i] == e;
+        if (!taken && (best < 0 || p[e] > p[best])) best = e;
+      }
+      chosen[r * top_k + j] = best;
+      weight[r * top_k + j] = p[best] / sum;
+      kept += p[best] / sum;
+      ++count[best + 1];
+    }
+    if (renorm)
+      for (int j = 0; j < top_k; ++j) weight[r * top_k + j] /= kept;
+  }
+  for (int e = 0; e < experts; ++e) count[e + 1] += count[e];  // count[e]: where expert e's rows begin
+  std::vector<int64_t> at(count.begin(), count.end() - 1), row_of(static_cast<size_t>(n));
+  std::vector<float> w_of(static_cast<size_t>(n)), xg(static_cast<size_t>(n * k));
+  for (int64_t r = 0; r < m; ++r)
+    for (int j = 0; j < top_k; ++j) {
+      const int64_t g = at[chosen[r * top_k + j]]++;
+      row_of[g] = r;
+      w_of[g] = weight[r * top_k + j];
+      std::memcpy(xg.data() + g * k, xn.data() + r * k, static_cast<size_t>(k) * sizeof(float));
+    }
+  std::vector<Segment> gu_segs, down_segs;
+  for (int e = 0; e < experts; ++e) {
+    if (count[e + 1] == count[e]) continue;  // no row chose it: its weights are not read
+    for (int i = 0; i < n_gu; ++i) {
+      Segment s = gate_up[e * n_gu + i];
+      s.m0 = count[e], s.m1 = count[e + 1];
+      gu_segs.push_back(s);
+    }
+    for (int i = 0; i < n_down; ++i) {
+      Segment s = down[e * n_down + i];
+      s.m0 = count[e], s.m1 = count[e + 1];
+      down_segs.push_back(s);
+    }
+  }
+  std::vector<float> gu(static_cast<size_t>(n * 2 * width)), y(static_cast<size_t>(n * k));
+  matmul_locked(isa, gu_segs.data(), static_cast<int>(gu_segs.size()), k, xg.data(), F32, k, n, gu.data(), F32,
+                2 * width, 0, PRE_NONE, nullptr, 0.f);
+  matmul_locked(isa, down_segs.data(), static_cast<int>(down_segs.size()), width, gu.data(), F32, 2 * width, n,
+                y.data(), F32, k, 0, pre_kind, nullptr, 0.f);
+  for (int64_t g = 0; g < n; ++g) {
+    float* dst = x + row_of[g] * ldx;
+    const float* src = y.data() + g * k;
+    for (int64_t i = 0; i < k; ++i) dst[i] += w_of[g] * src[i];
+  }
   return 0;
 }
 
@@ -553,12 +692,13 @@ GX_EXPORT int gx_attention(int isa, const float* q, int heads, int kv_heads, int
 // [positions][d] in kv_dtype, head_stride[r] apart), and q attends to positions 0..pos[r].
 // cos/sin: rotary tables [positions][d] float32. out[r * ldo ...]: float32 [heads x d].
 // softcap > 0: scores capped by softcap * tanh(score / softcap); window > 0: each query sees its
-// last `window` positions only.
+// last `window` positions only; q_norm/k_norm (float32 [d], or null): each head of q and k is
+// RMS-normalised with them (eps norm_eps) before it is rotated (Qwen3, Gemma 3).
 GX_EXPORT int gx_step_attention(int isa, float* qkv, int64_t ldqkv, int rows, const int64_t* pos,
                                 void* const* kcache, void* const* vcache, const int64_t* head_stride,
                                 int64_t pos_stride, int kv_dtype, int heads, int kv_heads, int d, const float* cos,
-                                const float* sin, float scale, float softcap, int64_t window, float* out,
-                                int64_t ldo) {
+                                const float* sin, float scale, float softcap, int64_t window, const float* q_norm,
+                                const float* k_norm, float norm_eps, float* out, int64_t ldo) {
   if ((isa != kAvx512 && isa != kAvx2) || isa > cpu_isa()) return -3;
   if (d % 16 || d > kMaxHeadDim || kv_heads <= 0 || heads % kv_heads || rows <= 0) return -1;
   if (kv_dtype != KV_F32 && kv_dtype != KV_BF16 && kv_dtype != KV_F16) return -1;
@@ -570,6 +710,11 @@ GX_EXPORT int gx_step_attention(int isa, float* qkv, int64_t ldqkv, int rows, co
     float *k = q + static_cast<int64_t>(heads) * d, *v = k + static_cast<int64_t>(kv_heads) * d;
     auto rope = isa == kAvx512 ? gx_avx512::rope : gx_avx2::rope;
     auto store = isa == kAvx512 ? gx_avx512::store_kv : gx_avx2::store_kv;
+    if (q_norm && k_norm) {
+      auto norm_row = isa == kAvx512 ? gx_avx512::rms_norm_row : gx_avx2::rms_norm_row;
+      for (int h = 0; h < heads; ++h) norm_row(q + h * d, d, q_norm, norm_eps);
+      for (int g = 0; g < kv_heads; ++g) norm_row(k + g * d, d, k_norm, norm_eps);
+    }
     rope(q, heads + kv_heads, d, cos + pos[r] * d, sin + pos[r] * d);  // q and k are adjacent
     for (int g = 0; g < kv_heads; ++g) {
       store(kcache[r], kv_dtype, g * head_stride[r] + pos[r] * pos_stride, k + g * d, d);

@@ -58,8 +58,9 @@ struct Segment {
   int32_t type;
   int32_t _pad;
   const uint8_t* tiles;
-  int64_t n;     // output rows (the last tile may be partly padding)
-  int64_t col0;  // first output column it writes
+  int64_t n;       // output rows (the last tile may be partly padding)
+  int64_t col0;    // first output column it writes
+  int64_t m0, m1;  // m1 > 0: only activation rows [m0, m1) (a mixture of experts: each its own rows)
 };
 
 // Where results go: out[m * ldo + col], float32 or bfloat16, stored or added to what is there.
@@ -112,7 +113,9 @@ struct AttnJob {
   void rope(float* x, int heads, int d, const float* cos, const float* sin);                  \
   void store_kv(void* cache, int kv_dtype, int64_t at, const float* src, int n);                \
   void move_keys(void* cache, int kv_dtype, int64_t src, int64_t dst, int64_t n, int d,        \
-                 const float* cos, const float* sin);
+                 const float* cos, const float* sin);                                       \
+  void rms_norm_row(float* x, int64_t n, const float* w, float eps);                         \
+  void dots(const float* x, const float* w, int64_t rows, int64_t k, float* out);
 
 }  // namespace gx
 

@@ -88,6 +88,7 @@ struct V {
   static F loadu(const float* p) { return _mm256_loadu_ps(p); }
   static void storeu(float* p, F v) { _mm256_storeu_ps(p, v); }
   static F sub(F a, F b) { return _mm256_sub_ps(a, b); }
+  static F add(F a, F b) { return _mm256_add_ps(a, b); }
   static float reduce(F v) {
     __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
     s = _mm_add_ps(s, _mm_movehl_ps(s, s));
@@ -185,5 +186,6 @@ using F = V::F;
 #include "quantize_body.h"
 #include "kernel_body.h"
 #include "attention_body.h"
+#include "vector_body.h"
 
 }  // namespace gx_avx2

@@ -60,6 +60,7 @@ struct V {
   static F loadu(const float* p) { return _mm512_loadu_ps(p); }
   static void storeu(float* p, F v) { _mm512_storeu_ps(p, v); }
   static F sub(F a, F b) { return _mm512_sub_ps(a, b); }
+  static F add(F a, F b) { return _mm512_add_ps(a, b); }
   static float reduce(F v) { return _mm512_reduce_add_ps(v); }
   static F load_kv(const void* base, int dtype, int64_t i) {
     if (dtype == KV_F32) return _mm512_loadu_ps(static_cast<const float*>(base) + i);
@@ -148,5 +149,6 @@ using F = V::F;
 #include "quantize_body.h"
 #include "kernel_body.h"
 #include "attention_body.h"
+#include "vector_body.h"
 
 }  // namespace gx_avx512
