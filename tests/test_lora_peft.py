@@ -156,12 +156,13 @@ def _galatea_step(lm, data: Path, rows: int, seed: int) -> tuple[torch.Tensor, t
     return ids, labels, float(loss), ours
 
 
-def _peft_step(hf, ours: dict, ids: torch.Tensor, labels: torch.Tensor) -> tuple[float, dict]:
+def _peft_step(hf, ours: dict, ids: torch.Tensor, labels: torch.Tensor,
+               targets: tuple[str, ...] = LoraSettings().targets) -> tuple[float, dict]:
     """The same batch through peft + transformers with the same adapter values: (loss, our
     parameter name -> peft's gradient)."""
     from peft import LoraConfig, get_peft_model
 
-    pm = get_peft_model(hf, LoraConfig(r=4, lora_alpha=8, target_modules=list(LoraSettings().targets)))
+    pm = get_peft_model(hf, LoraConfig(r=4, lora_alpha=8, target_modules=list(targets)))
     names = {n: n.replace("base_model.model.", "").replace(".default", "") for n, _ in pm.named_parameters()
              if "lora_" in n}
     with torch.no_grad():
@@ -187,6 +188,28 @@ def test_training_loss_and_gradients_equal_peft(trained):
     ref, grads = _peft_step(AutoModelForCausalLM.from_pretrained(trained["base"], torch_dtype=torch.float32),
                             ours, ids, labels)
     assert math.isclose(loss, ref, rel_tol=1e-5)
+    assert grads.keys() == ours.keys()
+    for n, g in grads.items():
+        torch.testing.assert_close(ours[n].grad, g, atol=1e-5, rtol=1e-4)
+
+
+ATTENTION = ("q_proj", "k_proj", "v_proj", "o_proj")
+
+
+@pytest.mark.parametrize("family", ["qwen3", "gemma2", "gemma3", "qwen3moe"])
+def test_lora_training_on_todays_families_equals_peft(trained, family, tmp_path):
+    """Qwen3's q/k norms, Gemma's norms, GeGLU and soft caps, and a mixture of experts (whose LoRA
+    adapts the attention; the experts are left as they are) train as peft + transformers do."""
+    from tests.test_families import build
+
+    reference = build(family, tmp_path / family)
+    lm = load(tmp_path / family, dtype=torch.float32, quant="none", fuse=False)
+    wrapped = add_lora(lm.model, LoraSettings(r=4, alpha=8))  # the default targets, MLP's included
+    targets = ATTENTION if family == "qwen3moe" else LoraSettings().targets
+    assert {w.rsplit(".", 1)[1] for w in wrapped} == set(targets)
+    ids, labels, loss, ours = _galatea_step(lm, trained["data"], 3, seed=0)
+    ref, grads = _peft_step(reference, ours, ids, labels, targets)
+    assert math.isclose(loss, ref, rel_tol=1e-5), (loss, ref)
     assert grads.keys() == ours.keys()
     for n, g in grads.items():
         torch.testing.assert_close(ours[n].grad, g, atol=1e-5, rtol=1e-4)

@@ -35,7 +35,10 @@ def lm(request):
     return load(None, kernels=request.param)
 
 
-def test_greedy_speculative_output_is_plain_output(lm):
+def test_greedy_speculative_output_is_plain_output(lm, monkeypatch):
+    # the draft length weighs drafts against a row's measured cost; a loaded machine's timings
+    # would make the count of drafts below a coin flip, so the cost is the unmeasured default
+    monkeypatch.setattr(type(lm.model.fused), "row_cost", property(lambda self: 0.15))
     drafted = accepted = 0
     for prompt in PROMPTS:
         ids = lm.tokenizer.encode(prompt)

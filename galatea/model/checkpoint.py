@@ -23,7 +23,7 @@ from galatea.model import hf_folder, prequantized, tokenizer
 from galatea.model.adapter import Adapter
 from galatea.model.config import ModelConfig
 from galatea.model.gguf_file import GGUFFile
-from galatea.model.llama import Llama
+from galatea.model.llama import Llama, kept_float32
 from galatea.model.quant import Int4Groups, Int4Linear, auto_mode, pack_int4, quantize_linear, quantize_model
 from galatea.model.tiled import TiledEmbedding, TiledLinear, TiledWeight, tiled_lm_head
 from galatea.model.tokenizer import Tokenizer
@@ -320,9 +320,7 @@ def assemble(cfg: ModelConfig, tensors: Iterable[tuple[str, Tensor | Int4Groups 
         elif isinstance(tensor, Int4Groups):  # already quantized: the linear layer becomes an Int4Linear
             setattr(model.get_submodule(owner), attr, Int4Linear(tensor))  # packed in finish_layer
         else:
-            # norms, biases and routers stay float32 (small; llama.cpp keeps them so): rounded to bf16
-            # they cost the native step measurable top-1 agreement
-            exact = tensor.dim() == 1 or name.endswith(".mlp.gate.weight")
+            exact = kept_float32(name, tensor)
             _set_param(model, name, tensor.to(device=device, dtype=torch.float32 if exact else dtype))
         loaded.add(name)
         if name.startswith("model.layers."):

@@ -11,8 +11,14 @@ its own position, in its own cache):
     gu   = W_gu   rmsnorm(x)              mat-mul with the norm
     x   += W_down silu(gate) * up         mat-mul with SwiGLU applied to its input, adding into x
 
-and the logits are W_head rmsnorm(x). The module path stays the reference: the tests compare
-both on every model.
+and the logits are W_head rmsnorm(x). The families' differences are arguments of these calls:
+Qwen2's biases (added to qkv), Qwen3's and Gemma 3's q/k norms and every layer's window, soft
+cap, query scale and RoPE table (inside the attention call), Gemma's GeGLU (the down call's
+pre-op) and its norms of the attention's and MLP's outputs (those calls write a buffer that is
+normalised into x), and a mixture of experts in place of gu/down (one gx_moe call). A prompt
+is read by the same step, its rows in chunks, so a position computes the same whether it was
+read fresh or cached. The module path stays the reference: the tests compare both on every
+family.
 """
 
 from __future__ import annotations

@@ -281,6 +281,13 @@ class MLP(nn.Module):
         return self.down_proj(act * up)
 
 
+def kept_float32(name: str, t: Tensor) -> bool:
+    """Whether a plain parameter stays float32 whatever the model's dtype: norms, biases (1-D) and
+    routers are small, and rounded to bf16 they cost the native step measurable top-1 agreement
+    (llama.cpp keeps them in float32 too)."""
+    return t.dim() == 1 or name.endswith(".mlp.gate.weight")
+
+
 class Router(nn.Module):
     """Which experts read each token (Mixtral, Qwen3-MoE): softmax over every expert's score in
     float32, the top k, and their weights renormalised to sum to 1 where the config says so. Its

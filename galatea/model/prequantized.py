@@ -32,7 +32,7 @@ from galatea.kernels.native import Kernels
 from galatea.kernels.qtypes import NAMES
 from galatea.model import hf_folder
 from galatea.model.config import ModelConfig
-from galatea.model.llama import Llama
+from galatea.model.llama import Llama, kept_float32
 from galatea.model.quant import GROUP, Int4Linear, Int8Linear, int4_block_n
 from galatea.model.tiled import TiledEmbedding, TiledLinear, TiledWeight
 
@@ -145,7 +145,8 @@ def load(folder: Path, raw: dict[str, Any], cfg: ModelConfig, dtype: torch.dtype
         if tuple(t.shape) != tuple(target.shape):
             raise GalateaError(f"{folder}: tensor {name} has shape {list(t.shape)}, expected {list(target.shape)}")
         owner_name, _, attr = name.rpartition(".")
-        setattr(model.get_submodule(owner_name), attr, nn.Parameter(t.to(dtype), requires_grad=False))
+        t = t.to(torch.float32 if kept_float32(name, t) else dtype)
+        setattr(model.get_submodule(owner_name), attr, nn.Parameter(t, requires_grad=False))
     if tensors:
         raise GalateaError(f"{folder}: unexpected tensor {next(iter(tensors))!r}; the folder does not match its config")
     if cfg.tie_word_embeddings and "lm_head" not in modules:
