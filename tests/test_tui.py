@@ -28,6 +28,7 @@ class Terminal:
             os.execve(sys.executable, [sys.executable, "-m", "galatea", "chat", *args], env)
         self.pid = pid
         self.raw = b""
+        self.seen = 0  # how much of `screen` earlier read_until calls consumed
 
     @property
     def screen(self) -> str:
@@ -35,20 +36,22 @@ class Terminal:
         return ANSI.sub("", text).replace("\r", "").replace("\x01", "").replace("\x02", "")
 
     def read_until(self, pattern: str, timeout: float = 120) -> str:
-        """Read until `pattern` (a regex) appears in the new output; returns that output."""
-        start = len(self.raw)
+        """Read until `pattern` (a regex) appears after what earlier calls consumed; returns the
+        output up to the end of the match and consumes just that. One pty read can carry a reply
+        and the next prompt: consuming whole reads would let a later wait match a stale prompt."""
         deadline = time.time() + timeout
         while time.time() < deadline:
+            new = self.screen[self.seen :]
+            match = re.search(pattern, new)
+            if match:
+                self.seen += match.end()
+                return new[: match.end()]
             ready, _, _ = select.select([self.master], [], [], 0.2)
             if ready:
                 try:
                     self.raw += os.read(self.master, 65536)
                 except OSError:
                     break
-            new = ANSI.sub("", self.raw[start:].decode("utf-8", "replace")).replace("\r", "")
-            new = new.replace("\x01", "").replace("\x02", "")
-            if re.search(pattern, new):
-                return new
         raise AssertionError(f"timed out waiting for {pattern!r}; screen so far:\n{self.screen[-3000:]}")
 
     def type(self, text: str) -> None:
@@ -111,7 +114,7 @@ def test_terminal_chat(tmp_path):
     out = t.read_until(r"Ann> ")
     assert "stopped]" in out
     t.type("/prompt\n")
-    assert "Ann: Tell me a very long story about the sea.\nAria:" in t.read_until(r"--- end ---")
+    assert "Ann: Tell me a very long story about the sea.\nAria:" in t.read_until(r"--- end ---\s*Ann> ")
     # the prompt settings the page has, from /set: a persona, a preset (only the samplers change)
     t.type("/set persona {{user}} is a sailor.\n")
     t.read_until(r"Ann> ")

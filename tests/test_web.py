@@ -353,7 +353,11 @@ def test_characters_lorebooks_and_chats_are_managed_from_the_page(browser, tmp_p
         hit = page.locator("#search-results li", has_text="Forest talk · #2")
         hit.wait_for()
         page.screenshot(path=str(ARTIFACTS / "web-search.png"))
+        # the hit re-renders the chat (awaits in between): a menu opened on the old rendering
+        # closes with it, so wait for the new one (marked: the old messages carry data-stale)
+        page.evaluate("document.querySelectorAll('.msg').forEach(m => m.dataset.stale = '1')")
         hit.click()
+        page.wait_for_selector(".msg:not([data-stale])")
         talk = page.evaluate("state.chat")
         first = page.locator(".msg").first  # branch from the greeting: a new chat with just it
         first.locator("details.menu summary").click()

@@ -426,8 +426,8 @@ $("character-dialog").addEventListener("close", async () => {
   try {
     const id = Number(form.dataset.id);
     await api(`/characters/${id}`, { ...post(card), method: "PUT" });
-    status(`saved ${card.name}`);
     await loadCharacters(id);
+    status(`saved ${card.name}`);
   } catch (e) { status("not saved: " + e.message); }
 });
 $("card-picture-file").onchange = async (ev) => {
@@ -461,8 +461,8 @@ $("delete-character").onclick = async () => {
     await api(`/characters/${form.dataset.id}`, { method: "DELETE" });
     $("character-dialog").close("deleted");
     state.character = null; state.chat = null;
-    status(`deleted ${name}`);
     await loadCharacters();
+    status(`deleted ${name}`);  // once the pickers show it gone
   } catch (e) { status("not deleted: " + e.message); }
 };
 
@@ -512,8 +512,8 @@ $("import-lorebook").onchange = async (ev) => {
   try {
     const name = file.name.replace(/\.json$/i, "");
     const b = await api(`/lorebooks?name=${encodeURIComponent(name)}`, { method: "POST", body: await file.arrayBuffer() });
-    status(`imported ${b.name} (${b.entries} entries)`);
     await listLorebooks();
+    status(`imported ${b.name} (${b.entries} entries)`);
   } catch (e) { status("import failed: " + e.message); alert("import failed: " + e.message); }
 };
 const ENTRY_FIELDS = [["keys", "Keys (comma-separated)"], ["secondary_keys", "Secondary keys"]];
