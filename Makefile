@@ -55,7 +55,7 @@ $(VENV)/.test: $(VENV)/.runtime
 	ls /usr/lib/postgresql/*/bin/pg_ctl >/dev/null 2>&1 || { [ "$$(id -u)" = 0 ] && apt-get update -qq && \
 	  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq postgresql; } || \
 	  { echo "the store tests need Debian's PostgreSQL: sudo apt-get install postgresql"; exit 1; }
-	$(MAKE) $(LLAMA_WHEEL) $(LLAMA_CONVERT)
+	$(MAKE) $(LLAMA_WHEEL) $(LLAMA_CONVERT) $(LLAMA_TOOLS)
 	$(BIN)/python -m pip install --quiet --find-links $(WHEELS) "llama-cpp-python[server]==$(LLAMA_CPP_PYTHON)"
 	touch $@
 
@@ -84,6 +84,19 @@ $(LLAMA_CONVERT):
 	  llama_cpp_python-$(LLAMA_CPP_PYTHON)/vendor/llama.cpp/gguf-py \
 	  llama_cpp_python-$(LLAMA_CPP_PYTHON)/vendor/llama.cpp/LICENSE
 	rm $@.tmp/llama_cpp_python-$(LLAMA_CPP_PYTHON).tar.gz && mv $@.tmp $@
+
+# llama.cpp's own programs from the same sources: `llama-server` (the remote-engine tests drive it
+# behind --engine) and `llama-bench` (`galatea bench decode --llama-bench`), built once per machine.
+LLAMA_TOOLS := $(HOME)/.cache/galatea/llama-cpp-tools-$(LLAMA_CPP_PYTHON)
+$(LLAMA_TOOLS):
+	rm -rf $@.tmp && mkdir -p $@.tmp/bin
+	$(BIN)/python -m pip download --quiet --no-deps --no-binary :all: -d $@.tmp "llama-cpp-python==$(LLAMA_CPP_PYTHON)"
+	tar -xzf $@.tmp/llama_cpp_python-$(LLAMA_CPP_PYTHON).tar.gz -C $@.tmp
+	cmake -S $@.tmp/llama_cpp_python-$(LLAMA_CPP_PYTHON)/vendor/llama.cpp -B $@.tmp/build $(LLAMA_CMAKE) \
+	  -DLLAMA_CURL=OFF -DBUILD_SHARED_LIBS=OFF -DCMAKE_BUILD_TYPE=Release -DLLAMA_BUILD_TESTS=OFF >/dev/null
+	cmake --build $@.tmp/build --target llama-server llama-bench -j $$(nproc) >/dev/null
+	cp $@.tmp/build/bin/llama-server $@.tmp/build/bin/llama-bench $@.tmp/bin/
+	rm -rf $@.tmp/build $@.tmp/llama_cpp_python-* $@.tmp/*.tar.gz && mv $@.tmp $@
 
 $(LLAMA_WHEEL):
 	mkdir -p $(WHEELS)

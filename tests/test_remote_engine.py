@@ -10,11 +10,12 @@ import subprocess
 import sys
 import threading
 import time
+from pathlib import Path
 
 import httpx
 import pytest
 
-from galatea.engine.remote import APHRODITE, LLAMA_CPP, LLAMA_CPP_PYTHON, VLLM, request_body
+from galatea.engine.remote import APHRODITE, LLAMA_CPP, LLAMA_CPP_PYTHON, VLLM, approximations, request_body
 from galatea.engine.sampling import SamplingParams
 from galatea.errors import GalateaError
 from galatea.model.checkpoint import embedded_model_path
@@ -29,11 +30,11 @@ def test_request_bodies_speak_each_engines_fields():
                        seed=3, stop=["\nYou:"], ban_eos=True)
     # vLLM's CompletionRequest: OpenAI's fields plus its sampling extras (top_k, min_p,
     # repetition_penalty, ignore_eos, skip_special_tokens), token ids accepted as the prompt;
-    # it has no repetition range, so a penalty with one is refused, naming vLLM
-    with pytest.raises(GalateaError, match="the vLLM has no repetition penalty range"):
-        request_body(VLLM, "m", [1, 2, 3], p, 64)
+    # it has no repetition range: a penalty with one applies over its whole window (said at start)
+    ranged = request_body(VLLM, "m", [1, 2, 3], p, 64)
+    assert approximations(VLLM) and "whole window" in approximations(VLLM)[0] and not approximations(LLAMA_CPP)
     p.repetition_penalty_range = 0
-    assert request_body(VLLM, "m", [1, 2, 3], p, 64) == {
+    assert ranged == request_body(VLLM, "m", [1, 2, 3], p, 64) == {
         "model": "m", "prompt": [1, 2, 3], "max_tokens": 64, "stream": True, "temperature": 0.7, "stop": ["\nYou:"],
         "seed": 3, "top_k": 40, "min_p": 0.05, "repetition_penalty": 1.1, "ignore_eos": True,
         "skip_special_tokens": False}
@@ -54,34 +55,47 @@ def test_request_bodies_speak_each_engines_fields():
             request_body(dialect, "m", "x", SamplingParams(**{sampler: value}), 4)
 
 
-def start_llama_server(log_path) -> tuple[subprocess.Popen, str]:
-    """llama-cpp-python's server on the embedded model, on a loopback port (its chatty log to a file)."""
-    try:
-        import llama_cpp.server  # noqa: F401
-    except ImportError as e:
-        raise AssertionError(f"llama-cpp-python[server] is needed ({e}); `make test` builds it") from None
+LLAMA_TOOLS = Path.home() / ".cache" / "galatea" / "llama-cpp-tools-0.3.36" / "bin"
+ENGINES = ["llama-cpp-python", "llama-server"]
+
+
+def start_engine(kind: str, log_path, *extra: str) -> tuple[subprocess.Popen, str]:
+    """llama-cpp-python's server, or llama.cpp's own `llama-server` (built by `make test` from the
+    same sources), on the embedded model on a loopback port (its chatty log to a file)."""
     port = free_port()
+    if kind == "llama-server":
+        binary = LLAMA_TOOLS / "llama-server"
+        if not binary.exists():
+            raise AssertionError(f"{binary} is missing; `make test` builds it from the llama-cpp-python sdist")
+        cmd = [str(binary), "-m", str(embedded_model_path()), "--host", "127.0.0.1", "--port", str(port),
+               "-c", "4096", "-np", "1", *extra]
+    else:
+        try:
+            import llama_cpp.server  # noqa: F401
+        except ImportError as e:
+            raise AssertionError(f"llama-cpp-python[server] is needed ({e}); `make test` builds it") from None
+        cmd = [sys.executable, "-m", "llama_cpp.server", "--model", str(embedded_model_path()),
+               "--host", "127.0.0.1", "--port", str(port), "--n_ctx", "4096", *extra]
     log = open(log_path, "w")
-    proc = subprocess.Popen([sys.executable, "-m", "llama_cpp.server", "--model", str(embedded_model_path()),
-                             "--host", "127.0.0.1", "--port", str(port), "--n_ctx", "4096"],
-                            stdout=log, stderr=subprocess.STDOUT)
+    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
     deadline = time.time() + 120
     while True:
         try:
-            if httpx.get(url + "/v1/models", timeout=2).status_code == 200:
+            if httpx.get(url + "/v1/models", timeout=2).status_code == 200 and \
+                    (kind != "llama-server" or httpx.get(url + "/health", timeout=2).status_code == 200):
                 return proc, url
         except httpx.HTTPError:
             pass
         if proc.poll() is not None or time.time() > deadline:
             proc.kill()
-            raise AssertionError(f"llama-cpp-python's server did not start:\n{open(log_path).read()[-3000:]}")
+            raise AssertionError(f"{kind} did not start:\n{open(log_path).read()[-3000:]}")
         time.sleep(0.5)
 
 
-@pytest.fixture(scope="module")
-def llama_server(tmp_path_factory):
-    proc, url = start_llama_server(tmp_path_factory.mktemp("llama") / "server.log")
+@pytest.fixture(scope="module", params=ENGINES)
+def llama_server(request, tmp_path_factory):
+    proc, url = start_engine(request.param, tmp_path_factory.mktemp("llama") / "server.log")
     yield url
     proc.terminate()
     proc.wait(timeout=30)
@@ -114,15 +128,19 @@ def test_galatea_serves_through_llama_cpp(llama_server, tmp_path):
         stopped = httpx.post(f"{server.url}/api/v1/generate", json={**greedy, "stop_sequence": [cut]},
                              timeout=120).json()["results"][0]["text"]
         assert stopped == direct[:direct.index(cut)]
+        # KoboldAI's sloped penalty has no counterpart there: refused in one line, naming the engine
         refused = httpx.post(f"{server.url}/api/v1/generate", json={**greedy, "rep_pen": 1.1, "rep_pen_range": 64},
                              timeout=60)
-        assert refused.status_code >= 400 and "llama-cpp-python server has no" in refused.text
+        assert refused.status_code == 400 and "has no repetition penalty slope setting" in refused.text
+        sloped = httpx.post(f"{server.url}/api/v1/generate", timeout=60, json={
+            **greedy, "rep_pen": 1.1, "rep_pen_range": 64, "rep_pen_slope": 0})
+        assert sloped.status_code == 200  # a flat range: the engine's own, or its whole window (said at start)
 
-        # the page's chat, its prompt built here and its reply from the engine
+        # the page's chat with its default settings (Pygmalion's: a penalty over 1024 tokens), its
+        # prompt built here and its reply from the engine
         aria = httpx.get(f"{server.url}/galatea/characters", timeout=10).json()[0]["id"]
         chat = httpx.post(f"{server.url}/galatea/characters/{aria}/chats", timeout=10).json()["id"]
-        httpx.put(f"{server.url}/galatea/chats/{chat}/settings",
-                  json={"max_new_tokens": 16, "repetition_penalty_range": 0}, timeout=10)
+        httpx.put(f"{server.url}/galatea/chats/{chat}/settings", json={"max_new_tokens": 16}, timeout=10)
         with httpx.stream("POST", f"{server.url}/galatea/chats/{chat}/send", json={"text": "Hello!"}, timeout=120) as r:
             events = [json.loads(line[6:]) for line in r.iter_lines() if line.startswith("data: ")]
         assert events[-1]["done"] and "error" not in events[-1], events[-1]
@@ -142,11 +160,14 @@ def test_galatea_serves_through_llama_cpp(llama_server, tmp_path):
     finally:
         log = server.stop()
     assert "Traceback" not in log, log
+    ranged = "llama.cpp server" in log  # llama.cpp's server has a penalty range; the others say what they do
+    assert ranged != ("has no repetition penalty range: the penalty applies over its whole window" in log), log
 
 
 @pytest.mark.server
-def test_a_killed_engine_keeps_the_partial_reply_and_a_wrong_tokenizer_is_refused(tmp_path):
-    engine, url = start_llama_server(tmp_path / "engine.log")
+@pytest.mark.parametrize("kind", ENGINES)
+def test_a_killed_engine_keeps_the_partial_reply_and_a_wrong_tokenizer_is_refused(tmp_path, kind):
+    engine, url = start_engine(kind, tmp_path / "engine.log")
     wrong = subprocess.run([sys.executable, "-m", "galatea", "serve", "--engine", url, "--model", str(shared_vocab()),
                             "--port", str(free_port())], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert wrong.returncode == 2 and wrong.stderr.count("error:") == 1
@@ -170,6 +191,50 @@ def test_a_killed_engine_keeps_the_partial_reply_and_a_wrong_tokenizer_is_refuse
         written = "".join(e.get("text", "") for e in events).strip()
         messages = httpx.get(f"{server.url}/galatea/chats/{chat}", timeout=10).json()["messages"]
         assert len(messages) == 3 and messages[2]["text"] == written and len(written) >= 20  # kept
+    finally:
+        engine.kill()
+        log = server.stop()
+    assert "Traceback" not in log, log
+
+
+
+@pytest.mark.server
+def test_four_chats_stream_at_once_through_llama_server(tmp_path):
+    """llama.cpp's own server with four slots (-np 4) behind Galatea: four page chats sent
+    together stream side by side (each one's first words before any one ends), and every reply
+    is stored whole."""
+    engine, url = start_engine("llama-server", tmp_path / "engine.log", "-np", "4", "-c", "8192")
+    server = Server(tmp_path, "--engine", url, "--max-context", "2048")
+    try:
+        aria = httpx.get(f"{server.url}/galatea/characters", timeout=10).json()[0]["id"]
+        chats = []
+        for _ in range(4):
+            chat = httpx.post(f"{server.url}/galatea/characters/{aria}/chats", timeout=10).json()["id"]
+            httpx.put(f"{server.url}/galatea/chats/{chat}/settings", timeout=10,
+                      json={"max_new_tokens": 64, "temperature": 0, "repetition_penalty": 1.0})
+            chats.append(chat)
+        timeline: dict[str, list[tuple[float, dict]]] = {c: [] for c in chats}
+
+        def send(chat: str) -> None:
+            story = {"text": "Tell me a very long story about the sea, with every detail."}
+            with httpx.stream("POST", f"{server.url}/galatea/chats/{chat}/send", json=story, timeout=300) as r:
+                for line in r.iter_lines():
+                    if line.startswith("data: "):
+                        timeline[chat].append((time.monotonic(), json.loads(line[6:])))
+
+        threads = [threading.Thread(target=send, args=(c,)) for c in chats]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(timeout=300)
+        for chat, events in timeline.items():
+            assert events and events[-1][1]["done"] and "error" not in events[-1][1], events[-1:]
+            written = "".join(e.get("text", "") for _, e in events).strip()
+            messages = httpx.get(f"{server.url}/galatea/chats/{chat}", timeout=10).json()["messages"]
+            assert len(messages) == 3 and messages[2]["text"] == written and written
+        first_words = max(next(at for at, e in events if e.get("text")) for events in timeline.values())
+        first_end = min(events[-1][0] for events in timeline.values())
+        assert first_words < first_end, "the chats took turns instead of streaming together"
     finally:
         engine.kill()
         log = server.stop()

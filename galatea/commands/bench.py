@@ -1,7 +1,8 @@
 """`galatea bench [SCENARIO]`: measure speed, as JSON on stdout (tables on stderr).
 
 Scenarios: `decode` (the default: prefill and decode of one stream), `suite` (all of them,
-llama.cpp side by side), `chat-turn`, `concurrent`, `replay`, `train`, `xor`. The older spelling
+llama.cpp side by side), `chat-turn`, `concurrent`, `replay`, `train`, `xor`, `engine` (Galatea in
+front of a remote engine). The older spelling
 as flags (`galatea bench --suite`, `--replay SESSION`, ...) still works."""
 
 from __future__ import annotations
@@ -27,6 +28,8 @@ SCENARIOS = {
               "the Kobold API, with and without speculative decoding",
     "train": "LoRA training tokens/s (batches of 4x128), next to transformers + peft when they are installed",
     "xor": "XOR apply throughput vs the original codec's algorithm, on random files",
+    "engine": "aggregate tokens/s of --streams clients straight to a remote engine (--engine URL) and through "
+              "Galatea in front of it",
 }
 
 
@@ -48,6 +51,8 @@ def _flags(p: argparse.ArgumentParser, legacy: bool = False) -> None:
                    help="replay: this temperature instead of the recorded one (0: greedy)")
     p.add_argument("--size-mb", type=int, default=1024, help="xor: size of the file pair in MiB")
     p.add_argument("--dir", help="xor: where to write the temporary files (default: the system's temp)")
+    p.add_argument("--engine", metavar="URL", help="engine: the remote engine's base URL")
+    p.add_argument("--streams", type=int, default=4, help="engine: clients at once (default 4)")
     speculative_arg(p)
     if legacy:  # `galatea bench --suite` and friends, as documented before scenarios were words
         g = p.add_argument_group("scenarios as flags (the same as `galatea bench SCENARIO`)")
@@ -170,7 +175,21 @@ def xor(args: argparse.Namespace) -> int:
     return _json(bench_xor(args.size_mb, args.dir))
 
 
+def engine(args: argparse.Namespace) -> int:
+    from galatea.bench.remote import bench_engine
+    from galatea.model.checkpoint import resolve_model_path
+
+    if not args.engine:
+        raise GalateaError("bench engine: pass --engine URL (e.g. llama.cpp's llama-server started with -np 4)")
+    if args.streams < 1:
+        raise GalateaError("bench: --streams must be >= 1")
+    result = bench_engine(args.engine, resolve_model_path(args.model), args.streams, args.gen_tokens)
+    print(f"{result['streams']} streams: {result['direct_tok_s']} tok/s straight to the {result['engine']}, "
+          f"{result['through_galatea_tok_s']} through Galatea ({result['ratio']}x)", file=sys.stderr)
+    return _json(result)
+
+
 RUNNERS: dict[str, Callable[[argparse.Namespace], int]] = {
     "decode": decode, "suite": suite, "chat_turn": chat_turn, "concurrent": concurrent, "replay": replay,
-    "train": train, "xor": xor,
+    "train": train, "xor": xor, "engine": engine,
 }

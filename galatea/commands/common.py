@@ -40,7 +40,7 @@ def engine_arg(p: argparse.ArgumentParser) -> None:
 
 def load_remote_from_args(args: argparse.Namespace) -> Any:
     """The remote engine of --engine, checked (its tokenizer must be --model's)."""
-    from galatea.engine.remote import load_remote
+    from galatea.engine.remote import approximations, load_remote
     from galatea.model.checkpoint import resolve_model_path
 
     if getattr(args, "lora", None):
@@ -49,6 +49,8 @@ def load_remote_from_args(args: argparse.Namespace) -> Any:
     engine = load_remote(args.engine, resolve_model_path(args.model), getattr(args, "max_context", None))
     print(f"galatea: the {engine.dialect.name} at {engine.url} runs {engine.name} (context {engine.context}); "
           "prompts are built here", file=sys.stderr)
+    for note in approximations(engine.dialect):
+        print(f"galatea: {note}", file=sys.stderr)
     return engine
 
 

@@ -9,8 +9,10 @@ Requests go to `/v1/completions` with `stream: true` (token ids as the prompt wh
 takes them); the text that comes back passes through the same stop-string matching as local
 generation. Each of our samplers maps to the engine's own field; one the engine lacks, when it
 is not at its neutral value, is refused with one line naming the engine - never silently
-dropped. Stop closes the stream (the servers stop generating when their client goes away); a
-failure mid-reply ends the reply with what was written and a clear error.
+dropped - but for the repetition penalty's range, which an engine without one approximates by
+its whole window (so the default persona chat works on every engine; said once at start). Stop
+closes the stream (the servers stop generating when their client goes away); a failure
+mid-reply ends the reply with what was written and a clear error.
 """
 
 from __future__ import annotations
@@ -79,6 +81,14 @@ APHRODITE = Dialect("aphrodite-engine", ("/v1/tokenize", "prompt"), True, {
 DIALECTS = {d.name: d for d in (LLAMA_CPP, LLAMA_CPP_PYTHON, VLLM, APHRODITE)}
 
 
+def approximations(dialect: Dialect) -> list[str]:
+    """What this engine does in place of a sampler it lacks (said once, when Galatea starts)."""
+    if "repetition_penalty_range" not in dialect.fields:
+        return [f"the {dialect.name} has no repetition penalty range: the penalty applies over its whole window "
+                "(Pygmalion's default range is 1024 tokens)"]
+    return []
+
+
 def request_body(dialect: Dialect, model: str, prompt: str | list[int], params: SamplingParams,
                  max_tokens: int) -> dict[str, Any]:
     """The `/v1/completions` request for these sampling parameters; GalateaError naming the
@@ -99,6 +109,8 @@ def request_body(dialect: Dialect, model: str, prompt: str | list[int], params: 
             continue
         if name in ("repetition_penalty_range", "repetition_penalty_slope") and params.repetition_penalty == 1.0:
             continue  # the shape of a penalty that is off
+        if name == "repetition_penalty_range" and name not in dialect.fields:
+            continue  # approximated: the engine penalizes over its whole window (said at start: APPROXIMATED)
         if name not in dialect.fields:
             raise GalateaError(f"the {dialect.name} has no {name.replace('_', ' ')} setting; set {name} to "
                                f"{neutral if neutral != () else 'nothing'} for this engine (or use Galatea's own)")

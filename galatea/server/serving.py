@@ -47,7 +47,8 @@ def kobold_prompt(req: KoboldGenerate, engine: Scheduler) -> list[int]:
     memory = engine.tokenize(req.memory) if req.memory else []
     # only the prompt's end can stay: what lies before it is not tokenized (a 10 MB prompt took seconds)
     text = _tail(req.prompt, context, engine.tokenizer)
-    prompt = engine.tokenize(text, add_bos=not memory) if text else []
+    # the model's own BOS rule (SmolLM2 and Qwen add none) unless memory already opened the prompt
+    prompt = engine.tokenize(text, add_bos=None if not memory else False) if text else []
     room = context - reply - len(memory)
     if room <= 0:
         raise BadRequest(f"memory is {len(memory)} tokens and leaves no room in a context of {context}")
