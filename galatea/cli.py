@@ -19,6 +19,7 @@ from galatea.commands import (
     generate,
     inspect,
     lorebooks,
+    models,
     prompt,
     quantize,
     serve,
@@ -30,7 +31,7 @@ from galatea.commands import (
 from galatea.errors import GalateaError
 
 # in the order `galatea --help` lists them
-COMMANDS = (generate, tokenize, inspect, chat, serve, characters, lorebooks, chats, store, prompt, bench, xor,
+COMMANDS = (generate, tokenize, inspect, chat, serve, models, characters, lorebooks, chats, store, prompt, bench, xor,
             convert, quantize, train, eval)
 
 

@@ -98,6 +98,30 @@ def test_kobold_stream_parsed_like_lite(server):
     assert streamed == whole
 
 
+def test_agnai_and_tavernai_calls(server):
+    """Agnai's Kobold adapter (srv/adapter/kobold.ts): streams only when /api/extra/version says
+    KoboldCpp >= 1.30, sends `END_OF_DIALOG` among its stops and a padded sampler order, reads
+    SSE `token`s. TavernAI classic: `/api/v1/model` must not be "ReadOnly", then the classic
+    keys (no min_p, no stop_sequence) to `/api/v1/generate`, reading results[0].text."""
+    version = httpx.get(f"{server.url}/api/extra/version", timeout=10).json()
+    assert version["result"] == "KoboldCpp" and tuple(int(x) for x in version["version"].split(".")) >= (1, 30)
+    agnai = {"prompt": "Aria's Persona: A cheerful bard.\n<START>\nYou: Hello!\nAria:", "max_length": 16,
+             "max_context_length": 2048, "temperature": 0, "rep_pen": 1.08, "rep_pen_range": 1024,
+             "rep_pen_slope": 0.9, "top_p": 1, "top_k": 0, "typical": 1, "tfs": 1, "top_a": 0,
+             "sampler_order": [6, 0, 1, 3, 4, 2, 5], "stop_sequence": ["END_OF_DIALOG", "\nYou:"],
+             "use_default_badwordsids": False}
+    with httpx.stream("POST", f"{server.url}/api/extra/generate/stream", json=agnai, timeout=120) as r:
+        tokens = [json.loads(d)["token"] for _, d in LITE_SSE.findall("".join(r.iter_text()))]
+    assert r.status_code == 200 and "".join(tokens).strip() and "END_OF_DIALOG" not in "".join(tokens)
+    assert httpx.get(f"{server.url}/api/v1/model", timeout=10).json()["result"] != "ReadOnly"
+    tavern = {"prompt": agnai["prompt"], "use_story": False, "use_memory": False, "use_authors_note": False,
+              "use_world_info": False, "max_context_length": 2048, "max_length": 16, "rep_pen": 1.1,
+              "rep_pen_slope": 0.9, "rep_pen_range": 1024, "temperature": 0.65, "tfs": 0.9, "top_a": 0,
+              "top_k": 0, "top_p": 0.9, "typical": 1, "sampler_order": [6, 0, 1, 2, 3, 4, 5], "singleline": False}
+    text = post(server, "/api/v1/generate", tavern).json()["results"][0]["text"]
+    assert isinstance(text, str) and text.strip()
+
+
 def test_trim_stop_and_stop_kept_by_default(server):
     base = {"prompt": "Count: one, two, three,", "max_length": 40, "temperature": 0, "stop_sequence": [","]}
     fresh_cache(server)

@@ -167,7 +167,7 @@ def test_chat_completions_stop_at_any_participants_line():
     req = ChatCompletionRequest(messages=[{"role": "user", "name": "Pipe", "content": "hi"},
                                           {"role": "user", "content": "hello"},
                                           {"role": "assistant", "name": "Aria", "content": "Hi!"}])
-    stops = chat_stops("Aria", "Sam", req)
+    stops = chat_stops("Aria", "Sam", [m.name for m in req.messages if m.name])
     for stop in ("\nAria:", "\nPipe:", "\nSam:", "\nsam:", "\nSAM:", "\nyou:", "\nYou:"):
         assert stop in stops, stop
 

@@ -13,8 +13,14 @@ from galatea.errors import GalateaError
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 
 
-def model_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", help="GGUF file or Hugging Face folder (default: the embedded SmolLM2-135M)")
+def model_args(p: argparse.ArgumentParser, several: bool = False) -> None:
+    """`several`: --model may be given more than once (`galatea serve`)."""
+    if several:
+        p.add_argument("--model", action="append", help="GGUF file or Hugging Face folder; give it again to serve "
+                                                         "several (the first is the default; default: the "
+                                                         "embedded SmolLM2-135M)")
+    else:
+        p.add_argument("--model", help="GGUF file or Hugging Face folder (default: the embedded SmolLM2-135M)")
     p.add_argument("--dtype", choices=DTYPES, default="auto",
                    help="compute dtype (auto: bfloat16 where the CPU/GPU has it, else float32)")
     p.add_argument("--device", help="cpu or cuda (default: cuda when present)")
@@ -29,6 +35,29 @@ def model_args(p: argparse.ArgumentParser) -> None:
                         "PyTorch's kernels (default: $GALATEA_KERNELS, else auto = the best this CPU has)")
     p.add_argument("--kv-cache", choices=("auto", "float16", "bfloat16", "float32"), default="auto",
                    help="KV cache entries (auto: float16 with the native kernels, else float32 on CPU)")
+
+
+def models_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--models", metavar="DIR", help="every model in DIR too (GGUF files and Hugging Face folders); "
+                                                   "requests choose one by name")
+
+
+def served_entries(args: argparse.Namespace) -> list[Any]:
+    """The models `galatea serve` offers, the default first: each --model, then what --models
+    holds (the embedded model when neither is given)."""
+    from pathlib import Path
+
+    from galatea.engine.shelf import ModelEntry
+    from galatea.model.checkpoint import resolve_model_path
+
+    paths = [resolve_model_path(m) for m in args.model or []]
+    entries = [ModelEntry.of(p) for p in paths]
+    if args.models:
+        given = {p.resolve() for p in paths}
+        entries += [e for e in ModelEntry.found_in(Path(args.models).expanduser()) if e.path.resolve() not in given]
+        if not entries:
+            raise GalateaError(f"{args.models}: no GGUF files or Hugging Face model folders in it")
+    return entries or [ModelEntry.of(resolve_model_path(None))]
 
 
 def engine_arg(p: argparse.ArgumentParser) -> None:

@@ -26,6 +26,7 @@ from galatea.engine.generate import Chunk, Generation
 from galatea.engine.jobs import Cancellation, find_kobold
 from galatea.engine.prompt_cache import PromptCachePool
 from galatea.engine.sampling import SamplingParams
+from galatea.errors import ModelUnavailable
 from galatea.model.checkpoint import LoadedModel
 
 # Rows a batched step may grow to with drafts: one pass of the AVX-512 kernel over each weight
@@ -52,19 +53,22 @@ class Job:
 class Scheduler:
     def __init__(self, lm: LoadedModel, max_context: int | None = None, name: str | None = None,
                  cache_slots: int = 4, cache_memory: int | None = None, context_shift: bool = True,
-                 max_batch: int = 8, prefill_chunk: int = 256, start: bool = True, speculative: bool = True) -> None:
+                 max_batch: int = 8, prefill_chunk: int = 256, start: bool = True, speculative: bool = True,
+                 wake: threading.Event | None = None) -> None:
         """`start`: run the scheduler on a thread of its own now. Pass False and call `run()`
         from the thread that loaded the model to get its full speed: torch's OpenMP kernels run
         2-3x slower from any thread other than the first that used them (measured on a 2-core
         CPU: int4 mat-vec 0.29 s vs 0.83 s for the same work), so `galatea serve` runs the
-        scheduler on its main thread and the HTTP server beside it."""
+        scheduler on its main thread and the HTTP server beside it. Several schedulers (one per
+        model) share one thread through `work()`; `wake` is set whenever a job arrives."""
         self.lm = lm
         trained = lm.config.max_position_embeddings
         # without --max-context, at most DEFAULT_CONTEXT positions: a slot is allocated whole,
         # and a file claiming a million positions would ask for terabytes
         self.context = min(max_context or min(trained, DEFAULT_CONTEXT), trained)
         self.chat_format = "auto"  # the prompt format of chats that name none (`serve --format`)
-        self.name = name or (f"{lm.path.stem}+{lm.lora_name}" if lm.lora_name else lm.path.stem)
+        stem = lm.path.stem if lm.path.is_file() else lm.path.name  # "Llama-3.1-8B/" is not "Llama-3"
+        self.name = name or (f"{stem}+{lm.lora_name}" if lm.lora_name else stem)
         self.started = time.time()
         # called with each job's last chunk (its totals) when it ends: the server's perf counters
         self.finished: list[Callable[[Chunk], None]] = []
@@ -79,6 +83,9 @@ class Scheduler:
         self.max_batch, self.prefill_chunk = max(1, max_batch), prefill_chunk
         self.speculative = speculative  # draft from the text and verify in the same step (native kernels)
         self.running: list[Job] = []
+        self.wake = wake or threading.Event()
+        self.last_used = time.monotonic()  # when a job last arrived or ended (least recently used goes first)
+        self._active: list[tuple[Job, Generation]] = []
         self._closing = threading.Event()
         self._jobs: queue.Queue[Job | None] = queue.Queue()
         self._worker: threading.Thread | None = None
@@ -139,9 +146,18 @@ class Scheduler:
     def _submit(self, prompt_ids: Sequence[int], params: SamplingParams,
                 emit: Callable[[Chunk | BaseException], None], key: str, cancel: threading.Event | None,
                 origin: str) -> Job:
+        if self._closing.is_set():
+            raise ModelUnavailable(f"{self.name} was unloaded while the request waited; send it again")
         job = Job(list(prompt_ids), params, emit, key, Cancellation(cancel), origin=origin)
+        self.last_used = time.monotonic()
         self._jobs.put(job)
+        self.wake.set()
         return job
+
+    @property
+    def busy(self) -> bool:
+        """Jobs running or waiting (a busy model is never unloaded)."""
+        return bool(self._active) or not self._jobs.empty()
 
     @property
     def current(self) -> Job | None:
@@ -180,14 +196,20 @@ class Scheduler:
 
     def run(self) -> None:
         """The scheduler loop, until close()."""
-        active: list[tuple[Job, Generation]] = []
-        while True:
-            if not self._admit(active):
-                return
-            self._step(active)
+        while self.work(block=True):
+            pass
 
-    def _admit(self, active: list[tuple[Job, Generation]]) -> bool:
-        """Take queued jobs while there is room (waiting only when idle); False on close()."""
+    def work(self, block: bool = False) -> bool:
+        """Take the jobs that arrived and run one step; `block`: wait for a job when idle. False
+        once closed (its running jobs ended as cancelled)."""
+        if not self._admit(self._active, block):
+            return False
+        if self._active:
+            self._step(self._active)
+        return True
+
+    def _admit(self, active: list[tuple[Job, Generation]], block: bool = True) -> bool:
+        """Take queued jobs while there is room (waiting only when idle and `block`); False on close()."""
         if self._closing.is_set():  # running jobs end as cancelled, with their closing chunk
             for j, g in list(active):
                 j.cancel.set()
@@ -196,11 +218,11 @@ class Scheduler:
             return False
         while len(active) < self.max_batch:
             try:
-                job = self._jobs.get(block=not active)
+                job = self._jobs.get(block=block and not active)
             except queue.Empty:
                 return True
             if job is None:
-                return self._admit(active)  # close(): handled above
+                return self._admit(active, block)  # close(): handled above
             if job.cancel.is_set():  # cancelled while queued
                 job.emit(Chunk("", None, finish_reason="cancelled"))
                 job.ended.set()
@@ -290,6 +312,7 @@ class Scheduler:
         job.ended.set()
 
     def _finish(self, active: list[tuple[Job, Generation]], job: Job, gen: Generation) -> None:
+        self.last_used = time.monotonic()
         last = gen.close()
         job.text += last.text
         active.remove((job, gen))

@@ -13,6 +13,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -24,13 +25,15 @@ from galatea import __version__
 from galatea.chat.cards import load_character
 from galatea.chat.store import Store
 from galatea.engine.scheduler import Scheduler
-from galatea.errors import GalateaError, StoreUnavailable
-from galatea.server import galatea_api, kobold, library_api, openai_api
+from galatea.engine.shelf import Shelf
+from galatea.errors import GalateaError, ModelNotFound, ModelUnavailable, StoreUnavailable
+from galatea.server import galatea_api, kobold, library_api, ollama_api, openai_api
+from galatea.server.deps import Leases
 from galatea.server.guard import Guard, OpenCORS
 from galatea.server.live import LiveReplies
 from galatea.server.perf import Perf
 from galatea.server.schemas import BadRequest
-from galatea.server.serving import error_body
+from galatea.server.serving import OLLAMA_ROUTES, error_body
 
 STATIC = Path(__file__).parent / "static"
 
@@ -63,22 +66,25 @@ class JSONBodies:
         await self.app(scope, receive, send)
 
 
-def create_app(engine: Scheduler, store: Store | None = None, api_key: str | None = None,
+def create_app(models: Scheduler | Any, store: Store | None = None, api_key: str | None = None,
                hosts: frozenset[str] | None = None) -> FastAPI:
-    """`hosts`: the host names requests may be addressed to (`galatea serve` on a loopback address:
-    the loopback names; None: any)."""
+    """`models`: a Shelf of models, or one engine. `hosts`: the host names requests may be
+    addressed to (`galatea serve` on a loopback address: the loopback names; None: any)."""
+    shelf = models if isinstance(models, Shelf) else Shelf.single(models)
     app = FastAPI(title="Galatea", version=__version__,
-                  description="KoboldAI, KoboldCpp and OpenAI-compatible APIs for persona chat models.")
-    app.state.engine, app.state.store = engine, store
+                  description="KoboldAI, KoboldCpp, OpenAI and Ollama-compatible APIs for persona chat models.")
+    app.state.shelf, app.state.store = shelf, store
     app.state.protected = bool(api_key)  # generation needs the key (guard.py); /api/extra/version says so
-    # the last added runs first: CORS (the APIs'), then the guard, then JSON bodies
+    # the last added runs first: leases, CORS (the APIs'), then the guard, then JSON bodies
     app.add_middleware(JSONBodies)
     app.add_middleware(Guard, api_key=api_key, hosts=hosts)
     app.add_middleware(OpenCORS)
+    app.add_middleware(Leases, shelf=shelf)
 
     @app.exception_handler(RequestValidationError)
     async def invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
-        status = 400 if not request.url.path.startswith("/api") else 422
+        path = request.url.path
+        status = 422 if path.startswith("/api") and path not in OLLAMA_ROUTES else 400  # KoboldAI's 422
         return _error(request, status, f"invalid request: {_describe(exc.errors())}", "invalid_request_error",
                       "invalid_request")
 
@@ -95,9 +101,20 @@ def create_app(engine: Scheduler, store: Store | None = None, api_key: str | Non
     async def unavailable(request: Request, exc: StoreUnavailable) -> JSONResponse:
         return _error(request, 503, str(exc), "server_error", "store_unavailable")
 
+    @app.exception_handler(ModelUnavailable)
+    async def busy(request: Request, exc: ModelUnavailable) -> JSONResponse:
+        return _error(request, 503, str(exc), "server_error", "model_unavailable")
+
+    @app.exception_handler(ModelNotFound)
+    async def unknown_model(request: Request, exc: ModelNotFound) -> JSONResponse:
+        return _error(request, 404, str(exc), "invalid_request_error", "model_not_found")
+
     @app.get("/health", tags=["Galatea"])
     def health() -> JSONResponse:
-        body = {"status": "ok", "model": engine.name, "queue": engine.queued}
+        body: dict[str, Any] = {"status": "ok", "model": shelf.default, "queue": shelf.queued}
+        if len(shelf.entries) > 1:
+            body["models"] = {name: "loaded" for name, _, _ in shelf.loaded()} | \
+                {name: "loading" for name in shelf.loading}
         if store is not None:
             try:
                 store.ping()
@@ -107,9 +124,10 @@ def create_app(engine: Scheduler, store: Store | None = None, api_key: str | Non
         return JSONResponse(body)
 
     app.state.perf, app.state.replies = Perf(), LiveReplies()
-    engine.finished.append(app.state.perf.record)
+    shelf.listen(app.state.perf.record)
     app.include_router(kobold.router)
     app.include_router(openai_api.router)
+    app.include_router(ollama_api.router)
     if store is not None:  # the chat page and its API work on the chat store
         store.add_first_character(load_character(None))  # a first start: the page has someone to talk to
         app.include_router(galatea_api.router)

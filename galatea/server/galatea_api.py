@@ -21,9 +21,10 @@ from galatea.chat.session import ChatSession
 from galatea.chat.settings import BUILTIN_PRESETS, ORDER_DEFAULT, SAMPLERS, resolve
 from galatea.chat.store import Store
 from galatea.engine.scheduler import Scheduler
-from galatea.errors import GalateaError
+from galatea.errors import GalateaError, StoreUnavailable
+from galatea.model.inspect import FAMILY_NAMES
 from galatea.server import sse
-from galatea.server.deps import ChatStore, Engine
+from galatea.server.deps import ChatStore, Engine, engine_for, served
 from galatea.server.live import Busy, LiveReplies, LiveReply
 from galatea.server.schemas import BadRequest, RequestBody, refused
 
@@ -93,6 +94,8 @@ class Settings(Samplers):
     user_name: str | None = Field(default=None, min_length=1, max_length=60, pattern=r"\S")
     format: str | None = Field(default=None, description="prompt format: auto, template or one of /galatea/formats")
     thinking: bool | None = Field(default=None, description="a reasoning model thinks before it replies (Qwen3)")
+    model: str | None = Field(default=None, max_length=400, description="the model of this chat (empty: the "
+                                                                       "server's default; /galatea/models)")
 
     @field_validator("format")
     @classmethod
@@ -116,6 +119,22 @@ def _replies(request: Request) -> LiveReplies:
 
 Replies = Annotated[LiveReplies, Depends(_replies)]
 router = APIRouter(prefix="/galatea", tags=["Galatea"])
+
+
+async def _chat_engine(request: Request, chat_id: RowId) -> Scheduler:
+    """The model a chat uses: its settings' `model`, the server's default when it names none or
+    one this server no longer offers (a chat is never locked out), loaded if it is not."""
+    shelf = served(request)
+    try:
+        chosen = (await asyncio.to_thread(request.app.state.store.chat, chat_id)).settings.get("model")
+    except StoreUnavailable:
+        raise
+    except GalateaError:
+        chosen = None  # no such chat: the route says so
+    return (await engine_for(request, chosen if chosen in shelf.entries else None))[0]
+
+
+ChatEngine = Annotated[Scheduler, Depends(_chat_engine)]
 
 
 def session(engine: Scheduler, store: Store, chat_id: int) -> ChatSession:
@@ -212,7 +231,7 @@ def _snippet(text: str, q: str, width: int = 60) -> str:
     return ("…" if start else "") + text[start:at + len(q) + width] + ("…" if at + len(q) + width < len(text) else "")
 
 @router.get("/chats/{chat_id}")
-def chat(chat_id: RowId, engine: Engine, store: ChatStore, replies: Replies) -> dict:
+def chat(chat_id: RowId, engine: ChatEngine, store: ChatStore, replies: Replies) -> dict:
     s = session(engine, store, chat_id)
     running = replies.get(chat_id)
     return {"id": chat_id, "title": s.info.title, "user": s.user, "character": {"id": s.character_id,
@@ -220,19 +239,19 @@ def chat(chat_id: RowId, engine: Engine, store: ChatStore, replies: Replies) -> 
             "live": None if running is None else {"kind": running.kind}}
 
 @router.post("/chats/{chat_id}/send")
-def send(chat_id: RowId, body: Text, engine: Engine, store: ChatStore, replies: Replies) -> StreamingResponse:
+def send(chat_id: RowId, body: Text, engine: ChatEngine, store: ChatStore, replies: Replies) -> StreamingResponse:
     if not body.text.strip():
         raise BadRequest("the message is empty")
     s = session(engine, store, chat_id)
     return start_reply(replies, s, "send", lambda cancel: s.send(body.text, cancel))
 
 @router.post("/chats/{chat_id}/regenerate")
-def regenerate(chat_id: RowId, engine: Engine, store: ChatStore, replies: Replies) -> StreamingResponse:
+def regenerate(chat_id: RowId, engine: ChatEngine, store: ChatStore, replies: Replies) -> StreamingResponse:
     s = session(engine, store, chat_id)
     return start_reply(replies, s, "regenerate", s.regenerate)
 
 @router.post("/chats/{chat_id}/continue")
-def continue_(chat_id: RowId, engine: Engine, store: ChatStore, replies: Replies) -> StreamingResponse:
+def continue_(chat_id: RowId, engine: ChatEngine, store: ChatStore, replies: Replies) -> StreamingResponse:
     s = session(engine, store, chat_id)
     return start_reply(replies, s, "continue", s.continue_last)
 
@@ -265,19 +284,37 @@ def branch(chat_id: RowId, body: At, store: ChatStore) -> dict:
         raise refused(e, "not_found", 404) from None
 
 @router.get("/chats/{chat_id}/settings")
-def settings(chat_id: RowId, engine: Engine, store: ChatStore) -> dict:
+def settings(chat_id: RowId, engine: ChatEngine, store: ChatStore) -> dict:
     """The settings a reply in this chat is generated with (defaults and the chat's own)."""
     s = session(engine, store, chat_id)
-    return {**s.settings, "user_name": s.user, "model_context": s.model_context}
+    return {**s.settings, "model": s.info.settings.get("model", ""), "user_name": s.user,
+            "model_context": s.model_context}
 
 @router.put("/chats/{chat_id}/settings")
-def set_settings(chat_id: RowId, body: Settings, engine: Engine, store: ChatStore) -> dict:
+def set_settings(chat_id: RowId, body: Settings, request: Request, engine: ChatEngine, store: ChatStore) -> dict:
     s = session(engine, store, chat_id)
     changed = body.model_dump(exclude_none=True)
     if (name := changed.pop("user_name", None)) is not None:
         store.rename_user(chat_id, name.strip())
-    store.set_settings(chat_id, {**s.info.settings, **changed})  # kept with the chat
+    stored = {**s.info.settings, **changed}
+    shelf = served(request)
+    if changed.get("model") == "":
+        stored.pop("model", None)  # the server's default again
+    elif "model" in changed and changed["model"] not in shelf.entries:
+        raise BadRequest(f"{changed['model']!r} is not a model this server serves; one of {', '.join(shelf.entries)}")
+    store.set_settings(chat_id, stored)  # kept with the chat
     return settings(chat_id, engine, store)
+
+@router.get("/models")
+def models(request: Request) -> dict:
+    """The models this server offers (a chat picks one in its settings), which are loaded, and
+    for how many seconds one has been loading."""
+    shelf = served(request)
+    loaded = {name for name, _, _ in shelf.loaded()}
+    return {"default": shelf.default,
+            "models": [{"name": n, "loaded": n in loaded, "loading": shelf.loading.get(n), "size": e.size,
+                        "family": FAMILY_NAMES.get(e.config.architecture, e.config.architecture)}
+                       for n, e in shelf.entries.items()]}
 
 @router.get("/formats")
 def prompt_formats(engine: Engine) -> dict:
@@ -297,7 +334,7 @@ def default_settings(store: ChatStore) -> dict:
 
 @router.put("/settings")
 def set_default_settings(body: Settings, store: ChatStore) -> dict:
-    changed = body.model_dump(exclude_none=True, exclude={"user_name"})
+    changed = body.model_dump(exclude_none=True, exclude={"user_name", "model"})  # a model is a chat's own
     store.set_default_settings({**store.default_settings(), **changed})
     return default_settings(store)
 
@@ -325,7 +362,7 @@ def delete_preset(name: Annotated[str, PathParam(min_length=1, max_length=80)], 
     return {"ok": True}
 
 @router.get("/chats/{chat_id}/prompt")
-def prompt(chat_id: RowId, engine: Engine, store: ChatStore) -> dict:
+def prompt(chat_id: RowId, engine: ChatEngine, store: ChatStore) -> dict:
     p = session(engine, store, chat_id).prompt()
     return {"prompt": p.text, "tokens": p.tokens, "messages_dropped": p.messages_dropped,
             "examples_dropped": p.examples_dropped, "format": p.format}

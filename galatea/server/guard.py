@@ -35,7 +35,7 @@ LOOPBACK_NAMES = frozenset({"127.0.0.1", "localhost", "::1"})
 # what a keyed server still answers without the key (GET): what clients read to connect
 OPEN_ROUTES = frozenset({
     "/health", "/api/extra/version", "/api/extra/true_max_context_length", "/api/extra/preloadstory",
-    "/sdapi/v1/sd-models", "/v1/models",
+    "/sdapi/v1/sd-models", "/v1/models", "/api/version", "/api/tags",
     *(f"/api/{v}/{route}" for v in ("v1", "latest")
       for route in ("model", "info/version", "config/max_length", "config/max_context_length")),
 })

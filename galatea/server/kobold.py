@@ -24,7 +24,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import StreamingResponse
 
 from galatea.server import serving, sse
-from galatea.server.deps import Counters, Engine
+from galatea.server.deps import Counters, Engine, served
 from galatea.server.disconnect import watch
 from galatea.server.responses import (
     KoboldAbort,
@@ -103,13 +103,15 @@ def true_max(engine: Engine) -> KoboldValue:
 
 
 @router.get("/api/extra/perf")
-def perf_counters(engine: Engine, p: Counters) -> KoboldPerf:
+def perf_counters(request: Request, p: Counters) -> KoboldPerf:
+    shelf = served(request)
     return KoboldPerf(last_process=round(p.last_process, 3), last_eval=round(p.last_eval, 3),
                       last_token_count=p.last_token_count, last_input_count=p.last_input_count,
                       last_cached_count=p.last_cached_count, last_shifted_count=p.last_shifted_count,
                       last_recomputed_count=p.last_recomputed_count, last_drafted_count=p.last_drafted_count,
                       last_accepted_count=p.last_accepted_count, last_seed=p.last_seed, total_gens=p.total_gens,
-                      stop_reason=p.stop_reason, queue=engine.queued, idle=int(engine.current is None),
+                      stop_reason=p.stop_reason, queue=shelf.queued,
+                      idle=int(all(e.current is None for e in shelf.engines())),
                       uptime=round(time.time() - p.started, 1))
 
 
@@ -156,25 +158,26 @@ async def stream(req: KoboldGenerate, request: Request, engine: Engine) -> Strea
 @router.get("/api/extra/generate/check", operation_id="get_api_extra_generate_check", response_model_exclude_none=True)
 @router.post("/api/extra/generate/check", operation_id="post_api_extra_generate_check",
              response_model_exclude_none=True)
-async def check(request: Request, engine: Engine) -> KoboldGenerations:
+async def check(request: Request) -> KoboldGenerations:
     genkey = ""
     if request.method == "POST":
         try:
             genkey = KoboldGenkey.model_validate(await request.json()).genkey
         except ValueError:
             genkey = ""
-    job = engine.find(genkey)
+    # every loaded model's jobs (a model is not loaded to be asked about)
+    job = next((j for e in served(request).engines() if (j := e.find(genkey)) is not None), None)
     return KoboldGenerations(results=[KoboldGeneration(text=job.text if job is not None else "")])
 
 
 @router.post("/api/extra/abort")
-async def abort(request: Request, engine: Engine) -> KoboldAbort:
+async def abort(request: Request) -> KoboldAbort:
     genkey = None
     try:
         genkey = KoboldGenkey.model_validate(await request.json()).genkey or None
     except ValueError:
         pass
-    jobs = engine.abort(genkey)
+    jobs = [j for e in served(request).engines() for j in e.abort(genkey)]
     ended = await asyncio.to_thread(lambda: all(j.ended.wait(ABORT_WAIT_S) for j in jobs))
     return KoboldAbort(success="true" if jobs else "false", done="true" if jobs and ended else "false")
 

@@ -15,9 +15,10 @@ from fastapi import APIRouter, Request
 from galatea.engine.generate import Chunk
 from galatea.engine.sampling import SamplingParams
 from galatea.engine.scheduler import Scheduler
+from galatea.engine.shelf import Shelf
 from galatea.model.tokenizer import Tokenizer
 from galatea.server import serving, sse
-from galatea.server.deps import Engine
+from galatea.server.deps import Engine, engine_for, served
 from galatea.server.disconnect import watch
 from galatea.server.responses import (
     AssistantMessage,
@@ -66,18 +67,21 @@ class StreamedLogprobs:
 router = APIRouter(tags=["OpenAI"])
 
 
-def model_card(engine: Scheduler) -> ModelCard:
-    return ModelCard(id=engine.name, created=int(engine.started))
+def model_card(shelf: Shelf, name: str) -> ModelCard:
+    return ModelCard(id=name, created=int(shelf.entries[name].modified))
 
 
 @router.get("/v1/models")
-def models(engine: Engine) -> ModelList:
-    return ModelList(data=[model_card(engine)])
+def models(request: Request) -> ModelList:
+    """Every model served, the default first (SillyTavern shows `data[0]`)."""
+    shelf = served(request)
+    return ModelList(data=[model_card(shelf, name) for name in shelf.names()])
 
 
-@router.get("/v1/models/{model_id}")
-def model(model_id: str, engine: Engine) -> ModelCard:
-    return model_card(engine)
+@router.get("/v1/models/{model_id:path}")
+def model(model_id: str, request: Request) -> ModelCard:
+    shelf = served(request)
+    return model_card(shelf, shelf.resolve(model_id))
 
 
 async def generations(engine: Scheduler, ids: list[int], params: SamplingParams, n: int,
@@ -124,7 +128,8 @@ async def collect(engine: Scheduler, ids: list[int], params: SamplingParams, n: 
 
 
 @router.post("/v1/completions", response_model=Completion)
-async def completions(req: CompletionRequest, request: Request, engine: Engine) -> Any:
+async def completions(req: CompletionRequest, request: Request) -> Any:
+    engine, _ = await engine_for(request, req.model)
     ids = await asyncio.to_thread(serving.completion_prompt, req, engine)  # off the event loop
     params = engine.check(req.to_sampling_params(engine, len(ids)))  # refuses an over-long prompt before streaming
     rid, created = f"cmpl-{uuid.uuid4().hex[:24]}", int(time.time())
@@ -150,10 +155,16 @@ async def completions(req: CompletionRequest, request: Request, engine: Engine) 
 
 
 @router.post("/v1/chat/completions", response_model=ChatCompletion)
-async def chat(req: ChatCompletionRequest, request: Request, engine: Engine) -> Any:
-    ids, char, user, format_stops = await asyncio.to_thread(serving.chat_prompt, req, engine)
+async def chat(req: ChatCompletionRequest, request: Request) -> Any:
+    engine, _ = await engine_for(request, req.model)
+    reply = req.max_tokens or req.max_completion_tokens or req.max_new_tokens or 512
+    thinking = (req.chat_template_kwargs or {}).get("enable_thinking")
+    ids, char, user, format_stops = await asyncio.to_thread(
+        serving.chat_prompt, req.messages, engine, reply, req.character, req.user_name,
+        None if thinking is None else bool(thinking))
+    names = [m.name for m in req.messages if m.name]
     params = engine.check(req.to_sampling_params(engine, len(ids), 512,
-                                                 serving.chat_stops(char, user, req, format_stops)))
+                                                 serving.chat_stops(char, user, names, format_stops)))
     rid, created = f"chatcmpl-{uuid.uuid4().hex[:24]}", int(time.time())
     if req.stream:
         async def events() -> AsyncIterator[str]:

@@ -8,7 +8,9 @@ llama.cpp's server answers, since they count tokens themselves and expect to be 
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import replace
+from typing import Protocol
 
 from galatea.chat import formats
 from galatea.chat.cards import Character
@@ -18,12 +20,19 @@ from galatea.engine.generate import TokenLogprob
 from galatea.engine.scheduler import Scheduler
 from galatea.errors import GalateaError
 from galatea.model.tokenizer import Tokenizer
-from galatea.server.schemas import BadRequest, ChatCompletionRequest, CompletionRequest, KoboldGenerate
+from galatea.server.schemas import BadRequest, CompletionRequest, KoboldGenerate
+
+OLLAMA_ROUTES = frozenset({"/api/generate", "/api/chat", "/api/tags", "/api/show", "/api/ps", "/api/version",
+                           "/api/embed", "/api/embeddings", "/api/pull", "/api/push", "/api/create", "/api/copy",
+                           "/api/delete"})
 
 
 def error_body(path: str, message: str, kind: str, code: str | None = None) -> dict:
-    """An error as the clients of `path`'s dialect read it: Kobold routes (/api...) as KoboldAI
-    answers (`detail.msg`) and as SillyTavern reads it (`error.message`), the rest as OpenAI."""
+    """An error as the clients of `path`'s dialect read it: Ollama's routes as Ollama answers
+    (`error`, a string), Kobold routes (/api...) as KoboldAI answers (`detail.msg`) and as
+    SillyTavern reads it (`error.message`), the rest as OpenAI."""
+    if path in OLLAMA_ROUTES:
+        return {"error": message}
     if path.startswith("/api"):
         return {"detail": {"msg": message, "type": kind}, "error": {"message": message, "type": kind}}
     return {"error": {"message": message, "type": kind, "code": code or kind}}
@@ -77,24 +86,33 @@ def completion_prompt(req: CompletionRequest, engine: Scheduler) -> list[int]:
     return engine.tokenize(prompt)
 
 
-def chat_prompt(req: ChatCompletionRequest, engine: Scheduler) -> tuple[list[int], str, str, list[str]]:
+class Message(Protocol):
+    """A chat message as every dialect has one (OpenAI's and Ollama's)."""
+
+    role: str
+    name: str | None
+
+    def text(self) -> str: ...
+
+
+def chat_prompt(messages: Sequence[Message], engine: Scheduler, reply: int, character: str | None = None,
+                user_name: str | None = None, thinking: bool | None = None) -> tuple[list[int], str, str, list[str]]:
     """The prompt for a chat request in the served model's format (`serve --format`, else what
     its metadata says; Pygmalion's persona prompt for a Pygmalion model): system messages make
     the persona, the assistant's `name` (or `character`) is the character, users speak as `You`
-    (or `user_name`). Returns (ids, character name, user name, the format's stop strings)."""
-    char_name = req.character or next((m.name for m in req.messages if m.role == "assistant" and m.name), None) \
+    (or `user_name`); `thinking` turns a reasoning model's thinking on or off (None: the
+    format's default, off). Returns (ids, character name, user name, the format's stop strings)."""
+    char_name = character or next((m.name for m in messages if m.role == "assistant" and m.name), None) \
         or "Assistant"
-    user = req.user_name or "You"
-    persona = "\n".join(m.text().strip() for m in req.messages if m.role in ("system", "developer")).strip()
-    history = [Turn(m.role == "user", m.text()) for m in req.messages if m.role in ("user", "assistant")]
+    user = user_name or "You"
+    persona = "\n".join(m.text().strip() for m in messages if m.role in ("system", "developer")).strip()
+    history = [Turn(m.role == "user", m.text()) for m in messages if m.role in ("user", "assistant")]
     new = history.pop().text if history and history[-1].is_user else None
-    reply = req.max_tokens or req.max_completion_tokens or req.max_new_tokens or 512
     char = Character(name=char_name, description=persona)
     try:
         fmt = formats.choose(engine.chat_format, engine.tokenizer)
-        thinking = (req.chat_template_kwargs or {}).get("enable_thinking")
         if thinking is not None:
-            fmt = replace(fmt, thinking=bool(thinking))
+            fmt = replace(fmt, thinking=thinking)
         prompt = build_prompt(char, history, new, engine.tokenizer, engine.context, min(reply, engine.context // 2),
                               user=user, fmt=fmt)
     except GalateaError as e:
@@ -102,15 +120,13 @@ def chat_prompt(req: ChatCompletionRequest, engine: Scheduler) -> tuple[list[int
     return engine.tokenize(prompt.text), char_name, user, prompt.stops
 
 
-def chat_stops(char: str, user: str, req: ChatCompletionRequest | None = None, extra: list[str] | None = None
-               ) -> list[str]:
+def chat_stops(char: str, user: str, names: Sequence[str] = (), extra: list[str] | None = None) -> list[str]:
     """Where a chat completion's one reply ends: besides the reply stops, a new line for any
     participant, `\n{name}:` for the user, the character (a second turn of its own) and every
-    other name in the messages; the user's name in any common case (`you:`, `YOU:`), since
-    small models write it either way."""
-    names = [char] + ([m.name for m in req.messages if m.name] if req is not None else [])
+    other name in the messages (`names`); the user's name in any common case (`you:`, `YOU:`),
+    since small models write it either way."""
     cases = [user, user.lower(), user.capitalize(), user.upper(), "You", "you"]
-    names_stops = [f"\n{n}:" for n in [*cases, *names] if n]
+    names_stops = [f"\n{n}:" for n in [*cases, char, *names] if n]
     return list(dict.fromkeys([*reply_stops(char, user), *names_stops, *(extra or [])]))
 
 

@@ -246,7 +246,9 @@ async function streamReply(kind, chatId, open) {
                                swipes: 1, swipe: 0, time: Date.now() / 1000 }, false);
     live.classList.add("streaming");
     if (kind !== "continue") $("messages").appendChild(live);
-    const r = await open(following.stop.signal);
+    const stopWatching = watchLoading();
+    let r;
+    try { r = await open(following.stop.signal); } finally { stopWatching(); }
     if (!r.ok) { const e = await r.json(); throw new Error((e.error && e.error.message) || r.statusText); }
     const reader = r.body.getReader();
     const decoder = new TextDecoder();
@@ -642,6 +644,25 @@ async function loadFormats() {  // the choices, "auto" saying what the character
     if (f.name !== "auto") $("card-format-select").add(new Option(f.title, f.name));
   }
 }
+async function loadModels() {  // several models served: the chat chooses one (empty: the server's default)
+  const { models, default: first } = await api("/models");
+  $("model-row").hidden = models.length < 2;
+  const select = $("model-select");
+  select.length = 0;
+  select.add(new Option(`the server's default (${first})`, ""));
+  for (const m of models) select.add(new Option(`${m.name} · ${m.family}${m.loaded ? " · loaded" : ""}`, m.name));
+}
+// While a reply waits for its model to load, say so (the request answers once it is loaded).
+function watchLoading() {
+  const timer = setInterval(async () => {
+    try {
+      const { models } = await api("/models");
+      const loading = models.find((m) => m.loading !== null && m.loading !== undefined);
+      if (loading) status(`loading ${loading.name}… ${Math.round(loading.loading)} s`);
+    } catch (e) { /* the status line is best effort */ }
+  }, 700);
+  return () => clearInterval(timer);
+}
 async function loadPresets() {
   const presets = await api("/presets");
   const select = $("preset");
@@ -651,7 +672,8 @@ async function loadPresets() {
 }
 $("open-settings").onclick = async () => {
   if (!state.chat) return;
-  const [current] = await Promise.all([api(`/chats/${state.chat}/settings`), loadPresets(), loadFormats()]);
+  const [current] = await Promise.all([api(`/chats/${state.chat}/settings`), loadPresets(), loadFormats(),
+                                       loadModels()]);
   fillSettings(current);
   $("settings-form").elements.max_context.placeholder = current.model_context;
   $("settings-dialog").returnValue = "";
