@@ -157,6 +157,19 @@ def test_bench_suite_reports_every_scenario(capsys):
         assert llama.startswith("not measured: ") and "--llama-cpp-python" in llama, llama
 
 
+@pytest.mark.slow
+def test_bench_concurrent_reports_plain_and_speculative_decoding(capsys):
+    """Speculation inflates the one-stream figure on repetitive text: both are reported, plain
+    first, each naming the file's weight types."""
+    assert main(["bench", "concurrent", "--gen-tokens", "8"]) == 0
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert result["plain"]["speculative"] is False and result["speculative"]["speculative"] is True
+    for run in result.values():
+        assert run["streams_8_tok_s"] > 0 and run["weight_types"].get("Q4_1", 0) > 0, run
+    assert main(["bench", "concurrent", "--gen-tokens", "8", "--no-speculative"]) == 0
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["speculative"] is False
+
+
 @pytest.mark.parametrize("spelling", [["bench", "xor"], ["bench", "--xor"]], ids=["word", "flag"])
 def test_bench_xor(capsys, spelling):
     """A scenario as a word (`galatea bench xor`) or as the older flag: the same measurement."""

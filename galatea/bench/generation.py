@@ -180,7 +180,7 @@ def bench_concurrent(lm: LoadedModel, streams: tuple[int, ...] = (1, 4, 8), gen_
 
     params = SamplingParams(max_new_tokens=gen_tokens, temperature=0, repetition_penalty=1.0, ban_eos=True)
     out: dict[str, Any] = {"bench": "concurrent streams", "model": str(lm.path), "quant": lm.quant,
-                           "gen_tokens": gen_tokens, "speculative": speculative}
+                           "weight_types": lm.tensor_types, "gen_tokens": gen_tokens, "speculative": speculative}
 
     def run(n: int) -> float:
         engine = Scheduler(lm, max_context=512, max_batch=max(n, 1), cache_slots=max(n, 1), start=False,

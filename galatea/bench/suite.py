@@ -48,7 +48,7 @@ def run_suite(lm: LoadedModel, load_s: float, context: int = 2048, prompt_tokens
                                          "prefill_only_new_s", "new_tokens", "shifted_tokens",
                                          "top1_agreement_vs_fresh")})
     say("1, 4 and 8 streams at once")
-    galatea.update({k: v for k, v in bench_concurrent(lm).items() if k.startswith("streams_")})
+    galatea.update({k: v for k, v in bench_concurrent(lm, speculative=False).items() if k.startswith("streams_")})
     galatea["peak_rss_mb"] = peak_rss_mb()
     out: dict[str, Any] = {"model": str(lm.path), "context": context, "prompt_tokens": prompt_tokens,
                            "gen_tokens": gen_tokens, "galatea": galatea}

@@ -36,6 +36,9 @@ Q = GGMLQuantizationType
 SUPPORTED_TYPES = frozenset({
     Q.F32, Q.F16, Q.BF16, Q.Q8_0, Q.Q4_0, Q.Q4_1, Q.Q5_0, Q.Q5_1,
     Q.Q2_K, Q.Q3_K, Q.Q4_K, Q.Q5_K, Q.Q6_K,
+    # i-quants: IQ4_NL and IQ4_XS stay in their blocks on the native kernels; the others are
+    # read through gguf-py's dequantization and re-quantized to the 4-bit layout the path uses
+    Q.IQ4_NL, Q.IQ4_XS, Q.IQ3_S, Q.IQ3_XXS, Q.IQ2_S, Q.IQ2_XS, Q.IQ2_XXS, Q.IQ1_S, Q.IQ1_M,
 })
 
 # GGUF name -> HF name; {n} is the layer number.
@@ -259,7 +262,7 @@ class GGUFFile:
         if t.type_id not in SUPPORTED_TYPES:
             raise GalateaError(
                 f"{self.path}: tensor {t.name} has type {t.type_name}, which Galatea cannot load; "
-                "use a Q4_0/Q4_K/Q5_K/Q6_K/Q8_0/F16 file"
+                "use a Q4_K_M, IQ4_XS, Q5_K_M, Q6_K, Q8_0 or F16 file"
             )
         qtype = Q(t.type_id)
         block, size = GGML_QUANT_SIZES[qtype]

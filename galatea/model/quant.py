@@ -249,7 +249,8 @@ def _row_blocks(weight: Tensor, elements: int = 1 << 22) -> list[slice]:
     """Row ranges of about `elements` values each (16 MB in float32)."""
     step = max(1, elements // max(1, weight.shape[1]))
     return [slice(i, min(i + step, weight.shape[0])) for i in range(0, weight.shape[0], step)]
-FOUR_BIT_GGUF = {"Q4_0", "Q4_1", "Q4_K", "Q3_K", "Q2_K"}
+FOUR_BIT_GGUF = {"Q4_0", "Q4_1", "Q4_K", "Q3_K", "Q2_K", "IQ4_NL", "IQ4_XS", "IQ3_S", "IQ3_XXS", "IQ2_S", "IQ2_XS",
+                 "IQ2_XXS", "IQ1_S", "IQ1_M"}
 
 
 def quantize_linear(layer: nn.Module, mode: str, output: bool = False, kernels: Kernels | None = None) -> nn.Module:

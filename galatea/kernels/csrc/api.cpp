@@ -24,6 +24,8 @@ TypeInfo type_info(int type) {
     case Q4_K: return {256, 144};
     case Q5_K: return {256, 176};
     case Q6_K: return {256, 210};
+    case IQ4_NL: return {32, 18};
+    case IQ4_XS: return {256, 136};
     default: return {0, 0};
   }
 }
@@ -157,7 +159,13 @@ __attribute__((always_inline)) inline void put_k_nibbles(uint8_t* chunks, int r,
 __attribute__((always_inline)) inline void put_block(int type, const uint8_t* blk, int r, uint8_t* t) {
   uint8_t high[32];  // bits 4-5 of 32 codes, for put_bit4 / put_hi2
   switch (type) {
-    case Q4_0: std::memcpy(t + 2 * r, blk, 2); put_q4_nibbles(t + 32, r, blk + 2); break;
+    case Q4_0: case IQ4_NL: std::memcpy(t + 2 * r, blk, 2); put_q4_nibbles(t + 32, r, blk + 2); break;
+    case IQ4_XS:  // d, scales_h (2 bytes), scales_l (4 bytes), then 16 nibble bytes per sub-block
+      std::memcpy(t + 2 * r, blk, 2);
+      std::memcpy(t + 32 + 2 * r, blk + 2, 2);
+      for (int p = 0; p < 4; ++p) t[64 + 16 * p + r] = blk[4 + p];
+      for (int j = 0; j < 8; ++j) put_q4_nibbles(t + 128 + 256 * j, r, blk + 8 + 16 * j);
+      break;
     case Q4_1: std::memcpy(t + 2 * r, blk, 2); std::memcpy(t + 32 + 2 * r, blk + 2, 2); put_q4_nibbles(t + 64, r, blk + 4); break;
     case Q5_0: case Q5_1: {
       const int at = type == Q5_0 ? 2 : 4;  // Q5_1 has m after d
@@ -223,6 +231,25 @@ void get_block(int type, const uint8_t* t, int r, float* out) {
       get_nibbles(t + (five ? 128 : 64), r, lo);
       const float d = fp16(t + 2 * r), m = fp16(t + 32 + 2 * r);
       for (int i = 0; i < 32; ++i) out[i] = d * static_cast<float>(lo[i] | codes[i]) + m;
+      break;
+    }
+    case IQ4_NL: {
+      uint8_t q[32];
+      get_nibbles(t + 32, r, q);
+      const float d = fp16(t + 2 * r);
+      for (int i = 0; i < 32; ++i) out[i] = d * static_cast<float>(kIq4Values[q[i]]);
+      break;
+    }
+    case IQ4_XS: {
+      const float d = fp16(t + 2 * r);
+      const int high = load16(t + 32 + 2 * r);
+      for (int j = 0; j < 8; ++j) {
+        const int ls = ((t[64 + 16 * (j / 2) + r] >> (4 * (j % 2))) & 15) | ((high >> (2 * j)) & 3) << 4;
+        const float dl = d * static_cast<float>(ls - 32);
+        uint8_t q[32];
+        get_nibbles(t + 128 + 256 * j, r, q);
+        for (int i = 0; i < 32; ++i) out[32 * j + i] = dl * static_cast<float>(kIq4Values[q[i]]);
+      }
       break;
     }
     case Q8_0: {
@@ -445,6 +472,8 @@ TileFn repack_fn(int type) {
     case Q4_K: return repack_tile<Q4_K>;
     case Q5_K: return repack_tile<Q5_K>;
     case Q6_K: return repack_tile<Q6_K>;
+    case IQ4_NL: return repack_tile<IQ4_NL>;
+    case IQ4_XS: return repack_tile<IQ4_XS>;
     default: return nullptr;
   }
 }

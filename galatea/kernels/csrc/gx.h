@@ -22,7 +22,14 @@ namespace gx {
 constexpr int kTileRows = 16;
 
 // GGML type ids (ggml.h): the kernels' type ids are the file's own.
-enum Type : int { Q4_0 = 2, Q4_1 = 3, Q5_0 = 6, Q5_1 = 7, Q8_0 = 8, Q4_K = 12, Q5_K = 13, Q6_K = 14 };
+enum Type : int {
+  Q4_0 = 2, Q4_1 = 3, Q5_0 = 6, Q5_1 = 7, Q8_0 = 8, Q4_K = 12, Q5_K = 13, Q6_K = 14, IQ4_NL = 20, IQ4_XS = 23
+};
+
+// IQ4_NL's and IQ4_XS's non-linear code book: a 4-bit code q stands for kIq4Values[q] (ggml's
+// kvalues_iq4nl).
+alignas(16) constexpr int8_t kIq4Values[16] = {-127, -104, -83, -65, -49, -35, -22, -10,
+                                               1,    13,   25,  38,  53,  69,  89,  113};
 
 struct TypeInfo {
   int block;       // inputs per GGUF block (32, or 256 for K-quants)

@@ -28,7 +28,8 @@ struct Simple {
   static constexpr bool nibbles = T != Q8_0;
   static constexpr bool has_min = T == Q4_1 || T == Q5_1;
   static constexpr bool bit4 = T == Q5_0 || T == Q5_1;
-  static constexpr int offset = T == Q4_0 ? 8 : T == Q5_0 ? 16 : T == Q8_0 ? V::kQ8Offset : 0;
+  static constexpr bool book = T == IQ4_NL;  // codes index kIq4Values: signed bytes, as Q8_0's
+  static constexpr int offset = T == Q4_0 ? 8 : T == Q5_0 ? 16 : T == Q8_0 || book ? V::kQ8Offset : 0;
   static constexpr int masks = 32 + (has_min ? 32 : 0);    // where the bit-4 masks start
   static constexpr int codes = masks + (bit4 ? 64 : 0);    // where the code chunks start
   static constexpr int bytes = codes + (nibbles ? 256 : 512);
@@ -51,6 +52,15 @@ static void simple_tile(const uint8_t* w, int64_t nb, const Acts& a, int64_t m, 
         if constexpr (S::bit4) {
           lo = V::bit4(lo, w + S::masks + 16 * c, h);
           hi = V::bit4(hi, w + S::masks + 16 * c + 8, h);
+        }
+        if constexpr (S::book) {
+          lo = V::iq4(lo);
+          hi = V::iq4(hi);
+          for (int i = 0; i < MR; ++i) {
+            const int8_t* x = a.q + (m + i) * a.k + 32 * b + 8 * c;
+            acc[i] = V::dot_q8(V::dot_q8(acc[i], lo, x), hi, x + 4);
+          }
+          continue;
         }
         for (int i = 0; i < MR; ++i) {
           const int8_t* x = a.q + (m + i) * a.k + 32 * b + 8 * c;
@@ -159,6 +169,38 @@ static void q6k_tile(const uint8_t* w, int64_t nsb, const Acts& a, int64_t m, in
   }
 }
 
+// ---- IQ4_XS: super-blocks of 256, a 6-bit scale (offset 32) per 32, IQ4_NL's code book -----
+
+template <int MR>
+static void iq4xs_tile(const uint8_t* w, int64_t nsb, const Acts& a, int64_t m, int h, F* out, bool pf) {
+  constexpr int highs = 32, planes = 64, codes = 128, bytes = codes + 2048;
+  const int64_t kb = a.k / 32;
+  const int lanes = h * V::kLanes;
+  for (int i = 0; i < MR; ++i) out[i] = V::zerof();
+  for (int64_t sb = 0; sb < nsb; ++sb, w += bytes) {
+    const F d = V::f16(w + lanes * 2);
+    const I high = V::u16(w + highs + lanes * 2);  // bits 2j..2j+1: the top of sub-block j's scale
+    for (int j = 0; j < 8; ++j) {
+      if (pf) prefetch(w + j * (bytes / 8), bytes / 8);  // spread, as in k45_tile
+      const int64_t b = sb * 8 + j;
+      const I low = V::u8(w + planes + 16 * (j / 2) + lanes);
+      const I ls = V::ori(V::andi(V::srl(low, 4 * (j % 2)), 15), V::slli<4>(V::andi(V::srl(high, 2 * j), 3)));
+      const F s = V::mul(d, V::sub(V::cvt(ls), V::set1(32.f)));
+      I acc[MR];
+      for (int i = 0; i < MR; ++i) acc[i] = V::seti(-V::kQ8Offset * a.s32[(m + i) * kb + b]);
+      for (int c = 0; c < 4; ++c) {
+        const I v = V::codes(w + codes + 256 * j + 64 * c + lanes * 4);
+        const I lo = V::iq4(V::lo4(v)), hi = V::iq4(V::hi4(v));
+        for (int i = 0; i < MR; ++i) {
+          const int8_t* x = a.q + (m + i) * a.k + 32 * b + 8 * c;
+          acc[i] = V::dot_q8(V::dot_q8(acc[i], lo, x), hi, x + 4);
+        }
+      }
+      for (int i = 0; i < MR; ++i) out[i] = V::fma(V::cvt(acc[i]), V::mul(s, V::set1(a.d[(m + i) * kb + b])), out[i]);
+    }
+  }
+}
+
 // ---- the driver: one work item = a run of tiles for a range of activation rows ---------------
 
 template <int MR>
@@ -173,6 +215,8 @@ static void tile_rows(int type, const uint8_t* w, int64_t k, const Acts& a, int6
     case Q4_K: k45_tile<Q4_K, MR>(w, nsb, a, m, h, out, pf); break;
     case Q5_K: k45_tile<Q5_K, MR>(w, nsb, a, m, h, out, pf); break;
     case Q6_K: q6k_tile<MR>(w, nsb, a, m, h, out, pf); break;
+    case IQ4_NL: simple_tile<IQ4_NL, MR>(w, nb, a, m, h, out, pf); break;
+    case IQ4_XS: iq4xs_tile<MR>(w, nsb, a, m, h, out, pf); break;
     default: break;
   }
 }

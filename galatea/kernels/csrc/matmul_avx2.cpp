@@ -55,6 +55,11 @@ struct V {
     return _mm256_or_si256(v, _mm256_and_si256(t, _mm256_set1_epi8(0x30)));
   }
   static I q8(I v) { return v; }
+  // 4-bit codes -> IQ4 book values (signed, as Q8_0's codes: dot_q8's sign trick takes them)
+  static I iq4(I v) {
+    const __m128i book = _mm_load_si128(reinterpret_cast<const __m128i*>(gx::kIq4Values));
+    return _mm256_shuffle_epi8(_mm256_broadcastsi128_si256(book), v);
+  }
   static I dot(I acc, I w, const int8_t* x) {
     int32_t x4;
     std::memcpy(&x4, x, 4);
@@ -75,6 +80,8 @@ struct V {
   template <int n> static I slli(I a) { return _mm256_slli_epi32(a, n); }
   static I u8(const uint8_t* p) { return _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p))); }
   static I s8(const uint8_t* p) { return _mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p))); }
+  static I u16(const uint8_t* p) { return _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))); }
+  static I srl(I a, int n) { return _mm256_srl_epi32(a, _mm_cvtsi32_si128(n)); }
 
   static F cvt(I v) { return _mm256_cvtepi32_ps(v); }
   static F f16(const uint8_t* p) { return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))); }

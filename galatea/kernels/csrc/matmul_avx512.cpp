@@ -33,6 +33,12 @@ struct V {
     return _mm512_or_si512(v, _mm512_and_si512(_mm512_rolv_epi32(b, rot), _mm512_set1_epi8(0x30)));
   }
   static I q8(I v) { return _mm512_xor_si512(v, _mm512_set1_epi8(static_cast<char>(0x80))); }
+  // 4-bit codes -> IQ4 book values + 128 (unsigned, as q8 makes Q8_0's codes), one lookup per lane
+  static I iq4(I v) {
+    const __m128i book = _mm_add_epi8(_mm_load_si128(reinterpret_cast<const __m128i*>(gx::kIq4Values)),
+                                      _mm_set1_epi8(static_cast<char>(0x80)));
+    return _mm512_shuffle_epi8(_mm512_broadcast_i32x4(book), v);
+  }
   static I dot(I acc, I w, const int8_t* x) {
     int32_t x4;
     std::memcpy(&x4, x, 4);
@@ -47,6 +53,8 @@ struct V {
   template <int n> static I slli(I a) { return _mm512_slli_epi32(a, n); }
   static I u8(const uint8_t* p) { return _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))); }
   static I s8(const uint8_t* p) { return _mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))); }
+  static I u16(const uint8_t* p) { return _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))); }
+  static I srl(I a, int n) { return _mm512_srl_epi32(a, _mm_cvtsi32_si128(n)); }
 
   static F cvt(I v) { return _mm512_cvtepi32_ps(v); }
   static F f16(const uint8_t* p) { return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))); }
