@@ -7,8 +7,9 @@ from tests/data, padded with filler pieces). Shapes: Pygmalion 7B's (`llama-7b`,
 128 experts, 8 per token, q/k norms) and `gemma-3-12b` (sandwich norms, window layers, tied
 262k vocabulary). Types as llama.cpp's quantizer chooses them: Q4_K_M is Q4_K with Q6_K for the
 output and for attn_v and ffn_down in the layers its `use_more_bits` picks; Q4_0 and Q8_0 all
-one type; IQ4_XS with a Q6_K output. `--layers N` cuts a model to its first N layers (the per-token work of the rest is the
-same). Tensors are made and written one at a time, so a file larger than memory can be made.
+one type; IQ4_XS with a Q6_K output. `--layers N` cuts a model to its first N layers (the
+per-token work of the rest is the same). Tensors are made and written one at a time, so a file
+larger than memory can be made.
 
     python bench/make_random_gguf.py OUT.gguf [--shape llama-7b] [--type Q4_0|Q4_K_M|Q8_0|IQ4_XS] [--layers N]
 """

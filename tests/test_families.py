@@ -238,7 +238,8 @@ def test_every_quant_type_users_download_loads_and_agrees(llama31, kind):
         for out, logits in ((theirs, llama_cpp_logits(path, ids)), (mine, ours(path, ids, 64))):
             out.append((top1(logits, ref), (logits - ref).pow(2).mean().sqrt().item()))
     (their_top1, their_rms), (my_top1, my_rms) = (np.mean(theirs, axis=0), np.mean(mine, axis=0))
-    print(f"{kind}: top-1 / RMS error Galatea {my_top1:.4f} / {my_rms:.4f}, llama.cpp {their_top1:.4f} / {their_rms:.4f}")
+    print(f"{kind}: top-1 / RMS error Galatea {my_top1:.4f} / {my_rms:.4f}, "
+          f"llama.cpp {their_top1:.4f} / {their_rms:.4f}")
     assert my_rms <= LOW_BIT[kind] * their_rms and my_top1 >= their_top1 - 0.015, (kind, mine, theirs)
 
 
