@@ -33,8 +33,9 @@ def model_args(p: argparse.ArgumentParser, several: bool = False) -> None:
     p.add_argument("--kernels", choices=("auto", "avx512", "avx2", "torch"),
                    help="what multiplies quantized weights: the native library's AVX-512 VNNI or AVX2 path, or "
                         "PyTorch's kernels (default: $GALATEA_KERNELS, else auto = the best this CPU has)")
-    p.add_argument("--kv-cache", choices=("auto", "float16", "bfloat16", "float32"), default="auto",
-                   help="KV cache entries (auto: float16 with the native kernels, else float32 on CPU)")
+    p.add_argument("--kv-cache", choices=("auto", "float16", "bfloat16", "float32", "q8_0"), default="auto",
+                   help="KV cache entries (auto: float16 with the native kernels, else float32 on CPU; q8_0: "
+                        "llama.cpp's 8-bit blocks, about half of float16's memory, KoboldCpp's --quantkv 1)")
 
 
 def models_args(p: argparse.ArgumentParser) -> None:

@@ -75,8 +75,9 @@ class Scheduler:
         # Every client re-sending a growing prompt reuses its slot; slots are allocated on first
         # use, each a full-context KV cache, as many as `cache_memory` bytes allow.
         cfg = lm.config
-        entry = (lm.model.cache_dtype or lm.model.default_cache_dtype()).itemsize
-        self.slot_bytes = 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * self.context * cfg.head_dim * entry
+        dtype = lm.model.cache_dtype or lm.model.default_cache_dtype()
+        entry = dtype.itemsize if dtype.is_floating_point else 34 / 32  # q8_0 blocks: 34 bytes per 32 values
+        self.slot_bytes = int(2 * cfg.num_hidden_layers * cfg.num_key_value_heads * self.context * cfg.head_dim * entry)
         budget = cache_memory if cache_memory is not None else default_cache_memory()
         self.cache_slots = max(1, min(cache_slots, budget // self.slot_bytes))
         self.prompt_cache = PromptCachePool(self.cache_slots, context_shift)

@@ -33,7 +33,16 @@ CHOICES = ("auto", "avx512", "avx2", "torch")
 ISA_IDS = {"avx2": 1, "avx512": 2}
 ISA_NAMES = {"avx512": "AVX-512 VNNI", "avx2": "AVX2"}
 DTYPE_IDS = {torch.float32: 0, torch.bfloat16: 1}
-KV_DTYPE_IDS = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
+# A q8_0 cache is held as bytes (uint8 storage): blocks of 32 values, an fp16 scale and 32 int8.
+KV_DTYPE_IDS = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2, torch.uint8: 3}
+Q8_BLOCK_BYTES = 34
+
+
+def kv_stride(cache: Tensor, dim: int) -> int:
+    """A cache tensor's stride along `dim` in cache elements (the kernels' unit): a q8_0 cache's
+    34 bytes hold 32 elements."""
+    stride = cache.stride(dim)
+    return stride // Q8_BLOCK_BYTES * 32 if cache.dtype == torch.uint8 else stride
 
 
 class Segment(ctypes.Structure):
@@ -171,7 +180,7 @@ class Kernels:
         heads, d = q.shape
         out = torch.empty(heads, d)
         rc = self.lib.gx_attention(ISA_IDS[self.isa], q.data_ptr(), heads, keys.shape[0], d, keys.data_ptr(),
-                                   values.data_ptr(), KV_DTYPE_IDS[keys.dtype], keys.stride(0), keys.stride(1),
+                                   values.data_ptr(), KV_DTYPE_IDS[keys.dtype], kv_stride(keys, 0), kv_stride(keys, 1),
                                    keys.shape[1], scale, out.data_ptr())
         if rc != 0:
             raise RuntimeError(f"native attention refused its arguments (code {rc})")
@@ -182,17 +191,17 @@ class Kernels:
         """Positions [src, src+length) moved to [dst, dst+length) in place in every head row of
         keys/values ([..., S, D], contiguous, one dtype), keys re-rotated by RoPE for the distance
         moved: cos/sin float32 [D], the table row of |dst - src| (sin negated when moving down)."""
-        d = keys.shape[-1]
+        d = cos.numel()  # the head size (a q8_0 cache's last dimension counts bytes)
+        rows = keys.numel() // (keys.shape[-2] * keys.shape[-1])
         rc = self.lib.gx_kv_move(ISA_IDS[self.isa], keys.data_ptr(), values.data_ptr(), KV_DTYPE_IDS[keys.dtype],
-                                 keys.numel() // (keys.shape[-2] * d), keys.shape[-2] * d, d, src, dst, length,
-                                 cos.data_ptr(), sin.data_ptr())
+                                 rows, keys.shape[-2] * d, d, src, dst, length, cos.data_ptr(), sin.data_ptr())
         if rc != 0:
             raise RuntimeError(f"native KV move refused its arguments (code {rc})")
 
     @staticmethod
     def attends(head_dim: int, dtype: torch.dtype) -> bool:
-        """Whether attend_one takes this head size and cache dtype."""
-        return head_dim % 16 == 0 and head_dim <= 256 and dtype in KV_DTYPE_IDS
+        """Whether attend_one takes this head size and cache dtype (q8_0: whole blocks of 32)."""
+        return head_dim % (32 if dtype == torch.uint8 else 16) == 0 and head_dim <= 256 and dtype in KV_DTYPE_IDS
 
 
 def aligned_empty(nbytes: int, align: int = 64) -> Tensor:

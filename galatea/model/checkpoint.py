@@ -21,6 +21,7 @@ from galatea.kernels.native import Kernels
 from galatea.kernels.qtypes import FOUR_BIT, NAMES, Q8_0
 from galatea.model import hf_folder, prequantized, tokenizer
 from galatea.model.adapter import Adapter
+from galatea.model.cache import Q8_CACHE
 from galatea.model.config import ModelConfig
 from galatea.model.gguf_file import GGUFFile
 from galatea.model.llama import Llama, kept_float32
@@ -108,7 +109,19 @@ def load_tokenizer(path: Path) -> Tokenizer:
 
 
 QUANT_CHOICES = ("auto", "none", "int8", "int4")
-KV_CACHE_CHOICES = ("auto", "float16", "bfloat16", "float32")
+KV_CACHE_CHOICES = ("auto", "float16", "bfloat16", "float32", "q8_0")
+
+
+def cache_dtype(kv_cache: str, head_dim: int) -> torch.dtype | None:
+    """--kv-cache as the model's cache dtype (None: its default; Q8_CACHE: q8_0 blocks)."""
+    if kv_cache == "auto":
+        return None
+    if kv_cache == "q8_0":
+        if head_dim % 32:
+            raise GalateaError(f"--kv-cache q8_0 stores blocks of 32 and this model's heads have {head_dim} values; "
+                               "use --kv-cache float16")
+        return Q8_CACHE
+    return getattr(torch, kv_cache)
 
 
 def load(path: str | Path | None, dtype: torch.dtype | None = None, device: torch.device | str | None = None,
@@ -162,7 +175,7 @@ def load(path: str | Path | None, dtype: torch.dtype | None = None, device: torc
     model = assemble(cfg, tensors, dt, dev, where=str(p), finish_layer=finish_layer, kernels=kern)
     model.lm_head = quantize_linear(model.lm_head, mode, output=True, kernels=kern)
     model.use_kernels(kern)
-    model.cache_dtype = None if kv_cache == "auto" else getattr(torch, kv_cache)
+    model.cache_dtype = cache_dtype(kv_cache, model.config.head_dim)
     return LoadedModel(model, tok, cfg, p, "hf" if p.is_dir() else "gguf", types, quant=mode,
                        lora=adapter.folder if adapter is not None else None,
                        kernels=kern.isa if kern is not None else "torch", kernels_note=note)
@@ -230,7 +243,7 @@ def _load_quantized_folder(p: Path, raw: dict, quant: str, kv_cache: str, dt: to
     tiled = qc.get("format") == 2
     cfg = ModelConfig.from_hf(raw)
     model = prequantized.load(p, raw, cfg, dt, dev, kern if tiled else None, why)
-    model.cache_dtype = None if kv_cache == "auto" else getattr(torch, kv_cache)
+    model.cache_dtype = cache_dtype(kv_cache, model.config.head_dim)
     if not tiled:
         kern, note = None, native.describe(None, "a format-1 quantized folder holds torch's int4 layout")
     return LoadedModel(model, tokenizer.from_hf_folder(p, raw), cfg, p, "hf", {f"galatea-{stored}": 1}, quant=stored,

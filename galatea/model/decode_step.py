@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from galatea.kernels.native import ISA_IDS, KV_DTYPE_IDS, Kernels, Segment
+from galatea.kernels.native import ISA_IDS, KV_DTYPE_IDS, Kernels, Segment, kv_stride
 from galatea.model.cache import KVCache
 from galatea.model.tiled import TiledEmbedding, TiledLinear
 
@@ -185,11 +185,11 @@ class FusedDecoder:
         # per-row cache geometry, once per step: [layers, 1, K, S, D] tensors
         i64, ptr = ctypes.c_int64 * rows, ctypes.c_void_p * rows
         pos = i64(*positions)
-        head_stride = i64(*(c.keys.stride(2) for c in caches))
+        head_stride = i64(*(kv_stride(c.keys, 2) for c in caches))
         layer_bytes = [c.keys.stride(0) * c.keys.element_size() for c in caches]
         kbase, vbase = [c.keys.data_ptr() for c in caches], [c.values.data_ptr() for c in caches]
         kv_dtype = KV_DTYPE_IDS[caches[0].keys.dtype]
-        pos_stride = caches[0].keys.stride(3)
+        pos_stride = kv_stride(caches[0].keys, 3)
         matmul, attend = self.lib.gx_matmul, self.lib.gx_step_attention
         qkv, attn, x, out = buf["qkv"], buf["attn"], buf["x"], buf["out"]
         for i, (qkv_call, o_call, gu_call, down_call) in enumerate(plan):

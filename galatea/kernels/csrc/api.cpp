@@ -705,6 +705,11 @@ GX_EXPORT int gx_moe(int isa, float* x, int64_t ldx, int64_t m, int64_t k, const
 }
 
 
+// A cache dtype the attention kernels read, for head size d (Q8_0's blocks of 32 need d % 32 == 0).
+static bool valid_kv(int kv_dtype, int d) {
+  return kv_dtype == KV_F32 || kv_dtype == KV_BF16 || kv_dtype == KV_F16 || (kv_dtype == KV_Q8 && d % 32 == 0);
+}
+
 // Attention of one query per head: out[h] = softmax(q[h] . K_g^T * scale) V_g (g: h's key/value
 // head) over cache positions [0, length). q, out: float32 [heads][d].
 GX_EXPORT int gx_attention(int isa, const float* q, int heads, int kv_heads, int d, const void* k, const void* v,
@@ -712,7 +717,7 @@ GX_EXPORT int gx_attention(int isa, const float* q, int heads, int kv_heads, int
                            float* out) {
   if ((isa != kAvx512 && isa != kAvx2) || isa > cpu_isa()) return -3;
   if (d % 16 || d > kMaxHeadDim || kv_heads <= 0 || heads % kv_heads || length <= 0) return -1;
-  if (kv_dtype != KV_F32 && kv_dtype != KV_BF16 && kv_dtype != KV_F16) return -1;
+  if (!valid_kv(kv_dtype, d)) return -1;
   std::lock_guard<std::mutex> lock(state().mu);
   std::vector<AttnJob> jobs{AttnJob{q, k, v, kv_dtype, heads, kv_heads, d, 1, 0, head_stride, pos_stride, length, 0,
                                     0, scale, nullptr}};
@@ -735,7 +740,7 @@ GX_EXPORT int gx_step_attention(int isa, float* qkv, int64_t ldqkv, int rows, co
                                 const float* k_norm, float norm_eps, float* out, int64_t ldo) {
   if ((isa != kAvx512 && isa != kAvx2) || isa > cpu_isa()) return -3;
   if (d % 16 || d > kMaxHeadDim || kv_heads <= 0 || heads % kv_heads || rows <= 0) return -1;
-  if (kv_dtype != KV_F32 && kv_dtype != KV_BF16 && kv_dtype != KV_F16) return -1;
+  if (!valid_kv(kv_dtype, d)) return -1;
   std::lock_guard<std::mutex> lock(state().mu);
   std::vector<AttnJob> jobs;
   std::vector<float*> outs;
@@ -805,9 +810,9 @@ void run_move(void* ctx, int64_t h) {
   const MoveCall& c = *static_cast<const MoveCall*>(ctx);
   auto move = c.isa == kAvx512 ? gx_avx512::move_keys : gx_avx2::move_keys;
   move(c.k, c.kv_dtype, h * c.head_stride + c.src * c.d, h * c.head_stride + c.dst * c.d, c.n, c.d, c.cos, c.sin);
-  const int64_t es = c.kv_dtype == KV_F32 ? 4 : 2;
-  char* v = static_cast<char*>(c.v) + h * c.head_stride * es;
-  std::memmove(v + c.dst * c.d * es, v + c.src * c.d * es, static_cast<size_t>(c.n * c.d * es));
+  char* v = static_cast<char*>(c.v) + kv_bytes(c.kv_dtype, h * c.head_stride);
+  std::memmove(v + kv_bytes(c.kv_dtype, c.dst * c.d), v + kv_bytes(c.kv_dtype, c.src * c.d),
+               static_cast<size_t>(kv_bytes(c.kv_dtype, c.n * c.d)));
 }
 
 }  // namespace
@@ -821,7 +826,7 @@ GX_EXPORT int gx_kv_move(int isa, void* k, void* v, int kv_dtype, int64_t heads,
   if ((isa != kAvx512 && isa != kAvx2) || isa > cpu_isa()) return -3;
   if (d % 16 || d > kMaxHeadDim || heads <= 0 || n < 0 || src < 0 || dst < 0) return -1;
   if ((src > dst ? src : dst) + n > head_stride / d) return -1;
-  if (kv_dtype != KV_F32 && kv_dtype != KV_BF16 && kv_dtype != KV_F16) return -1;
+  if (!valid_kv(kv_dtype, d)) return -1;
   if (n == 0 || src == dst) return 0;
   State& st = state();
   std::lock_guard<std::mutex> lock(st.mu);

@@ -83,8 +83,21 @@ void rope(float* x, int heads, int d, const float* cos, const float* sin) {
   }
 }
 
-// n float32 values into a cache at element `at`, converted to its dtype (round to nearest even).
+// n float32 values into a cache at element `at`, converted to its dtype (round to nearest even;
+// Q8_0 as llama.cpp's reference quantizer: d = amax / 127, q = round(x / d), per block of 32).
 void store_kv(void* cache, int kv_dtype, int64_t at, const float* src, int n) {
+  if (kv_dtype == KV_Q8) {
+    for (int b = 0; b < n; b += 32) {
+      uint8_t* blk = static_cast<uint8_t*>(cache) + (at + b) / 32 * kQ8Bytes;
+      float amax = 0.f;
+      for (int i = 0; i < 32; ++i) amax = std::fabs(src[b + i]) > amax ? std::fabs(src[b + i]) : amax;
+      const float d = amax / 127.f, id = d != 0.f ? 1.f / d : 0.f;
+      const uint16_t dh = static_cast<uint16_t>(_cvtss_sh(d, _MM_FROUND_TO_NEAREST_INT));
+      std::memcpy(blk, &dh, 2);
+      for (int i = 0; i < 32; ++i) blk[2 + i] = static_cast<uint8_t>(static_cast<int8_t>(std::round(src[b + i] * id)));
+    }
+    return;
+  }
   int i = 0;
   for (; i + V::kLanes <= n; i += V::kLanes) V::store_kv(cache, kv_dtype, at + i, V::loadu(src + i));
   for (; i < n; ++i) V::store_kv1(cache, kv_dtype, at + i, src[i]);

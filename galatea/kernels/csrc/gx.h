@@ -95,8 +95,14 @@ struct MatmulJob {
 // nq queries per head against one cache: query r (at position length - nq + r) sees positions
 // [0, length - nq + r], so the rows of one sequence verifying drafts read the cache once. Keys/
 // values element (head g, position p, dim i) at g * head_stride + p * pos_stride + i, in kv_dtype
-// (F32, BF16 or F16).
-enum KvType : int { KV_F32 = 0, KV_BF16 = 1, KV_F16 = 2 };
+// (F32, BF16, F16, or Q8_0: blocks of 32 elements, an fp16 scale then 32 int8, 34 bytes, so
+// element i is byte 34 (i / 32) + 2 + i % 32; head sizes and strides are multiples of 32).
+enum KvType : int { KV_F32 = 0, KV_BF16 = 1, KV_F16 = 2, KV_Q8 = 3 };
+constexpr int kQ8Bytes = 34;
+// Bytes that `elements` cache elements take (a multiple of 32 for KV_Q8).
+constexpr int64_t kv_bytes(int kv_dtype, int64_t elements) {
+  return kv_dtype == KV_Q8 ? elements / 32 * kQ8Bytes : elements * (kv_dtype == KV_F32 ? 4 : 2);
+}
 constexpr int kMaxHeadDim = 256;
 struct AttnJob {
   const float* q;  // query r's heads at q + r * q_stride: [heads][d]

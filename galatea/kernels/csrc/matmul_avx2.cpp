@@ -102,6 +102,13 @@ struct V {
     return _mm_cvtss_f32(_mm_add_ss(s, _mm_shuffle_ps(s, s, 1)));
   }
   static F load_kv(const void* base, int dtype, int64_t i) {
+    if (dtype == KV_Q8) {  // i: a multiple of 8, so the lanes lie in one block
+      const uint8_t* blk = static_cast<const uint8_t*>(base) + (i >> 5) * kQ8Bytes;
+      uint16_t dh;
+      std::memcpy(&dh, blk, 2);
+      const __m128i q = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(blk + 2 + (i & 31)));
+      return _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(q)), _mm256_set1_ps(_cvtsh_ss(dh)));
+    }
     if (dtype == KV_F32) return _mm256_loadu_ps(static_cast<const float*>(base) + i);
     const __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(static_cast<const uint16_t*>(base) + i));
     if (dtype == KV_F16) return _mm256_cvtph_ps(h);

@@ -71,6 +71,13 @@ struct V {
   static F add(F a, F b) { return _mm512_add_ps(a, b); }
   static float reduce(F v) { return _mm512_reduce_add_ps(v); }
   static F load_kv(const void* base, int dtype, int64_t i) {
+    if (dtype == KV_Q8) {  // i: a multiple of 16, so the lanes lie in one block
+      const uint8_t* blk = static_cast<const uint8_t*>(base) + (i >> 5) * kQ8Bytes;
+      uint16_t dh;
+      std::memcpy(&dh, blk, 2);
+      const __m128i q = _mm_loadu_si128(reinterpret_cast<const __m128i*>(blk + 2 + (i & 31)));
+      return _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(q)), _mm512_set1_ps(_cvtsh_ss(dh)));
+    }
     if (dtype == KV_F32) return _mm512_loadu_ps(static_cast<const float*>(base) + i);
     const __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(static_cast<const uint16_t*>(base) + i));
     if (dtype == KV_F16) return _mm512_cvtph_ps(h);
