@@ -69,6 +69,7 @@ class Prompt:
     lore_used: list[str] = field(default_factory=list)  # entry names (or first keys) inserted
     format: str = "pygmalion"
     stops: list[str] = field(default_factory=list)  # where the format says a reply ends
+    recalled: list[int] = field(default_factory=list)  # history indices brought back as "Past events"
 
 
 def substitute(text: str, char: str, user: str) -> str:
@@ -84,14 +85,18 @@ def example_blocks(mes_example: str) -> list[str]:
 
 def build_prompt(char: Character, history: Sequence[Turn], new_message: str | None, tokenizer: _Counter,
                  context: int, max_new_tokens: int, user: str = DEFAULT_USER, end: str = "char",
-                 system: str | None = None, persona: str = "", fmt: Format | None = None) -> Prompt:
+                 system: str | None = None, persona: str = "", fmt: Format | None = None,
+                 memories: Sequence[int] = (), memory_tokens: int = 0) -> Prompt:
     """The prompt for the character's next reply. `new_message` is the user's new line (None to
     reply to the history as it stands). `end`: "char" ends with `{char}:` (a reply), "user" with
     `{user}:` (impersonate: the model writes the user's line), "continue" with the last message
     itself, unterminated, so the model carries on writing it (other formats end with their model
     or user sequence instead of the name). `system`: a system prompt in place of the card's
     (`{{original}}` in it stands for the card's; in the card's, for the format's); `persona`: the
-    user's. `fmt`: the prompt format (default: Pygmalion's)."""
+    user's. `fmt`: the prompt format (default: Pygmalion's). `memories`: history indices, best
+    first, that recall found for the newest message; those that fell out of the window come back
+    as a "Past events:" block after the scenario, in order, within `memory_tokens` tokens (the
+    window is then fitted again with the block counted)."""
     fmt = fmt or formats.named("pygmalion")
     budget = context - max_new_tokens
     if budget <= 0:
@@ -130,12 +135,13 @@ def build_prompt(char: Character, history: Sequence[Turn], new_message: str | No
             return least
         return len(tokenizer.encode(text))
 
-    lore_text, lore_names = _fit_lore(lore, char, context, tokenizer)  # (before, after) the character
-    n_ex = len(examples)
-    while n_ex > 0 and size(render(n_ex, 0, lore_text)) > budget:
-        n_ex -= 1
-    first = 0
-    if size(render(n_ex, 0, lore_text)) > budget:
+    def window(lore_text: tuple[str, str]) -> tuple[int, int]:
+        """(example blocks kept, first turn kept): examples go first, then the oldest turns."""
+        n_ex = len(examples)
+        while n_ex > 0 and size(render(n_ex, 0, lore_text)) > budget:
+            n_ex -= 1
+        if size(render(n_ex, 0, lore_text)) <= budget:
+            return n_ex, 0
         # Oldest messages go next; keep at least the newest exchange (the last two turns).
         keep_from = max(0, len(turns) - 2)
         lo, hi = 1, keep_from  # smallest `first` that fits, by bisection (size falls as first grows)
@@ -154,10 +160,26 @@ def build_prompt(char: Character, history: Sequence[Turn], new_message: str | No
                 hi = mid
             else:
                 lo = mid + 1
-        first = lo
+        return 0, lo
+
+    lore_text, lore_names = _fit_lore(lore, char, context, tokenizer)  # (before, after) the character
+    n_ex, first = window(lore_text)
+    recalled: list[int] = []
+    if first > 0 and memory_tokens > 0:
+        for i in memories:  # best first; only what the window lost, never what it holds
+            if i < first and i not in recalled and size(_past_events(turns, sorted([*recalled, i]))) <= memory_tokens:
+                recalled = sorted([*recalled, i])
+        if recalled:
+            lore_text = (lore_text[0], lore_text[1] + _past_events(turns, recalled))
+            n_ex, first = window(lore_text)  # the block takes room: the window starts later, never earlier
     text = render(n_ex, first, lore_text)
     return Prompt(text, size(text), n_ex, len(examples) - n_ex, len(turns) - first, first, lore_names,
-                  fmt.name, list(fmt.stops))
+                  fmt.name, list(fmt.stops), recalled)
+
+
+def _past_events(turns: Sequence[tuple[str, str]], chosen: Sequence[int]) -> str:
+    """Recalled messages as one block, in the chat's order."""
+    return "Past events:\n" + "".join(f"{turns[i][0]}: {turns[i][1]}\n" for i in chosen)
 
 
 def _original(text: str, original: str) -> str:

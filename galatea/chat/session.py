@@ -21,6 +21,7 @@ from galatea.chat.formats import Format
 from galatea.chat.lorebooks import with_lorebooks
 from galatea.chat.prompt import Prompt, Turn, build_prompt, substitute
 from galatea.chat.reasoning import ThinkSplitter
+from galatea.chat.recall import matched, query_terms
 from galatea.chat.settings import SAMPLERS, resolve
 from galatea.chat.store import Message, Store
 from galatea.engine.generate import Chunk, stream_generate
@@ -124,6 +125,7 @@ class ChatSession:
         self.progress: Progress | None = None  # told how far a long prompt is read (the page's)
         self.notice: Callable[[str], None] | None = None  # told why a finished reply is not saved yet
         self.thinking: Callable[[str], None] | None = None  # told a reasoning model's thoughts as they stream
+        self.recall_terms: list[str] = []  # the words the last prompt searched the chat for
 
     @property
     def context(self) -> int:
@@ -153,10 +155,21 @@ class ChatSession:
         history = [Turn(m.is_user, m.text) for m in msgs]
         # the card's own lorebook, then the books attached to this character or chat
         char = with_lorebooks(self.char, [book for _, book in self.store.chat_lorebooks(self.chat_id)])
+        # recall: the chat's messages that match the newest user message, best first
+        asked = new_message if new_message is not None else next((m.text for m in reversed(msgs) if m.is_user), "")
+        self.recall_terms = query_terms(asked)
+        budget = int(self.settings["recall_tokens"])
+        index = {m.id: i for i, m in enumerate(msgs)}
+        found = self.store.recall(self.chat_id, self.recall_terms) if budget > 0 and self.recall_terms else []
         return build_prompt(char, history, new_message, self.lm.tokenizer, self.context,
                             int(self.settings["max_new_tokens"]), user=self.user, end=end,
                             system=self.settings["system_prompt"] or None, persona=self.settings["persona"],
-                            fmt=self.format)
+                            fmt=self.format, memories=[index[i] for i in found if i in index], memory_tokens=budget)
+
+    def recalled(self, prompt: Prompt) -> list[tuple[int, list[str]]]:
+        """(message number, the searched words it matched) of each message `prompt` recalled."""
+        msgs = self.messages()
+        return [(i + 1, matched(self.recall_terms, msgs[i].text)) for i in prompt.recalled if i < len(msgs)]
 
     def stops(self, base: list[str]) -> list[str]:
         """Where a reply ends: the format's stops and the chat's own."""

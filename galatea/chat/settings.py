@@ -31,7 +31,9 @@ SAMPLERS: dict[str, Any] = {
     "dynatemp_range": 0.0, "dynatemp_exponent": 1.0, "smoothing_factor": 0.0,
 }
 ORDER_DEFAULT: list[int] = list(DEFAULT_ORDER)  # KoboldAI's sampler ids, in the order they apply
-DEFAULT_SETTINGS: dict[str, Any] = {"max_new_tokens": PYGMALION_PRESET["max_new_tokens"], **SAMPLERS, "max_context": 0}
+# "recall_tokens": room for old messages recall brings back once they fall out of the window (0: off)
+DEFAULT_SETTINGS: dict[str, Any] = {"max_new_tokens": PYGMALION_PRESET["max_new_tokens"], **SAMPLERS, "max_context": 0,
+                                    "recall_tokens": 200}
 # "format": the prompt format's name (chat/formats.py); "auto" follows the model's metadata
 # "thinking": a reasoning model (Qwen3) thinks before replying: off, as persona chat wants replies
 TEXT_DEFAULTS: dict[str, Any] = {"stop": [], "persona": "", "system_prompt": "", "sampler_order": ORDER_DEFAULT,

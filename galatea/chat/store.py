@@ -86,8 +86,27 @@ CREATE TABLE IF NOT EXISTS lorebook_links (   -- a book used by a character's ch
     CHECK ((character_id IS NULL) != (chat_id IS NULL))
 );
 """
-# Changes to the schema after version 1, one list of statements each (run once, in order).
-MIGRATIONS: list[list[str]] = [[]]
+# Changes to the schema after version 1, one list of statements each (run once, in order), or
+# one list per database where they differ.
+MIGRATIONS: list[list[str] | dict[str, list[str]]] = [
+    [],
+    # 2: full-text search of message text (recall): SQLite's FTS5 over swipes, kept by triggers;
+    # PostgreSQL's text search on an expression index
+    {"sqlite": [
+        "CREATE VIRTUAL TABLE IF NOT EXISTS swipes_fts USING fts5(text, content='swipes', content_rowid='id', "
+        "tokenize='porter unicode61')",
+        "CREATE TRIGGER IF NOT EXISTS swipes_fts_insert AFTER INSERT ON swipes BEGIN "
+        "INSERT INTO swipes_fts (rowid, text) VALUES (new.id, new.text); END",
+        "CREATE TRIGGER IF NOT EXISTS swipes_fts_delete AFTER DELETE ON swipes BEGIN "
+        "INSERT INTO swipes_fts (swipes_fts, rowid, text) VALUES ('delete', old.id, old.text); END",
+        "CREATE TRIGGER IF NOT EXISTS swipes_fts_update AFTER UPDATE OF text ON swipes BEGIN "
+        "INSERT INTO swipes_fts (swipes_fts, rowid, text) VALUES ('delete', old.id, old.text); "
+        "INSERT INTO swipes_fts (rowid, text) VALUES (new.id, new.text); END",
+        "INSERT INTO swipes_fts (swipes_fts) VALUES ('rebuild')",
+    ], "postgres": [
+        "CREATE INDEX IF NOT EXISTS swipes_text_search ON swipes USING GIN (to_tsvector('english', text))",
+    ]},
+]
 
 
 @dataclass
@@ -195,8 +214,9 @@ class Store:
         version = self.schema_version()
         for number, step in enumerate(MIGRATIONS, 1):
             if number > version:
+                statements = step[("sqlite", "postgres")[self.database.postgres]] if isinstance(step, dict) else step
                 with self._write() as db:
-                    for statement in step:
+                    for statement in statements:
                         db.execute(statement)
         if version < max(len(MIGRATIONS), 1):
             with self._write() as db:
@@ -315,6 +335,27 @@ class Store:
             f"JOIN chats c ON c.id = m.chat_id WHERE lower(s.text) LIKE lower(?) ESCAPE '\\' {where} "
             "GROUP BY c.id, m.position, c.updated_at ORDER BY c.updated_at DESC, m.position LIMIT ?", args).fetchall()
         return [(int(r[0]), int(r[1]), r[2]) for r in rows]
+
+    def recall(self, chat_id: int, terms: list[str], limit: int = 20) -> list[int]:
+        """Ids of this chat's messages whose shown text matches any of `terms` (recall.query_terms),
+        best first: BM25 over SQLite's FTS5 index, ts_rank on PostgreSQL."""
+        if not terms:
+            return []
+        if self.database.postgres:
+            query = " | ".join(terms)
+            rows = self.db.execute(
+                "SELECT m.id FROM swipes s JOIN messages m ON m.id = s.message_id "
+                "WHERE to_tsvector('english', s.text) @@ to_tsquery('english', ?) AND m.chat_id = ? "
+                "AND s.idx = m.active_swipe "
+                "ORDER BY ts_rank(to_tsvector('english', s.text), to_tsquery('english', ?)) DESC, m.position LIMIT ?",
+                (query, chat_id, query, limit)).fetchall()
+        else:
+            query = " OR ".join(f'"{t}"' for t in terms)
+            rows = self.db.execute(
+                "SELECT m.id FROM swipes_fts f JOIN swipes s ON s.id = f.rowid JOIN messages m ON m.id = s.message_id "
+                "WHERE swipes_fts MATCH ? AND m.chat_id = ? AND s.idx = m.active_swipe "
+                "ORDER BY bm25(swipes_fts), m.position LIMIT ?", (query, chat_id, limit)).fetchall()
+        return [int(r[0]) for r in rows]
 
     def rename_user(self, chat_id: int, user_name: str) -> None:
         """The user's display name in this chat; their past messages take the new name too."""

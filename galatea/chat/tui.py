@@ -28,7 +28,8 @@ HELP = """commands:
   /undo               delete your last message and the replies after it
   /name NAME          change your name in this chat
   /set [KEY VALUE]    show or change this chat's settings (temperature, top_p, max_new_tokens, max_context,
-                      stop A|B, persona TEXT, system_prompt TEXT, thinking on|off; `-` clears a text);
+                      recall_tokens, stop A|B, persona TEXT, system_prompt TEXT, thinking on|off; `-` clears
+                      a text);
                       /set preset NAME
   /thought [N]        what a reasoning model thought before reply N (default: the last), folded away
   /branch [N]         a new chat with the messages up to N (default: all), and switch to it
@@ -217,8 +218,9 @@ class TerminalChat:
                 self.say(f"{cid:4d}  {cname}")
         elif name == "prompt":
             prompt = s.last_prompt or s.prompt()
-            self.say(f"{self.c.dim}--- prompt ({prompt.tokens} tokens) ---{self.c.reset}\n{prompt.text}\n"
-                     f"{self.c.dim}--- end ---{self.c.reset}")
+            recalled = ", ".join(f"#{n} ({', '.join(words) or 'matched'})" for n, words in s.recalled(prompt))
+            self.say(f"{self.c.dim}--- prompt ({prompt.tokens} tokens{'; recalled ' + recalled if recalled else ''}) "
+                     f"---{self.c.reset}\n{prompt.text}\n{self.c.dim}--- end ---{self.c.reset}")
         elif name in ("thought", "think"):
             number = int(rest) if rest.isdigit() else len(s.messages())
             m = self._message(number)

@@ -88,6 +88,8 @@ class Settings(Samplers):
     change them; what is left out stays as it was."""
 
     max_context: int | None = Field(default=None, ge=0, le=1 << 20, description="0: the model's")
+    recall_tokens: int | None = Field(default=None, ge=0, le=1 << 16,
+                                      description="room for old messages recalled once out of the window (0: off)")
     stop: list[Annotated[str, Field(min_length=1, max_length=200)]] | None = Field(default=None, max_length=16)
     persona: str | None = Field(default=None, max_length=20000, description="who the user is")
     system_prompt: str | None = Field(default=None, max_length=20000, description="empty: the card's")
@@ -363,9 +365,11 @@ def delete_preset(name: Annotated[str, PathParam(min_length=1, max_length=80)], 
 
 @router.get("/chats/{chat_id}/prompt")
 def prompt(chat_id: RowId, engine: ChatEngine, store: ChatStore) -> dict:
-    p = session(engine, store, chat_id).prompt()
+    s = session(engine, store, chat_id)
+    p = s.prompt()
     return {"prompt": p.text, "tokens": p.tokens, "messages_dropped": p.messages_dropped,
-            "examples_dropped": p.examples_dropped, "format": p.format}
+            "examples_dropped": p.examples_dropped, "format": p.format,
+            "recalled": [{"number": n, "matched": words} for n, words in s.recalled(p)]}
 
 @router.post("/messages/{message_id}/swipe")
 def swipe(message_id: RowId, body: Step, store: ChatStore) -> dict:

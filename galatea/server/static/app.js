@@ -712,7 +712,8 @@ $("settings-dialog").addEventListener("close", async () => {
 });
 $("show-prompt").onclick = async () => {
   const p = await api(`/chats/${state.chat}/prompt`);
-  $("prompt-text").textContent = `(${p.tokens} tokens)\n\n` + p.prompt;
+  const recalled = p.recalled.map((r) => `#${r.number} (${r.matched.join(", ") || "matched"})`).join(", ");
+  $("prompt-text").textContent = `(${p.tokens} tokens${recalled ? `; recalled ${recalled}` : ""})\n\n` + p.prompt;
   $("prompt-dialog").showModal();
 };
 $("character").onchange = () => openCharacter(Number($("character").value));
