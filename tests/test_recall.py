@@ -58,10 +58,10 @@ def test_an_older_sqlite_library_is_indexed_when_it_opens(tmp_path):
     assert s.schema_version() == 2 and s.recall(chat, ["sister"]) == [bees]
 
 
-def long_chat(store: Store) -> int:
+def long_chat(library: Store) -> int:
     """Aria's greeting (message 1), then 299 more: the user states the fact in message 5, small
     talk follows."""
-    chat = store.new_chat(store.add_character(load_character("aria")))
+    chat = library.new_chat(library.add_character(load_character("aria")))
     lines = [(True, "Hello Aria!"), (False, "Hello there, traveller. Sit by the fire."),
              (True, "Thank you. What a cold night."), (True, FACT)]
     topics = ["the weather over the marsh", "the price of bread in town", "a song about the sea", "the old mill",
@@ -71,7 +71,7 @@ def long_chat(store: Store) -> int:
         lines.append((user, f"Tell me more about {topics[i % len(topics)]}, please." if user else
                       f"Ah, {topics[(i - 1) % len(topics)]}! It is a long story, and a good one, I promise."))
     for user, text in lines:
-        store.add_message(chat, user, "You" if user else "Aria", text)
+        library.add_message(chat, user, "You" if user else "Aria", text)
     return chat
 
 
