@@ -354,17 +354,20 @@ def _refusal(message: str) -> JSONResponse:
     return JSONResponse({"error": message}, status_code=501)
 
 
-@router.post("/api/embed")
-@router.post("/api/embeddings")
+# Ollama's routes Galatea does not offer answer 501 Not Implemented with a line saying why (a
+# client that probes them gets a clear refusal, not a 404 that looks like a wrong URL); they are
+# left out of the OpenAPI schema, which lists what the server does.
+@router.post("/api/embed", include_in_schema=False)
+@router.post("/api/embeddings", include_in_schema=False)
 def embed(req: OllamaModelRef) -> JSONResponse:
     return _refusal("embeddings are not supported: Galatea serves chat models; use an embedding server for them")
 
 
-@router.post("/api/pull")
-@router.post("/api/push")
-@router.post("/api/create")
-@router.post("/api/copy")
-@router.delete("/api/delete")
+@router.post("/api/pull", include_in_schema=False)
+@router.post("/api/push", include_in_schema=False)
+@router.post("/api/create", include_in_schema=False)
+@router.post("/api/copy", include_in_schema=False)
+@router.delete("/api/delete", include_in_schema=False)
 def manage(req: OllamaModelRef) -> JSONResponse:
     return _refusal("Galatea serves the model files it was started with (galatea serve --model PATH or --models "
                     "DIR); it does not pull, push, create, copy or delete models")
