@@ -211,6 +211,35 @@ def test_quantized_files_agree_with_transformers_as_well_as_llama_cpp_does(famil
     assert my_rms <= 1.03 * their_rms and my_top1 >= their_top1 - 0.01, (family.name, kind, mine, theirs)
 
 
+def test_a_multimodal_gemma3_folder_runs_its_text_model(tmp_path):
+    """Gemma 3 4B and larger ship as Gemma3ForConditionalGeneration (text model + vision tower):
+    its folder runs as the text model, the vision weights set aside, with transformers' text
+    logits; llama.cpp's converter writes the same text model to GGUF."""
+    import transformers as tf
+
+    torch.manual_seed(0)
+    text = {**SMALL, "num_hidden_layers": 6, "head_dim": 64, "vocab_size": 32000, "sliding_window": 32,
+            "query_pre_attn_scalar": 64, "tie_word_embeddings": True}
+    vision = {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 1, "num_attention_heads": 2,
+              "image_size": 32, "patch_size": 8}
+    model = tf.Gemma3ForConditionalGeneration(tf.Gemma3Config(text_config=text, vision_config=vision,
+                                                              mm_tokens_per_image=4)).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "language_model" in name:
+                p.normal_(0, 0.08) if p.dim() >= 2 else p.uniform_(-0.2, 0.2)
+    folder = tmp_path / "gemma3mm"
+    model.save_pretrained(folder)
+    write_tokenizer_model(folder)
+    ids = tokens(32000, 120)
+    with torch.no_grad():
+        ref = model(input_ids=ids).logits[0].float()
+    for source in (folder, llama_cpp_convert(folder, tmp_path / "gemma3mm-f32.gguf")):
+        got = ours(source, ids, 64, dtype=torch.float32, quant="none")
+        assert (got - ref).abs().max().item() <= 1e-3, source
+        assert bool((got.argmax(-1) == ref.argmax(-1)).all())
+
+
 @pytest.fixture(scope="module")
 def llama31(tmp_path_factory) -> Family:
     return Family("llama31", tmp_path_factory.mktemp("llama31-types"))

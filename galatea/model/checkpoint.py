@@ -189,7 +189,7 @@ def _hf_source(p: Path, raw: dict, quant: str, dev: torch.device
     """An HF folder's (tokenizer, config, tensor types, quantization mode, tensors)."""
     cfg = ModelConfig.from_hf(raw)
     types = {str(raw.get("torch_dtype") or raw.get("dtype") or "unknown"): 1}
-    tensors = split_experts(hf_folder.iter_tensors(hf_folder.weight_files(p)))
+    tensors = split_experts(text_model_tensors(hf_folder.iter_tensors(hf_folder.weight_files(p))))
     if cfg.sandwich_norms:
         tensors = gemma_norms(tensors)
     return (tokenizer.from_hf_folder(p, raw), cfg, types, _quant_mode(quant, types, dev), tensors)
@@ -368,6 +368,25 @@ def param_name(hf: str) -> str:
         for old, new in ((".w1.", ".gate_proj."), (".w3.", ".up_proj."), (".w2.", ".down_proj.")):
             hf = hf.replace(old, new)
     return hf
+
+
+# A multimodal checkpoint's text model under its own names (transformers writes Gemma 3's as
+# `language_model.model.*`, older versions `model.language_model.*`); its vision tower and
+# projector are set aside (Galatea runs the text model).
+TEXT_PREFIXES = (("language_model.model.", "model."), ("model.language_model.", "model."),
+                 ("language_model.lm_head.", "lm_head."))
+VISION_PREFIXES = ("vision_tower.", "multi_modal_projector.", "model.vision_tower.", "model.multi_modal_projector.")
+
+
+def text_model_tensors(tensors: Iterable[tuple[str, Tensor]]) -> Iterator[tuple[str, Tensor]]:
+    for name, t in tensors:
+        if name.startswith(VISION_PREFIXES):
+            continue
+        for prefix, plain in TEXT_PREFIXES:
+            if name.startswith(prefix):
+                name = plain + name[len(prefix) :]
+                break
+        yield name, t
 
 
 def split_experts(tensors: Iterable[tuple[str, Tensor]]) -> Iterator[tuple[str, Tensor]]:

@@ -100,7 +100,9 @@ class ModelConfig:
 
     @classmethod
     def from_hf(cls, cfg: dict[str, Any]) -> ModelConfig:
-        """Build from a Hugging Face `config.json` dictionary."""
+        """Build from a Hugging Face `config.json` dictionary (of a multimodal Gemma 3, its text
+        model's: `text_config`)."""
+        cfg = text_model_config(cfg)
         archs = cfg.get("architectures") or []
         model_type = cfg.get("model_type") or "llama"
         family = _HF_ARCHS.get(archs[0]) if archs else model_type if model_type in _HF_ARCHS.values() else None
@@ -203,6 +205,22 @@ class ModelConfig:
             **_gguf_experts(meta, arch),
             **_gguf_gemma(meta, arch, n_heads, embed),
         )
+
+
+# Multimodal classes whose text model Galatea runs on its own (the vision tower is left aside, as
+# llama.cpp's converter writes the text weights to one GGUF and the vision ones to an mmproj file).
+MULTIMODAL = {"Gemma3ForConditionalGeneration": "Gemma3ForCausalLM"}
+
+
+def text_model_config(cfg: dict[str, Any]) -> dict[str, Any]:
+    """A multimodal config.json's text model as a config of its own (others as they are)."""
+    archs = cfg.get("architectures") or []
+    if not archs or archs[0] not in MULTIMODAL:
+        return cfg
+    text = cfg.get("text_config")
+    if not isinstance(text, dict):
+        raise GalateaError(f"config.json: a {archs[0]} without a text_config; Galatea runs its text model from it")
+    return {**text, "architectures": [MULTIMODAL[archs[0]]]}
 
 
 # HF class name -> the family it belongs to; GGUF architectures (llama.cpp writes Mistral as llama)
