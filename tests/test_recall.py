@@ -6,6 +6,8 @@ recalled and why."""
 
 from __future__ import annotations
 
+import json
+
 import httpx
 import pytest
 
@@ -76,7 +78,7 @@ def long_chat(library: Store) -> int:
 
 
 @pytest.mark.slow
-def test_a_fact_out_of_the_window_comes_back_when_asked_about(tmp_path, embedded_lm):
+def test_a_fact_out_of_the_window_comes_back_when_asked_about(tmp_path, embedded_lm, capsys):
     s = Store(tmp_path / "galatea.db")
     chat = long_chat(s)
     session = ChatSession(s, embedded_lm, chat, {"max_context": 1024, "max_new_tokens": 100})
@@ -94,6 +96,13 @@ def test_a_fact_out_of_the_window_comes_back_when_asked_about(tmp_path, embedded
     pyg = ChatSession(s, embedded_lm, chat, {"max_context": 1024, "max_new_tokens": 100, "format": "pygmalion"})
     text = pyg.prompt(QUESTION).text
     assert f"\nPast events:\nYou: {FACT}\n<START>\n" in text and text.index("Scenario:") < text.index("Past events:")
+    # `galatea prompt --chat` shows the same
+    from galatea.cli import main
+
+    assert main(["prompt", "--chat", str(chat), "--message", QUESTION, "--max-context", "1024", "--max-new-tokens",
+                 "100", "--json", "--data-dir", str(tmp_path)]) == 0
+    shown = json.loads(capsys.readouterr().out)
+    assert shown["recalled"] == [4] and FACT in shown["prompt"]
     # off: recall_tokens 0
     off = ChatSession(s, embedded_lm, chat, {"max_context": 1024, "max_new_tokens": 100, "recall_tokens": 0})
     assert off.prompt(QUESTION).recalled == [] and "Marguerite" not in off.prompt(QUESTION).text
