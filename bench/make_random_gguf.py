@@ -7,11 +7,11 @@ from tests/data, padded with filler pieces). Shapes: Pygmalion 7B's (`llama-7b`,
 128 experts, 8 per token, q/k norms) and `gemma-3-12b` (sandwich norms, window layers, tied
 262k vocabulary). Types as llama.cpp's quantizer chooses them: Q4_K_M is Q4_K with Q6_K for the
 output and for attn_v and ffn_down in the layers its `use_more_bits` picks; Q4_0 and Q8_0 all
-one type; IQ4_XS with a Q6_K output. `--layers N` cuts a model to its first N layers (the
+one type; IQ4_XS and Q3_K_S with a Q6_K output. `--layers N` cuts a model to its first N layers (the
 per-token work of the rest is the same). Tensors are made and written one at a time, so a file
 larger than memory can be made.
 
-    python bench/make_random_gguf.py OUT.gguf [--shape llama-7b] [--type Q4_0|Q4_K_M|Q8_0|IQ4_XS] [--layers N]
+    python bench/make_random_gguf.py OUT.gguf [--shape llama-7b] [--type Q4_0|Q4_K_M|Q8_0|IQ4_XS|Q3_K_S] [--layers N]
 """
 
 from __future__ import annotations
@@ -39,14 +39,14 @@ SHAPES = {
                         context=131072, theta=1000000.0, window=1024, qk_norm=True, gemma=True),
 }
 # byte offsets of each type's fp16 scales (d, and dmin for K-quants): set, so no NaN/inf
-SCALE_AT = {Q.Q4_0: (0,), Q.Q8_0: (0,), Q.Q4_K: (0, 2), Q.Q6_K: (208,), Q.IQ4_XS: (0,)}
+SCALE_AT = {Q.Q4_0: (0,), Q.Q8_0: (0,), Q.Q4_K: (0, 2), Q.Q6_K: (208,), Q.IQ4_XS: (0,), Q.Q3_K: (108,)}
 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("out")
     ap.add_argument("--shape", default="llama-7b", choices=list(SHAPES))
-    ap.add_argument("--type", default="Q4_0", choices=["Q4_0", "Q4_K_M", "Q8_0", "IQ4_XS"])
+    ap.add_argument("--type", default="Q4_0", choices=["Q4_0", "Q4_K_M", "Q8_0", "IQ4_XS", "Q3_K_S"])
     ap.add_argument("--layers", type=int, help="keep the first N layers (default: all of the shape's)")
     args = ap.parse_args()
     shape = SHAPES[args.shape]
@@ -55,11 +55,11 @@ def main() -> None:
 
 def write(out: Path, s: dict, kind: str, layers: int) -> None:
     arch, hidden, heads, kv, hd = s["arch"], s["hidden"], s["heads"], s["kv"], s["head_dim"]
-    main_type = Q.Q4_K if kind == "Q4_K_M" else Q[kind]
+    main_type = Q.Q4_K if kind == "Q4_K_M" else Q.Q3_K if kind == "Q3_K_S" else Q[kind]
 
     def type_of(name: str, layer: int = 0) -> gguf.GGMLQuantizationType:
-        if kind == "IQ4_XS":  # llama.cpp's IQ4_XS: the output in Q6_K (attn_v in Q5_K only with GQA >= 4)
-            return Q.Q6_K if name == "output" else Q.IQ4_XS
+        if kind in ("IQ4_XS", "Q3_K_S"):  # llama.cpp's: the output in Q6_K (IQ4_XS: attn_v in Q5_K with GQA >= 4)
+            return Q.Q6_K if name == "output" else main_type
         if kind != "Q4_K_M":
             return main_type
         more = layer < layers // 8 or layer >= 7 * layers // 8 or (layer - layers // 8) % 3 == 2  # use_more_bits

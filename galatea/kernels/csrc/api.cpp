@@ -23,6 +23,7 @@ TypeInfo type_info(int type) {
     case Q8_0: return {32, 34};
     case Q4_K: return {256, 144};
     case Q5_K: return {256, 176};
+    case Q3_K: return {256, 110};
     case Q6_K: return {256, 210};
     case IQ4_NL: return {32, 18};
     case IQ4_XS: return {256, 136};
@@ -153,6 +154,38 @@ __attribute__((always_inline)) inline void put_k_nibbles(uint8_t* chunks, int r,
   for (int c = 0; c < 4; ++c) put_nib_word(chunks + 64 * c + 4 * r, q + 8 * c, shift);
 }
 
+// Q3_K's 16 codes (0..7) of one 16-input group of row r: a crumb chunk (64 bytes: byte 4r+j holds
+// the low 2 bits of inputs j, 4+j, 8+j, 12+j at bits 0-1, 2-3, 4-5, 6-7) and four 8-byte masks
+// of bit 2 (mask t: bit 4r+j for input 4t+j).
+__attribute__((always_inline)) inline void put_q3(uint8_t* crumbs, uint8_t* masks, int r, const uint8_t* codes) {
+  for (int j = 0; j < 4; ++j) {
+    uint8_t byte = 0;
+    for (int t = 0; t < 4; ++t) byte = static_cast<uint8_t>(byte | (codes[4 * t + j] & 3) << (2 * t));
+    crumbs[4 * r + j] = byte;
+  }
+  for (int t = 0; t < 4; ++t) {
+    int nib = 0;
+    for (int j = 0; j < 4; ++j) nib |= ((codes[4 * t + j] >> 2) & 1) << j;
+    masks[8 * t + r / 2] = static_cast<uint8_t>(masks[8 * t + r / 2] | nib << (4 * (r % 2)));
+  }
+}
+void get_q3(const uint8_t* crumbs, const uint8_t* masks, int r, uint8_t* codes) {
+  for (int t = 0; t < 4; ++t)
+    for (int j = 0; j < 4; ++j)
+      codes[4 * t + j] = static_cast<uint8_t>(((crumbs[4 * r + j] >> (2 * t)) & 3) |
+                                              ((masks[8 * t + r / 2] >> (4 * (r % 2) + j)) & 1) << 2);
+}
+
+// Q3_K's sixteen 6-bit scales from its 12 packed bytes (ggml's unpacking), each minus 32.
+void q3_scales(const uint8_t* b, int* sc) {
+  for (int k = 0; k < 4; ++k) {
+    sc[k] = ((b[k] & 15) | ((b[8 + k] & 3) << 4)) - 32;
+    sc[4 + k] = ((b[4 + k] & 15) | (((b[8 + k] >> 2) & 3) << 4)) - 32;
+    sc[8 + k] = ((b[k] >> 4) | (((b[8 + k] >> 4) & 3) << 4)) - 32;
+    sc[12 + k] = ((b[4 + k] >> 4) | (((b[8 + k] >> 6) & 3) << 4)) - 32;
+  }
+}
+
 // One GGUF block of row r -> its place in the (zeroed) tile block `t`; get_block reads it back
 // (tested against gguf-py's dequantization of the same blocks). Codes (0..63) exist only for the
 // high bits of Q5/Q6 types; the nibbles move as they are.
@@ -195,6 +228,17 @@ __attribute__((always_inline)) inline void put_block(int type, const uint8_t* bl
         }
         put_k_nibbles(t + (five ? 768 : 256) + 256 * s, r, qs + 32 * (s / 2), 4 * (s % 2));
       }
+      break;
+    }
+    case Q3_K: {  // hmask[32], qs[64], scales[12], d: code x = 2 bits of qs | its hmask bit << 2
+      std::memcpy(t + 2 * r, blk + 108, 2);
+      for (int p = 0; p < 12; ++p) t[32 + 16 * p + r] = blk[96 + p];
+      uint8_t codes[256];
+      for (int x = 0; x < 256; ++x) {
+        const int n = x / 128, j = (x % 128) / 32, l = x % 32;
+        codes[x] = static_cast<uint8_t>(((blk[32 + 32 * n + l] >> (2 * j)) & 3) | ((blk[l] >> (4 * n + j)) & 1) << 2);
+      }
+      for (int u = 0; u < 16; ++u) put_q3(t + 224 + 64 * u, t + 1248 + 32 * u, r, codes + 16 * u);
       break;
     }
     case Q6_K:
@@ -271,6 +315,19 @@ void get_block(int type, const uint8_t* t, int r, float* out) {
         get_nibbles(t + (five ? 768 : 256) + 256 * s, r, lo);
         const float ds = d * static_cast<float>(sc), dm = dmin * static_cast<float>(mn);
         for (int i = 0; i < 32; ++i) out[32 * s + i] = ds * static_cast<float>(lo[i] | hb[i]) - dm;
+      }
+      break;
+    }
+    case Q3_K: {
+      const float d = fp16(t + 2 * r);
+      uint8_t packed[12];
+      for (int p = 0; p < 12; ++p) packed[p] = t[32 + 16 * p + r];
+      int sc[16];
+      q3_scales(packed, sc);
+      for (int u = 0; u < 16; ++u) {
+        uint8_t q[16];
+        get_q3(t + 224 + 64 * u, t + 1248 + 32 * u, r, q);
+        for (int i = 0; i < 16; ++i) out[16 * u + i] = d * static_cast<float>(sc[u]) * static_cast<float>(q[i] - 4);
       }
       break;
     }
@@ -472,6 +529,7 @@ TileFn repack_fn(int type) {
     case Q4_K: return repack_tile<Q4_K>;
     case Q5_K: return repack_tile<Q5_K>;
     case Q6_K: return repack_tile<Q6_K>;
+    case Q3_K: return repack_tile<Q3_K>;
     case IQ4_NL: return repack_tile<IQ4_NL>;
     case IQ4_XS: return repack_tile<IQ4_XS>;
     default: return nullptr;

@@ -169,6 +169,46 @@ static void q6k_tile(const uint8_t* w, int64_t nsb, const Acts& a, int64_t m, in
   }
 }
 
+// ---- Q3_K: super-blocks of 256, a 6-bit scale (offset 32) per 16 inputs, codes 0..7 (offset 4) --
+
+template <int MR>
+static void q3k_tile(const uint8_t* w, int64_t nsb, const Acts& a, int64_t m, int h, F* out, bool pf) {
+  constexpr int planes = 32, crumbs = planes + 192, masks = crumbs + 1024, bytes = masks + 512;
+  const int64_t kb = a.k / 32, k16 = a.k / 16;
+  const int lanes = h * V::kLanes;
+  alignas(64) float fs[16][V::kLanes];  // d * (scale - 32) per 16 inputs
+  for (int i = 0; i < MR; ++i) out[i] = V::zerof();
+  for (int64_t sb = 0; sb < nsb; ++sb, w += bytes) {
+    const F d = V::f16(w + lanes * 2);
+    auto plane = [&](int p) { return V::u8(w + planes + 16 * p + lanes); };
+    const F thirty_two = V::set1(32.f);
+    for (int k = 0; k < 4; ++k) {  // ggml's unpacking of the 12 scale bytes, lane by lane
+      const I lo = plane(k), mid = plane(4 + k), hi = plane(8 + k);
+      const I s0 = V::ori(V::andi(lo, 15), V::slli<4>(V::andi(hi, 3)));
+      const I s1 = V::ori(V::andi(mid, 15), V::slli<4>(V::andi(V::srli<2>(hi), 3)));
+      const I s2 = V::ori(V::srli<4>(lo), V::slli<4>(V::andi(V::srli<4>(hi), 3)));
+      const I s3 = V::ori(V::srli<4>(mid), V::slli<4>(V::srli<6>(hi)));
+      V::storef(fs[k], V::mul(d, V::sub(V::cvt(s0), thirty_two)));
+      V::storef(fs[4 + k], V::mul(d, V::sub(V::cvt(s1), thirty_two)));
+      V::storef(fs[8 + k], V::mul(d, V::sub(V::cvt(s2), thirty_two)));
+      V::storef(fs[12 + k], V::mul(d, V::sub(V::cvt(s3), thirty_two)));
+    }
+    for (int u = 0; u < 16; ++u) {
+      if (pf && u % 2 == 0) prefetch(w + (u / 2) * (bytes / 8), bytes / 8);  // spread, as in k45_tile
+      const int64_t g = sb * 16 + u;  // this 16-input group, over the whole row
+      I acc[MR];
+      for (int i = 0; i < MR; ++i) acc[i] = V::seti(-4 * a.s16[(m + i) * k16 + g]);
+      const I v = V::codes(w + crumbs + 64 * u + lanes * 4);
+      for (int t = 0; t < 4; ++t) {
+        const I c = V::bits(V::crumb(v, t), w + masks + 32 * u + 8 * t, h, 4);
+        for (int i = 0; i < MR; ++i) acc[i] = V::dot(acc[i], c, a.q + (m + i) * a.k + 16 * g + 4 * t);
+      }
+      const F s = V::loadf(fs[u]);
+      for (int i = 0; i < MR; ++i) out[i] = V::fma(V::cvt(acc[i]), V::mul(s, V::set1(a.d[(m + i) * kb + g / 2])), out[i]);
+    }
+  }
+}
+
 // ---- IQ4_XS: super-blocks of 256, a 6-bit scale (offset 32) per 32, IQ4_NL's code book -----
 
 template <int MR>
@@ -215,6 +255,7 @@ static void tile_rows(int type, const uint8_t* w, int64_t k, const Acts& a, int6
     case Q4_K: k45_tile<Q4_K, MR>(w, nsb, a, m, h, out, pf); break;
     case Q5_K: k45_tile<Q5_K, MR>(w, nsb, a, m, h, out, pf); break;
     case Q6_K: q6k_tile<MR>(w, nsb, a, m, h, out, pf); break;
+    case Q3_K: q3k_tile<MR>(w, nsb, a, m, h, out, pf); break;
     case IQ4_NL: simple_tile<IQ4_NL, MR>(w, nb, a, m, h, out, pf); break;
     case IQ4_XS: iq4xs_tile<MR>(w, nsb, a, m, h, out, pf); break;
     default: break;

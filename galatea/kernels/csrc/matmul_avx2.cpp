@@ -36,7 +36,14 @@ struct V {
   static I codes(const uint8_t* p) { return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)); }
   static I lo4(I v) { return _mm256_and_si256(v, _mm256_set1_epi8(0x0F)); }
   static I hi4(I v) { return _mm256_and_si256(_mm256_srli_epi16(v, 4), _mm256_set1_epi8(0x0F)); }
-  static I bit4(I v, const uint8_t* mask, int h) {
+  static I bit4(I v, const uint8_t* mask, int h) { return bits(v, mask, h, 0x10); }
+  // 2-bit field t of each byte (Q3_K's crumbs)
+  static I crumb(I v, int t) {
+    return _mm256_and_si256(_mm256_srl_epi16(v, _mm_cvtsi32_si128(2 * t)), _mm256_set1_epi8(3));
+  }
+  // `value` set in the bytes whose bit is set in this half's 32 bits of the mask (bit 4r+j: byte
+  // j of row r; the bytes it sets are clear, so or-ing adds it)
+  static I bits(I v, const uint8_t* mask, int h, char value) {
     uint32_t bits;
     std::memcpy(&bits, mask + 4 * h, 4);
     // byte i of `set` is 0xFF when bit i is: spread byte i/8 of the mask, test bit i%8
@@ -45,7 +52,7 @@ struct V {
                                                             0x0303030303030303));
     const I sel = _mm256_set1_epi64x(static_cast<int64_t>(0x8040201008040201));
     const I set = _mm256_cmpeq_epi8(_mm256_and_si256(spread, sel), sel);
-    return _mm256_or_si256(v, _mm256_and_si256(set, _mm256_set1_epi8(0x10)));
+    return _mm256_or_si256(v, _mm256_and_si256(set, _mm256_set1_epi8(value)));
   }
   static I hi2(I v, const uint8_t* g, int h) {
     // this half's two 16-byte lanes are group lanes 2h and 2h+1: shift their bits to 4-5

@@ -21,10 +21,16 @@ struct V {
   static I codes(const uint8_t* p) { return _mm512_loadu_si512(p); }
   static I lo4(I v) { return _mm512_and_si512(v, _mm512_set1_epi8(0x0F)); }
   static I hi4(I v) { return _mm512_and_si512(_mm512_srli_epi16(v, 4), _mm512_set1_epi8(0x0F)); }
-  static I bit4(I v, const uint8_t* mask, int) {
-    uint64_t bits;
-    std::memcpy(&bits, mask, 8);
-    return _mm512_mask_add_epi8(v, _cvtu64_mask64(bits), v, _mm512_set1_epi8(0x10));
+  // `value` added to the bytes whose bit is set in the 64-bit mask (bit 4r+j: byte j of row r)
+  static I bits(I v, const uint8_t* mask, int, char value) {
+    uint64_t set;
+    std::memcpy(&set, mask, 8);
+    return _mm512_mask_add_epi8(v, _cvtu64_mask64(set), v, _mm512_set1_epi8(value));
+  }
+  static I bit4(I v, const uint8_t* mask, int h) { return bits(v, mask, h, 0x10); }
+  // 2-bit field t of each byte (Q3_K's crumbs)
+  static I crumb(I v, int t) {
+    return _mm512_and_si512(_mm512_srl_epi16(v, _mm_cvtsi32_si128(2 * t)), _mm512_set1_epi8(3));
   }
   static I hi2(I v, const uint8_t* g, int) {
     // lane L of the broadcast group rotated so its bits 2L..2L+1 land on bits 4-5 of each byte
