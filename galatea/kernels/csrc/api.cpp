@@ -23,6 +23,7 @@ TypeInfo type_info(int type) {
     case Q8_0: return {32, 34};
     case Q4_K: return {256, 144};
     case Q5_K: return {256, 176};
+    case Q2_K: return {256, 84};
     case Q3_K: return {256, 110};
     case Q6_K: return {256, 210};
     case IQ4_NL: return {32, 18};
@@ -163,6 +164,7 @@ __attribute__((always_inline)) inline void put_q3(uint8_t* crumbs, uint8_t* mask
     for (int t = 0; t < 4; ++t) byte = static_cast<uint8_t>(byte | (codes[4 * t + j] & 3) << (2 * t));
     crumbs[4 * r + j] = byte;
   }
+  if (!masks) return;  // Q2_K: 2-bit codes, no third bit
   for (int t = 0; t < 4; ++t) {
     int nib = 0;
     for (int j = 0; j < 4; ++j) nib |= ((codes[4 * t + j] >> 2) & 1) << j;
@@ -173,7 +175,7 @@ void get_q3(const uint8_t* crumbs, const uint8_t* masks, int r, uint8_t* codes) 
   for (int t = 0; t < 4; ++t)
     for (int j = 0; j < 4; ++j)
       codes[4 * t + j] = static_cast<uint8_t>(((crumbs[4 * r + j] >> (2 * t)) & 3) |
-                                              ((masks[8 * t + r / 2] >> (4 * (r % 2) + j)) & 1) << 2);
+                                              (masks ? ((masks[8 * t + r / 2] >> (4 * (r % 2) + j)) & 1) << 2 : 0));
 }
 
 // Q3_K's sixteen 6-bit scales from its 12 packed bytes (ggml's unpacking), each minus 32.
@@ -228,6 +230,15 @@ __attribute__((always_inline)) inline void put_block(int type, const uint8_t* bl
         }
         put_k_nibbles(t + (five ? 768 : 256) + 256 * s, r, qs + 32 * (s / 2), 4 * (s % 2));
       }
+      break;
+    }
+    case Q2_K: {  // scales[16] (4-bit scale | 4-bit min << 4, per 16 inputs), qs[64], d, dmin
+      std::memcpy(t + 2 * r, blk + 80, 2);
+      std::memcpy(t + 32 + 2 * r, blk + 82, 2);
+      for (int u = 0; u < 16; ++u) t[64 + 16 * u + r] = blk[u];
+      uint8_t codes[256];
+      for (int x = 0; x < 256; ++x) codes[x] = static_cast<uint8_t>((blk[16 + 32 * (x / 128) + x % 32] >> (2 * ((x % 128) / 32))) & 3);
+      for (int u = 0; u < 16; ++u) put_q3(t + 320 + 64 * u, nullptr, r, codes + 16 * u);
       break;
     }
     case Q3_K: {  // hmask[32], qs[64], scales[12], d: code x = 2 bits of qs | its hmask bit << 2
@@ -315,6 +326,17 @@ void get_block(int type, const uint8_t* t, int r, float* out) {
         get_nibbles(t + (five ? 768 : 256) + 256 * s, r, lo);
         const float ds = d * static_cast<float>(sc), dm = dmin * static_cast<float>(mn);
         for (int i = 0; i < 32; ++i) out[32 * s + i] = ds * static_cast<float>(lo[i] | hb[i]) - dm;
+      }
+      break;
+    }
+    case Q2_K: {
+      const float d = fp16(t + 2 * r), dmin = fp16(t + 32 + 2 * r);
+      for (int u = 0; u < 16; ++u) {
+        const uint8_t sm = t[64 + 16 * u + r];
+        uint8_t q[16];
+        get_q3(t + 320 + 64 * u, nullptr, r, q);
+        const float dl = d * static_cast<float>(sm & 15), ml = dmin * static_cast<float>(sm >> 4);
+        for (int i = 0; i < 16; ++i) out[16 * u + i] = dl * static_cast<float>(q[i]) - ml;
       }
       break;
     }
@@ -529,6 +551,7 @@ TileFn repack_fn(int type) {
     case Q4_K: return repack_tile<Q4_K>;
     case Q5_K: return repack_tile<Q5_K>;
     case Q6_K: return repack_tile<Q6_K>;
+    case Q2_K: return repack_tile<Q2_K>;
     case Q3_K: return repack_tile<Q3_K>;
     case IQ4_NL: return repack_tile<IQ4_NL>;
     case IQ4_XS: return repack_tile<IQ4_XS>;

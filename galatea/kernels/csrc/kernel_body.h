@@ -209,6 +209,38 @@ static void q3k_tile(const uint8_t* w, int64_t nsb, const Acts& a, int64_t m, in
   }
 }
 
+// ---- Q2_K: super-blocks of 256, a 4-bit scale and min per 16 inputs, codes 0..3 ---------------
+
+template <int MR>
+static void q2k_tile(const uint8_t* w, int64_t nsb, const Acts& a, int64_t m, int h, F* out, bool pf) {
+  constexpr int scales = 64, crumbs = scales + 256, bytes = crumbs + 1024;
+  const int64_t kb = a.k / 32, k16 = a.k / 16;
+  const int lanes = h * V::kLanes;
+  for (int i = 0; i < MR; ++i) out[i] = V::zerof();
+  for (int64_t sb = 0; sb < nsb; ++sb, w += bytes) {
+    const F d = V::f16(w + lanes * 2), dmin = V::f16(w + 32 + lanes * 2);
+    for (int u = 0; u < 16; ++u) {
+      if (pf && u % 2 == 0) prefetch(w + (u / 2) * (bytes / 8), bytes / 8);  // spread, as in k45_tile
+      const int64_t g = sb * 16 + u;  // this 16-input group, over the whole row
+      const I sm = V::u8(w + scales + 16 * u + lanes);
+      const F s = V::mul(d, V::cvt(V::andi(sm, 15))), mn = V::mul(dmin, V::cvt(V::srli<4>(sm)));
+      I acc[MR];
+      for (int i = 0; i < MR; ++i) acc[i] = V::seti(0);
+      const I v = V::codes(w + crumbs + 64 * u + lanes * 4);
+      for (int t = 0; t < 4; ++t) {
+        const I c = V::crumb(v, t);
+        for (int i = 0; i < MR; ++i) acc[i] = V::dot(acc[i], c, a.q + (m + i) * a.k + 16 * g + 4 * t);
+      }
+      for (int i = 0; i < MR; ++i) {
+        const float dx = a.d[(m + i) * kb + g / 2];
+        out[i] = V::fma(V::cvt(acc[i]), V::mul(s, V::set1(dx)), out[i]);
+        // the min times the group's (quantized) activations, as llama.cpp takes it
+        out[i] = V::fnma(mn, V::set1(dx * static_cast<float>(a.s16[(m + i) * k16 + g])), out[i]);
+      }
+    }
+  }
+}
+
 // ---- IQ4_XS: super-blocks of 256, a 6-bit scale (offset 32) per 32, IQ4_NL's code book -----
 
 template <int MR>
@@ -256,6 +288,7 @@ static void tile_rows(int type, const uint8_t* w, int64_t k, const Acts& a, int6
     case Q5_K: k45_tile<Q5_K, MR>(w, nsb, a, m, h, out, pf); break;
     case Q6_K: q6k_tile<MR>(w, nsb, a, m, h, out, pf); break;
     case Q3_K: q3k_tile<MR>(w, nsb, a, m, h, out, pf); break;
+    case Q2_K: q2k_tile<MR>(w, nsb, a, m, h, out, pf); break;
     case IQ4_NL: simple_tile<IQ4_NL, MR>(w, nb, a, m, h, out, pf); break;
     case IQ4_XS: iq4xs_tile<MR>(w, nsb, a, m, h, out, pf); break;
     default: break;
