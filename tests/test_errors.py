@@ -69,9 +69,9 @@ def test_unknown_gguf_architecture(capsys, tmp_path, model):
 
 
 def test_unsupported_tensor_type(capsys, tmp_path, kmodel):
-    path = write_gguf(kmodel, tmp_path / "m.gguf", qtype=gguf.GGMLQuantizationType.IQ2_XXS)
+    path = write_gguf(kmodel, tmp_path / "m.gguf", qtype=gguf.GGMLQuantizationType.TQ2_0)  # ternary (BitNet)
     msg = fails(capsys, "--model", str(path))
-    assert "type IQ2_XXS" in msg and "cannot load" in msg
+    assert "type TQ2_0" in msg and "cannot load" in msg
 
 
 def test_truncated_safetensors(capsys, tmp_path, model):
