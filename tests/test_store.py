@@ -277,7 +277,11 @@ def test_a_library_moves_to_postgresql_and_back_unchanged(postgres, tmp_path, ca
     assert _snapshot(Store(url)) == expected
     assert _snapshot(Store(back)) == expected
     assert main(["store", "info", "--store", url]) == 0
-    assert "1 characters, 2 chats, 1 lorebooks, 1 presets (schema 1)" in capsys.readouterr().out
+    assert "1 characters, 2 chats, 1 lorebooks, 1 presets (schema 2)" in capsys.readouterr().out
+    # the copies' full-text indexes hold what was copied: recall finds the shown swipe in each
+    for copy in (Store(url), Store(back)):
+        (marsh,) = [c.id for c in copy.chats() if c.title == "Marsh talk"]
+        assert [m.text for m in copy.messages(marsh) if m.id in copy.recall(marsh, ["well", "met"])] == ["Well met."]
     assert "***" in Store(url.replace("galatea@", "galatea:secret@")).label  # no password in messages
 
 
