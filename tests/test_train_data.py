@@ -72,7 +72,7 @@ def test_loss_covers_exactly_the_reply_and_eos(base, brine, tmp_path):
 def test_prompt_is_what_galatea_prompt_sends_with_the_window(base, tmp_path):
     """A saved chat, built with a small context so old turns drop out: each example's prompt
     equals `galatea prompt --chat` for the chat cut just before that reply, with the reply's
-    length as the budget."""
+    length as the budget (and no recall block: examples are built from the window alone)."""
     data_dir = tmp_path / "data"
     store = Store.open_default(data_dir)
     cid = store.add_character(from_object(persona_data.CARD))
@@ -92,7 +92,7 @@ def test_prompt_is_what_galatea_prompt_sends_with_the_window(base, tmp_path):
         assert not last.is_user and " " + last.text == r["generation"]
         store.delete_message(last.id)
         p = galatea("prompt", "--chat", str(chat), "--model", str(base), "--max-context", "150",
-                    "-n", str(r["target_tokens"]), "--json", "--data-dir", str(data_dir))
+                    "-n", str(r["target_tokens"]), "--recall-tokens", "0", "--json", "--data-dir", str(data_dir))
         assert p.returncode == 0, p.stderr
         info = json.loads(p.stdout)
         assert info["prompt"] == r["prompt"]

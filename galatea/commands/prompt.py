@@ -23,6 +23,8 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--max-context", type=int, help="context size (default: the model's)")
     format_arg(p, "(default: the chat's setting with --chat, else auto)")
     p.add_argument("--chat", type=int, help="the prompt for this saved chat (its character and history)")
+    p.add_argument("--recall-tokens", type=int, help="with --chat: room for recalled old messages (default: the "
+                                                     "chat's recall_tokens; 0: none, as training examples have)")
     p.add_argument("--json", action="store_true", help="also print token counts and what was dropped")
     data_dir_arg(p)
     p.set_defaults(func=run)
@@ -66,7 +68,8 @@ def run(args: argparse.Namespace) -> int:
         fmt_name = fmt_name or info.settings.get("format")
         # recall, as the chat does: its messages that match the newest user message
         asked = args.message if args.message is not None else next((m.text for m in reversed(msgs) if m.is_user), "")
-        recall_tokens = int(resolve(store.default_settings(), info.settings)[0]["recall_tokens"])
+        recall_tokens = int(resolve(store.default_settings(), info.settings)[0]["recall_tokens"]) \
+            if args.recall_tokens is None else max(0, args.recall_tokens)
         index = {m.id: i for i, m in enumerate(msgs)}
         found = store.recall(args.chat, query_terms(asked)) if recall_tokens > 0 else []
         memories = [index[i] for i in found if i in index]
