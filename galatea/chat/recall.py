@@ -11,6 +11,8 @@ to search for, and says which of them a recalled message matched (shown by /prom
 from __future__ import annotations
 
 import re
+from collections.abc import Sequence
+from typing import Any, Protocol
 
 # Words too common to say what a message is about (a search for them would match every message).
 STOP_WORDS = frozenset("""
@@ -22,6 +24,24 @@ until up very was we were what when where which while who whom why will with wou
 tell know think really like want please yes okay oh well
 """.split())
 MAX_TERMS = 16
+
+
+class _Searchable(Protocol):
+    def recall(self, chat_id: int, terms: list[str], limit: int = 20) -> list[int]: ...
+
+
+def asked(messages: Sequence[Any], new_message: str | None) -> str:
+    """What recall searches for: the new message, else the chat's newest user message."""
+    return new_message if new_message is not None else next((m.text for m in reversed(messages) if m.is_user), "")
+
+
+def memories(store: _Searchable, chat_id: int, messages: Sequence[Any], terms: list[str]) -> list[int]:
+    """Indices into `messages` (Message objects with .id) that the store's index ranks for
+    `terms`, best first (the `memories` build_prompt takes)."""
+    if not terms:
+        return []
+    index = {m.id: i for i, m in enumerate(messages)}
+    return [index[i] for i in store.recall(chat_id, terms) if i in index]
 
 
 def query_terms(text: str) -> list[str]:

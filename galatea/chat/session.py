@@ -21,7 +21,7 @@ from galatea.chat.formats import Format
 from galatea.chat.lorebooks import with_lorebooks
 from galatea.chat.prompt import Prompt, Turn, build_prompt, substitute
 from galatea.chat.reasoning import ThinkSplitter
-from galatea.chat.recall import matched, query_terms
+from galatea.chat.recall import asked, matched, memories, query_terms
 from galatea.chat.settings import SAMPLERS, resolve
 from galatea.chat.store import Message, Store
 from galatea.engine.generate import Chunk, stream_generate
@@ -156,15 +156,13 @@ class ChatSession:
         # the card's own lorebook, then the books attached to this character or chat
         char = with_lorebooks(self.char, [book for _, book in self.store.chat_lorebooks(self.chat_id)])
         # recall: the chat's messages that match the newest user message, best first
-        asked = new_message if new_message is not None else next((m.text for m in reversed(msgs) if m.is_user), "")
-        self.recall_terms = query_terms(asked)
+        self.recall_terms = query_terms(asked(msgs, new_message))
         budget = int(self.settings["recall_tokens"])
-        index = {m.id: i for i, m in enumerate(msgs)}
-        found = self.store.recall(self.chat_id, self.recall_terms) if budget > 0 and self.recall_terms else []
+        found = memories(self.store, self.chat_id, msgs, self.recall_terms) if budget > 0 else []
         return build_prompt(char, history, new_message, self.lm.tokenizer, self.context,
                             int(self.settings["max_new_tokens"]), user=self.user, end=end,
                             system=self.settings["system_prompt"] or None, persona=self.settings["persona"],
-                            fmt=self.format, memories=[index[i] for i in found if i in index], memory_tokens=budget)
+                            fmt=self.format, memories=found, memory_tokens=budget)
 
     def recalled(self, prompt: Prompt) -> list[tuple[int, list[str]]]:
         """(message number, the searched words it matched) of each message `prompt` recalled."""

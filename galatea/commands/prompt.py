@@ -50,7 +50,7 @@ def run(args: argparse.Namespace) -> int:
     from galatea.chat import formats
     from galatea.chat.lorebooks import with_lorebooks
     from galatea.chat.prompt import Turn, build_prompt
-    from galatea.chat.recall import query_terms
+    from galatea.chat.recall import asked, memories, query_terms
     from galatea.chat.settings import resolve
     from galatea.model.checkpoint import load_tokenizer, resolve_model_path
     from galatea.model.inspect import describe
@@ -67,21 +67,18 @@ def run(args: argparse.Namespace) -> int:
         user = info.user_name if args.user == "You" else args.user
         fmt_name = fmt_name or info.settings.get("format")
         # recall, as the chat does: its messages that match the newest user message
-        asked = args.message if args.message is not None else next((m.text for m in reversed(msgs) if m.is_user), "")
         recall_tokens = int(resolve(store.default_settings(), info.settings)[0]["recall_tokens"]) \
             if args.recall_tokens is None else max(0, args.recall_tokens)
-        index = {m.id: i for i, m in enumerate(msgs)}
-        found = store.recall(args.chat, query_terms(asked)) if recall_tokens > 0 else []
-        memories = [index[i] for i in found if i in index]
+        found = memories(store, args.chat, msgs, query_terms(asked(msgs, args.message))) if recall_tokens > 0 else []
     else:
         char = library_or_card(args)
         history = [Turn(False, char.first_mes)] if char.first_mes.strip() else []
-        memories, recall_tokens = [], 0
+        found, recall_tokens = [], 0
     path = resolve_model_path(args.model)
     tok = load_tokenizer(path)
     context = args.max_context or int(describe(path)["context_length"])
     result = build_prompt(char, history, args.message, tok, context, args.max_new_tokens, user=user,
-                          fmt=formats.choose(fmt_name, tok), memories=memories, memory_tokens=recall_tokens)
+                          fmt=formats.choose(fmt_name, tok), memories=found, memory_tokens=recall_tokens)
     if args.json:
         print(json.dumps({"prompt": result.text, **{k: v for k, v in asdict(result).items() if k != "text"},
                           "context": context, "max_new_tokens": args.max_new_tokens}, ensure_ascii=False))
